@@ -1,0 +1,171 @@
+"""Typed reading of request arguments. Every failure is a ``BadRequest`` that names the
+op, the argument and what would have been accepted."""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from protocol import BadRequest, is_queue_name
+
+from ._message import Headers, PutSpec
+from ._settings import MAX_DURATION, integer_in_range, number_in_range
+
+MAX_BATCH: Final = 1000
+MAX_WAIT: Final = 3600.0
+MAX_HEADERS: Final = 64
+MAX_HEADER_KEY: Final = 256
+MAX_HEADER_VALUE: Final = 4096
+MAX_TEXT: Final = 64 * 1024  # error texts and bury reasons are cut to this many chars
+PRIORITY_RANGE: Final = (-(2**31), 2**31 - 1)
+INT64_RANGE: Final = (-(2**63), 2**63 - 1)
+_MISSING: Final = object()
+
+
+class Args:
+    """One request's argument map, read once with type checks."""
+
+    __slots__ = ("_args", "op")
+
+    def __init__(self, op: str, args: dict[str, Any], allowed: frozenset[str]) -> None:
+        unknown = args.keys() - allowed
+        if unknown:
+            raise BadRequest(
+                f"{op}: unknown argument(s) {sorted(unknown)}; allowed: {sorted(allowed)}"
+            )
+        self.op = op
+        self._args = args
+
+    def _get(self, name: str, default: Any) -> Any:
+        value = self._args.get(name, default)
+        if value is _MISSING:
+            raise BadRequest(f"{self.op}: argument {name!r} is required")
+        return value
+
+    def queue(self, name: str = "queue") -> str:
+        value = self._get(name, _MISSING)
+        return check_queue_name(self.op, value)
+
+    def queues(self, name: str = "queues") -> list[str]:
+        value = self._get(name, _MISSING)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not value or len(value) > 100:
+            raise BadRequest(f"{self.op}: {name} must be a list of 1-100 queue names")
+        return [check_queue_name(self.op, item) for item in value]
+
+    def integer(self, name: str, default: Any = _MISSING, *, low: int, high: int) -> Any:
+        value = self._get(name, default)
+        if value is None and default is None:
+            return None
+        return integer_in_range(f"{self.op}: {name}", value, low=low, high=high)
+
+    def seconds(
+        self,
+        name: str,
+        default: Any = _MISSING,
+        *,
+        low_open: bool = False,
+        high: float = MAX_DURATION,
+    ) -> Any:
+        value = self._get(name, default)
+        if value is None and default is None:
+            return None
+        return number_in_range(f"{self.op}: {name}", value, low=0, high=high, low_open=low_open)
+
+    def text(self, name: str, default: Any = _MISSING) -> Any:
+        value = self._get(name, default)
+        if value is None and default is None:
+            return None
+        if not isinstance(value, str):
+            raise BadRequest(f"{self.op}: {name} must be a string, got {type(value).__name__}")
+        return value[:MAX_TEXT]
+
+    def message_id(self, name: str = "id") -> int:
+        return self.integer(name, low=1, high=INT64_RANGE[1])  # type: ignore[no-any-return]
+
+    def ids(self, name: str, default: Any = _MISSING) -> Any:
+        value = self._get(name, default)
+        if value is None and default is None:
+            return None
+        if not isinstance(value, list) or len(value) > MAX_BATCH * 100:
+            raise BadRequest(f"{self.op}: {name} must be a list of message ids")
+        return [
+            integer_in_range(f"{self.op}: {name}[]", v, low=1, high=INT64_RANGE[1]) for v in value
+        ]
+
+    def deliveries(self, name: str = "items") -> list[tuple[int, int]]:
+        """A list of ``[id, lease]`` pairs, 1..MAX_BATCH of them."""
+        value = self._get(name, _MISSING)
+        if not isinstance(value, list) or not 1 <= len(value) <= MAX_BATCH:
+            raise BadRequest(f"{self.op}: {name} must be a list of 1-{MAX_BATCH} [id, lease] pairs")
+        pairs = []
+        for item in value:
+            if (
+                not isinstance(item, list)
+                or len(item) != 2
+                or not all(type(v) is int and v > 0 for v in item)
+            ):
+                raise BadRequest(f"{self.op}: each of {name} must be [id, lease], got {item!r}")
+            pairs.append((item[0], item[1]))
+        return pairs
+
+    def mapping(self, name: str) -> dict[str, Any]:
+        value = self._get(name, _MISSING)
+        if not isinstance(value, dict):
+            raise BadRequest(f"{self.op}: {name} must be a map")
+        return value
+
+    def put_specs(self, name: str = "messages") -> list[PutSpec]:
+        value = self._get(name, _MISSING)
+        if not isinstance(value, list) or not 1 <= len(value) <= MAX_BATCH:
+            raise BadRequest(f"{self.op}: {name} must be a list of 1-{MAX_BATCH} messages")
+        return [_put_spec(index, item) for index, item in enumerate(value)]
+
+
+def check_queue_name(op: str, value: Any) -> str:
+    if not is_queue_name(value):
+        raise BadRequest(
+            f"{op}: invalid queue name {value!r}: use 1-200 characters of A-Z a-z 0-9 . _ : -"
+        )
+    return value  # type: ignore[no-any-return]
+
+
+_PUT_FIELDS: Final = frozenset(
+    {"body", "priority", "delay", "max_attempts", "visibility_timeout", "headers"}
+)
+
+
+def _put_spec(index: int, item: Any) -> PutSpec:
+    if not isinstance(item, dict):
+        raise BadRequest(f"put: message {index} must be a map with at least 'body'")
+    args = Args(f"put: message {index}", item, _PUT_FIELDS)
+    body = args._get("body", _MISSING)
+    if not isinstance(body, bytes):
+        raise BadRequest(f"put: message {index}: body must be bytes (msgpack bin)")
+    return PutSpec(
+        body=body,
+        priority=args.integer("priority", 0, low=PRIORITY_RANGE[0], high=PRIORITY_RANGE[1]),
+        delay=args.seconds("delay", 0.0),
+        max_attempts=args.integer("max_attempts", None, low=1, high=2**31 - 1),
+        visibility_timeout=args.seconds("visibility_timeout", None, low_open=True),
+        headers=_headers(index, item.get("headers")),
+    )
+
+
+def _headers(index: int, value: Any) -> Headers | None:
+    if value is None:
+        return None
+    where = f"put: message {index}: headers"
+    if not isinstance(value, dict) or len(value) > MAX_HEADERS:
+        raise BadRequest(f"{where} must be a map of at most {MAX_HEADERS} entries")
+    for key, item in value.items():
+        if not isinstance(key, str) or not 0 < len(key) <= MAX_HEADER_KEY:
+            raise BadRequest(f"{where}: keys must be strings of 1-{MAX_HEADER_KEY} chars")
+        if isinstance(item, str):
+            if len(item) > MAX_HEADER_VALUE:
+                raise BadRequest(f"{where}: {key!r} is over {MAX_HEADER_VALUE} chars")
+        elif isinstance(item, bool) or not isinstance(item, int):
+            raise BadRequest(f"{where}: {key!r} must be a string or an integer")
+        elif not INT64_RANGE[0] <= item <= INT64_RANGE[1]:
+            raise BadRequest(f"{where}: {key!r} is outside the 64-bit integer range")
+    return value or None

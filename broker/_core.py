@@ -1,0 +1,519 @@
+"""The pure queue core: every queue, heap, lease and dead letter, and no I/O.
+
+Contract: every public method takes ``now`` (wall-clock seconds) and first applies
+everything due by then (delays, lease expiries, long-poll timeouts, dead-letter expiry) in
+time order. ``next_deadline()`` says when the next such thing is due; the server sleeps until
+then and calls ``tick(now)``. Long-poll results are not returned by the call that causes
+them: they are queued and collected with ``take_completions()`` after each call.
+Errors are raised as protocol errors (``LeaseLost``, ``NotFound``, ``TooLarge``...) before
+anything changes, except batch ack/nack, which applies the good items and then raises
+``LeaseLost`` naming the rest.
+"""
+
+from __future__ import annotations
+
+import random as _random
+from collections.abc import Callable, Hashable, Iterable
+from typing import Any
+
+from protocol import LeaseLost, NotFound, TooLarge
+
+from ._lazyheap import Entry, LazyHeap
+from ._lifecycle import Event, State, advance_state
+from ._message import Message, PutSpec
+from ._queue import Queue, Waiter
+
+Completion = tuple[Hashable, list[Message]]
+
+LEASE_EXPIRED = "lease expired"
+
+
+class Core:
+    def __init__(self, *, random: Callable[[], float] = _random.random) -> None:
+        self.messages: dict[int, Message] = {}
+        self.queues: dict[str, Queue] = {}
+        self._random = random
+        self._next_id = 1
+        self._next_token = 1
+        self._seq = 0
+        self._delayed = LazyHeap(self._live_checker(State.DELAYED))  # (due_at, seq, id)
+        self._leases = LazyHeap(self._live_checker(State.RESERVED))  # (deadline, seq, id)
+        self._dead_expiry = LazyHeap(self._live_checker(State.DEAD))  # (expires_at, seq, id)
+        self._waiters: dict[Hashable, Waiter] = {}
+        self._waiter_deadlines = LazyHeap(self._waiter_live)  # (deadline, seq, key)
+        self._completions: list[Completion] = []
+
+    # ----------------------------------------------------------------- time
+
+    def tick(self, now: float) -> None:
+        """Apply everything due at or before ``now``."""
+        self._apply_due_events(now)
+        self._expire_dead_letters(now)
+
+    def next_deadline(self) -> float | None:
+        """The earliest time at which ``tick`` has something to do, or None."""
+        tops = (
+            heap.peek()
+            for heap in (self._delayed, self._leases, self._dead_expiry, self._waiter_deadlines)
+        )
+        times = [top[0] for top in tops if top is not None]
+        return min(times) if times else None
+
+    def take_completions(self) -> list[Completion]:
+        """Long-polls answered since the last call: ``(waiter key, messages)``, where an
+        empty list means the wait timed out."""
+        completions, self._completions = self._completions, []
+        return completions
+
+    # ----------------------------------------------------------- producing
+
+    def put(self, now: float, queue_name: str, specs: list[PutSpec]) -> list[int]:
+        """Store ``specs`` in order; all or nothing. Returns the new ids."""
+        self.tick(now)
+        queue = self._queue(queue_name)
+        for index, spec in enumerate(specs):
+            if len(spec.body) > queue.settings.max_body:
+                raise TooLarge(
+                    f"message {index}: body of {len(spec.body)} bytes exceeds "
+                    f"{queue_name}'s max_body of {queue.settings.max_body}"
+                )
+        ids = []
+        for spec in specs:
+            message = Message(self._next_id, queue, spec, now)
+            self._next_id += 1
+            self.messages[message.id] = message
+            if spec.delay > 0:
+                self._make_delayed(message, Event.PUT_DELAYED, now + spec.delay)
+            else:
+                self._make_ready(message, Event.PUT_READY)
+            ids.append(message.id)
+        queue.totals["put"] += len(specs)
+        self._serve_waiters(queue, now)
+        return ids
+
+    def cancel(self, now: float, message_id: int) -> bool:
+        """Remove a ready or delayed message. False if it is reserved, dead or unknown."""
+        self.tick(now)
+        message = self.messages.get(message_id)
+        if message is None or message.state not in (State.READY, State.DELAYED):
+            return False
+        self._discard_waiting(message, Event.CANCEL)
+        return True
+
+    # ----------------------------------------------------------- consuming
+
+    def reserve(
+        self,
+        now: float,
+        queue_names: Iterable[str],
+        max_messages: int,
+        *,
+        visibility_timeout: float | None = None,
+        wait: float = 0.0,
+        waiter_key: Hashable = None,
+    ) -> list[Message]:
+        """Lease up to ``max_messages``, best first across the named queues.
+
+        If none is ready and ``wait > 0``, registers a long-poll under ``waiter_key`` (which
+        must be unique among live waiters) and returns []; its result arrives later through
+        ``take_completions()``."""
+        self.tick(now)
+        queues = [self._queue(name) for name in dict.fromkeys(queue_names)]
+        messages = self._take_best(queues, max_messages, now, visibility_timeout)
+        if not messages and wait > 0:
+            self._add_waiter(waiter_key, queues, max_messages, visibility_timeout, now + wait)
+        return messages
+
+    def cancel_wait(self, waiter_key: Hashable) -> None:
+        """Forget a long-poll (its connection went away). No-op if already answered."""
+        waiter = self._waiters.pop(waiter_key, None)
+        if waiter is None:
+            return
+        for queue in waiter.queues:
+            queue.waiters.pop(waiter.seq, None)
+        self._waiter_deadlines.discard()
+
+    def time_out_all_waits(self) -> None:
+        """Answer every long-poll now with no messages (broker shutting down)."""
+        for waiter in list(self._waiters.values()):
+            self._waiter_deadlines.discard()
+            self._time_out_waiter(waiter)
+
+    def ack(self, now: float, deliveries: list[tuple[int, int]]) -> int:
+        """Finish each ``(id, lease)``. Returns how many were acked; raises ``LeaseLost``
+        (details: ``failed`` ids, ``done`` count) if any lease was not current."""
+        self.tick(now)
+        done, failed = 0, []
+        for message_id, lease in deliveries:
+            message = self._leased(message_id, lease)
+            if message is None:
+                failed.append(message_id)
+                continue
+            self._end_lease(message)
+            message.queue.totals["acked"] += 1
+            self._forget(message, Event.ACK)
+            done += 1
+        _raise_if_failed(failed, done)
+        return done
+
+    def nack(
+        self,
+        now: float,
+        deliveries: list[tuple[int, int]],
+        *,
+        delay: float | None = None,
+        error: str | None = None,
+    ) -> int:
+        """Give each ``(id, lease)`` back for a retry after ``delay`` (None: the queue's
+        backoff), or dead-letter it if its attempts are used up. Failures as in ``ack``."""
+        self.tick(now)
+        done, failed = 0, []
+        touched: dict[str, Queue] = {}
+        for message_id, lease in deliveries:
+            message = self._leased(message_id, lease)
+            if message is None:
+                failed.append(message_id)
+                continue
+            self._end_lease(message)
+            message.queue.totals["nacked"] += 1
+            self._retry(message, now, delay, error)
+            touched[message.queue.name] = message.queue
+            done += 1
+        for queue in touched.values():
+            self._serve_waiters(queue, now)
+        _raise_if_failed(failed, done)
+        return done
+
+    def touch(self, now: float, message_id: int, lease: int, seconds: float | None = None) -> float:
+        """Extend a live lease to ``now + seconds`` (default: the lease's own duration).
+        Returns the new deadline."""
+        self.tick(now)
+        message = self._require_lease(message_id, lease)
+        deadline = now + (message.lease_duration if seconds is None else seconds)
+        self._leases.discard()
+        self._push_lease(message, deadline)
+        return deadline
+
+    def bury(self, now: float, message_id: int, lease: int, reason: str) -> None:
+        """Dead-letter a reserved message now, whatever its attempts."""
+        self.tick(now)
+        message = self._require_lease(message_id, lease)
+        self._end_lease(message)
+        self._kill(message, Event.BURY, now, reason)
+
+    # ------------------------------------------------------------ inspecting
+
+    def status(self, now: float, message_id: int) -> dict[str, Any]:
+        self.tick(now)
+        message = self.messages.get(message_id)
+        if message is None:
+            raise NotFound(f"no message {message_id}: it was acked, cancelled or purged")
+        return message.status()
+
+    def stats(self, now: float, queue_name: str) -> dict[str, Any]:
+        self.tick(now)
+        return self._existing(queue_name).stats()
+
+    def list_queues(self, now: float) -> list[dict[str, Any]]:
+        self.tick(now)
+        return [self.queues[name].summary() for name in sorted(self.queues)]
+
+    def dead_letters(
+        self, now: float, queue_name: str, limit: int, after: int | None = None
+    ) -> list[Message]:
+        """Up to ``limit`` dead letters in id order, starting after id ``after``."""
+        self.tick(now)
+        queue = self._existing(queue_name)
+        ids = queue.dead.irange(minimum=after, inclusive=(False, True))
+        page: list[Message] = []
+        for message_id in ids:
+            if len(page) == limit:
+                break
+            page.append(queue.dead[message_id])
+        return page
+
+    # -------------------------------------------------------------- admin
+
+    def configure(self, now: float, queue_name: str, changes: dict[str, Any]) -> dict[str, Any]:
+        """Apply setting changes (all or nothing); returns the queue's full settings."""
+        self.tick(now)
+        queue = self._queue(queue_name)
+        queue.settings = queue.settings.updated(changes)
+        self._serve_waiters(queue, now)
+        return queue.settings.to_wire()
+
+    def purge(self, now: float, queue_name: str) -> int:
+        """Drop every ready and delayed message of the queue. O(ready + all delayed)."""
+        self.tick(now)
+        queue = self._existing(queue_name)
+        doomed = [self.messages[entry[-1]] for entry in queue.ready.live_sorted()]
+        doomed += [
+            message
+            for entry in self._delayed.live_sorted()
+            if (message := self.messages[entry[-1]]).queue is queue
+        ]
+        for message in doomed:
+            self._discard_waiting(message, Event.PURGE)
+        return len(doomed)
+
+    def replay(self, now: float, queue_name: str, ids: list[int] | None = None) -> int:
+        """Move dead letters (all, or those of ``ids`` that are dead in this queue) back to
+        ready in id order, with attempts reset to 0. Returns how many moved."""
+        self.tick(now)
+        queue = self._existing(queue_name)
+        chosen = list(queue.dead.keys()) if ids is None else sorted(set(ids) & set(queue.dead))
+        for message_id in chosen:
+            message = queue.dead.pop(message_id)
+            self._dead_expiry.discard()
+            message.attempts = 0
+            message.dead_reason = message.dead_at = None
+            self._make_ready(message, Event.REPLAY)
+        self._serve_waiters(queue, now)
+        return len(chosen)
+
+    def purge_dead(self, now: float, queue_name: str) -> int:
+        self.tick(now)
+        queue = self._existing(queue_name)
+        doomed = list(queue.dead.values())
+        for message in doomed:
+            self._drop_dead(message, Event.PURGE_DEAD)
+        return len(doomed)
+
+    # ------------------------------------------------------------ internals
+
+    def _live_checker(self, state: State) -> Callable[[Entry], bool]:
+        messages = self.messages
+
+        def is_live(entry: Entry) -> bool:
+            message = messages.get(entry[-1])
+            return message is not None and message.state is state and message.seq == entry[-2]
+
+        return is_live
+
+    def _waiter_live(self, entry: Entry) -> bool:
+        waiter = self._waiters.get(entry[-1])
+        return waiter is not None and waiter.seq == entry[-2]
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _queue(self, name: str) -> Queue:
+        queue = self.queues.get(name)
+        if queue is None:
+            queue = self.queues[name] = Queue(name, self._live_checker(State.READY))
+        return queue
+
+    def _existing(self, name: str) -> Queue:
+        queue = self.queues.get(name)
+        if queue is None:
+            raise NotFound(f"no queue named {name!r}; queues are created by their first put")
+        return queue
+
+    def _move(self, message: Message, event: Event) -> None:
+        """The one place a message changes state; keeps the queue's counts in step."""
+        counts = message.queue.counts
+        old = message.state
+        new = advance_state(old, event)
+        if old in counts:
+            counts[old] -= 1
+        if new in counts:
+            counts[new] += 1
+        message.state = new
+
+    def _make_ready(self, message: Message, event: Event) -> None:
+        self._move(message, event)
+        message.seq = self._next_seq()
+        message.due_at = None
+        message.queue.ready.push((-message.priority, message.seq, message.id))
+
+    def _make_delayed(self, message: Message, event: Event, due_at: float) -> None:
+        self._move(message, event)
+        message.seq = self._next_seq()
+        message.due_at = due_at
+        self._delayed.push((due_at, message.seq, message.id))
+
+    def _push_lease(self, message: Message, deadline: float) -> None:
+        message.seq = self._next_seq()
+        message.lease_deadline = deadline
+        self._leases.push((deadline, message.seq, message.id))
+
+    def _lease(self, message: Message, now: float, visibility_timeout: float | None) -> None:
+        self._move(message, Event.RESERVE)
+        message.attempts += 1
+        message.lease_token = self._next_token
+        self._next_token += 1
+        message.lease_duration = (
+            visibility_timeout
+            or message.visibility_timeout
+            or message.queue.settings.visibility_timeout
+        )
+        self._push_lease(message, now + message.lease_duration)
+        message.queue.totals["delivered"] += 1
+
+    def _end_lease(self, message: Message) -> None:
+        """The lease's heap entry goes stale: the caller moves the message on."""
+        self._leases.discard()
+        message.lease_token = message.lease_deadline = None
+
+    def _leased(self, message_id: int, lease: int) -> Message | None:
+        message = self.messages.get(message_id)
+        if message is None or message.state is not State.RESERVED:
+            return None
+        return message if message.lease_token == lease else None
+
+    def _require_lease(self, message_id: int, lease: int) -> Message:
+        message = self._leased(message_id, lease)
+        if message is None:
+            raise LeaseLost(
+                f"lease {lease} on message {message_id} is not current: it expired, or the "
+                "message was acked, nacked or buried; reserve it again",
+                {"failed": [message_id], "done": 0},
+            )
+        return message
+
+    def _take_best(
+        self, queues: list[Queue], limit: int, now: float, visibility_timeout: float | None
+    ) -> list[Message]:
+        taken: list[Message] = []
+        while len(taken) < limit:
+            best_queue, best_entry = None, None
+            for queue in queues:
+                entry = queue.best_ready()
+                if entry is not None and (best_entry is None or entry < best_entry):
+                    best_queue, best_entry = queue, entry
+            if best_queue is None:
+                break
+            best_queue.ready.pop()
+            message = self.messages[best_entry[-1]]  # type: ignore[index]
+            self._lease(message, now, visibility_timeout)
+            taken.append(message)
+        return taken
+
+    def _retry(self, message: Message, now: float, delay: float | None, error: str | None) -> None:
+        """After a nack or expiry (lease already ended): dead-letter if attempts are used up,
+        else back to ready or delayed."""
+        if error is not None:
+            message.last_error = error
+        limit = message.effective_max_attempts
+        if limit is not None and message.attempts >= limit:
+            self._kill(message, Event.EXHAUST, now, f"max_attempts ({limit}) used up")
+            return
+        if delay is None:
+            delay = message.queue.settings.backoff.delay(message.attempts, self._random())
+        if delay > 0:
+            self._make_delayed(message, Event.RETRY_LATER, now + delay)
+        else:
+            self._make_ready(message, Event.RETRY_NOW)
+
+    def _kill(self, message: Message, event: Event, now: float, reason: str) -> None:
+        self._move(message, event)
+        message.dead_reason = reason
+        message.dead_at = now
+        message.due_at = None
+        queue = message.queue
+        queue.add_dead(message)
+        queue.totals["dead_lettered"] += 1
+        message.seq = self._next_seq()
+        ttl = queue.settings.dead_letter_ttl
+        if ttl is not None:
+            self._dead_expiry.push((now + ttl, message.seq, message.id))
+
+    def _forget(self, message: Message, event: Event) -> None:
+        self._move(message, event)
+        del self.messages[message.id]
+
+    def _discard_waiting(self, message: Message, event: Event) -> None:
+        """Remove a ready or delayed message (cancel, purge)."""
+        heap = message.queue.ready if message.state is State.READY else self._delayed
+        self._forget(message, event)
+        heap.discard()
+
+    def _drop_dead(self, message: Message, event: Event) -> None:
+        del message.queue.dead[message.id]
+        self._forget(message, event)
+        if message.queue.settings.dead_letter_ttl is not None:
+            self._dead_expiry.discard()
+
+    def _apply_due_events(self, now: float) -> None:
+        """Delayed messages coming due, leases running out and long-polls timing out,
+        merged in time order and each applied at its own time. At one instant a due
+        message goes before a lease expiry, and both before a long-poll timeout."""
+        heaps = (self._delayed, self._leases, self._waiter_deadlines)
+        while True:
+            earliest, source = None, None
+            for heap in heaps:
+                top = heap.peek()
+                if top is not None and top[0] <= now and (earliest is None or top[0] < earliest[0]):
+                    earliest, source = top, heap
+            if earliest is None:
+                return
+            assert source is not None
+            source.pop()
+            if source is self._delayed:
+                self._come_due(self.messages[earliest[-1]], now)
+            elif source is self._leases:
+                self._expire_lease(self.messages[earliest[-1]], earliest[0], now)
+            else:
+                self._time_out_waiter(self._waiters[earliest[-1]])
+
+    def _come_due(self, message: Message, now: float) -> None:
+        self._make_ready(message, Event.DUE)
+        self._serve_waiters(message.queue, now)
+
+    def _expire_lease(self, message: Message, deadline: float, now: float) -> None:
+        """Same as a nack with no delay, applied at the lease's deadline."""
+        message.lease_token = message.lease_deadline = None
+        message.queue.totals["expired"] += 1
+        self._retry(message, deadline, None, LEASE_EXPIRED)
+        self._serve_waiters(message.queue, now)
+
+    def _expire_dead_letters(self, now: float) -> None:
+        while (top := self._dead_expiry.peek()) is not None and top[0] <= now:
+            self._dead_expiry.pop()
+            message = self.messages[top[-1]]
+            del message.queue.dead[message.id]
+            self._forget(message, Event.EXPIRE_DEAD)
+
+    # ------------------------------------------------------------- waiters
+
+    def _add_waiter(
+        self,
+        key: Hashable,
+        queues: list[Queue],
+        max_messages: int,
+        visibility_timeout: float | None,
+        deadline: float,
+    ) -> None:
+        if key is None or key in self._waiters:
+            raise ValueError(f"waiter key {key!r} is missing or already waiting")
+        waiter = Waiter(key, self._next_seq(), queues, max_messages, visibility_timeout, deadline)
+        self._waiters[key] = waiter
+        for queue in queues:
+            queue.waiters[waiter.seq] = waiter
+        self._waiter_deadlines.push((deadline, waiter.seq, key))
+
+    def _serve_waiters(self, queue: Queue, now: float) -> None:
+        """Hand ready messages of ``queue`` to its waiters, first come first served."""
+        while queue.waiters and queue.can_deliver():
+            _, waiter = queue.waiters.popitem(last=False)
+            self.cancel_wait(waiter.key)
+            messages = self._take_best(
+                waiter.queues, waiter.max_messages, now, waiter.visibility_timeout
+            )
+            self._completions.append((waiter.key, messages))
+
+    def _time_out_waiter(self, waiter: Waiter) -> None:
+        del self._waiters[waiter.key]
+        for queue in waiter.queues:
+            queue.waiters.pop(waiter.seq, None)
+        self._completions.append((waiter.key, []))
+
+
+def _raise_if_failed(failed: list[int], done: int) -> None:
+    if failed:
+        raise LeaseLost(
+            f"{len(failed)} of {len(failed) + done} leases were not current (expired, or "
+            "already acked, nacked or buried); those messages were left unchanged",
+            {"failed": failed, "done": done},
+        )

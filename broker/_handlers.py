@@ -1,0 +1,189 @@
+"""One small handler per op: read the arguments, call the core, shape the result.
+
+Handlers see no sockets. Each returns the reply's result, or ``PENDING`` when a reserve
+long-polls (its reply then comes from the core's completions). ``hello`` is not here: it
+changes connection state and lives with the connection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any, Final
+
+from protocol import UnknownOp
+
+from ._args import MAX_BATCH, MAX_WAIT, Args
+from ._core import Core
+
+
+class _Pending:
+    def __repr__(self) -> str:
+        return "PENDING"
+
+
+PENDING: Final = _Pending()
+
+
+@dataclass(slots=True)
+class Call:
+    """What a handler may use: the core, the time of the request, and a key that names
+    this request if it has to wait."""
+
+    core: Core
+    now: float
+    waiter_key: Hashable
+
+
+Handler = Callable[[Call, Args], Any]
+
+
+def _ping(call: Call, args: Args) -> Any:
+    return {"time": call.now}
+
+
+def _put(call: Call, args: Args) -> Any:
+    ids = call.core.put(call.now, args.queue(), args.put_specs())
+    return {"ids": ids}
+
+
+def _reserve(call: Call, args: Args) -> Any:
+    wait = args.seconds("wait", 0.0, high=MAX_WAIT)
+    messages = call.core.reserve(
+        call.now,
+        args.queues(),
+        args.integer("max", 1, low=1, high=MAX_BATCH),
+        visibility_timeout=args.seconds("visibility_timeout", None, low_open=True),
+        wait=wait,
+        waiter_key=call.waiter_key,
+    )
+    if not messages and wait > 0:
+        return PENDING
+    return deliveries(messages)
+
+
+def deliveries(messages: list[Any]) -> dict[str, Any]:
+    return {"messages": [message.delivery() for message in messages]}
+
+
+def _ack(call: Call, args: Args) -> Any:
+    return {"acked": call.core.ack(call.now, args.deliveries())}
+
+
+def _nack(call: Call, args: Args) -> Any:
+    count = call.core.nack(
+        call.now,
+        args.deliveries(),
+        delay=args.seconds("delay", None),
+        error=args.text("error", None),
+    )
+    return {"nacked": count}
+
+
+def _touch(call: Call, args: Args) -> Any:
+    deadline = call.core.touch(
+        call.now,
+        args.message_id(),
+        args.integer("lease", low=1, high=2**63 - 1),
+        args.seconds("seconds", None, low_open=True),
+    )
+    return {"lease_deadline": deadline}
+
+
+def _bury(call: Call, args: Args) -> Any:
+    call.core.bury(
+        call.now,
+        args.message_id(),
+        args.integer("lease", low=1, high=2**63 - 1),
+        args.text("reason", "buried"),
+    )
+    return {}
+
+
+def _cancel(call: Call, args: Args) -> Any:
+    return {"cancelled": call.core.cancel(call.now, args.message_id())}
+
+
+def _status(call: Call, args: Args) -> Any:
+    return call.core.status(call.now, args.message_id())
+
+
+def _queues(call: Call, args: Args) -> Any:
+    return {"queues": call.core.list_queues(call.now)}
+
+
+def _stats(call: Call, args: Args) -> Any:
+    return call.core.stats(call.now, args.queue())
+
+
+def _configure(call: Call, args: Args) -> Any:
+    return {"settings": call.core.configure(call.now, args.queue(), args.mapping("settings"))}
+
+
+def _pause(call: Call, args: Args) -> Any:
+    return {"settings": call.core.configure(call.now, args.queue(), {"paused": True})}
+
+
+def _resume(call: Call, args: Args) -> Any:
+    return {"settings": call.core.configure(call.now, args.queue(), {"paused": False})}
+
+
+def _purge(call: Call, args: Args) -> Any:
+    return {"purged": call.core.purge(call.now, args.queue())}
+
+
+def _dead_letters(call: Call, args: Args) -> Any:
+    limit = args.integer("limit", 100, low=1, high=MAX_BATCH)
+    after = args.integer("after", None, low=0, high=2**63 - 1)
+    page = call.core.dead_letters(call.now, args.queue(), limit + 1, after)
+    more = len(page) > limit
+    page = page[:limit]
+    return {
+        "items": [message.status() for message in page],
+        "next": page[-1].id if more else None,
+    }
+
+
+def _replay(call: Call, args: Args) -> Any:
+    return {"replayed": call.core.replay(call.now, args.queue(), args.ids("ids", None))}
+
+
+def _purge_dead(call: Call, args: Args) -> Any:
+    return {"purged": call.core.purge_dead(call.now, args.queue())}
+
+
+def _table(
+    *rows: tuple[str, Handler, tuple[str, ...]],
+) -> dict[str, tuple[frozenset[str], Handler]]:
+    return {op: (frozenset(allowed), handler) for op, handler, allowed in rows}
+
+
+HANDLERS: Final = _table(
+    ("ping", _ping, ()),
+    ("put", _put, ("queue", "messages")),
+    ("reserve", _reserve, ("queues", "max", "wait", "visibility_timeout")),
+    ("ack", _ack, ("items",)),
+    ("nack", _nack, ("items", "delay", "error")),
+    ("touch", _touch, ("id", "lease", "seconds")),
+    ("bury", _bury, ("id", "lease", "reason")),
+    ("cancel", _cancel, ("id",)),
+    ("status", _status, ("id",)),
+    ("queues", _queues, ()),
+    ("stats", _stats, ("queue",)),
+    ("configure", _configure, ("queue", "settings")),
+    ("pause", _pause, ("queue",)),
+    ("resume", _resume, ("queue",)),
+    ("purge", _purge, ("queue",)),
+    ("dead_letters", _dead_letters, ("queue", "limit", "after")),
+    ("replay", _replay, ("queue", "ids")),
+    ("purge_dead", _purge_dead, ("queue",)),
+)
+
+
+def handle(call: Call, op: str, raw_args: dict[str, Any]) -> Any:
+    """Run ``op``; raises ``UnknownOp`` or the handler's ``SluiceError``."""
+    entry = HANDLERS.get(op)
+    if entry is None:
+        raise UnknownOp(f"unknown op {op!r}; known ops: {', '.join(sorted(HANDLERS))}, hello")
+    allowed, handler = entry
+    return handler(call, Args(op, raw_args, allowed))

@@ -1,0 +1,118 @@
+"""The in-memory message record and the spec a put carries.
+
+These are bookkeeping for the core, not the persisted format: the store keeps its own
+versioned records and rebuilds these on recovery.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ._lifecycle import State
+
+if TYPE_CHECKING:
+    from ._queue import Queue
+
+Headers = dict[str, str | int]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PutSpec:
+    """One message of a put, already type-checked. ``None`` means "the queue's setting"."""
+
+    body: bytes
+    priority: int = 0
+    delay: float = 0.0
+    max_attempts: int | None = None
+    visibility_timeout: float | None = None
+    headers: Headers | None = None
+
+
+class Message:
+    """One message. ``seq`` is stamped from the core's counter each time the message enters
+    a heap; a heap entry whose seq differs from the message's is stale. Among ready
+    messages of equal priority, the lower seq became ready first."""
+
+    __slots__ = (
+        "attempts",
+        "body",
+        "dead_at",
+        "dead_reason",
+        "due_at",
+        "enqueued_at",
+        "headers",
+        "id",
+        "last_error",
+        "lease_deadline",
+        "lease_duration",
+        "lease_token",
+        "max_attempts",
+        "priority",
+        "queue",
+        "seq",
+        "state",
+        "visibility_timeout",
+    )
+
+    def __init__(self, message_id: int, queue: Queue, spec: PutSpec, now: float) -> None:
+        self.id = message_id
+        self.queue = queue
+        self.body = spec.body
+        self.priority = spec.priority
+        self.headers = spec.headers
+        self.max_attempts = spec.max_attempts
+        self.visibility_timeout = spec.visibility_timeout
+        self.enqueued_at = now
+        self.state = State.NEW
+        self.seq = 0
+        self.attempts = 0
+        self.due_at: float | None = None
+        self.lease_token: int | None = None
+        self.lease_deadline: float | None = None
+        self.lease_duration = 0.0
+        self.last_error: str | None = None
+        self.dead_reason: str | None = None
+        self.dead_at: float | None = None
+
+    @property
+    def effective_max_attempts(self) -> int | None:
+        if self.max_attempts is not None:
+            return self.max_attempts
+        return self.queue.settings.max_attempts
+
+    def delivery(self) -> dict[str, Any]:
+        """The wire form handed to a consumer by reserve."""
+        wire: dict[str, Any] = {
+            "id": self.id,
+            "queue": self.queue.name,
+            "body": self.body,
+            "priority": self.priority,
+            "attempts": self.attempts,
+            "max_attempts": self.effective_max_attempts,
+            "enqueued_at": self.enqueued_at,
+            "lease": self.lease_token,
+            "lease_deadline": self.lease_deadline,
+        }
+        if self.headers:
+            wire["headers"] = self.headers
+        return wire
+
+    def status(self) -> dict[str, Any]:
+        """Everything but the body, for ``status`` and dead-letter listings."""
+        return {
+            "id": self.id,
+            "queue": self.queue.name,
+            "state": self.state.value,
+            "priority": self.priority,
+            "attempts": self.attempts,
+            "max_attempts": self.effective_max_attempts,
+            "enqueued_at": self.enqueued_at,
+            "due_at": self.due_at,
+            "lease_deadline": self.lease_deadline,
+            "last_error": self.last_error,
+            "dead_reason": self.dead_reason,
+            "dead_at": self.dead_at,
+            "headers": self.headers or {},
+            "body_size": len(self.body),
+        }

@@ -1,0 +1,94 @@
+"""A named queue's in-memory indexes, and the long-poll waiters that block on queues."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable
+from typing import Any
+
+from sortedcontainers import SortedDict
+
+from ._lazyheap import LazyHeap
+from ._lifecycle import State
+from ._message import Message
+from ._settings import QueueSettings
+
+TOTALS = ("put", "delivered", "acked", "nacked", "expired", "dead_lettered")
+
+
+class Waiter:
+    """A reserve that found nothing and long-polls until ``deadline``.
+
+    It sits in the ``waiters`` of every queue it names, in arrival order (``seq``), and is
+    served once: with messages as soon as one of its queues has some, or empty-handed at its
+    deadline or when its connection goes away."""
+
+    __slots__ = ("deadline", "key", "max_messages", "queues", "seq", "visibility_timeout")
+
+    def __init__(
+        self,
+        key: Hashable,
+        seq: int,
+        queues: list[Queue],
+        max_messages: int,
+        visibility_timeout: float | None,
+        deadline: float,
+    ) -> None:
+        self.key = key
+        self.seq = seq
+        self.queues = queues
+        self.max_messages = max_messages
+        self.visibility_timeout = visibility_timeout
+        self.deadline = deadline
+
+
+class Queue:
+    """Indexes of one queue. Ready messages are in ``ready`` keyed ``(-priority, seq)``, so
+    the top is the highest priority that became ready first. Delayed and reserved messages
+    live in the core's broker-wide deadline heaps; only their counts are kept here. Dead
+    letters are kept by id (for paging) until replayed, purged or expired."""
+
+    __slots__ = ("counts", "dead", "name", "ready", "settings", "totals", "waiters")
+
+    def __init__(self, name: str, is_ready_live: Any) -> None:
+        self.name = name
+        self.settings = QueueSettings()
+        self.ready = LazyHeap(is_ready_live)
+        self.counts = {State.READY: 0, State.DELAYED: 0, State.RESERVED: 0, State.DEAD: 0}
+        self.totals = dict.fromkeys(TOTALS, 0)
+        self.dead: SortedDict = SortedDict()  # message id -> Message
+        self.waiters: OrderedDict[int, Waiter] = OrderedDict()  # waiter seq -> Waiter
+
+    def can_deliver(self) -> bool:
+        return self.counts[State.READY] > 0 and not self.settings.paused
+
+    def best_ready(self) -> tuple[Any, ...] | None:
+        """The heap entry of the next message this queue would deliver, or None."""
+        if self.settings.paused:
+            return None
+        return self.ready.peek()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "queue": self.name,
+            "ready": self.counts[State.READY],
+            "delayed": self.counts[State.DELAYED],
+            "reserved": self.counts[State.RESERVED],
+            "dead": self.counts[State.DEAD],
+            "paused": self.settings.paused,
+            "waiting": len(self.waiters),
+            "totals": dict(self.totals),
+        }
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "ready": self.counts[State.READY],
+            "delayed": self.counts[State.DELAYED],
+            "reserved": self.counts[State.RESERVED],
+            "dead": self.counts[State.DEAD],
+            "paused": self.settings.paused,
+        }
+
+    def add_dead(self, message: Message) -> None:
+        self.dead[message.id] = message

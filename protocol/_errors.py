@@ -1,0 +1,148 @@
+"""One error hierarchy for the whole wire protocol.
+
+Every error a broker sends is ``{"code": CODE, "message": text}`` (plus an optional
+``details`` map). Each code has exactly one exception class here; the broker raises them
+and the client re-raises the class named by the code it receives. The list is stable:
+codes are only ever added, never renamed or reused.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+
+class ErrorCode(enum.StrEnum):
+    BAD_FRAME = "BAD_FRAME"
+    BAD_REQUEST = "BAD_REQUEST"
+    UNKNOWN_OP = "UNKNOWN_OP"
+    UNSUPPORTED_VERSION = "UNSUPPORTED_VERSION"
+    NOT_FOUND = "NOT_FOUND"
+    LEASE_LOST = "LEASE_LOST"
+    TOO_LARGE = "TOO_LARGE"
+    UNAUTHORIZED = "UNAUTHORIZED"
+    FORBIDDEN = "FORBIDDEN"
+    STORAGE_FULL = "STORAGE_FULL"
+    SHUTTING_DOWN = "SHUTTING_DOWN"
+    INTERNAL = "INTERNAL"
+
+
+class SluiceError(Exception):
+    """Base of every error that has a wire code.
+
+    ``details`` carries structured extras (for example the ids a batch ack could not
+    acknowledge); it is always a dict, empty when there is nothing to add.
+    """
+
+    code: ErrorCode = ErrorCode.INTERNAL
+
+    def __init__(self, message: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details: dict[str, Any] = details or {}
+
+    def to_wire(self) -> dict[str, Any]:
+        wire: dict[str, Any] = {"code": self.code.value, "message": self.message}
+        if self.details:
+            wire["details"] = self.details
+        return wire
+
+    def __str__(self) -> str:
+        return f"{self.code.value}: {self.message}"
+
+
+class BadFrame(SluiceError):
+    """The byte stream is not a sequence of valid frames; the connection is closed."""
+
+    code = ErrorCode.BAD_FRAME
+
+
+class BadRequest(SluiceError):
+    """The frame decoded, but the request or its arguments are malformed."""
+
+    code = ErrorCode.BAD_REQUEST
+
+
+class UnknownOp(SluiceError):
+    code = ErrorCode.UNKNOWN_OP
+
+
+class UnsupportedVersion(SluiceError):
+    """The hello named a protocol version this peer does not speak; the connection closes."""
+
+    code = ErrorCode.UNSUPPORTED_VERSION
+
+
+class NotFound(SluiceError):
+    code = ErrorCode.NOT_FOUND
+
+
+class LeaseLost(SluiceError):
+    """The lease token is not the message's current lease; nothing was changed."""
+
+    code = ErrorCode.LEASE_LOST
+
+
+class TooLarge(SluiceError):
+    """A frame over the negotiated maximum, or a body over the queue's max_body."""
+
+    code = ErrorCode.TOO_LARGE
+
+
+class Unauthorized(SluiceError):
+    code = ErrorCode.UNAUTHORIZED
+
+
+class Forbidden(SluiceError):
+    code = ErrorCode.FORBIDDEN
+
+
+class StorageFull(SluiceError):
+    code = ErrorCode.STORAGE_FULL
+
+
+class ShuttingDown(SluiceError):
+    code = ErrorCode.SHUTTING_DOWN
+
+
+class InternalError(SluiceError):
+    code = ErrorCode.INTERNAL
+
+
+ERROR_CLASSES: dict[ErrorCode, type[SluiceError]] = {
+    cls.code: cls
+    for cls in (
+        BadFrame,
+        BadRequest,
+        UnknownOp,
+        UnsupportedVersion,
+        NotFound,
+        LeaseLost,
+        TooLarge,
+        Unauthorized,
+        Forbidden,
+        StorageFull,
+        ShuttingDown,
+        InternalError,
+    )
+}
+
+
+def error_from_wire(wire: Any) -> SluiceError:
+    """Turn a wire error map into its exception; an unknown code becomes INTERNAL.
+
+    Ensures: never raises, whatever ``wire`` holds.
+    """
+    if not isinstance(wire, dict):
+        return InternalError(f"malformed error from peer: {wire!r}")
+    message = wire.get("message")
+    details = wire.get("details")
+    try:
+        cls = ERROR_CLASSES[ErrorCode(str(wire.get("code")))]
+    except ValueError:
+        cls = InternalError
+        message = f"{wire.get('code')!r}: {message}"
+    return cls(
+        message if isinstance(message, str) else repr(message),
+        details if isinstance(details, dict) else None,
+    )

@@ -1,0 +1,115 @@
+"""Length-prefixed msgpack frames: bytes in, decoded objects out. No I/O.
+
+A frame is a 4-byte big-endian unsigned length N followed by N bytes holding exactly one
+msgpack object. ``FrameDecoder`` is fed whatever bytes arrive, in any split, and hands back
+whole decoded objects; ``encode_frame`` does the reverse.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, Final
+
+import msgpack
+
+from ._errors import BadFrame, TooLarge
+
+HEADER: Final = struct.Struct(">I")
+HEADER_SIZE: Final = HEADER.size
+DEFAULT_MAX_FRAME: Final = 16 * 1024 * 1024
+
+
+class _NeedData:
+    """Sentinel: the decoder holds no complete frame yet; feed it more bytes."""
+
+    _instance: _NeedData | None = None
+
+    def __new__(cls) -> _NeedData:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA: Final = _NeedData()
+
+_packer = msgpack.Packer(use_bin_type=True, autoreset=True)
+
+
+def pack(obj: Any) -> bytes:
+    """msgpack-encode one object (str as str, bytes as bin)."""
+    packed: bytes = _packer.pack(obj)
+    return packed
+
+
+def encode_frame(obj: Any) -> bytes:
+    """Return the frame (header + payload) that carries ``obj``."""
+    payload: bytes = _packer.pack(obj)
+    return HEADER.pack(len(payload)) + payload
+
+
+def decode_payload(payload: bytes | memoryview) -> Any:
+    """Decode exactly one msgpack object; anything else is ``BadFrame``."""
+    try:
+        return msgpack.unpackb(payload, raw=False, strict_map_key=False)
+    except (ValueError, msgpack.UnpackException, TypeError) as exc:
+        # ExtraData, FormatError and StackError all derive from ValueError.
+        raise BadFrame(f"frame payload is not one valid msgpack object: {exc}") from None
+
+
+class FrameDecoder:
+    """Incremental frame reader.
+
+    Contract: after ``feed(data)``, call ``next_frame()`` until it returns ``NEED_DATA``.
+    A frame whose header announces more than ``max_frame`` bytes raises ``TooLarge``
+    before any of its payload is buffered; a payload that is not one msgpack object raises
+    ``BadFrame``. After either error the stream is out of sync: the decoder refuses further
+    use and the caller must drop the connection.
+    """
+
+    __slots__ = ("_broken", "_buffer", "_offset", "max_frame")
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self._buffer = bytearray()
+        self._offset = 0
+        self._broken = False
+        self.max_frame = max_frame
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as frames."""
+        return len(self._buffer) - self._offset
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        if self._broken:
+            raise BadFrame("decoder is broken by an earlier framing error")
+        if self._offset:
+            del self._buffer[: self._offset]
+            self._offset = 0
+        self._buffer += data
+
+    def next_frame(self) -> Any:
+        """Return the next decoded object, or ``NEED_DATA``."""
+        if self._broken:
+            raise BadFrame("decoder is broken by an earlier framing error")
+        start = self._offset
+        if len(self._buffer) - start < HEADER_SIZE:
+            return NEED_DATA
+        (length,) = HEADER.unpack_from(self._buffer, start)
+        if length > self.max_frame:
+            self._broken = True
+            raise TooLarge(f"frame of {length} bytes exceeds the maximum of {self.max_frame}")
+        end = start + HEADER_SIZE + length
+        if len(self._buffer) < end:
+            return NEED_DATA
+        self._offset = end
+        payload = memoryview(self._buffer)[start + HEADER_SIZE : end]
+        try:
+            return decode_payload(payload)
+        except BadFrame:
+            self._broken = True
+            raise
+        finally:
+            payload.release()
