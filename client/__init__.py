@@ -1,0 +1,18 @@
+"""Sluice client library: ``Client`` (blocking) and ``AsyncClient`` (asyncio) with the same
+methods, ``Message`` for deliveries, and ``client.errors`` with one class per wire code.
+
+    from client import Client
+
+    with Client("127.0.0.1", 7700) as sluice:
+        sluice.put("emails", b"welcome #42", priority=5)
+        for message in sluice.reserve("emails", wait=5):
+            print(message.body)
+            sluice.ack(message)
+"""
+
+from . import errors
+from ._async import AsyncClient
+from ._message import Message
+from ._sync import Client
+
+__all__ = ["AsyncClient", "Client", "Message", "errors"]

@@ -28,13 +28,14 @@ class ErrorCode(enum.StrEnum):
 
 
 class SluiceError(Exception):
-    """Base of every error that has a wire code.
+    """Base of every Sluice error. Errors a broker sends have a wire ``code``; errors a
+    client raises on its own (connection closed, timed out) have ``code`` None.
 
     ``details`` carries structured extras (for example the ids a batch ack could not
     acknowledge); it is always a dict, empty when there is nothing to add.
     """
 
-    code: ErrorCode = ErrorCode.INTERNAL
+    code: ErrorCode | None = None
 
     def __init__(self, message: str, details: dict[str, Any] | None = None) -> None:
         super().__init__(message)
@@ -42,13 +43,14 @@ class SluiceError(Exception):
         self.details: dict[str, Any] = details or {}
 
     def to_wire(self) -> dict[str, Any]:
-        wire: dict[str, Any] = {"code": self.code.value, "message": self.message}
+        code = self.code or ErrorCode.INTERNAL
+        wire: dict[str, Any] = {"code": code.value, "message": self.message}
         if self.details:
             wire["details"] = self.details
         return wire
 
     def __str__(self) -> str:
-        return f"{self.code.value}: {self.message}"
+        return f"{self.code.value}: {self.message}" if self.code else self.message
 
 
 class BadFrame(SluiceError):
@@ -109,7 +111,7 @@ class InternalError(SluiceError):
     code = ErrorCode.INTERNAL
 
 
-ERROR_CLASSES: dict[ErrorCode, type[SluiceError]] = {
+ERROR_CLASSES: dict[ErrorCode | None, type[SluiceError]] = {
     cls.code: cls
     for cls in (
         BadFrame,

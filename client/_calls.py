@@ -1,0 +1,265 @@
+"""Every client operation, defined once: how to build its request and read its result.
+
+Each function returns a ``Call``; ``Client`` runs it over a blocking socket and
+``AsyncClient`` over an asyncio connection, so both expose the same methods with the same
+signatures and docs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from protocol import BadRequest, is_queue_name
+
+from ._message import Message
+
+T = TypeVar("T")
+Body = bytes | bytearray | memoryview | str
+Delivery = Message | tuple[int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Call(Generic[T]):
+    op: str
+    args: dict[str, Any]
+    parse: Callable[[Any], T]
+    wait: float = 0.0  # extra seconds the broker may legitimately hold the reply
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def _queue(name: str) -> str:
+    if not is_queue_name(name):
+        raise BadRequest(
+            f"invalid queue name {name!r}: use 1-200 characters of A-Z a-z 0-9 . _ : -"
+        )
+    return name
+
+
+def _body(body: Body) -> bytes:
+    if isinstance(body, str):
+        return body.encode()
+    if isinstance(body, bytes | bytearray | memoryview):
+        return bytes(body)
+    raise BadRequest(f"body must be bytes or str, got {type(body).__name__}")
+
+
+def _spec(
+    body: Body,
+    priority: int,
+    delay: float,
+    max_attempts: int | None,
+    visibility_timeout: float | None,
+    headers: Mapping[str, str | int] | None,
+) -> dict[str, Any]:
+    spec: dict[str, Any] = {"body": _body(body)}
+    if priority:
+        spec["priority"] = priority
+    if delay:
+        spec["delay"] = delay
+    if max_attempts is not None:
+        spec["max_attempts"] = max_attempts
+    if visibility_timeout is not None:
+        spec["visibility_timeout"] = visibility_timeout
+    if headers:
+        spec["headers"] = dict(headers)
+    return spec
+
+
+def _pairs(deliveries: Delivery | Iterable[Delivery]) -> list[list[int]]:
+    if isinstance(deliveries, Message) or (
+        isinstance(deliveries, tuple) and len(deliveries) == 2 and isinstance(deliveries[0], int)
+    ):
+        deliveries = [deliveries]
+    pairs = []
+    for item in deliveries:
+        if isinstance(item, Message):
+            pairs.append([item.id, item.lease])
+        else:
+            message_id, lease = item
+            pairs.append([message_id, lease])
+    return pairs
+
+
+def _field(name: str) -> Callable[[Any], Any]:
+    return lambda result: result[name]
+
+
+def ping() -> Call[float]:
+    """Round trip to the broker; returns the broker's clock (epoch seconds)."""
+    return Call("ping", {}, _field("time"))
+
+
+def put(
+    queue: str,
+    body: Body,
+    *,
+    priority: int = 0,
+    delay: float = 0,
+    max_attempts: int | None = None,
+    visibility_timeout: float | None = None,
+    headers: Mapping[str, str | int] | None = None,
+) -> Call[int]:
+    """Enqueue one message; returns its id once the broker has stored it.
+
+    ``priority``: higher is delivered first. ``delay``: seconds before it can be reserved.
+    ``max_attempts`` / ``visibility_timeout``: override the queue's settings for this
+    message. ``headers``: a small map of str to str or int. A str body is sent as UTF-8."""
+    spec = _spec(body, priority, delay, max_attempts, visibility_timeout, headers)
+    return Call("put", {"queue": _queue(queue), "messages": [spec]}, lambda r: r["ids"][0])
+
+
+def put_many(
+    queue: str,
+    bodies: Iterable[Body],
+    *,
+    priority: int = 0,
+    delay: float = 0,
+    max_attempts: int | None = None,
+    visibility_timeout: float | None = None,
+    headers: Mapping[str, str | int] | None = None,
+) -> Call[list[int]]:
+    """Enqueue many messages in one frame (all or nothing); returns their ids in order.
+    The keyword options apply to every message."""
+    specs = [_spec(b, priority, delay, max_attempts, visibility_timeout, headers) for b in bodies]
+    return Call("put", {"queue": _queue(queue), "messages": specs}, _field("ids"))
+
+
+def reserve(
+    queue_or_queues: str | Sequence[str],
+    *,
+    max_messages: int = 1,
+    wait: float = 0,
+    visibility_timeout: float | None = None,
+) -> Call[list[Message]]:
+    """Lease up to ``max_messages`` messages, best first across the named queues.
+
+    With ``wait`` > 0, long-polls up to that many seconds for a first message; an empty
+    list means nothing arrived in time. Each message must then be acked, nacked, buried or
+    touched before its ``lease_deadline``, or it is delivered again."""
+    names = [queue_or_queues] if isinstance(queue_or_queues, str) else list(queue_or_queues)
+    args: dict[str, Any] = {"queues": [_queue(n) for n in names], "max": max_messages}
+    if wait:
+        args["wait"] = wait
+    if visibility_timeout is not None:
+        args["visibility_timeout"] = visibility_timeout
+    return Call(
+        "reserve",
+        args,
+        lambda r: [Message.from_wire(m) for m in r["messages"]],
+        wait=float(wait),
+    )
+
+
+def ack(deliveries: Delivery | Iterable[Delivery]) -> Call[int]:
+    """Finish one message or many (``Message`` objects or ``(id, lease)`` pairs). Raises
+    ``LeaseLost`` if any lease is not current; ``details["failed"]`` lists those ids, and
+    the others were acked."""
+    return Call("ack", {"items": _pairs(deliveries)}, _field("acked"))
+
+
+def nack(
+    deliveries: Delivery | Iterable[Delivery],
+    *,
+    delay: float | None = None,
+    error: str | None = None,
+) -> Call[int]:
+    """Give messages back for a retry after ``delay`` seconds (None: the queue's backoff).
+    ``error`` is kept as the message's last error. A message whose attempts are used up is
+    dead-lettered instead. Lease failures as for ``ack``."""
+    args: dict[str, Any] = {"items": _pairs(deliveries)}
+    if delay is not None:
+        args["delay"] = delay
+    if error is not None:
+        args["error"] = error
+    return Call("nack", args, _field("nacked"))
+
+
+def touch(message: Message, *, seconds: float | None = None) -> Call[float]:
+    """Extend the lease to now + ``seconds`` (default: its visibility timeout). Returns the
+    new deadline and updates ``message.lease_deadline``."""
+    args: dict[str, Any] = {"id": message.id, "lease": message.lease}
+    if seconds is not None:
+        args["seconds"] = seconds
+
+    def parse(result: Any) -> float:
+        message.lease_deadline = result["lease_deadline"]
+        return message.lease_deadline
+
+    return Call("touch", args, parse)
+
+
+def bury(message: Message, *, reason: str) -> Call[None]:
+    """Dead-letter a reserved message now, with ``reason``."""
+    return Call(
+        "bury", {"id": message.id, "lease": message.lease, "reason": reason}, lambda r: None
+    )
+
+
+def cancel(message_id: int) -> Call[bool]:
+    """Remove a ready or delayed message. False if it is reserved, dead or already gone."""
+    return Call("cancel", {"id": message_id}, _field("cancelled"))
+
+
+def status(message_id: int) -> Call[dict[str, Any]]:
+    """State, attempts, queue, priority, due time, last error... of a live message.
+    Raises ``NotFound`` once it is acked, cancelled or purged."""
+    return Call("status", {"id": message_id}, dict)
+
+
+def stats(queue: str) -> Call[dict[str, Any]]:
+    """Counts by state (ready, delayed, reserved, dead), waiting consumers, and totals
+    (put, delivered, acked, nacked, expired, dead_lettered) of one queue."""
+    return Call("stats", {"queue": _queue(queue)}, dict)
+
+
+def queues() -> Call[list[dict[str, Any]]]:
+    """Every queue with its counts by state, sorted by name."""
+    return Call("queues", {}, _field("queues"))
+
+
+def configure(queue: str, **settings: Any) -> Call[dict[str, Any]]:
+    """Change queue settings (visibility_timeout, max_attempts, backoff, paused, max_body,
+    dead_letter_ttl, result_ttl, dedup_window); returns all of the queue's settings."""
+    return Call("configure", {"queue": _queue(queue), "settings": settings}, _field("settings"))
+
+
+def pause(queue: str) -> Call[dict[str, Any]]:
+    """Stop deliveries from ``queue``; puts are still accepted."""
+    return Call("pause", {"queue": _queue(queue)}, _field("settings"))
+
+
+def resume(queue: str) -> Call[dict[str, Any]]:
+    """Start delivering from a paused queue again."""
+    return Call("resume", {"queue": _queue(queue)}, _field("settings"))
+
+
+def purge(queue: str) -> Call[int]:
+    """Delete every ready and delayed message of ``queue``; returns how many."""
+    return Call("purge", {"queue": _queue(queue)}, _field("purged"))
+
+
+def dead_letters(
+    queue: str, *, limit: int = 100, after: int | None = None
+) -> Call[list[dict[str, Any]]]:
+    """Dead letters of ``queue`` in id order (status maps, with reason and last error);
+    pass the last id seen as ``after`` for the next page."""
+    args: dict[str, Any] = {"queue": _queue(queue), "limit": limit}
+    if after is not None:
+        args["after"] = after
+    return Call("dead_letters", args, _field("items"))
+
+
+def replay(queue: str, ids: Iterable[int] | None = None) -> Call[int]:
+    """Move dead letters (all, or the given ids) back to ready with attempts reset to 0;
+    returns how many moved."""
+    args: dict[str, Any] = {"queue": _queue(queue)}
+    if ids is not None:
+        args["ids"] = list(ids)
+    return Call("replay", args, _field("replayed"))
+
+
+def purge_dead(queue: str) -> Call[int]:
+    """Delete every dead letter of ``queue``; returns how many."""
+    return Call("purge_dead", {"queue": _queue(queue)}, _field("purged"))

@@ -1,0 +1,44 @@
+"""What both clients share: URL parsing, the hello request, reading a reply."""
+
+from __future__ import annotations
+
+from typing import Any, Final, TypeVar
+from urllib.parse import urlsplit
+
+from protocol import PROTOCOL_VERSION, Reply, SluiceError, parse_reply
+
+from ._calls import Call
+
+DEFAULT_HOST: Final = "127.0.0.1"
+DEFAULT_PORT: Final = 7700
+DEFAULT_TIMEOUT: Final = 30.0
+T = TypeVar("T")
+
+
+def parse_url(url: str) -> tuple[str, int]:
+    """``sluice://host:port`` (port defaults to 7700) -> (host, port)."""
+    parts = urlsplit(url)
+    if parts.scheme != "sluice" or not parts.hostname:
+        raise ValueError(f"expected a URL like sluice://127.0.0.1:7700, got {url!r}")
+    return parts.hostname, parts.port or DEFAULT_PORT
+
+
+def hello_args(client_name: str, auth_token: str | None) -> dict[str, Any]:
+    args: dict[str, Any] = {"version": PROTOCOL_VERSION, "client": client_name}
+    if auth_token is not None:
+        args["token"] = auth_token
+    return args
+
+
+def reply_of(frame: Any) -> Reply:
+    try:
+        return parse_reply(frame)
+    except SluiceError as error:
+        raise SluiceError(f"broker sent a frame that is not a reply: {error}") from None
+
+
+def result_of(call: Call[T], reply: Reply) -> T:
+    """The parsed result, or the reply's error raised as its exception class."""
+    if reply.error is not None:
+        raise reply.error
+    return call.parse(reply.result)

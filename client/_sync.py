@@ -1,0 +1,161 @@
+"""The blocking client: one socket, one request at a time (thread-safe by a lock)."""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+from protocol import NEED_DATA, FrameDecoder, Reply, SluiceError, encode_frame
+
+from . import _calls
+from ._calls import Call
+from ._common import (
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    DEFAULT_TIMEOUT,
+    hello_args,
+    parse_url,
+    reply_of,
+    result_of,
+)
+from .errors import ConnectionClosed, Timeout
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _blocking(build: Callable[P, Call[T]]) -> Callable[Concatenate[Client, P], T]:
+    def method(self: Client, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return self.run(build(*args, **kwargs))
+
+    method.__name__ = build.__name__
+    method.__doc__ = build.__doc__
+    return method
+
+
+class Client:
+    """Blocking Sluice client.
+
+    Connects on first use (or ``connect()``), says hello, and reconnects on the next call
+    after the connection was lost. A call that times out closes the connection, so a late
+    reply can never be mistaken for another's; the broker then cancels any wait of it.
+
+        with Client() as client:
+            client.put("emails", b"hello")
+    """
+
+    def __init__(
+        self,
+        host: str = DEFAULT_HOST,
+        port: int = DEFAULT_PORT,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        client_name: str = "sluice-python",
+        auth_token: str | None = None,
+    ) -> None:
+        self.host, self.port, self.timeout = host, port, timeout
+        self.client_name, self.auth_token = client_name, auth_token
+        self.server_info: dict[str, Any] = {}
+        self._sock: socket.socket | None = None
+        self._decoder = FrameDecoder()
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> Client:
+        host, port = parse_url(url)
+        return cls(host, port, **options)
+
+    def __enter__(self) -> Client:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def connect(self) -> None:
+        with self._lock:
+            self._ensure_connected()
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def run(self, call: Call[T]) -> T:
+        """Send one call and wait for its reply."""
+        with self._lock:
+            self._ensure_connected()
+            return result_of(call, self._round_trip(call.op, call.args, call.wait))
+
+    def _ensure_connected(self) -> None:
+        if self._sock is not None:
+            return
+        try:
+            sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+        except OSError as error:
+            raise ConnectionClosed(
+                f"cannot connect to sluice://{self.host}:{self.port}: {error}; is the broker "
+                "running? (python -m broker)"
+            ) from None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock, self._decoder = sock, FrameDecoder()
+        try:
+            reply = self._round_trip("hello", hello_args(self.client_name, self.auth_token), 0)
+            if reply.error is not None:
+                raise reply.error
+        except SluiceError:
+            self.close()
+            raise
+        self.server_info = reply.result
+        self._decoder.max_frame = int(self.server_info.get("max_frame", self._decoder.max_frame))
+
+    def _round_trip(self, op: str, args: dict[str, Any], wait: float) -> Reply:
+        assert self._sock is not None
+        request_id = next(self._ids)
+        try:
+            self._sock.settimeout(self.timeout + wait)
+            self._sock.sendall(encode_frame([request_id, op, args]))
+            while True:
+                reply = self._read_reply()
+                if reply.request_id == request_id or reply.request_id is None:
+                    return reply
+        except TimeoutError:
+            self.close()
+            raise Timeout(f"{op}: no reply within {self.timeout + wait:.1f}s") from None
+        except OSError as error:
+            self.close()
+            raise ConnectionClosed(f"{op}: connection to the broker failed: {error}") from None
+
+    def _read_reply(self) -> Reply:
+        assert self._sock is not None
+        while (frame := self._decoder.next_frame()) is NEED_DATA:
+            data = self._sock.recv(1 << 16)
+            if not data:
+                self.close()
+                raise ConnectionClosed("the broker closed the connection")
+            self._decoder.feed(data)
+        return reply_of(frame)
+
+    ping = _blocking(_calls.ping)
+    put = _blocking(_calls.put)
+    put_many = _blocking(_calls.put_many)
+    reserve = _blocking(_calls.reserve)
+    ack = _blocking(_calls.ack)
+    nack = _blocking(_calls.nack)
+    touch = _blocking(_calls.touch)
+    bury = _blocking(_calls.bury)
+    cancel = _blocking(_calls.cancel)
+    status = _blocking(_calls.status)
+    stats = _blocking(_calls.stats)
+    queues = _blocking(_calls.queues)
+    configure = _blocking(_calls.configure)
+    pause = _blocking(_calls.pause)
+    resume = _blocking(_calls.resume)
+    purge = _blocking(_calls.purge)
+    dead_letters = _blocking(_calls.dead_letters)
+    replay = _blocking(_calls.replay)
+    purge_dead = _blocking(_calls.purge_dead)
