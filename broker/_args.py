@@ -3,6 +3,7 @@ op, the argument and what would have been accepted."""
 
 from __future__ import annotations
 
+import reprlib
 from typing import Any, Final
 
 from protocol import BadRequest, is_queue_name
@@ -20,6 +21,16 @@ PRIORITY_RANGE: Final = (-(2**31), 2**31 - 1)
 INT64_RANGE: Final = (-(2**63), 2**63 - 1)
 _MISSING: Final = object()
 
+_shortener = reprlib.Repr()
+_shortener.maxstring = _shortener.maxother = 80
+_shortener.maxlevel = 3
+
+
+def shown(value: Any) -> str:
+    """A short repr for error messages: bounded in length and depth, so a hostile value
+    (a megabyte string, a list nested a million deep) cannot blow up the reply."""
+    return _shortener.repr(value)
+
 
 class Args:
     """One request's argument map, read once with type checks."""
@@ -30,7 +41,7 @@ class Args:
         unknown = args.keys() - allowed
         if unknown:
             raise BadRequest(
-                f"{op}: unknown argument(s) {sorted(unknown)}; allowed: {sorted(allowed)}"
+                f"{op}: unknown argument(s) {shown(sorted(unknown))}; allowed: {sorted(allowed)}"
             )
         self.op = op
         self._args = args
@@ -105,7 +116,9 @@ class Args:
                 or len(item) != 2
                 or not all(type(v) is int and v > 0 for v in item)
             ):
-                raise BadRequest(f"{self.op}: each of {name} must be [id, lease], got {item!r}")
+                raise BadRequest(
+                    f"{self.op}: each of {name} must be [id, lease], got {shown(item)}"
+                )
             pairs.append((item[0], item[1]))
         return pairs
 
@@ -125,7 +138,7 @@ class Args:
 def check_queue_name(op: str, value: Any) -> str:
     if not is_queue_name(value):
         raise BadRequest(
-            f"{op}: invalid queue name {value!r}: use 1-200 characters of A-Z a-z 0-9 . _ : -"
+            f"{op}: invalid queue name {shown(value)}: use 1-200 characters of A-Z a-z 0-9 . _ : -"
         )
     return value  # type: ignore[no-any-return]
 
@@ -163,9 +176,9 @@ def _headers(index: int, value: Any) -> Headers | None:
             raise BadRequest(f"{where}: keys must be strings of 1-{MAX_HEADER_KEY} chars")
         if isinstance(item, str):
             if len(item) > MAX_HEADER_VALUE:
-                raise BadRequest(f"{where}: {key!r} is over {MAX_HEADER_VALUE} chars")
+                raise BadRequest(f"{where}: {shown(key)} is over {MAX_HEADER_VALUE} chars")
         elif isinstance(item, bool) or not isinstance(item, int):
-            raise BadRequest(f"{where}: {key!r} must be a string or an integer")
+            raise BadRequest(f"{where}: {shown(key)} must be a string or an integer")
         elif not INT64_RANGE[0] <= item <= INT64_RANGE[1]:
-            raise BadRequest(f"{where}: {key!r} is outside the 64-bit integer range")
+            raise BadRequest(f"{where}: {shown(key)} is outside the 64-bit integer range")
     return value or None

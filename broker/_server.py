@@ -37,7 +37,7 @@ from protocol import (
 )
 
 from . import __version__
-from ._args import MAX_BATCH, MAX_WAIT
+from ._args import MAX_BATCH, MAX_WAIT, shown
 from ._core import Core
 from ._handlers import PENDING, Call, deliveries, handle
 
@@ -118,7 +118,7 @@ class Connection(asyncio.Protocol):
                 self.close_after_replies()
             return
         except Exception:
-            log.exception("internal error on %s %r", request.op, request.args)
+            log.exception("internal error on %s %s", request.op, shown(request.args))
             self.reply_error(request.request_id, InternalError(f"internal error in {request.op}"))
             return
         if result is PENDING:
@@ -132,7 +132,7 @@ class Connection(asyncio.Protocol):
         version = args.get("version")
         if version != PROTOCOL_VERSION or isinstance(version, bool):
             raise UnsupportedVersion(
-                f"protocol version {version!r} is not supported; this broker speaks "
+                f"protocol version {shown(version)} is not supported; this broker speaks "
                 f"version {PROTOCOL_VERSION}"
             )
         expected = self.server.limits.auth_token

@@ -169,14 +169,22 @@ class AsyncClient:
         if reader is None or reader.transport is None or reader.transport.is_closing():
             raise ConnectionClosed(f"{op}: not connected to the broker")
         request_id = next(self._ids)
-        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Reply] = loop.create_future()
         self._pending[request_id] = future
         reader.transport.write(encode_frame([request_id, op, args]))
+        # A timer on the future, not asyncio.wait_for: that would cost a task per call.
+        limit = self.timeout + wait
+        timer = loop.call_later(limit, self._expire, request_id, op, limit)
         try:
-            return await asyncio.wait_for(future, self.timeout + wait)
-        except TimeoutError:
-            self._pending.pop(request_id, None)
-            raise Timeout(f"{op}: no reply within {self.timeout + wait:.1f}s") from None
+            return await future
+        finally:
+            timer.cancel()
+
+    def _expire(self, request_id: int, op: str, limit: float) -> None:
+        future = self._pending.pop(request_id, None)
+        if future is not None and not future.done():
+            future.set_exception(Timeout(f"{op}: no reply within {limit:.1f}s"))
 
     ping = _awaiting(_calls.ping)
     put = _awaiting(_calls.put)
