@@ -40,9 +40,8 @@ class Args:
     def __init__(self, op: str, args: dict[str, Any], allowed: frozenset[str]) -> None:
         unknown = args.keys() - allowed
         if unknown:
-            raise BadRequest(
-                f"{op}: unknown argument(s) {shown(sorted(unknown))}; allowed: {sorted(allowed)}"
-            )
+            names = shown(sorted(unknown, key=repr))
+            raise BadRequest(f"{op}: unknown argument(s) {names}; allowed: {sorted(allowed)}")
         self.op = op
         self._args = args
 

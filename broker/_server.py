@@ -78,11 +78,16 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             self.decoder.feed(data)
-            while (frame := self.decoder.next_frame()) is not NEED_DATA:
+            while not self.closing and (frame := self.decoder.next_frame()) is not NEED_DATA:
                 self._on_frame(frame)
         except (BadFrame, TooLarge) as error:
             self.fail(error)
         self.server.end_turn()
+
+    @property
+    def closing(self) -> bool:
+        """True once this connection is being closed: read no more requests from it."""
+        return self.transport is None or self.transport.is_closing()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connection_closed(self)
@@ -130,7 +135,7 @@ class Connection(asyncio.Protocol):
         if self.greeted:
             raise BadRequest("hello was already sent on this connection")
         version = args.get("version")
-        if version != PROTOCOL_VERSION or isinstance(version, bool):
+        if type(version) is not int or version != PROTOCOL_VERSION:
             raise UnsupportedVersion(
                 f"protocol version {shown(version)} is not supported; this broker speaks "
                 f"version {PROTOCOL_VERSION}"

@@ -16,6 +16,7 @@ from ._common import (
     DEFAULT_HOST,
     DEFAULT_PORT,
     DEFAULT_TIMEOUT,
+    MAX_REPLY_FRAME,
     hello_args,
     parse_url,
     reply_of,
@@ -43,7 +44,7 @@ class _ReplyReader(asyncio.Protocol):
 
     def __init__(self, pending: dict[int, asyncio.Future[Reply]]) -> None:
         self.pending = pending
-        self.decoder = FrameDecoder()
+        self.decoder = FrameDecoder(MAX_REPLY_FRAME)
         self.transport: asyncio.Transport | None = None
         self.closed = asyncio.get_running_loop().create_future()
 
@@ -162,7 +163,6 @@ class AsyncClient:
             await self.close()
             raise reply.error
         self.server_info = reply.result
-        reader.decoder.max_frame = int(self.server_info.get("max_frame", reader.decoder.max_frame))
 
     async def _round_trip(self, op: str, args: dict[str, Any], wait: float) -> Reply:
         reader = self._reader

@@ -12,6 +12,9 @@ from ._calls import Call
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 7700
 DEFAULT_TIMEOUT: Final = 30.0
+# Replies are not bound by the broker's max_frame (that limits requests); the broker keeps
+# reserve replies near it, and this cap only guards against a corrupt length prefix.
+MAX_REPLY_FRAME: Final = 1024**3
 T = TypeVar("T")
 
 

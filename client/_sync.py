@@ -16,6 +16,7 @@ from ._common import (
     DEFAULT_HOST,
     DEFAULT_PORT,
     DEFAULT_TIMEOUT,
+    MAX_REPLY_FRAME,
     hello_args,
     parse_url,
     reply_of,
@@ -60,7 +61,7 @@ class Client:
         self.client_name, self.auth_token = client_name, auth_token
         self.server_info: dict[str, Any] = {}
         self._sock: socket.socket | None = None
-        self._decoder = FrameDecoder()
+        self._decoder = FrameDecoder(MAX_REPLY_FRAME)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
 
@@ -102,7 +103,7 @@ class Client:
                 "running? (python -m broker)"
             ) from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._sock, self._decoder = sock, FrameDecoder()
+        self._sock, self._decoder = sock, FrameDecoder(MAX_REPLY_FRAME)
         try:
             reply = self._round_trip("hello", hello_args(self.client_name, self.auth_token), 0)
             if reply.error is not None:
@@ -111,7 +112,6 @@ class Client:
             self.close()
             raise
         self.server_info = reply.result
-        self._decoder.max_frame = int(self.server_info.get("max_frame", self._decoder.max_frame))
 
     def _round_trip(self, op: str, args: dict[str, Any], wait: float) -> Reply:
         assert self._sock is not None
