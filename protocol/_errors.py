@@ -9,6 +9,7 @@ codes are only ever added, never renamed or reused.
 from __future__ import annotations
 
 import enum
+import reprlib
 from typing import Any
 
 
@@ -135,16 +136,19 @@ def error_from_wire(wire: Any) -> SluiceError:
 
     Ensures: never raises, whatever ``wire`` holds.
     """
+    # reprlib, not repr()/str(): a peer's value may nest deeper than the recursion limit.
     if not isinstance(wire, dict):
-        return InternalError(f"malformed error from peer: {wire!r}")
+        return InternalError(f"malformed error from peer: {reprlib.repr(wire)}")
+    code = wire.get("code")
     message = wire.get("message")
     details = wire.get("details")
+    if not isinstance(message, str):
+        message = reprlib.repr(message)
     try:
-        cls = ERROR_CLASSES[ErrorCode(str(wire.get("code")))]
+        if not isinstance(code, str):
+            raise ValueError("error code is not a string")
+        cls = ERROR_CLASSES[ErrorCode(code)]
     except ValueError:
         cls = InternalError
-        message = f"{wire.get('code')!r}: {message}"
-    return cls(
-        message if isinstance(message, str) else repr(message),
-        details if isinstance(details, dict) else None,
-    )
+        message = f"{reprlib.repr(code)}: {message}"
+    return cls(message, details if isinstance(details, dict) else None)

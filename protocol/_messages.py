@@ -9,6 +9,7 @@ read carries ``None`` as its id.
 
 from __future__ import annotations
 
+import reprlib
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -54,9 +55,11 @@ class Request:
 
     def __post_init__(self) -> None:
         if not _is_request_id(self.request_id):
-            raise BadRequest(f"request id must be an int in 0..2^64-1, got {self.request_id!r}")
+            raise BadRequest(
+                f"request id must be an int in 0..2^64-1, got {reprlib.repr(self.request_id)}"
+            )
         if not isinstance(self.op, str) or not self.op:
-            raise BadRequest(f"op must be a non-empty string, got {self.op!r}")
+            raise BadRequest(f"op must be a non-empty string, got {reprlib.repr(self.op)}")
         if not isinstance(self.args, dict) or not all(isinstance(k, str) for k in self.args):
             raise BadRequest("args must be a map with string keys")
 
@@ -74,7 +77,9 @@ class Reply:
 
     def __post_init__(self) -> None:
         if self.request_id is not None and not _is_request_id(self.request_id):
-            raise BadRequest(f"reply id must be an int in 0..2^64-1, got {self.request_id!r}")
+            raise BadRequest(
+                f"reply id must be an int in 0..2^64-1, got {reprlib.repr(self.request_id)}"
+            )
         if self.error is not None and self.result is not None:
             raise BadRequest("a reply carries a result or an error, not both")
 
