@@ -129,7 +129,7 @@ class AsyncClient:
         if self._connecting is None:
             self._connecting = asyncio.Lock()
         async with self._connecting:
-            if self._reader is None or self._reader.closed.done():
+            if not self._connected():
                 await self._open()
 
     async def close(self) -> None:
@@ -140,9 +140,19 @@ class AsyncClient:
 
     async def run(self, call: Call[T]) -> T:
         """Send one call and wait for its reply."""
-        if self._reader is None or self._reader.closed.done():
+        if not self._connected():
             await self.connect()
         return result_of(call, await self._round_trip(call.op, call.args, call.wait))
+
+    def _connected(self) -> bool:
+        """False once the transport is closing, even before connection_lost has run."""
+        reader = self._reader
+        return (
+            reader is not None
+            and reader.transport is not None
+            and not reader.transport.is_closing()
+            and not reader.closed.done()
+        )
 
     async def _open(self) -> None:
         loop = asyncio.get_running_loop()
