@@ -12,6 +12,7 @@ anything changes, except batch ack/nack, which applies the good items and then r
 
 from __future__ import annotations
 
+import math
 import random as _random
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any
@@ -56,7 +57,7 @@ class Core:
             heap.peek()
             for heap in (self._delayed, self._leases, self._dead_expiry, self._waiter_deadlines)
         )
-        times = [top[0] for top in tops if top is not None]
+        times = [top[0] for top in tops if top is not None and top[0] != math.inf]
         return min(times) if times else None
 
     def take_completions(self) -> list[Completion]:
@@ -136,8 +137,8 @@ class Core:
     def time_out_all_waits(self) -> None:
         """Answer every long-poll now with no messages (broker shutting down)."""
         for waiter in list(self._waiters.values()):
-            self._waiter_deadlines.discard()
             self._time_out_waiter(waiter)
+            self._waiter_deadlines.discard()
 
     def ack(self, now: float, deliveries: list[tuple[int, int]]) -> int:
         """Finish each ``(id, lease)``. Returns how many were acked; raises ``LeaseLost``
@@ -179,8 +180,7 @@ class Core:
             self._retry(message, now, delay, error)
             touched[message.queue.name] = message.queue
             done += 1
-        for queue in touched.values():
-            self._serve_waiters(queue, now)
+        self._serve_waiters_of(touched.values(), now)
         _raise_if_failed(failed, done)
         return done
 
@@ -190,8 +190,8 @@ class Core:
         self.tick(now)
         message = self._require_lease(message_id, lease)
         deadline = now + (message.lease_duration if seconds is None else seconds)
-        self._leases.discard()
         self._push_lease(message, deadline)
+        self._leases.discard()  # the old entry, stale now that the message has a new seq
         return deadline
 
     def bury(self, now: float, message_id: int, lease: int, reason: str) -> None:
@@ -264,10 +264,10 @@ class Core:
         chosen = list(queue.dead.keys()) if ids is None else sorted(set(ids) & set(queue.dead))
         for message_id in chosen:
             message = queue.dead.pop(message_id)
-            self._dead_expiry.discard()
             message.attempts = 0
             message.dead_reason = message.dead_at = None
             self._make_ready(message, Event.REPLAY)
+            self._dead_expiry.discard()
         self._serve_waiters(queue, now)
         return len(chosen)
 
@@ -353,8 +353,9 @@ class Core:
 
     def _end_lease(self, message: Message) -> None:
         """The lease's heap entry goes stale: the caller moves the message on."""
-        self._leases.discard()
         message.lease_token = message.lease_deadline = None
+        message.seq = self._next_seq()  # stale before discard(), which may compact
+        self._leases.discard()
 
     def _leased(self, message_id: int, lease: int) -> Message | None:
         message = self.messages.get(message_id)
@@ -415,9 +416,11 @@ class Core:
         queue.add_dead(message)
         queue.totals["dead_lettered"] += 1
         message.seq = self._next_seq()
+        # One expiry entry per dead letter (+inf: kept until replayed or purged), so that
+        # replay and purge discard exactly one whatever the ttl is by then.
         ttl = queue.settings.dead_letter_ttl
-        if ttl is not None:
-            self._dead_expiry.push((now + ttl, message.seq, message.id))
+        expires_at = math.inf if ttl is None else now + ttl
+        self._dead_expiry.push((expires_at, message.seq, message.id))
 
     def _forget(self, message: Message, event: Event) -> None:
         self._move(message, event)
@@ -432,8 +435,7 @@ class Core:
     def _drop_dead(self, message: Message, event: Event) -> None:
         del message.queue.dead[message.id]
         self._forget(message, event)
-        if message.queue.settings.dead_letter_ttl is not None:
-            self._dead_expiry.discard()
+        self._dead_expiry.discard()
 
     def _apply_due_events(self, now: float) -> None:
         """Delayed messages coming due, leases running out and long-polls timing out,
@@ -495,8 +497,21 @@ class Core:
 
     def _serve_waiters(self, queue: Queue, now: float) -> None:
         """Hand ready messages of ``queue`` to its waiters, first come first served."""
-        while queue.waiters and queue.can_deliver():
-            _, waiter = queue.waiters.popitem(last=False)
+        self._serve_waiters_of((queue,), now)
+
+    def _serve_waiters_of(self, queues: Iterable[Queue], now: float) -> None:
+        """Hand ready messages of ``queues`` to the waiters on them, in the order the
+        waiters started waiting, across all of ``queues``."""
+        serving = tuple(queues)
+        while True:
+            heads = [
+                next(iter(queue.waiters.values()))
+                for queue in serving
+                if queue.waiters and queue.can_deliver()
+            ]
+            if not heads:
+                return
+            waiter = min(heads, key=lambda head: head.seq)
             self.cancel_wait(waiter.key)
             messages = self._take_best(
                 waiter.queues, waiter.max_messages, now, waiter.visibility_timeout

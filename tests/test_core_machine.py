@@ -1,0 +1,821 @@
+"""A hypothesis state machine that drives ``broker.Core`` with a fake clock against a simple
+reference model: plain dicts and lists, linear scans and sorting, no heaps.
+
+The model follows the contract in DESIGN.md and the core's docstrings:
+- ready order is (-priority, order in which the message became ready), across queues too;
+- every call first applies everything due by ``now`` in time order, each event at its own
+  time; at one instant a due message goes before a lease expiry, and both before a long-poll
+  timeout; equal times within one kind go in the order they were scheduled;
+- a lease expiry is a nack with no delay applied at the lease deadline (backoff from the
+  deadline, or a dead letter if attempts are used up), then waiters are served at ``now``;
+- waiters are served first come first served, with messages leased at the call's ``now``.
+
+Lease tokens are opaque: the model numbers its own and the test maps them to the core's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from broker import Core, PutSpec
+from broker._lazyheap import LazyHeap
+from protocol import LeaseLost, NotFound, TooLarge
+
+QUEUES = ("a", "b", "c")
+START = 1_000.0
+UNKNOWN_ID = 10**9
+UNKNOWN_TOKEN = -1
+TOTALS = ("put", "delivered", "acked", "nacked", "expired", "dead_lettered")
+DEFAULT_DEAD_TTL = 7 * 24 * 3600.0
+
+# Three queues that between them take every retry path: exponential backoff with a few
+# attempts, zero backoff (straight back to ready) with unlimited attempts, and a fixed
+# backoff with two attempts; short leases; each kind of dead-letter retention.
+INITIAL_SETTINGS: dict[str, dict[str, Any]] = {
+    "a": {"visibility_timeout": 8.0, "max_attempts": 3, "dead_letter_ttl": None},
+    "b": {
+        "visibility_timeout": 5.0,
+        "max_attempts": None,
+        "backoff": {"type": "fixed", "delay": 0},
+        "dead_letter_ttl": 20.0,
+    },
+    "c": {
+        "visibility_timeout": 6.0,
+        "max_attempts": 2,
+        "backoff": {"type": "fixed", "delay": 2.5},
+        "max_body": 8,
+    },
+}
+
+CONFIG_CHANGES: list[dict[str, Any]] = [
+    {"max_attempts": 1},
+    {"max_attempts": 2},
+    {"max_attempts": None},
+    {"backoff": {"type": "fixed", "delay": 0}},
+    {"backoff": {"type": "fixed", "delay": 1.5}},
+    {"backoff": {"type": "exponential"}},
+    {"dead_letter_ttl": None},
+    {"dead_letter_ttl": 5.0},
+    {"visibility_timeout": 2.0},
+    {"visibility_timeout": 8.0},
+]
+
+
+# ---------------------------------------------------------------------- model
+
+
+@dataclass
+class ModelQueue:
+    visibility_timeout: float = 30.0
+    max_attempts: int | None = 5
+    backoff: tuple[str, float] = ("exponential", 1.0)  # or ("fixed", delay)
+    dead_letter_ttl: float | None = DEFAULT_DEAD_TTL
+    max_body: int = 1024 * 1024
+    paused: bool = False
+    totals: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TOTALS, 0))
+
+    def configure(self, changes: dict[str, Any]) -> None:
+        for name, value in changes.items():
+            if name == "backoff" and value["type"] == "fixed":
+                self.backoff = ("fixed", float(value["delay"]))
+            elif name == "backoff":
+                self.backoff = ("exponential", float(value.get("base", 1.0)))
+            else:
+                setattr(self, name, value)
+
+    def backoff_delay(self, attempts: int) -> float:
+        """With a jitter draw of 0.5 the jitter factor is exactly 1."""
+        kind, base = self.backoff
+        if kind == "fixed":
+            return base
+        return min(base * 2.0 ** (attempts - 1), 600.0)
+
+
+@dataclass
+class ModelMessage:
+    id: int
+    queue: str
+    priority: int
+    max_attempts: int | None
+    visibility_timeout: float | None
+    enqueued_at: float
+    body_size: int
+    state: str = "new"
+    order: int = 0  # when it entered its current state's schedule (ready, delayed, lease)
+    attempts: int = 0
+    due_at: float | None = None
+    token: int | None = None
+    lease_deadline: float | None = None
+    lease_duration: float = 0.0
+    last_error: str | None = None
+    dead_reason: str | None = None
+    dead_at: float | None = None
+    dead_expires_at: float | None = None
+
+
+@dataclass
+class ModelWaiter:
+    key: int
+    queues: list[str]
+    max_messages: int
+    visibility_timeout: float | None
+    deadline: float
+    order: int
+
+
+class Model:
+    def __init__(self) -> None:
+        self.queues = {name: ModelQueue() for name in QUEUES}
+        self.messages: dict[int, ModelMessage] = {}
+        self.waiters: list[ModelWaiter] = []  # in the order they started waiting
+        self.completions: list[tuple[int, list[tuple[int, int]]]] = []  # key, (id, token)
+        self.next_id = 1
+        self.next_token = 1
+        self.counter = 0
+
+    def _next_order(self) -> int:
+        self.counter += 1
+        return self.counter
+
+    # ------------------------------------------------------------ time
+
+    def tick(self, now: float) -> None:
+        while (event := self._earliest_event(now)) is not None:
+            time, kind, _, subject = event
+            if kind == 0:
+                self._make_ready(subject)
+                self._serve([subject.queue], now)
+            elif kind == 1:
+                self._clear_lease(subject)
+                self.queues[subject.queue].totals["expired"] += 1
+                self._retry(subject, time, None, "lease expired")
+                self._serve([subject.queue], now)
+            else:
+                self.waiters.remove(subject)
+                self.completions.append((subject.key, []))
+        for message in list(self.messages.values()):
+            expires = message.dead_expires_at
+            if message.state == "dead" and expires is not None and expires <= now:
+                del self.messages[message.id]
+
+    def _earliest_event(self, now: float) -> tuple[float, int, int, Any] | None:
+        events: list[tuple[float, int, int, Any]] = []
+        for message in self.messages.values():
+            if message.state == "delayed" and message.due_at is not None:
+                events.append((message.due_at, 0, message.order, message))
+            elif message.state == "reserved" and message.lease_deadline is not None:
+                events.append((message.lease_deadline, 1, message.order, message))
+        events += [(waiter.deadline, 2, waiter.order, waiter) for waiter in self.waiters]
+        due = [event for event in events if event[0] <= now]
+        return min(due, key=lambda event: event[:3]) if due else None
+
+    def next_deadline(self) -> float | None:
+        times = [w.deadline for w in self.waiters]
+        for message in self.messages.values():
+            times += [
+                time
+                for time in (message.due_at, message.lease_deadline, message.dead_expires_at)
+                if time is not None
+            ]
+        return min(times) if times else None
+
+    # ------------------------------------------------------- transitions
+
+    def _make_ready(self, message: ModelMessage) -> None:
+        message.state = "ready"
+        message.due_at = None
+        message.order = self._next_order()
+
+    def _make_delayed(self, message: ModelMessage, due_at: float) -> None:
+        message.state = "delayed"
+        message.due_at = due_at
+        message.order = self._next_order()
+
+    def _clear_lease(self, message: ModelMessage) -> None:
+        message.token = message.lease_deadline = None
+
+    def _lease(self, message: ModelMessage, now: float, visibility: float | None) -> None:
+        queue = self.queues[message.queue]
+        message.state = "reserved"
+        message.attempts += 1
+        message.token = self.next_token
+        self.next_token += 1
+        message.lease_duration = (
+            visibility or message.visibility_timeout or queue.visibility_timeout
+        )
+        message.lease_deadline = now + message.lease_duration
+        message.order = self._next_order()
+        queue.totals["delivered"] += 1
+
+    def _retry(
+        self, message: ModelMessage, now: float, delay: float | None, error: str | None
+    ) -> None:
+        queue = self.queues[message.queue]
+        if error is not None:
+            message.last_error = error
+        limit = self.max_attempts(message)
+        if limit is not None and message.attempts >= limit:
+            self._kill(message, now, f"max_attempts ({limit}) used up")
+            return
+        if delay is None:
+            delay = queue.backoff_delay(message.attempts)
+        if delay > 0:
+            self._make_delayed(message, now + delay)
+        else:
+            self._make_ready(message)
+
+    def _kill(self, message: ModelMessage, now: float, reason: str) -> None:
+        queue = self.queues[message.queue]
+        message.state = "dead"
+        message.dead_reason = reason
+        message.dead_at = now
+        message.due_at = None
+        ttl = queue.dead_letter_ttl
+        message.dead_expires_at = None if ttl is None else now + ttl
+        queue.totals["dead_lettered"] += 1
+
+    def has_leases(self) -> bool:
+        return any(m.state == "reserved" for m in self.messages.values())
+
+    def max_attempts(self, message: ModelMessage) -> int | None:
+        if message.max_attempts is not None:
+            return message.max_attempts
+        return self.queues[message.queue].max_attempts
+
+    def _deliverable(self, name: str) -> bool:
+        if self.queues[name].paused:
+            return False
+        return any(m.state == "ready" and m.queue == name for m in self.messages.values())
+
+    def _take_best(
+        self, names: list[str], limit: int, now: float, visibility: float | None
+    ) -> list[tuple[int, int]]:
+        ready = [
+            m
+            for m in self.messages.values()
+            if m.state == "ready" and m.queue in names and not self.queues[m.queue].paused
+        ]
+        ready.sort(key=lambda m: (-m.priority, m.order))
+        taken = []
+        for message in ready[:limit]:
+            self._lease(message, now, visibility)
+            assert message.token is not None
+            taken.append((message.id, message.token))
+        return taken
+
+    def _serve(self, names: list[str], now: float) -> None:
+        """Serve waiters on ``names`` in the order they started waiting."""
+        while True:
+            open_queues = {name for name in names if self._deliverable(name)}
+            waiter = next((w for w in self.waiters if open_queues & set(w.queues)), None)
+            if waiter is None:
+                return
+            self.waiters.remove(waiter)
+            taken = self._take_best(
+                waiter.queues, waiter.max_messages, now, waiter.visibility_timeout
+            )
+            self.completions.append((waiter.key, taken))
+
+    def _leased(self, message_id: int, token: int) -> ModelMessage | None:
+        message = self.messages.get(message_id)
+        if message is None or message.state != "reserved" or message.token != token:
+            return None
+        return message
+
+    # -------------------------------------------------------------- ops
+
+    def put(self, now: float, name: str, specs: list[PutSpec]) -> list[int]:
+        self.tick(now)
+        queue = self.queues[name]
+        if any(len(spec.body) > queue.max_body for spec in specs):
+            raise TooLarge("too large")
+        ids = []
+        for spec in specs:
+            message = ModelMessage(
+                id=self.next_id,
+                queue=name,
+                priority=spec.priority,
+                max_attempts=spec.max_attempts,
+                visibility_timeout=spec.visibility_timeout,
+                enqueued_at=now,
+                body_size=len(spec.body),
+            )
+            self.next_id += 1
+            self.messages[message.id] = message
+            if spec.delay > 0:
+                self._make_delayed(message, now + spec.delay)
+            else:
+                self._make_ready(message)
+            ids.append(message.id)
+        queue.totals["put"] += len(specs)
+        self._serve([name], now)
+        return ids
+
+    def reserve(
+        self,
+        now: float,
+        names: list[str],
+        limit: int,
+        visibility: float | None,
+        wait: float,
+        key: int | None,
+    ) -> list[tuple[int, int]]:
+        self.tick(now)
+        names = list(dict.fromkeys(names))
+        taken = self._take_best(names, limit, now, visibility)
+        if not taken and wait > 0:
+            assert key is not None
+            waiter = ModelWaiter(key, names, limit, visibility, now + wait, self._next_order())
+            self.waiters.append(waiter)
+        return taken
+
+    def cancel_wait(self, key: int) -> None:
+        self.waiters = [w for w in self.waiters if w.key != key]
+
+    def ack(self, now: float, deliveries: list[tuple[int, int]]) -> int:
+        self.tick(now)
+        done, failed = 0, []
+        for message_id, token in deliveries:
+            message = self._leased(message_id, token)
+            if message is None:
+                failed.append(message_id)
+                continue
+            self.queues[message.queue].totals["acked"] += 1
+            del self.messages[message_id]
+            done += 1
+        _raise_if_failed(failed, done)
+        return done
+
+    def nack(
+        self,
+        now: float,
+        deliveries: list[tuple[int, int]],
+        delay: float | None,
+        error: str | None,
+    ) -> int:
+        self.tick(now)
+        done, failed, touched = 0, [], []
+        for message_id, token in deliveries:
+            message = self._leased(message_id, token)
+            if message is None:
+                failed.append(message_id)
+                continue
+            self._clear_lease(message)
+            self.queues[message.queue].totals["nacked"] += 1
+            self._retry(message, now, delay, error)
+            touched.append(message.queue)
+            done += 1
+        self._serve(touched, now)
+        _raise_if_failed(failed, done)
+        return done
+
+    def touch(self, now: float, message_id: int, token: int, seconds: float | None) -> float:
+        self.tick(now)
+        message = self._require_lease(message_id, token)
+        message.lease_deadline = now + (message.lease_duration if seconds is None else seconds)
+        message.order = self._next_order()
+        return message.lease_deadline
+
+    def bury(self, now: float, message_id: int, token: int, reason: str) -> None:
+        self.tick(now)
+        message = self._require_lease(message_id, token)
+        self._clear_lease(message)
+        self._kill(message, now, reason)
+
+    def _require_lease(self, message_id: int, token: int) -> ModelMessage:
+        message = self._leased(message_id, token)
+        if message is None:
+            raise LeaseLost("lease lost", {"failed": [message_id], "done": 0})
+        return message
+
+    def cancel(self, now: float, message_id: int) -> bool:
+        self.tick(now)
+        message = self.messages.get(message_id)
+        if message is None or message.state not in ("ready", "delayed"):
+            return False
+        del self.messages[message_id]
+        return True
+
+    def configure(self, now: float, name: str, changes: dict[str, Any]) -> None:
+        self.tick(now)
+        self.queues[name].configure(changes)
+        self._serve([name], now)
+
+    def purge(self, now: float, name: str) -> int:
+        self.tick(now)
+        doomed = [
+            m.id
+            for m in self.messages.values()
+            if m.queue == name and m.state in ("ready", "delayed")
+        ]
+        for message_id in doomed:
+            del self.messages[message_id]
+        return len(doomed)
+
+    def purge_dead(self, now: float, name: str) -> int:
+        self.tick(now)
+        doomed = [m.id for m in self.dead(name)]
+        for message_id in doomed:
+            del self.messages[message_id]
+        return len(doomed)
+
+    def replay(self, now: float, name: str, ids: list[int] | None) -> int:
+        self.tick(now)
+        chosen = [m for m in self.dead(name) if ids is None or m.id in ids]
+        for message in chosen:  # id order
+            message.attempts = 0
+            message.dead_reason = message.dead_at = message.dead_expires_at = None
+            self._make_ready(message)
+        self._serve([name], now)
+        return len(chosen)
+
+    # ------------------------------------------------------- inspecting
+
+    def dead(self, name: str) -> list[ModelMessage]:
+        return sorted(
+            (m for m in self.messages.values() if m.queue == name and m.state == "dead"),
+            key=lambda m: m.id,
+        )
+
+    def count(self, name: str, state: str) -> int:
+        return sum(1 for m in self.messages.values() if m.queue == name and m.state == state)
+
+    def summary(self, name: str) -> dict[str, Any]:
+        return {
+            "name": name,
+            "ready": self.count(name, "ready"),
+            "delayed": self.count(name, "delayed"),
+            "reserved": self.count(name, "reserved"),
+            "dead": self.count(name, "dead"),
+            "paused": self.queues[name].paused,
+        }
+
+    def stats(self, name: str) -> dict[str, Any]:
+        summary = self.summary(name)
+        del summary["name"]
+        return {
+            "queue": name,
+            **summary,
+            "waiting": sum(1 for w in self.waiters if name in w.queues),
+            "totals": dict(self.queues[name].totals),
+        }
+
+    def status(self, message: ModelMessage) -> dict[str, Any]:
+        return {
+            "id": message.id,
+            "queue": message.queue,
+            "state": message.state,
+            "priority": message.priority,
+            "attempts": message.attempts,
+            "max_attempts": self.max_attempts(message),
+            "enqueued_at": message.enqueued_at,
+            "due_at": message.due_at,
+            "lease_deadline": message.lease_deadline,
+            "last_error": message.last_error,
+            "dead_reason": message.dead_reason,
+            "dead_at": message.dead_at,
+            "headers": {},
+            "body_size": message.body_size,
+        }
+
+
+def _raise_if_failed(failed: list[int], done: int) -> None:
+    if failed:
+        raise LeaseLost("lease lost", {"failed": failed, "done": done})
+
+
+def outcome(call: Any) -> tuple[str, Any]:
+    """What a call did: ("ok", result) or (error class name, error details)."""
+    try:
+        return "ok", call()
+    except (LeaseLost, NotFound, TooLarge) as error:
+        return type(error).__name__, error.details
+
+
+def heap_counts(heap: LazyHeap) -> tuple[int, int]:
+    """(live entries as the heap counts them, live entries really there)."""
+    counted = len(heap._entries) - heap._stale  # not len(): that raises when negative
+    return counted, sum(1 for entry in heap._entries if heap._is_live(entry))
+
+
+# -------------------------------------------------------------------- machine
+
+queue_names = st.sampled_from(QUEUES)
+queue_lists = st.lists(queue_names, min_size=1, max_size=3)
+small_steps = st.sampled_from([0.0, 0.0, 0.0, 0.25, 1.0, 2.5])
+put_specs = st.builds(
+    PutSpec,
+    body=st.sampled_from([b"", b"abc", b"123456789"]),  # 9 bytes is over c's max_body
+    priority=st.integers(-1, 1),
+    delay=st.sampled_from([0.0, 0.0, 0.5, 2.0, 3.5]),
+    max_attempts=st.sampled_from([None, None, 1, 4]),
+    visibility_timeout=st.sampled_from([None, None, 2.0]),
+)
+visibility_overrides = st.sampled_from([None, None, 1.0, 2.5])
+batch_sizes = st.sampled_from([1, 1, 1, 2, 3])
+
+
+class CoreMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.core = Core(random=lambda: 0.5)
+        self.model = Model()
+        self.now = START
+        self.tokens: dict[int, int] = {UNKNOWN_TOKEN: UNKNOWN_TOKEN}  # model -> core token
+        self.handed_out: list[tuple[int, int]] = []  # every (id, model token) delivered
+        self.waiter_keys = 0
+        for name, changes in INITIAL_SETTINGS.items():
+            self.core.configure(self.now, name, changes)
+            self.model.configure(self.now, name, changes)
+
+    # ------------------------------------------------------------ helpers
+
+    def _later(self, step: float) -> float:
+        self.now += step
+        return self.now
+
+    def _record(self, expected: list[tuple[int, int]], got: list[Any]) -> None:
+        """Check deliveries (ids, in order) and learn the core's token for each."""
+        assert [m.id for m in got] == [message_id for message_id, _ in expected]
+        for (message_id, model_token), message in zip(expected, got, strict=True):
+            assert message.lease_token not in self.tokens.values()  # never reused
+            self.tokens[model_token] = message.lease_token
+            self.handed_out.append((message_id, model_token))
+
+    def _pick_delivery(self, data: st.DataObject) -> tuple[int, int]:
+        """A delivery as the model names it: mostly a current lease, sometimes a stale one
+        (expired, acked, nacked, buried or touched past) or a made-up one."""
+        current = sorted(
+            (m.id, m.token)
+            for m in self.model.messages.values()
+            if m.state == "reserved" and m.token is not None
+        )
+        stale = sorted(set(self.handed_out) - set(current))
+        made_up = [(UNKNOWN_ID, UNKNOWN_TOKEN)]
+        if self.model.messages:
+            made_up.append((min(self.model.messages), UNKNOWN_TOKEN))
+        pools = [current] * 8 + [stale] * 2 + [made_up]
+        pool = data.draw(st.sampled_from([pool for pool in pools if pool]))
+        return data.draw(st.sampled_from(pool))
+
+    def _core_delivery(self, delivery: tuple[int, int]) -> tuple[int, int]:
+        return delivery[0], self.tokens[delivery[1]]
+
+    def _snapshot(self) -> dict[str, Any]:
+        """Everything observable about the core at ``self.now`` (ticks there first)."""
+        now = self.now
+        self.core.tick(now)
+        return {
+            "queues": [self.core.stats(now, name) for name in QUEUES],
+            "status": {mid: self.core.status(now, mid) for mid in sorted(self.core.messages)},
+            "next_deadline": self.core.next_deadline(),
+            "pending": [(key, [m.id for m in ms]) for key, ms in self.core._completions],
+        }
+
+    def _check(self, call: Any, expected: tuple[str, Any]) -> None:
+        """Run ``call`` on the core and compare with the model's outcome; when nothing
+        should change (a lease that is not current, nothing done), check that directly."""
+        if expected[0] != "LeaseLost" or expected[1]["done"] > 0:
+            assert outcome(call) == expected
+            return
+        before = self._snapshot()
+        assert outcome(call) == expected
+        assert self._snapshot() == before
+
+    # -------------------------------------------------------------- rules
+
+    @initialize(puts=st.lists(st.tuples(queue_names, put_specs), max_size=8))
+    def fill(self, puts: list[tuple[str, PutSpec]]) -> None:
+        for name, spec in puts:
+            self.put(name, [spec], 0.0)
+
+    @rule(name=queue_names, specs=st.lists(put_specs, min_size=1, max_size=4), step=small_steps)
+    def put(self, name: str, specs: list[PutSpec], step: float) -> None:
+        now = self._later(step)
+        expected = outcome(lambda: self.model.put(now, name, specs))
+        assert outcome(lambda: self.core.put(now, name, specs)) == expected
+
+    @rule(
+        names=queue_lists,
+        limit=st.integers(1, 3),
+        visibility=visibility_overrides,
+        step=small_steps,
+    )
+    def reserve(self, names: list[str], limit: int, visibility: float | None, step: float) -> None:
+        now = self._later(step)
+        expected = self.model.reserve(now, names, limit, visibility, 0.0, None)
+        got = self.core.reserve(now, names, limit, visibility_timeout=visibility)
+        self._record(expected, got)
+
+    @rule(names=st.permutations(QUEUES))
+    def drain(self, names: list[str]) -> None:
+        """One consumer takes everything deliverable, so that later reserves wait."""
+        expected = self.model.reserve(self.now, names, 100, None, 0.0, None)
+        self._record(expected, self.core.reserve(self.now, names, 100))
+
+    @rule(
+        polls=st.lists(
+            st.tuples(
+                queue_lists,
+                st.integers(1, 3),
+                visibility_overrides,
+                st.sampled_from([0.5, 3.0, 10.0, 30.0]),
+            ),
+            min_size=1,
+            max_size=3,
+        ),
+        step=small_steps,
+    )
+    def reserve_and_wait(
+        self, polls: list[tuple[list[str], int, float | None, float]], step: float
+    ) -> None:
+        """One to three consumers long-poll, one after the other at the same instant."""
+        now = self._later(step)
+        for names, limit, visibility, wait in polls:
+            self.waiter_keys += 1
+            key = self.waiter_keys
+            expected = self.model.reserve(now, names, limit, visibility, wait, key)
+            got = self.core.reserve(
+                now, names, limit, visibility_timeout=visibility, wait=wait, waiter_key=key
+            )
+            self._record(expected, got)
+
+    @precondition(lambda self: self.waiter_keys > 0)
+    @rule(data=st.data())
+    def cancel_wait(self, data: st.DataObject) -> None:
+        # A live waiter, the newest one (perhaps already answered) or one never used.
+        keys = [w.key for w in self.model.waiters] + [self.waiter_keys, self.waiter_keys + 1]
+        key = data.draw(st.sampled_from(keys))
+        self.model.cancel_wait(key)
+        self.core.cancel_wait(key)
+
+    @precondition(lambda self: self.model.has_leases())
+    @rule(data=st.data(), count=batch_sizes, step=small_steps)
+    def ack(self, data: st.DataObject, count: int, step: float) -> None:
+        deliveries = [self._pick_delivery(data) for _ in range(count)]
+        now = self._later(step)
+        expected = outcome(lambda: self.model.ack(now, deliveries))
+        core_deliveries = [self._core_delivery(d) for d in deliveries]
+        self._check(lambda: self.core.ack(now, core_deliveries), expected)
+
+    @precondition(lambda self: self.model.has_leases())
+    @rule(
+        data=st.data(),
+        count=batch_sizes,
+        delay=st.sampled_from([None, None, 0.0, 0.5, 3.0]),
+        error=st.sampled_from([None, "boom"]),
+        step=small_steps,
+    )
+    def nack(
+        self,
+        data: st.DataObject,
+        count: int,
+        delay: float | None,
+        error: str | None,
+        step: float,
+    ) -> None:
+        deliveries = [self._pick_delivery(data) for _ in range(count)]
+        now = self._later(step)
+        expected = outcome(lambda: self.model.nack(now, deliveries, delay, error))
+        core_deliveries = [self._core_delivery(d) for d in deliveries]
+        self._check(
+            lambda: self.core.nack(now, core_deliveries, delay=delay, error=error), expected
+        )
+
+    @precondition(lambda self: self.model.has_leases())
+    @rule(data=st.data(), delay=st.sampled_from([None, 0.0]))
+    def nack_every_lease(self, data: st.DataObject, delay: float | None) -> None:
+        """Give every current lease back in one batch (a worker pool shutting down), in
+        any order: batches that span queues and wake waiters on several of them."""
+        current = [
+            (m.id, m.token)
+            for m in self.model.messages.values()
+            if m.state == "reserved" and m.token is not None
+        ]
+        deliveries = data.draw(st.permutations(current))
+        expected = outcome(lambda: self.model.nack(self.now, deliveries, delay, None))
+        core_deliveries = [self._core_delivery(d) for d in deliveries]
+        assert outcome(lambda: self.core.nack(self.now, core_deliveries, delay=delay)) == expected
+
+    @precondition(lambda self: self.model.has_leases())
+    @rule(data=st.data(), seconds=st.sampled_from([None, None, 0.5, 4.0]), step=small_steps)
+    def touch(self, data: st.DataObject, seconds: float | None, step: float) -> None:
+        delivery = self._pick_delivery(data)
+        now = self._later(step)
+        expected = outcome(lambda: self.model.touch(now, *delivery, seconds))
+        core_id, core_token = self._core_delivery(delivery)
+        self._check(lambda: self.core.touch(now, core_id, core_token, seconds), expected)
+
+    @precondition(lambda self: self.model.has_leases())
+    @rule(data=st.data(), step=small_steps)
+    def bury(self, data: st.DataObject, step: float) -> None:
+        delivery = self._pick_delivery(data)
+        now = self._later(step)
+        expected = outcome(lambda: self.model.bury(now, *delivery, "buried"))
+        core_id, core_token = self._core_delivery(delivery)
+        self._check(lambda: self.core.bury(now, core_id, core_token, "buried"), expected)
+
+    @rule(data=st.data(), step=small_steps)
+    def cancel(self, data: st.DataObject, step: float) -> None:
+        message_id = data.draw(st.sampled_from([*range(1, self.model.next_id), UNKNOWN_ID]))
+        now = self._later(step)
+        assert self.core.cancel(now, message_id) == self.model.cancel(now, message_id)
+
+    @rule(name=queue_names, paused=st.booleans())
+    def pause_or_resume(self, name: str, paused: bool) -> None:
+        self.model.configure(self.now, name, {"paused": paused})
+        wire = self.core.configure(self.now, name, {"paused": paused})
+        assert wire["paused"] is paused
+
+    @rule(name=queue_names, changes=st.sampled_from(CONFIG_CHANGES))
+    def configure(self, name: str, changes: dict[str, Any]) -> None:
+        self.model.configure(self.now, name, changes)
+        self.core.configure(self.now, name, changes)
+
+    @rule(name=queue_names, data=st.data())
+    def replay(self, name: str, data: st.DataObject) -> None:
+        known = [*range(1, self.model.next_id), UNKNOWN_ID]
+        ids = data.draw(st.none() | st.lists(st.sampled_from(known), max_size=3))
+        assert self.core.replay(self.now, name, ids) == self.model.replay(self.now, name, ids)
+
+    @rule(name=queue_names, dead=st.booleans())
+    def purge(self, name: str, dead: bool) -> None:
+        if dead:
+            assert self.core.purge_dead(self.now, name) == self.model.purge_dead(self.now, name)
+        else:
+            assert self.core.purge(self.now, name) == self.model.purge(self.now, name)
+
+    @rule(
+        how=st.sampled_from(["to next deadline", "just before it", "by a step"]),
+        step=st.sampled_from([0.25, 0.5, 1.0, 2.5, 5.0, 13.0]),
+    )
+    def advance(self, how: str, step: float) -> None:
+        deadline = self.model.next_deadline()
+        assert self.core.next_deadline() == deadline
+        if how == "to next deadline" and deadline is not None:
+            self.now = max(self.now, deadline)
+        elif how == "just before it" and deadline is not None and deadline - 0.25 > self.now:
+            self.now = deadline - 0.25
+        else:
+            self.now += step
+        self.core.tick(self.now)
+        self.model.tick(self.now)
+
+    # --------------------------------------------------------- invariants
+
+    @invariant()
+    def core_matches_model(self) -> None:
+        now = self.now
+        self.core.tick(now)
+        self.model.tick(now)
+
+        taken = self.core.take_completions()
+        expected = self.model.completions
+        self.model.completions = []
+        assert [key for key, _ in taken] == [key for key, _ in expected]
+        for (_, got), (_, want) in zip(taken, expected, strict=True):
+            self._record(want, got)
+
+        assert self.core.list_queues(now) == [self.model.summary(name) for name in QUEUES]
+        for name in QUEUES:
+            assert self.core.stats(now, name) == self.model.stats(name)
+            dead = [m.id for m in self.core.dead_letters(now, name, 1_000)]
+            assert dead == [m.id for m in self.model.dead(name)]
+
+        assert sorted(self.core.messages) == sorted(self.model.messages)
+        for message in self.model.messages.values():
+            assert self.core.status(now, message.id) == self.model.status(message)
+        newest = range(self.model.next_id - 1, 0, -1)
+        gone = next((i for i in newest if i not in self.model.messages), None)
+        if gone is not None:
+            assert outcome(lambda: self.core.status(now, gone))[0] == "NotFound"
+
+        assert self.core.next_deadline() == self.model.next_deadline()
+
+    @invariant()
+    def heap_counts_are_exact(self) -> None:
+        heaps = {
+            "delayed": self.core._delayed,
+            "leases": self.core._leases,
+            "dead expiry": self.core._dead_expiry,
+            "waiter deadlines": self.core._waiter_deadlines,
+        }
+        heaps.update({f"ready {name}": q.ready for name, q in self.core.queues.items()})
+        for name, heap in heaps.items():
+            counted, live = heap_counts(heap)
+            assert counted == live, f"{name} heap counts {counted} live entries, has {live}"
+
+
+CoreMachine.TestCase.settings = settings(max_examples=600, stateful_step_count=50, deadline=None)
+test_core_machine = CoreMachine.TestCase
