@@ -22,9 +22,10 @@ async def serve(config: Config) -> None:
     if config.data_dir is not None:
         os.makedirs(config.data_dir, exist_ok=True)
         log.info("data dir %s (this version keeps state in memory only)", config.data_dir)
-    server = BrokerServer(
-        Core(), ServerLimits(max_frame=config.max_frame, auth_token=config.auth_token)
-    )
+    # A reserve reply carries at most about half a frame of bodies (always one message).
+    core = Core(max_delivery_bytes=config.max_frame // 2)
+    limits = ServerLimits(max_frame=config.max_frame, auth_token=config.auth_token)
+    server = BrokerServer(core, limits)
     host, port = await server.start(config.host, config.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -3,10 +3,9 @@ op, the argument and what would have been accepted."""
 
 from __future__ import annotations
 
-import reprlib
 from typing import Any, Final
 
-from protocol import BadRequest, is_queue_name
+from protocol import BadRequest, is_queue_name, shown
 
 from ._message import Headers, PutSpec
 from ._settings import MAX_DURATION, integer_in_range, number_in_range
@@ -20,16 +19,6 @@ MAX_TEXT: Final = 64 * 1024  # error texts and bury reasons are cut to this many
 PRIORITY_RANGE: Final = (-(2**31), 2**31 - 1)
 INT64_RANGE: Final = (-(2**63), 2**63 - 1)
 _MISSING: Final = object()
-
-_shortener = reprlib.Repr()
-_shortener.maxstring = _shortener.maxother = 80
-_shortener.maxlevel = 3
-
-
-def shown(value: Any) -> str:
-    """A short repr for error messages: bounded in length and depth, so a hostile value
-    (a megabyte string, a list nested a million deep) cannot blow up the reply."""
-    return _shortener.repr(value)
 
 
 class Args:

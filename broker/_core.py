@@ -17,12 +17,13 @@ import random as _random
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
-from protocol import LeaseLost, NotFound, TooLarge
+from protocol import LeaseLost, NotFound, TooLarge, shown
 
 from ._lazyheap import Entry, LazyHeap
 from ._lifecycle import Event, State, advance_state
 from ._message import Message, PutSpec
 from ._queue import Queue, Waiter
+from ._settings import QueueSettings
 
 Completion = tuple[Hashable, list[Message]]
 
@@ -30,8 +31,16 @@ LEASE_EXPIRED = "lease expired"
 
 
 class Core:
-    def __init__(self, *, random: Callable[[], float] = _random.random) -> None:
+    def __init__(
+        self,
+        *,
+        random: Callable[[], float] = _random.random,
+        max_delivery_bytes: int | None = None,
+    ) -> None:
+        """``random`` draws backoff jitter from [0, 1). ``max_delivery_bytes`` bounds the
+        bodies handed out by one reserve (at least one message is always handed out)."""
         self.messages: dict[int, Message] = {}
+        self.max_delivery_bytes = max_delivery_bytes
         self.queues: dict[str, Queue] = {}
         self._random = random
         self._next_id = 1
@@ -140,6 +149,20 @@ class Core:
             self._time_out_waiter(waiter)
             self._waiter_deadlines.discard()
 
+    def release(self, now: float, messages: list[Message]) -> None:
+        """Put leased messages that never reached their consumer (its connection closed
+        before the reply went out) back to ready, with that attempt uncounted."""
+        touched: dict[str, Queue] = {}
+        for message in messages:
+            if message.state is not State.RESERVED or message.lease_token is None:
+                continue
+            self._end_lease(message)
+            message.attempts -= 1
+            message.queue.totals["delivered"] -= 1
+            self._make_ready(message, Event.RELEASE)
+            touched[message.queue.name] = message.queue
+        self._serve_waiters_of(touched.values(), now)
+
     def ack(self, now: float, deliveries: list[tuple[int, int]]) -> int:
         """Finish each ``(id, lease)``. Returns how many were acked; raises ``LeaseLost``
         (details: ``failed`` ids, ``done`` count) if any lease was not current."""
@@ -237,8 +260,10 @@ class Core:
     def configure(self, now: float, queue_name: str, changes: dict[str, Any]) -> dict[str, Any]:
         """Apply setting changes (all or nothing); returns the queue's full settings."""
         self.tick(now)
-        queue = self._queue(queue_name)
-        queue.settings = queue.settings.updated(changes)
+        existing = self.queues.get(queue_name)
+        settings = (existing.settings if existing else QueueSettings()).updated(changes)
+        queue = existing or self._queue(queue_name)  # created only once the changes are valid
+        queue.settings = settings
         self._serve_waiters(queue, now)
         return queue.settings.to_wire()
 
@@ -261,7 +286,10 @@ class Core:
         ready in id order, with attempts reset to 0. Returns how many moved."""
         self.tick(now)
         queue = self._existing(queue_name)
-        chosen = list(queue.dead.keys()) if ids is None else sorted(set(ids) & set(queue.dead))
+        if ids is None:
+            chosen = list(queue.dead.keys())
+        else:
+            chosen = sorted(message_id for message_id in set(ids) if message_id in queue.dead)
         for message_id in chosen:
             message = queue.dead.pop(message_id)
             message.attempts = 0
@@ -307,7 +335,10 @@ class Core:
     def _existing(self, name: str) -> Queue:
         queue = self.queues.get(name)
         if queue is None:
-            raise NotFound(f"no queue named {name!r}; queues are created by their first put")
+            raise NotFound(
+                f"no queue named {shown(name)}; a queue is created by its first put, "
+                "reserve or configure"
+            )
         return queue
 
     def _move(self, message: Message, event: Event) -> None:
@@ -377,6 +408,7 @@ class Core:
         self, queues: list[Queue], limit: int, now: float, visibility_timeout: float | None
     ) -> list[Message]:
         taken: list[Message] = []
+        budget = self.max_delivery_bytes
         while len(taken) < limit:
             best_queue, best_entry = None, None
             for queue in queues:
@@ -385,8 +417,12 @@ class Core:
                     best_queue, best_entry = queue, entry
             if best_queue is None:
                 break
-            best_queue.ready.pop()
             message = self.messages[best_entry[-1]]  # type: ignore[index]
+            if budget is not None:
+                budget -= len(message.body)
+                if budget < 0 and taken:
+                    break  # the rest waits for the next reserve
+            best_queue.ready.pop()
             self._lease(message, now, visibility_timeout)
             taken.append(message)
         return taken

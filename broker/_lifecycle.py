@@ -8,6 +8,7 @@ goes through ``advance_state``; a move not in the table raises ``IllegalTransiti
     ready|delayed ──cancel/purge──► gone          dead ──replay──► ready   │
                                                   dead ──purge/expire──► gone
 
+"release" returns a delivery that never reached its consumer (attempt uncounted).
 "retry" is a nack or a lease expiry: "later" when the delay (explicit or backoff) is
 positive, "now" when it is zero; "exhaust" when the message has used up max_attempts.
 """
@@ -33,6 +34,7 @@ class Event(enum.StrEnum):
     DUE = "due"
     RESERVE = "reserve"
     ACK = "ack"
+    RELEASE = "release"
     RETRY_NOW = "retry now"
     RETRY_LATER = "retry later"
     EXHAUST = "exhaust"
@@ -50,6 +52,7 @@ TRANSITIONS: Final[dict[tuple[State, Event], State]] = {
     (State.DELAYED, Event.DUE): State.READY,
     (State.READY, Event.RESERVE): State.RESERVED,
     (State.RESERVED, Event.ACK): State.GONE,
+    (State.RESERVED, Event.RELEASE): State.READY,
     (State.RESERVED, Event.RETRY_NOW): State.READY,
     (State.RESERVED, Event.RETRY_LATER): State.DELAYED,
     (State.RESERVED, Event.EXHAUST): State.DEAD,

@@ -34,10 +34,11 @@ from protocol import (
     encode_frame,
     parse_request,
     request_id_of,
+    shown,
 )
 
 from . import __version__
-from ._args import MAX_BATCH, MAX_WAIT, shown
+from ._args import MAX_BATCH, MAX_WAIT
 from ._core import Core
 from ._handlers import PENDING, Call, deliveries, handle
 
@@ -232,13 +233,17 @@ class BrokerServer:
 
     def end_turn(self) -> None:
         """Deliver long-poll completions, write queued replies, re-arm the timer."""
-        for key, messages in self.core.take_completions():
-            connection_id, request_id = cast(tuple[int, int], key)
-            connection = self.connections.get(connection_id)
-            if connection is None:
-                continue  # cannot happen: waits are cancelled when a connection closes
-            connection.waiting.discard(request_id)
-            connection.reply(request_id, deliveries(messages))
+        while completions := self.core.take_completions():
+            for key, messages in completions:
+                connection_id, request_id = cast(tuple[int, int], key)
+                connection = self.connections.get(connection_id)
+                if connection is None or connection.closing:
+                    # Served in the same turn its connection broke: nobody will get these.
+                    # Releasing may serve other waiters, hence the outer loop.
+                    self.core.release(self.clock(), messages)
+                    continue
+                connection.waiting.discard(request_id)
+                connection.reply(request_id, deliveries(messages))
         self.flush()
         self._arm_timer()
 
@@ -264,7 +269,12 @@ class BrokerServer:
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_deadline = None
-        self.core.tick(self.clock())
+        try:
+            self.core.tick(self.clock())
+        except Exception:
+            # A bug, but the broker must keep serving: the failing event was consumed,
+            # and the timer is re-armed for the rest.
+            log.exception("internal error while applying due events")
         self.end_turn()
 
     # connections

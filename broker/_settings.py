@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Final
 
-from protocol import BadRequest
+from protocol import BadRequest, shown
 
 MAX_DURATION: Final = 14 * 24 * 3600.0  # the longest delay, lease, ttl or window accepted
 MAX_BODY_LIMIT: Final = 64 * 1024 * 1024
@@ -16,25 +16,25 @@ MAX_BODY_LIMIT: Final = 64 * 1024 * 1024
 
 def _number(name: str, value: Any, *, low: float, high: float, low_open: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise BadRequest(f"{name} must be a number, got {value!r}")
+        raise BadRequest(f"{name} must be a number, got {shown(value)}")
     if value < low or (low_open and value == low) or value > high:
         bracket = "(" if low_open else "["
-        raise BadRequest(f"{name} must be in {bracket}{low}, {high}], got {value!r}")
+        raise BadRequest(f"{name} must be in {bracket}{low}, {high}], got {shown(value)}")
     return float(value)
 
 
 def _integer(name: str, value: Any, *, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise BadRequest(f"{name} must be an integer, got {value!r}")
+        raise BadRequest(f"{name} must be an integer, got {shown(value)}")
     if not low <= value <= high:
-        raise BadRequest(f"{name} must be in [{low}, {high}], got {value!r}")
+        raise BadRequest(f"{name} must be in [{low}, {high}], got {shown(value)}")
     return value
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Backoff:
     """Delay before retry number ``attempts`` (1-based): ``base * factor**(attempts-1)``,
-    capped at ``cap``, then scaled by a uniform factor in ``[1-jitter, 1+jitter]``.
+    scaled by a uniform factor in ``[1-jitter, 1+jitter]``, then capped at ``cap``.
     ``kind="fixed"`` is the same with factor 1."""
 
     kind: str = "exponential"
@@ -45,20 +45,27 @@ class Backoff:
 
     def __post_init__(self) -> None:
         if self.kind not in ("exponential", "fixed"):
-            raise BadRequest(f"backoff type must be 'exponential' or 'fixed', got {self.kind!r}")
-        _number("backoff base", self.base, low=0, high=MAX_DURATION)
-        _number("backoff factor", self.factor, low=1, high=100)
-        _number("backoff cap", self.cap, low=0, high=MAX_DURATION)
-        _number("backoff jitter", self.jitter, low=0, high=1)
+            raise BadRequest(
+                f"backoff type must be 'exponential' or 'fixed', got {shown(self.kind)}"
+            )
+        # Stored as floats whatever number type came in, so they echo back as floats.
+        set_field = object.__setattr__
+        set_field(self, "base", _number("backoff base", self.base, low=0, high=MAX_DURATION))
+        set_field(self, "factor", _number("backoff factor", self.factor, low=1, high=100))
+        set_field(self, "cap", _number("backoff cap", self.cap, low=0, high=MAX_DURATION))
+        set_field(self, "jitter", _number("backoff jitter", self.jitter, low=0, high=1))
 
     def delay(self, attempts: int, unit_random: float) -> float:
-        """Seconds to wait; ``unit_random`` is a draw from [0, 1)."""
+        """Seconds to wait; ``unit_random`` is a draw from [0, 1). Ensures a finite result
+        in [0, cap] for any number of attempts (jitter never lifts it over the cap)."""
         growth = 1.0 if self.kind == "fixed" else self.factor
         exponent = max(0, attempts - 1)
-        # Cap before the power can overflow: past ~1100 doublings float math gives inf.
-        raw = self.base * growth ** min(exponent, 1000) if growth > 1 else self.base
-        capped = min(raw, self.cap)
-        return max(0.0, capped * (1.0 + self.jitter * (2.0 * unit_random - 1.0)))
+        try:
+            raw = self.base * growth**exponent
+        except OverflowError:  # factor**exponent beyond float range: past any cap
+            raw = math.inf
+        jittered = raw * (1.0 + self.jitter * (2.0 * unit_random - 1.0))
+        return max(0.0, min(jittered, self.cap))
 
     def to_wire(self) -> dict[str, Any]:
         if self.kind == "fixed":
@@ -87,7 +94,8 @@ class Backoff:
         unknown = set(value) - allowed
         if unknown:
             raise BadRequest(
-                f"unknown backoff fields {sorted(unknown)}; allowed: {sorted(allowed)}"
+                f"unknown backoff fields {shown(sorted(unknown, key=repr))}; "
+                f"allowed: {sorted(allowed)}"
             )
         if "jitter" in value:
             fields["jitter"] = value["jitter"]
@@ -123,7 +131,8 @@ class QueueSettings:
         for name, value in changes.items():
             parse = _SETTING_PARSERS.get(name)
             if parse is None:
-                raise BadRequest(f"unknown setting {name!r}; known: {sorted(_SETTING_PARSERS)}")
+                known = sorted(_SETTING_PARSERS)
+                raise BadRequest(f"unknown setting {shown(name)}; known: {known}")
             fields[name] = parse(value)
         return dataclasses.replace(self, **fields)
 
@@ -135,7 +144,7 @@ def _optional(parse: Any) -> Any:
 def _bool(name: str) -> Any:
     def parse(value: Any) -> bool:
         if not isinstance(value, bool):
-            raise BadRequest(f"{name} must be true or false, got {value!r}")
+            raise BadRequest(f"{name} must be true or false, got {shown(value)}")
         return value
 
     return parse

@@ -43,7 +43,7 @@ from ._messages import (
     parse_request,
     request_id_of,
 )
-from ._validate import QUEUE_NAME_PATTERN, is_queue_name
+from ._validate import QUEUE_NAME_PATTERN, is_queue_name, shown
 
 __all__ = [
     "DEFAULT_MAX_FRAME",
@@ -79,4 +79,5 @@ __all__ = [
     "parse_reply",
     "parse_request",
     "request_id_of",
+    "shown",
 ]

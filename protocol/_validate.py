@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from typing import Final
+import reprlib
+from typing import Any, Final
 
 QUEUE_NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9._:-]{1,200}")
 
@@ -11,3 +12,14 @@ QUEUE_NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9._:-]{1,200}")
 def is_queue_name(value: object) -> bool:
     """True for 1-200 characters of ``[A-Za-z0-9._:-]``."""
     return isinstance(value, str) and QUEUE_NAME_PATTERN.fullmatch(value) is not None
+
+
+_shortener = reprlib.Repr()
+_shortener.maxstring = _shortener.maxother = 80
+_shortener.maxlevel = 3
+
+
+def shown(value: Any) -> str:
+    """A short repr for error messages: bounded in length and depth, so a hostile value
+    (a megabyte string, a list nested a thousand deep) cannot blow up an error text."""
+    return _shortener.repr(value)

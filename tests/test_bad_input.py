@@ -212,6 +212,9 @@ def test_broken_frame_cancels_the_connections_long_poll(
 ) -> None:
     with broker.raw() as connection:
         connection.send_request("reserve", {"queues": ["waitq"], "wait": 20})
+        # One connection's requests are handled in order: once the ping is answered, the
+        # reserve is registered.
+        assert connection.call("ping", {})["time"] > 0
         assert witness.client.stats("waitq")["waiting"] == 1
         connection.send_bytes(b"\xff\xff\xff\xff")
         assert_broken_frame(connection, "TOO_LARGE")
@@ -793,3 +796,36 @@ def test_fuzzed_put_frames(broker: BrokerProcess, witness: Witness) -> None:
     # Every put the broker confirmed is stored, and nothing else.
     queues = [q for q in witness.client.queues() if not q["name"].startswith(witness.queue)]
     assert sum(q["ready"] + q["delayed"] + q["reserved"] + q["dead"] for q in queues) == stored
+
+
+def test_nothing_after_a_failed_hello_is_read(broker: BrokerProcess, witness: Witness) -> None:
+    with broker.raw(hello=False) as connection:
+        connection.send_bytes(
+            frame([1, "hello", {"version": 2}])
+            + frame([2, "hello", {"version": 1}])
+            + frame([3, "put", {"queue": "sneaky", "messages": [{"body": b"x"}]}])
+        )
+        replies = connection.read_until_closed()
+    assert len(replies) == 1
+    assert_error(replies[0], "UNSUPPORTED_VERSION", 1)
+    with pytest.raises(NotFound):
+        witness.client.stats("sneaky")
+    witness.check()
+
+
+def test_messages_served_to_a_connection_that_breaks_in_the_same_read_are_released(
+    broker: BrokerProcess, witness: Witness
+) -> None:
+    with broker.raw() as connection:
+        connection.send_request("reserve", {"queues": ["lost"], "wait": 20})
+        assert connection.call("ping", {})["time"] > 0  # the reserve is waiting by now
+        # One write: a put that serves this connection's own long-poll, then a broken
+        # frame that closes the connection before the reply can go out.
+        put = [99, "put", {"queue": "lost", "messages": [{"body": b"orphan"}]}]
+        connection.send_bytes(frame(put) + b"\xff\xff\xff\xff")
+        replies = connection.read_until_closed()
+    assert [reply[0] for reply in replies] == [99, None]
+    (message_id,) = replies[0][2]["ids"]
+    status = witness.client.status(message_id)
+    assert (status["state"], status["attempts"]) == ("ready", 0)
+    witness.check()

@@ -935,3 +935,62 @@ def test_time_out_all_waits_answers_every_waiter_and_leaves_no_entries() -> None
     assert completions(core) == [(key, []) for key in keys]
     assert core.stats(T0, "q")["waiting"] == 0
     assert core.next_deadline() is None
+
+
+# --------------------------------------------------------------- release, budgets, config
+
+
+def test_release_returns_an_undelivered_lease_to_ready_with_the_attempt_uncounted() -> None:
+    core = make_core()
+    first = put(core, T0)
+    second = put(core, T0)
+    messages = core.reserve(T0, ["q"], 2)
+    core.release(T0 + 1, messages)
+    assert [state(core, T0 + 1, i) for i in (first, second)] == ["ready", "ready"]
+    assert core.status(T0 + 1, first)["attempts"] == 0
+    assert core.stats(T0 + 1, "q")["totals"]["delivered"] == 0
+    # Released in lease order, so the original order holds on the next reserve.
+    assert reserve_ids(core, T0 + 1) == [first, second]
+
+
+def test_release_leaves_a_delivery_that_moved_on_alone() -> None:
+    core = make_core()
+    put(core, T0)
+    (message,) = core.reserve(T0, ["q"], 1)
+    assert message.lease_token is not None
+    core.ack(T0, [(message.id, message.lease_token)])
+    core.release(T0, [message])
+    assert core.stats(T0, "q")["ready"] == 0
+    with pytest.raises(NotFound):
+        core.status(T0, message.id)
+
+
+def test_release_serves_a_waiting_long_poll() -> None:
+    core = make_core()
+    first = put(core, T0)
+    messages = core.reserve(T0, ["q"], 1)
+    assert core.reserve(T0, ["q"], 1, wait=10, waiter_key="w") == []
+    core.release(T0 + 1, messages)
+    assert completions(core) == [("w", [first])]
+
+
+def test_max_delivery_bytes_bounds_a_reserve_but_always_hands_out_one() -> None:
+    core = Core(random=lambda: 0.5, max_delivery_bytes=250)
+    ids = core.put(T0, "q", [PutSpec(body=b"x" * 100) for _ in range(5)])
+    assert reserve_ids(core, T0) == ids[:2]  # a third would make 300 bytes
+    big = put(core, T0, queue="big", body=b"y" * 1000)
+    assert reserve_ids(core, T0, ("big",)) == [big]  # over budget alone: still delivered
+    assert reserve_ids(core, T0) == ids[2:4]
+
+
+def test_invalid_configure_changes_nothing_and_creates_no_queue() -> None:
+    from protocol import BadRequest
+
+    core = make_core()
+    with pytest.raises(BadRequest):
+        core.configure(T0, "new", {"max_attempts": 0})
+    assert core.list_queues(T0) == []
+    core.configure(T0, "q", {"max_attempts": 3})
+    with pytest.raises(BadRequest):
+        core.configure(T0, "q", {"max_attempts": 9, "visibility_timeout": -1})
+    assert core.configure(T0, "q", {})["max_attempts"] == 3
