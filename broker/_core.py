@@ -52,22 +52,29 @@ class Core:
         self._waiters: dict[Hashable, Waiter] = {}
         self._waiter_deadlines = LazyHeap(self._waiter_live)  # (deadline, seq, key)
         self._completions: list[Completion] = []
+        # A lower bound on every deadline heap's top: nothing is due before it, so tick()
+        # can return at once. Lowered by each push, made exact again by next_deadline().
+        self._due_hint = math.inf
 
     # ----------------------------------------------------------------- time
 
     def tick(self, now: float) -> None:
         """Apply everything due at or before ``now``."""
+        if now < self._due_hint:
+            return
         self._apply_due_events(now)
         self._expire_dead_letters(now)
+        self.next_deadline()  # makes the hint exact again
 
     def next_deadline(self) -> float | None:
         """The earliest time at which ``tick`` has something to do, or None."""
-        tops = (
-            heap.peek()
-            for heap in (self._delayed, self._leases, self._dead_expiry, self._waiter_deadlines)
-        )
-        times = [top[0] for top in tops if top is not None and top[0] != math.inf]
-        return min(times) if times else None
+        earliest = math.inf
+        for heap in (self._delayed, self._leases, self._dead_expiry, self._waiter_deadlines):
+            top = heap.peek()
+            if top is not None and top[0] < earliest:
+                earliest = top[0]
+        self._due_hint = earliest
+        return None if earliest == math.inf else earliest
 
     def take_completions(self) -> list[Completion]:
         """Long-polls answered since the last call: ``(waiter key, messages)``, where an
@@ -352,6 +359,12 @@ class Core:
             counts[new] += 1
         message.state = new
 
+    def _schedule(self, heap: LazyHeap, entry: Entry) -> None:
+        """Push onto one of the deadline heaps (entry[0] is the time it falls due)."""
+        heap.push(entry)
+        if entry[0] < self._due_hint:
+            self._due_hint = entry[0]
+
     def _make_ready(self, message: Message, event: Event) -> None:
         self._move(message, event)
         message.seq = self._next_seq()
@@ -362,12 +375,12 @@ class Core:
         self._move(message, event)
         message.seq = self._next_seq()
         message.due_at = due_at
-        self._delayed.push((due_at, message.seq, message.id))
+        self._schedule(self._delayed, (due_at, message.seq, message.id))
 
     def _push_lease(self, message: Message, deadline: float) -> None:
         message.seq = self._next_seq()
         message.lease_deadline = deadline
-        self._leases.push((deadline, message.seq, message.id))
+        self._schedule(self._leases, (deadline, message.seq, message.id))
 
     def _lease(self, message: Message, now: float, visibility_timeout: float | None) -> None:
         self._move(message, Event.RESERVE)
@@ -456,7 +469,7 @@ class Core:
         # replay and purge discard exactly one whatever the ttl is by then.
         ttl = queue.settings.dead_letter_ttl
         expires_at = math.inf if ttl is None else now + ttl
-        self._dead_expiry.push((expires_at, message.seq, message.id))
+        self._schedule(self._dead_expiry, (expires_at, message.seq, message.id))
 
     def _forget(self, message: Message, event: Event) -> None:
         self._move(message, event)
@@ -529,11 +542,12 @@ class Core:
         self._waiters[key] = waiter
         for queue in queues:
             queue.waiters[waiter.seq] = waiter
-        self._waiter_deadlines.push((deadline, waiter.seq, key))
+        self._schedule(self._waiter_deadlines, (deadline, waiter.seq, key))
 
     def _serve_waiters(self, queue: Queue, now: float) -> None:
         """Hand ready messages of ``queue`` to its waiters, first come first served."""
-        self._serve_waiters_of((queue,), now)
+        if queue.waiters:
+            self._serve_waiters_of((queue,), now)
 
     def _serve_waiters_of(self, queues: Iterable[Queue], now: float) -> None:
         """Hand ready messages of ``queues`` to the waiters on them, in the order the
