@@ -27,8 +27,8 @@ class Args:
     __slots__ = ("_args", "op")
 
     def __init__(self, op: str, args: dict[str, Any], allowed: frozenset[str]) -> None:
-        unknown = args.keys() - allowed
-        if unknown:
+        if not allowed.issuperset(args):
+            unknown = args.keys() - allowed
             names = shown(sorted(unknown, key=repr))
             raise BadRequest(f"{op}: unknown argument(s) {names}; allowed: {sorted(allowed)}")
         self.op = op

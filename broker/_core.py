@@ -66,6 +66,12 @@ class Core:
         self._expire_dead_letters(now)
         self.next_deadline()  # makes the hint exact again
 
+    @property
+    def due_hint(self) -> float:
+        """A time at or before the next deadline (``math.inf`` if there may be none):
+        nothing becomes due earlier. Cheap; ``next_deadline()`` gives the exact time."""
+        return self._due_hint
+
     def next_deadline(self) -> float | None:
         """The earliest time at which ``tick`` has something to do, or None."""
         earliest = math.inf

@@ -255,6 +255,9 @@ class BrokerServer:
     # the one timer
 
     def _arm_timer(self) -> None:
+        armed = self._timer_deadline if self._timer is not None else None
+        if armed is not None and armed <= self.core.due_hint:
+            return  # the armed timer fires early enough, and recomputes when it does
         deadline = self.core.next_deadline()
         if deadline == self._timer_deadline:
             return
