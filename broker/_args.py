@@ -12,6 +12,7 @@ from ._settings import MAX_DURATION, integer_in_range, number_in_range
 
 MAX_BATCH: Final = 1000
 MAX_WAIT: Final = 3600.0
+MAX_WAITS_PER_CONNECTION: Final = 1000  # long-poll reserves one connection may have waiting
 MAX_HEADERS: Final = 64
 MAX_HEADER_KEY: Final = 256
 MAX_HEADER_VALUE: Final = 4096

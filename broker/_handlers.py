@@ -11,9 +11,9 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, Final
 
-from protocol import UnknownOp
+from protocol import BadRequest, UnknownOp
 
-from ._args import MAX_BATCH, MAX_WAIT, Args
+from ._args import MAX_BATCH, MAX_WAIT, MAX_WAITS_PER_CONNECTION, Args
 from ._core import Core
 
 
@@ -27,12 +27,13 @@ PENDING: Final = _Pending()
 
 @dataclass(slots=True)
 class Call:
-    """What a handler may use: the core, the time of the request, and a key that names
-    this request if it has to wait."""
+    """What a handler may use: the core, the time of the request, a key that names this
+    request if it has to wait, and how many more waits its connection may hold."""
 
     core: Core
     now: float
     waiter_key: Hashable
+    waits_left: int = MAX_WAITS_PER_CONNECTION
 
 
 Handler = Callable[[Call, Args], Any]
@@ -49,6 +50,11 @@ def _put(call: Call, args: Args) -> Any:
 
 def _reserve(call: Call, args: Args) -> Any:
     wait = args.seconds("wait", 0.0, high=MAX_WAIT)
+    if wait > 0 and call.waits_left <= 0:
+        raise BadRequest(
+            f"reserve: this connection already has {MAX_WAITS_PER_CONNECTION} long-polls "
+            "waiting; wait for their replies, or use more connections"
+        )
     messages = call.core.reserve(
         call.now,
         args.queues(),

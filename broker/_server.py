@@ -38,7 +38,7 @@ from protocol import (
 )
 
 from . import __version__
-from ._args import MAX_BATCH, MAX_WAIT
+from ._args import MAX_BATCH, MAX_WAIT, MAX_WAITS_PER_CONNECTION
 from ._core import Core
 from ._handlers import PENDING, Call, deliveries, handle
 
@@ -215,6 +215,7 @@ class BrokerServer:
             "max_frame": self.limits.max_frame,
             "max_batch": MAX_BATCH,
             "max_wait": MAX_WAIT,
+            "max_waits_per_connection": MAX_WAITS_PER_CONNECTION,
             "features": sorted(OPS),
         }
 
@@ -226,7 +227,8 @@ class BrokerServer:
         key: Hashable = (connection.id, request_id)
         if request_id in connection.waiting:
             raise BadRequest(f"request id {request_id} is already in use by a waiting reserve")
-        return handle(Call(self.core, self.clock(), key), op, args)
+        waits_left = MAX_WAITS_PER_CONNECTION - len(connection.waiting)
+        return handle(Call(self.core, self.clock(), key, waits_left), op, args)
 
     def mark_dirty(self, connection: Connection) -> None:
         self._dirty[connection.id] = connection

@@ -829,3 +829,20 @@ def test_messages_served_to_a_connection_that_breaks_in_the_same_read_are_releas
     status = witness.client.status(message_id)
     assert (status["state"], status["attempts"]) == ("ready", 0)
     witness.check()
+
+
+def test_a_connection_cannot_hold_unbounded_long_polls(
+    broker: BrokerProcess, witness: Witness
+) -> None:
+    with broker.raw() as connection:
+        limit = connection.server_info["max_waits_per_connection"]
+        request = {"queues": ["flood"], "wait": 60}
+        for _ in range(limit):
+            connection.send_request("reserve", request)
+        over = connection.request("reserve", request)
+        assert_error(over, "BAD_REQUEST", over[0])
+        assert "long-polls" in over[2]["message"]
+        # A reserve that does not wait is still served, and the waits are all registered.
+        assert connection.call("reserve", {"queues": ["flood"]}) == {"messages": []}
+        assert witness.client.stats("flood")["waiting"] == limit
+    witness.check()
