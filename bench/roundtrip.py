@@ -18,6 +18,8 @@ import sys
 import time
 from typing import Any
 
+import uvloop
+
 from client import AsyncClient
 
 QUEUE = "bench.roundtrip"
@@ -49,11 +51,11 @@ async def _consume(port: int, count: int, batch: int, connections: int) -> list[
 
 
 def _run_producers(port: int, count: int, batch: int, connections: int) -> None:
-    asyncio.run(_produce(port, count, batch, connections))
+    uvloop.run(_produce(port, count, batch, connections))
 
 
 def _run_workers(port: int, count: int, batch: int, connections: int, out: Any) -> None:
-    out.put(asyncio.run(_consume(port, count, batch, connections)))
+    out.put(uvloop.run(_consume(port, count, batch, connections)))
 
 
 def main() -> None:
