@@ -149,11 +149,10 @@ class Core:
 
     def cancel_wait(self, waiter_key: Hashable) -> None:
         """Forget a long-poll (its connection went away). No-op if already answered."""
-        waiter = self._waiters.pop(waiter_key, None)
+        waiter = self._waiters.get(waiter_key)
         if waiter is None:
             return
-        for queue in waiter.queues:
-            queue.waiters.pop(waiter.seq, None)
+        self._unregister_waiter(waiter)
         self._waiter_deadlines.discard()
 
     def time_out_all_waits(self) -> None:
@@ -575,10 +574,15 @@ class Core:
             self._completions.append((waiter.key, messages))
 
     def _time_out_waiter(self, waiter: Waiter) -> None:
+        self._unregister_waiter(waiter)
+        self._completions.append((waiter.key, []))
+
+    def _unregister_waiter(self, waiter: Waiter) -> None:
+        """Take a waiter off the broker and every queue it waits on (its deadline entry
+        goes stale; the caller discards or has popped it)."""
         del self._waiters[waiter.key]
         for queue in waiter.queues:
             queue.waiters.pop(waiter.seq, None)
-        self._completions.append((waiter.key, []))
 
 
 def _raise_if_failed(failed: list[int], done: int) -> None:
