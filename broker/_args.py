@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from protocol import BadRequest, is_queue_name, shown
+from protocol import BadRequest, require_queue_name, shown
 
 from ._message import Headers, PutSpec
 from ._settings import MAX_DURATION, integer_in_range, number_in_range
@@ -43,7 +43,7 @@ class Args:
 
     def queue(self, name: str = "queue") -> str:
         value = self._get(name, _MISSING)
-        return check_queue_name(self.op, value)
+        return require_queue_name(value, self.op)
 
     def queues(self, name: str = "queues") -> list[str]:
         value = self._get(name, _MISSING)
@@ -51,7 +51,7 @@ class Args:
             value = [value]
         if not isinstance(value, list) or not value or len(value) > 100:
             raise BadRequest(f"{self.op}: {name} must be a list of 1-100 queue names")
-        return [check_queue_name(self.op, item) for item in value]
+        return [require_queue_name(item, self.op) for item in value]
 
     def integer(self, name: str, default: Any = _MISSING, *, low: int, high: int) -> Any:
         value = self._get(name, default)
@@ -122,14 +122,6 @@ class Args:
         if not isinstance(value, list) or not 1 <= len(value) <= MAX_BATCH:
             raise BadRequest(f"{self.op}: {name} must be a list of 1-{MAX_BATCH} messages")
         return [_put_spec(index, item) for index, item in enumerate(value)]
-
-
-def check_queue_name(op: str, value: Any) -> str:
-    if not is_queue_name(value):
-        raise BadRequest(
-            f"{op}: invalid queue name {shown(value)}: use 1-200 characters of A-Z a-z 0-9 . _ : -"
-        )
-    return value  # type: ignore[no-any-return]
 
 
 _PUT_FIELDS: Final = frozenset(

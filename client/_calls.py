@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from protocol import BadRequest, is_queue_name
+from protocol import BadRequest, require_queue_name
 
 from ._message import Message
 
@@ -30,11 +30,7 @@ class Call(Generic[T]):
 
 
 def _queue(name: str) -> str:
-    if not is_queue_name(name):
-        raise BadRequest(
-            f"invalid queue name {name!r}: use 1-200 characters of A-Z a-z 0-9 . _ : -"
-        )
-    return name
+    return require_queue_name(name, "client")
 
 
 def _body(body: Body) -> bytes:

@@ -43,7 +43,7 @@ from ._messages import (
     parse_request,
     request_id_of,
 )
-from ._validate import QUEUE_NAME_PATTERN, is_queue_name, shown
+from ._validate import QUEUE_NAME_PATTERN, is_queue_name, require_queue_name, shown
 
 __all__ = [
     "DEFAULT_MAX_FRAME",
@@ -79,5 +79,6 @@ __all__ = [
     "parse_reply",
     "parse_request",
     "request_id_of",
+    "require_queue_name",
     "shown",
 ]

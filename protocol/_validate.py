@@ -6,12 +6,24 @@ import re
 import reprlib
 from typing import Any, Final
 
+from ._errors import BadRequest
+
 QUEUE_NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9._:-]{1,200}")
 
 
 def is_queue_name(value: object) -> bool:
     """True for 1-200 characters of ``[A-Za-z0-9._:-]``."""
     return isinstance(value, str) and QUEUE_NAME_PATTERN.fullmatch(value) is not None
+
+
+def require_queue_name(value: Any, where: str) -> str:
+    """``value`` if it is a valid queue name, else ``BadRequest`` saying what is allowed."""
+    if not is_queue_name(value):
+        raise BadRequest(
+            f"{where}: invalid queue name {shown(value)}: use 1-200 characters of "
+            "A-Z a-z 0-9 . _ : -"
+        )
+    return value  # type: ignore[no-any-return]
 
 
 _shortener = reprlib.Repr()
