@@ -176,8 +176,9 @@ class AsyncClient:
 
     async def _round_trip(self, op: str, args: dict[str, Any], wait: float) -> Reply:
         reader = self._reader
-        if reader is None or reader.transport is None or reader.transport.is_closing():
+        if reader is None or not self._connected():
             raise ConnectionClosed(f"{op}: not connected to the broker")
+        assert reader.transport is not None
         request_id = next(self._ids)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Reply] = loop.create_future()

@@ -8,7 +8,7 @@ signatures and docs.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from protocol import BadRequest, require_queue_name
@@ -26,7 +26,6 @@ class Call(Generic[T]):
     args: dict[str, Any]
     parse: Callable[[Any], T]
     wait: float = 0.0  # extra seconds the broker may legitimately hold the reply
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 def _queue(name: str) -> str:

@@ -121,7 +121,10 @@ class Client:
             self._sock.sendall(encode_frame([request_id, op, args]))
             while True:
                 reply = self._read_reply()
-                if reply.request_id == request_id or reply.request_id is None:
+                if reply.request_id is None:
+                    self.close()  # an unaddressed error: the broker is closing on us
+                    return reply
+                if reply.request_id == request_id:
                     return reply
         except TimeoutError:
             self.close()
@@ -129,6 +132,11 @@ class Client:
         except OSError as error:
             self.close()
             raise ConnectionClosed(f"{op}: connection to the broker failed: {error}") from None
+        except SluiceError:
+            # The byte stream from the broker is corrupt: this socket is of no further use,
+            # and the next call connects afresh.
+            self.close()
+            raise
 
     def _read_reply(self) -> Reply:
         assert self._sock is not None
