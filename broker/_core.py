@@ -164,6 +164,7 @@ class Core:
     def release(self, now: float, messages: list[Message]) -> None:
         """Put leased messages that never reached their consumer (its connection closed
         before the reply went out) back to ready, with that attempt uncounted."""
+        self.tick(now)
         touched: dict[str, Queue] = {}
         for message in messages:
             if message.state is not State.RESERVED or message.lease_token is None:
@@ -179,18 +180,9 @@ class Core:
         """Finish each ``(id, lease)``. Returns how many were acked; raises ``LeaseLost``
         (details: ``failed`` ids, ``done`` count) if any lease was not current."""
         self.tick(now)
-        done, failed = 0, []
-        for message_id, lease in deliveries:
-            message = self._leased(message_id, lease)
-            if message is None:
-                failed.append(message_id)
-                continue
-            self._end_lease(message)
-            message.queue.totals["acked"] += 1
-            self._forget(message, Event.ACK)
-            done += 1
-        _raise_if_failed(failed, done)
-        return done
+        done, failed = self._settle(deliveries, self._finish)
+        _raise_if_failed(failed, len(done))
+        return len(done)
 
     def nack(
         self,
@@ -203,21 +195,15 @@ class Core:
         """Give each ``(id, lease)`` back for a retry after ``delay`` (None: the queue's
         backoff), or dead-letter it if its attempts are used up. Failures as in ``ack``."""
         self.tick(now)
-        done, failed = 0, []
-        touched: dict[str, Queue] = {}
-        for message_id, lease in deliveries:
-            message = self._leased(message_id, lease)
-            if message is None:
-                failed.append(message_id)
-                continue
-            self._end_lease(message)
+
+        def give_back(message: Message) -> None:
             message.queue.totals["nacked"] += 1
             self._retry(message, now, delay, error)
-            touched[message.queue.name] = message.queue
-            done += 1
-        self._serve_waiters_of(touched.values(), now)
-        _raise_if_failed(failed, done)
-        return done
+
+        done, failed = self._settle(deliveries, give_back)
+        self._serve_waiters_of({m.queue.name: m.queue for m in done}.values(), now)
+        _raise_if_failed(failed, len(done))
+        return len(done)
 
     def touch(self, now: float, message_id: int, lease: int, seconds: float | None = None) -> float:
         """Extend a live lease to ``now + seconds`` (default: the lease's own duration).
@@ -283,10 +269,10 @@ class Core:
         """Drop every ready and delayed message of the queue. O(ready + all delayed)."""
         self.tick(now)
         queue = self._existing(queue_name)
-        doomed = [self.messages[entry[-1]] for entry in queue.ready.live_sorted()]
+        doomed = [self.messages[entry[-1]] for entry in queue.ready.live_entries()]
         doomed += [
             message
-            for entry in self._delayed.live_sorted()
+            for entry in self._delayed.live_entries()
             if (message := self.messages[entry[-1]]).queue is queue
         ]
         for message in doomed:
@@ -405,6 +391,27 @@ class Core:
         message.lease_token = message.lease_deadline = None
         message.seq = self._next_seq()  # stale before discard(), which may compact
         self._leases.discard()
+
+    def _settle(
+        self, deliveries: list[tuple[int, int]], settle: Callable[[Message], None]
+    ) -> tuple[list[Message], list[int]]:
+        """End each current lease and hand its message to ``settle``. Returns the messages
+        settled and the ids whose lease was not current (those are left unchanged)."""
+        done: list[Message] = []
+        failed: list[int] = []
+        for message_id, lease in deliveries:
+            message = self._leased(message_id, lease)
+            if message is None:
+                failed.append(message_id)
+                continue
+            self._end_lease(message)
+            settle(message)
+            done.append(message)
+        return done, failed
+
+    def _finish(self, message: Message) -> None:
+        message.queue.totals["acked"] += 1
+        self._forget(message, Event.ACK)
 
     def _leased(self, message_id: int, lease: int) -> Message | None:
         message = self.messages.get(message_id)

@@ -10,7 +10,7 @@ proportional to live entries and every operation is O(log n) amortised.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 Entry = tuple[Any, ...]
@@ -57,14 +57,10 @@ class LazyHeap:
             self.compact()
 
     def compact(self) -> None:
-        self._entries = [entry for entry in self._entries if self._is_live(entry)]
+        self._entries = self.live_entries()
         heapq.heapify(self._entries)
         self._stale = 0
 
-    def clear(self) -> None:
-        self._entries.clear()
-        self._stale = 0
-
-    def live_sorted(self) -> Iterator[Entry]:
-        """Live entries in order. O(n log n): for listing, never on the hot path."""
-        return iter(sorted(entry for entry in self._entries if self._is_live(entry)))
+    def live_entries(self) -> list[Entry]:
+        """Every live entry, in no particular order. O(n): never on the hot path."""
+        return [entry for entry in self._entries if self._is_live(entry)]
