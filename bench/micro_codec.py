@@ -9,9 +9,9 @@ in 1,500-byte chunks (a typical TCP segment).
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
+from bench._report import report_medians
 from protocol import NEED_DATA, FrameDecoder, encode_frame, parse_request
 
 
@@ -51,10 +51,11 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=200_000)
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
-    runs = [one_run(args.frames) for _ in range(args.repeat)]
-    print(f"codec, {args.frames} put frames of 100-byte bodies, median of {args.repeat} runs")
-    for key in runs[0]:
-        print(f"  {key:<22} {statistics.median(run[key] for run in runs):>12,.0f}")
+    report_medians(
+        f"codec, {args.frames} put frames of 100-byte bodies",
+        lambda: one_run(args.frames),
+        args.repeat,
+    )
 
 
 if __name__ == "__main__":

@@ -8,9 +8,9 @@ Prints operations per second for each phase, the median of R runs.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
+from bench._report import report_medians
 from broker import Core, PutSpec
 
 
@@ -47,10 +47,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1, help="messages per put/reserve/ack call")
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
-    runs = [one_run(args.messages, args.batch) for _ in range(args.repeat)]
-    print(f"core, {args.messages} messages, batch {args.batch}, median of {args.repeat} runs")
-    for key in runs[0]:
-        print(f"  {key:<20} {statistics.median(run[key] for run in runs):>12,.0f}")
+    report_medians(
+        f"core, {args.messages} messages, batch {args.batch}",
+        lambda: one_run(args.messages, args.batch),
+        args.repeat,
+    )
 
 
 if __name__ == "__main__":
