@@ -17,7 +17,8 @@ import struct
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -269,6 +270,17 @@ class RawConnection:
         """No further reply: the next read is EOF."""
         replies = self.read_until_closed(timeout)
         assert replies == [], f"expected EOF, got more replies: {replies!r}"
+
+
+def wait_for_state(
+    check: Callable[[], bool],
+    message: str = "the broker never reached the expected state",
+    timeout: float = 5.0,
+) -> None:
+    """Query the broker until ``check`` holds (each query is a round trip, no sleeping)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, message
 
 
 def error_code(reply: list[Any]) -> str:

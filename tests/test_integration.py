@@ -13,8 +13,7 @@ import asyncio
 import signal
 import socket
 import threading
-import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,7 +22,7 @@ import pytest
 
 from client import AsyncClient, Client, Message
 from client.errors import ConnectionClosed, LeaseLost, NotFound
-from tests.conftest import BrokerProcess, frame, start_broker, stop_broker
+from tests.conftest import BrokerProcess, frame, start_broker, stop_broker, wait_for_state
 
 T = TypeVar("T")
 EPSILON = 1e-6  # float slack when comparing broker timestamps
@@ -49,13 +48,6 @@ async def start_waiting(client: AsyncClient, queues: str | list[str], **options:
     await client.ping()
     assert not task.done(), f"the long-poll returned at once: {task.result()!r}"
     return task
-
-
-def wait_for_state(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Query the broker until ``check`` holds (each query is a round trip, no sleeping)."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "the broker never reached the expected state"
 
 
 def counts(stats: dict[str, Any]) -> tuple[int, int, int, int]:
