@@ -12,6 +12,8 @@ anything changes, except batch ack/nack, which applies the good items and then r
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 import random as _random
 from collections.abc import Callable, Hashable, Iterable
@@ -252,6 +254,22 @@ class Core:
                 break
             page.append(queue.dead[message_id])
         return page
+
+    def peek(self, now: float, queue_name: str, state: State, limit: int) -> list[Message]:
+        """Up to ``limit`` messages of the queue in ``state``, without changing anything:
+        ready in delivery order, delayed by due time, reserved by lease deadline, dead by
+        id. O(n log limit) over the queue's ready messages or the broker's delayed or
+        reserved ones: an admin look, not a hot path."""
+        self.tick(now)
+        queue = self._existing(queue_name)
+        if state is State.DEAD:
+            return list(itertools.islice(queue.dead.values(), limit))
+        if state is State.READY:
+            entries = queue.ready.live_entries()
+        else:
+            heap = self._delayed if state is State.DELAYED else self._leases
+            entries = [e for e in heap.live_entries() if self.messages[e[-1]].queue is queue]
+        return [self.messages[entry[-1]] for entry in heapq.nsmallest(limit, entries)]
 
     # -------------------------------------------------------------- admin
 

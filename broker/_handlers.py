@@ -15,6 +15,9 @@ from protocol import BadRequest, UnknownOp
 
 from ._args import MAX_BATCH, MAX_WAIT, MAX_WAITS_PER_CONNECTION, Args
 from ._core import Core
+from ._lifecycle import State
+
+PEEKABLE: Final = (State.READY, State.DELAYED, State.RESERVED, State.DEAD)
 
 
 class _Pending:
@@ -150,6 +153,19 @@ def _dead_letters(call: Call, args: Args) -> Any:
     }
 
 
+PEEK_STATES: Final = {state.value: state for state in PEEKABLE}
+
+
+def _peek(call: Call, args: Args) -> Any:
+    name = args.text("state", "ready")
+    state = PEEK_STATES.get(name)
+    if state is None:
+        raise BadRequest(f"peek: state must be one of {sorted(PEEK_STATES)}, got {name!r}")
+    limit = args.integer("limit", 10, low=1, high=MAX_BATCH)
+    messages = call.core.peek(call.now, args.queue(), state, limit)
+    return {"items": [message.status() | {"body": message.body} for message in messages]}
+
+
 def _replay(call: Call, args: Args) -> Any:
     return {"replayed": call.core.replay(call.now, args.queue(), args.ids("ids", None))}
 
@@ -181,6 +197,7 @@ HANDLERS: Final = _table(
     ("resume", _resume, ("queue",)),
     ("purge", _purge, ("queue",)),
     ("dead_letters", _dead_letters, ("queue", "limit", "after")),
+    ("peek", _peek, ("queue", "state", "limit")),
     ("replay", _replay, ("queue", "ids")),
     ("purge_dead", _purge_dead, ("queue",)),
 )

@@ -214,5 +214,6 @@ class AsyncClient:
     resume = _awaiting(_calls.resume)
     purge = _awaiting(_calls.purge)
     dead_letters = _awaiting(_calls.dead_letters)
+    peek = _awaiting(_calls.peek)
     replay = _awaiting(_calls.replay)
     purge_dead = _awaiting(_calls.purge_dead)

@@ -246,6 +246,14 @@ def dead_letters(
     return Call("dead_letters", args, _field("items"))
 
 
+def peek(queue: str, state: str = "ready", *, limit: int = 10) -> Call[list[dict[str, Any]]]:
+    """Look at up to ``limit`` messages of ``queue`` in ``state`` (ready, delayed,
+    reserved or dead) without changing them: status maps plus ``body``. Ready ones come
+    in delivery order, delayed by due time, reserved by lease deadline, dead by id."""
+    args = {"queue": _queue(queue), "state": state, "limit": limit}
+    return Call("peek", args, _field("items"))
+
+
 def replay(queue: str, ids: Iterable[int] | None = None) -> Call[int]:
     """Move dead letters (all, or the given ids) back to ready with attempts reset to 0;
     returns how many moved."""

@@ -165,5 +165,6 @@ class Client:
     resume = _blocking(_calls.resume)
     purge = _blocking(_calls.purge)
     dead_letters = _blocking(_calls.dead_letters)
+    peek = _blocking(_calls.peek)
     replay = _blocking(_calls.replay)
     purge_dead = _blocking(_calls.purge_dead)

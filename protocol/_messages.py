@@ -37,6 +37,7 @@ OPS: Final = frozenset(
         "resume",
         "purge",
         "dead_letters",
+        "peek",
         "replay",
         "purge_dead",
     }

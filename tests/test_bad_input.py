@@ -481,6 +481,10 @@ BAD_ARGUMENTS: list[tuple[str, str, Args]] = [
     ("dead-letters-limit-zero", "dead_letters", _queue(limit=0)),
     ("dead-letters-limit-too-big", "dead_letters", _queue(limit=1001)),
     ("dead-letters-after-negative", "dead_letters", _queue(after=-1)),
+    ("peek-state-unknown", "peek", _queue(state="gone")),
+    ("peek-state-int", "peek", _queue(state=1)),
+    ("peek-limit-too-big", "peek", _queue(limit=1001)),
+    ("peek-unknown-argument", "peek", _queue(lease=1)),
     ("replay-ids-str", "replay", _queue(ids="all")),
     ("replay-ids-zero", "replay", _queue(ids=[0])),
     ("replay-ids-nested", "replay", lambda w: {"queue": w.queue, "ids": [[w.dead_id]]}),
@@ -519,6 +523,7 @@ def test_invalid_queue_name(
         ("pause", {"queue": name}),
         ("purge", {"queue": name}),
         ("dead_letters", {"queue": name}),
+        ("peek", {"queue": name}),
         ("replay", {"queue": name}),
         ("purge_dead", {"queue": name}),
     ]

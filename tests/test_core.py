@@ -994,3 +994,30 @@ def test_invalid_configure_changes_nothing_and_creates_no_queue() -> None:
     with pytest.raises(BadRequest):
         core.configure(T0, "q", {"max_attempts": 9, "visibility_timeout": -1})
     assert core.configure(T0, "q", {})["max_attempts"] == 3
+
+
+# ------------------------------------------------------------------ peek
+
+
+def test_peek_shows_each_state_in_its_order_and_changes_nothing() -> None:
+    core = make_core()
+    low = put(core, T0, priority=1)
+    high = put(core, T0, priority=9)
+    later = put(core, T0, delay=20.0)
+    sooner = put(core, T0, delay=10.0)
+    put(core, T0, queue="other", delay=5.0)  # another queue's delayed message is not shown
+    before = snapshot(core, T0)
+
+    assert [m.id for m in core.peek(T0, "q", State.READY, 10)] == [high, low]
+    assert [m.id for m in core.peek(T0, "q", State.READY, 1)] == [high]
+    assert [m.id for m in core.peek(T0, "q", State.DELAYED, 10)] == [sooner, later]
+    assert core.peek(T0, "q", State.RESERVED, 10) == []
+    assert snapshot(core, T0) == before
+
+    first, _ = lease(core, T0, visibility_timeout=50.0)
+    second, token = lease(core, T0, visibility_timeout=5.0)
+    assert [m.id for m in core.peek(T0, "q", State.RESERVED, 10)] == [second, first]
+    core.bury(T0, second, token, "no")
+    assert [m.id for m in core.peek(T0, "q", State.DEAD, 10)] == [second]
+    with pytest.raises(NotFound):
+        core.peek(T0, "missing", State.READY, 10)

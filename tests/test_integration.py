@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import pytest
 
 from client import AsyncClient, Client, Message
-from client.errors import ConnectionClosed, LeaseLost, NotFound
+from client.errors import BadRequest, ConnectionClosed, LeaseLost, NotFound
 from tests.conftest import BrokerProcess, frame, start_broker, stop_broker, wait_for_state
 
 T = TypeVar("T")
@@ -506,6 +506,22 @@ def test_each_way_of_becoming_ready_wakes_a_waiting_consumer(broker: BrokerProce
 
 
 # ------------------------------------------------------------------ dead letters
+
+
+def test_peek_returns_bodies_in_delivery_order_without_leasing(broker: BrokerProcess) -> None:
+    with broker.client() as client:
+        client.put("look", b"low", priority=1)
+        client.put("look", b"high", priority=5)
+        client.put("look", b"later", delay=60)
+        assert [item["body"] for item in client.peek("look")] == [b"high", b"low"]
+        assert [item["body"] for item in client.peek("look", "delayed")] == [b"later"]
+        assert client.stats("look")["reserved"] == 0
+        assert [m.body for m in client.reserve("look", max_messages=2)] == [b"high", b"low"]
+        assert [item["state"] for item in client.peek("look", "reserved")] == ["reserved"] * 2
+        with pytest.raises(BadRequest, match="state must be one of"):
+            client.peek("look", "gone")
+        with pytest.raises(NotFound):
+            client.peek("never-used")
 
 
 def test_dead_letters_paging_replay_and_purge(broker: BrokerProcess) -> None:
