@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1, help="messages per put/reserve/ack")
     args = parser.parse_args()
     broker = subprocess.Popen(
-        [sys.executable, "-m", "broker", "--port", "0", "--log-level", "warning"],
+        [sys.executable, "-m", "broker", "--port", "0", "--log-level", "warning", "--in-memory"],
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -16,23 +16,39 @@ Sluice: a durable message broker and job queue.
 Listens for the Sluice wire protocol (length-prefixed msgpack over TCP) and prints
 "sluice listening on HOST:PORT" once it accepts connections. SIGTERM or SIGINT stops it
 gracefully: it stops accepting, answers what is in flight, and exits 0.
+
+Every change is written ahead to an LMDB store in --data-dir before the client hears
+"done", and a restart recovers everything from it. --in-memory keeps nothing on disk.
 """
 
 EPILOG = """\
 every flag may also be set from the environment: --port 7800 is SLUICE_PORT=7800.
 
 examples:
-  python -m broker                          # 127.0.0.1:7700
+  python -m broker                          # 127.0.0.1:7700, data in ./sluice-data
   python -m broker --port 0                 # any free port; read it from the first line
+  python -m broker --data-dir /var/lib/sluice --fsync interval
+  python -m broker --in-memory              # nothing on disk: for tests and benchmarks
   SLUICE_HOST=0.0.0.0 python -m broker      # listen on every interface
+
+fsync modes:
+  always    every commit reaches the disk before replies go out: survives power loss
+  interval  commits reach the OS at once and the disk every --fsync-interval-ms: survives
+            the broker being killed, may lose the last interval on power loss
+  never     like interval, but the OS decides when to write to disk
 """
+
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     host: str
     port: int
-    data_dir: str | None
+    data_dir: str | None  # None: in memory
+    fsync: str
+    fsync_interval: float  # seconds
+    max_storage: int | None
     log_level: str
     max_frame: int
     auth_token: str | None
@@ -47,6 +63,28 @@ def _port(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"port must be 0-65535, got {port}")
     return port
+
+
+def _size(text: str) -> int:
+    """Bytes, with an optional binary suffix: 512M, 2G, 1T (or K, and with a trailing B)."""
+    cleaned = text.strip().lower().removesuffix("b").removesuffix("i")
+    number, unit = cleaned, ""
+    if cleaned and cleaned[-1] in "kmgt":
+        number, unit = cleaned[:-1], cleaned[-1]
+    try:
+        size = int(float(number) * _SIZE_UNITS[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size like 512M or 2G, got {text!r}") from None
+    if size < 1024**2:
+        raise argparse.ArgumentTypeError(f"a store needs at least 1M, got {text!r}")
+    return size
+
+
+def _interval_ms(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 60_000:
+        raise argparse.ArgumentTypeError(f"fsync interval must be 1-60000 ms, got {value}")
+    return value
 
 
 def _frame_size(text: str) -> int:
@@ -77,9 +115,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(
         "--data-dir",
-        default=_env("data_dir", None),
-        help="directory for the broker's data; created if missing. This version keeps all "
-        "state in memory: the directory is reserved for the write-ahead store",
+        default=_env("data_dir", "sluice-data"),
+        help="directory of the write-ahead store; created if missing, and locked: one "
+        "broker per directory (default %(default)s)",
+    )
+    add(
+        "--in-memory",
+        action="store_true",
+        default=_env("in_memory", "") not in ("", "0", "false", "no"),
+        help="keep everything in memory and nothing on disk: a restart loses every message",
+    )
+    add(
+        "--fsync",
+        default=_env("fsync", "always"),
+        choices=["always", "interval", "never"],
+        help="when commits reach the disk; see 'fsync modes' below (default %(default)s)",
+    )
+    add(
+        "--fsync-interval-ms",
+        type=_interval_ms,
+        default=_env("fsync_interval_ms", "100"),
+        help="milliseconds between syncs with --fsync interval (default %(default)s)",
+    )
+    add(
+        "--max-storage",
+        type=_size,
+        default=_env("max_storage", None),
+        help="largest size of the store, e.g. 512M or 20G; puts fail with STORAGE_FULL "
+        "near it while acks keep working (default: what the disk has free)",
     )
     add(
         "--log-level",
@@ -108,7 +171,10 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
     return Config(
         host=args.host,
         port=int(args.port),
-        data_dir=args.data_dir,
+        data_dir=None if args.in_memory else args.data_dir,
+        fsync=args.fsync,
+        fsync_interval=int(args.fsync_interval_ms) / 1000,
+        max_storage=args.max_storage if args.max_storage is None else int(args.max_storage),
         log_level=args.log_level,
         max_frame=int(args.max_frame),
         auth_token=args.auth_token or None,

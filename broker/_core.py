@@ -17,6 +17,7 @@ import itertools
 import math
 import random as _random
 from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from protocol import LeaseLost, NotFound, TooLarge, shown
@@ -29,6 +30,19 @@ from ._settings import QueueSettings
 
 Completion = tuple[Hashable, list[Message]]
 
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    """What changed since the last ``take_changes()``, for the store to write: messages whose
+    record changed (a message in state GONE is to be deleted), queues whose settings or
+    totals changed, and the id and lease counters (never reused, so persisted too)."""
+
+    messages: list[Message]
+    queues: list[Queue]
+    next_id: int
+    next_token: int
+
+
 LEASE_EXPIRED = "lease expired"
 
 
@@ -38,9 +52,12 @@ class Core:
         *,
         random: Callable[[], float] = _random.random,
         max_delivery_bytes: int | None = None,
+        track_changes: bool = False,
     ) -> None:
         """``random`` draws backoff jitter from [0, 1). ``max_delivery_bytes`` bounds the
-        bodies handed out by one reserve (at least one message is always handed out)."""
+        bodies handed out by one reserve (at least one message is always handed out).
+        ``track_changes`` keeps the set of changed messages and queues for a store to take
+        with ``take_changes()``; without a store, leave it off."""
         self.messages: dict[int, Message] = {}
         self.max_delivery_bytes = max_delivery_bytes
         self.queues: dict[str, Queue] = {}
@@ -54,6 +71,8 @@ class Core:
         self._waiters: dict[Hashable, Waiter] = {}
         self._waiter_deadlines = LazyHeap(self._waiter_live)  # (deadline, seq, key)
         self._completions: list[Completion] = []
+        self._changed: dict[int, Message] | None = {} if track_changes else None
+        self._changed_queues: dict[str, Queue] = {}
         # A lower bound on every deadline heap's top: nothing is due before it, so tick()
         # can return at once. Lowered by each push, made exact again by next_deadline().
         self._due_hint = math.inf
@@ -89,6 +108,93 @@ class Core:
         empty list means the wait timed out."""
         completions, self._completions = self._completions, []
         return completions
+
+    # ------------------------------------------------------------ changes
+
+    @property
+    def has_changes(self) -> bool:
+        """True if something changed since the last ``take_changes()`` (when tracking)."""
+        return bool(self._changed) or bool(self._changed_queues)
+
+    def take_changes(self) -> Changes:
+        """Hand over (and forget) what changed since the last call. Each changed message is
+        listed once, in its current state; its queue is listed with it."""
+        changed = self._changed
+        if changed is None:
+            raise RuntimeError("this core was made without track_changes")
+        messages = list(changed.values())
+        queues = self._changed_queues
+        for message in messages:
+            queues[message.queue.name] = message.queue
+        self._changed, self._changed_queues = {}, {}
+        return Changes(messages, list(queues.values()), self._next_id, self._next_token)
+
+    def _changed_message(self, message: Message) -> None:
+        if self._changed is not None:
+            self._changed[message.id] = message
+
+    # ----------------------------------------------------------- recovery
+
+    def recover(
+        self,
+        now: float,
+        queues: Iterable[tuple[str, QueueSettings, dict[str, int]]],
+        messages: Iterable[tuple[str, Message]],
+        *,
+        next_id: int,
+        next_token: int,
+    ) -> None:
+        """Rebuild every index from stored records, on an empty core. Each message comes
+        with its queue's name and its state, ordering ``seq`` and deadlines already set
+        (``Message.queue`` is filled in here). Then applies what fell due while the broker
+        was down: a lease whose deadline passed expires now, its attempt counted."""
+        if self.messages or self.queues:
+            raise RuntimeError("recover() needs an empty core")
+        for name, settings, totals in queues:
+            queue = self._queue(name)
+            queue.settings = settings
+            queue.totals.update(totals)
+        entries: dict[int, list[Entry]] = {id(self._delayed): [], id(self._leases): []}
+        entries[id(self._dead_expiry)] = []
+        highest_seq = highest_id = highest_token = 0
+        for queue_name, message in messages:
+            message.queue = self._queue(queue_name)
+            heap, entry = self._index_of(message)
+            entries.setdefault(id(heap), []).append(entry)
+            self.messages[message.id] = message
+            message.queue.counts[message.state] += 1
+            if message.state is State.DEAD:
+                message.queue.add_dead(message)
+            highest_seq = max(highest_seq, message.seq)
+            highest_id = max(highest_id, message.id)
+            highest_token = max(highest_token, message.lease_token or 0)
+        heaps = [self._delayed, self._leases, self._dead_expiry]
+        heaps += [queue.ready for queue in self.queues.values()]
+        for heap in heaps:
+            heap.load(entries.get(id(heap), []))
+        self._seq = highest_seq
+        self._next_id = max(next_id, highest_id + 1)
+        self._next_token = max(next_token, highest_token + 1)
+        self._due_hint = -math.inf  # recompute from the loaded heaps
+        self.tick(now)
+
+    def _index_of(self, message: Message) -> tuple[LazyHeap, Entry]:
+        """The heap a recovered message belongs in, and its entry there."""
+        state = message.state
+        if state is State.READY:
+            return message.queue.ready, (-message.priority, message.seq, message.id)
+        if state is State.DELAYED and message.due_at is not None:
+            return self._delayed, (message.due_at, message.seq, message.id)
+        if state is State.RESERVED and message.lease_deadline is not None:
+            return self._leases, (message.lease_deadline, message.seq, message.id)
+        if state is State.DEAD:
+            expires_at = message.dead_expires_at
+            return self._dead_expiry, (
+                math.inf if expires_at is None else expires_at,
+                message.seq,
+                message.id,
+            )
+        raise ValueError(f"message {message.id}: cannot recover state {state} without its time")
 
     # ----------------------------------------------------------- producing
 
@@ -280,6 +386,8 @@ class Core:
         settings = (existing.settings if existing else QueueSettings()).updated(changes)
         queue = existing or self._queue(queue_name)  # created only once the changes are valid
         queue.settings = settings
+        if self._changed is not None:
+            self._changed_queues[queue.name] = queue
         self._serve_waiters(queue, now)
         return queue.settings.to_wire()
 
@@ -309,7 +417,7 @@ class Core:
         for message_id in chosen:
             message = queue.dead.pop(message_id)
             message.attempts = 0
-            message.dead_reason = message.dead_at = None
+            message.dead_reason = message.dead_at = message.dead_expires_at = None
             self._make_ready(message, Event.REPLAY)
             self._dead_expiry.discard()
         self._serve_waiters(queue, now)
@@ -346,6 +454,8 @@ class Core:
         queue = self.queues.get(name)
         if queue is None:
             queue = self.queues[name] = Queue(name, self._live_checker(State.READY))
+            if self._changed is not None:
+                self._changed_queues[name] = queue
         return queue
 
     def _existing(self, name: str) -> Queue:
@@ -367,6 +477,8 @@ class Core:
         if new in counts:
             counts[new] += 1
         message.state = new
+        if self._changed is not None:
+            self._changed[message.id] = message
 
     def _schedule(self, heap: LazyHeap, entry: Entry) -> None:
         """Push onto one of the deadline heaps (entry[0] is the time it falls due)."""
@@ -390,6 +502,7 @@ class Core:
         message.seq = self._next_seq()
         message.lease_deadline = deadline
         self._schedule(self._leases, (deadline, message.seq, message.id))
+        self._changed_message(message)
 
     def _lease(self, message: Message, now: float, visibility_timeout: float | None) -> None:
         self._move(message, Event.RESERVE)
@@ -499,6 +612,7 @@ class Core:
         # replay and purge discard exactly one whatever the ttl is by then.
         ttl = queue.settings.dead_letter_ttl
         expires_at = math.inf if ttl is None else now + ttl
+        message.dead_expires_at = None if ttl is None else expires_at
         self._schedule(self._dead_expiry, (expires_at, message.seq, message.id))
 
     def _forget(self, message: Message, event: Event) -> None:

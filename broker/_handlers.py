@@ -16,6 +16,7 @@ from protocol import BadRequest, UnknownOp
 from ._args import MAX_BATCH, MAX_WAIT, MAX_WAITS_PER_CONNECTION, Args
 from ._core import Core
 from ._lifecycle import State
+from ._message import PutSpec
 
 PEEKABLE: Final = (State.READY, State.DELAYED, State.RESERVED, State.DEAD)
 
@@ -31,12 +32,14 @@ PENDING: Final = _Pending()
 @dataclass(slots=True)
 class Call:
     """What a handler may use: the core, the time of the request, a key that names this
-    request if it has to wait, and how many more waits its connection may hold."""
+    request if it has to wait, how many more waits its connection may hold, and the
+    store's space check for puts."""
 
     core: Core
     now: float
     waiter_key: Hashable
     waits_left: int = MAX_WAITS_PER_CONNECTION
+    admit_put: Callable[[list[PutSpec]], None] | None = None  # raises StorageFull if no room
 
 
 Handler = Callable[[Call, Args], Any]
@@ -47,7 +50,10 @@ def _ping(call: Call, args: Args) -> Any:
 
 
 def _put(call: Call, args: Args) -> Any:
-    ids = call.core.put(call.now, args.queue(), args.put_specs())
+    queue, specs = args.queue(), args.put_specs()
+    if call.admit_put is not None:
+        call.admit_put(specs)
+    ids = call.core.put(call.now, queue, specs)
     return {"ids": ids}
 
 

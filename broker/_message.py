@@ -38,6 +38,7 @@ class Message:
         "attempts",
         "body",
         "dead_at",
+        "dead_expires_at",
         "dead_reason",
         "due_at",
         "enqueued_at",
@@ -52,6 +53,7 @@ class Message:
         "queue",
         "seq",
         "state",
+        "stored",
         "visibility_timeout",
     )
 
@@ -74,6 +76,8 @@ class Message:
         self.last_error: str | None = None
         self.dead_reason: str | None = None
         self.dead_at: float | None = None
+        self.dead_expires_at: float | None = None  # None: kept until replayed or purged
+        self.stored = False  # the store has written this message's body
 
     @property
     def effective_max_attempts(self) -> int | None:

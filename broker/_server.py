@@ -1,22 +1,31 @@
-"""The asyncio side: one ``asyncio.Protocol`` per connection, one timer for the broker.
+"""The asyncio side: one ``asyncio.Protocol`` per connection, one timer for the broker,
+and the group commit that makes replies wait for the store.
 
 A loop turn goes: bytes arrive -> frames -> requests handled against the core -> replies
-queued on their connections -> ``_end_turn`` collects long-poll completions, writes every
-queued reply in one write per connection, and re-arms the single timer at the core's
-next deadline. The store seam: replies are only queued during a turn and written in
-``_flush``; a durable store commits the turn's changes before that write.
+queued on their connections -> ``end_turn`` collects long-poll completions, then either
+writes every queued reply (one write per connection) or holds them, and re-arms the single
+timer at the core's next deadline.
+
+Group commit (with a store): the core's changes are taken in batches, encoded on the loop
+and committed by one writer thread, one LMDB transaction per batch; while a batch commits,
+the next one gathers. Batches are numbered. A turn's replies may depend on any change made
+so far, so they are held until the batch holding the last of those changes has committed:
+the batch being gathered if the core has uncommitted changes, else the last one submitted.
+Held replies are written in turn order, so a connection's replies never overtake.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
 import hmac
 import itertools
 import logging
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Final, cast
 
 from protocol import (
     NEED_DATA,
@@ -41,16 +50,22 @@ from . import __version__
 from ._args import MAX_BATCH, MAX_WAIT, MAX_WAITS_PER_CONNECTION
 from ._core import Core
 from ._handlers import PENDING, Call, deliveries, handle
+from ._store import Batch, Store
 
 log = logging.getLogger("sluice.server")
 
 Clock = Callable[[], float]
+Frames = list[bytes | None]  # queued replies; None: close the connection after them
+
+_CLOSE: Final = None
+_RETRY_COMMIT_AFTER: Final = 1.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ServerLimits:
     max_frame: int
     auth_token: str | None = None
+    fsync_interval: float = 0.1  # seconds between syncs in fsync "interval" mode
 
 
 class Connection(asyncio.Protocol):
@@ -65,7 +80,8 @@ class Connection(asyncio.Protocol):
         self.greeted = False
         self.client_name = "?"
         self.peer = "?"
-        self.outbox: list[bytes] = []
+        self.outbox: Frames = []
+        self.close_requested = False
         self.waiting: set[int] = set()  # request ids of this connection's long-polls
 
     # asyncio callbacks
@@ -88,7 +104,15 @@ class Connection(asyncio.Protocol):
     @property
     def closing(self) -> bool:
         """True once this connection is being closed: read no more requests from it."""
-        return self.transport is None or self.transport.is_closing()
+        return self.close_requested or self.transport is None or self.transport.is_closing()
+
+    def eof_received(self) -> bool:
+        """The peer sends nothing more but may still read: answer what it sent (once
+        committed), then close. Its long-polls end now, as if it had gone."""
+        self.server.cancel_waits(self)
+        self.close_after_replies()
+        self.server.end_turn()
+        return True  # keep the transport open for the replies
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connection_closed(self)
@@ -172,23 +196,56 @@ class Connection(asyncio.Protocol):
         self.close_after_replies()
 
     def close_after_replies(self) -> None:
-        self.server.flush()
-        if self.transport is not None:
-            self.transport.close()
+        """Read nothing more; close once the replies queued so far are written."""
+        if not self.close_requested:
+            self.close_requested = True
+            self.outbox.append(_CLOSE)
+            self.server.mark_dirty(self)
+            if self.transport is not None:
+                self.transport.pause_reading()
 
-    def flush(self) -> None:
-        if self.outbox and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(b"".join(self.outbox))
-        self.outbox.clear()
+    def take_outbox(self) -> Frames:
+        frames, self.outbox = self.outbox, []
+        return frames
+
+    def write(self, frames: Frames) -> None:
+        """Send ``frames`` in one write; a ``_CLOSE`` among them closes the transport."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if _CLOSE in frames:
+            transport.write(b"".join(frame for frame in frames if frame is not None))
+            transport.close()
+        else:
+            transport.write(b"".join(cast(list[bytes], frames)))
 
 
 class BrokerServer:
-    """Owns the core, the connections and the single timer."""
+    """Owns the core, the connections, the single timer and (if durable) the store."""
 
-    def __init__(self, core: Core, limits: ServerLimits, clock: Clock = time.time) -> None:
+    def __init__(
+        self,
+        core: Core,
+        limits: ServerLimits,
+        clock: Clock = time.time,
+        store: Store | None = None,
+    ) -> None:
         self.core = core
         self.limits = limits
         self.clock = clock
+        self.store = store
+        # Group commit: batches are numbered 1, 2, ...; replies wait in `_held` for the
+        # batch number they need. One writer thread, so one commit (or sync) at a time.
+        self._submitted = 0
+        self._committed = 0
+        self._writing = False
+        self._held: collections.deque[tuple[int, list[tuple[Connection, Frames]]]] = (
+            collections.deque()
+        )
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, "sluice-store")
+        self._commit_event = asyncio.Event()
+        self._commit_failures = 0
+        self._sync_timer: asyncio.TimerHandle | None = None
         self.connections: dict[int, Connection] = {}
         self.shutting_down = False
         self._ids = itertools.count(1)
@@ -204,6 +261,8 @@ class BrokerServer:
             lambda: Connection(self, next(self._ids)), host, port, reuse_address=True
         )
         bound = self._listener.sockets[0].getsockname()
+        if self.store is not None and self.store.fsync == "interval":
+            self._sync_timer = loop.call_later(self.limits.fsync_interval, self._sync)
         return bound[0], bound[1]
 
     def hello_result(self, connection: Connection) -> dict[str, Any]:
@@ -228,13 +287,15 @@ class BrokerServer:
         if request_id in connection.waiting:
             raise BadRequest(f"request id {request_id} is already in use by a waiting reserve")
         waits_left = MAX_WAITS_PER_CONNECTION - len(connection.waiting)
-        return handle(Call(self.core, self.clock(), key, waits_left), op, args)
+        admit = self.store.admit_put if self.store is not None else None
+        return handle(Call(self.core, self.clock(), key, waits_left, admit), op, args)
 
     def mark_dirty(self, connection: Connection) -> None:
         self._dirty[connection.id] = connection
 
     def end_turn(self) -> None:
-        """Deliver long-poll completions, write queued replies, re-arm the timer."""
+        """Deliver long-poll completions, write (or hold) queued replies, start a commit if
+        none is running, re-arm the timer."""
         while completions := self.core.take_completions():
             for key, messages in completions:
                 connection_id, request_id = cast(tuple[int, int], key)
@@ -246,13 +307,90 @@ class BrokerServer:
                     continue
                 connection.waiting.discard(request_id)
                 connection.reply(request_id, deliveries(messages))
-        self.flush()
+        if self.store is None:
+            self.flush()
+        else:
+            needed = self._submitted + 1 if self.core.has_changes else self._submitted
+            if needed <= self._committed:
+                self.flush()
+            else:
+                self._hold(needed)
+            self._start_commit()
         self._arm_timer()
 
     def flush(self) -> None:
+        """Write every queued reply now."""
         dirty, self._dirty = self._dirty, {}
         for connection in dirty.values():
-            connection.flush()
+            connection.write(connection.take_outbox())
+
+    # group commit
+
+    def _hold(self, batch_number: int) -> None:
+        dirty, self._dirty = self._dirty, {}
+        replies = [(connection, connection.take_outbox()) for connection in dirty.values()]
+        if replies:
+            self._held.append((batch_number, replies))
+
+    def _start_commit(self) -> None:
+        if self._writing or self.store is None or not self.core.has_changes:
+            return
+        batch = self.store.encode(self.core.take_changes())
+        self._submitted += 1
+        self._commit(batch, self._submitted)
+
+    def _commit(self, batch: Batch, number: int) -> None:
+        assert self.store is not None
+        self._writing = True
+        future = asyncio.get_running_loop().run_in_executor(self._writer, self.store.commit, batch)
+        future.add_done_callback(lambda done: self._committed_or_failed(done, batch, number))
+
+    def _committed_or_failed(self, done: asyncio.Future[None], batch: Batch, number: int) -> None:
+        assert self.store is not None
+        self._writing = False
+        error = done.exception()
+        if error is not None:
+            # Nothing in this batch is confirmed to anyone yet: keep its replies held and
+            # try again. A broker that cannot write stalls; it never answers "done" falsely.
+            self._commit_failures += 1
+            if self._commit_failures == 1 or self._commit_failures % 60 == 0:
+                log.error(
+                    "commit failed (%d times so far), retrying: %s", self._commit_failures, error
+                )
+            self._writing = True
+            asyncio.get_running_loop().call_later(_RETRY_COMMIT_AFTER, self._commit, batch, number)
+            return
+        if self._commit_failures:
+            log.warning("commit succeeded again after %d failures", self._commit_failures)
+            self._commit_failures = 0
+        self.store.committed(batch)
+        self._committed = number
+        while self._held and self._held[0][0] <= number:
+            for connection, frames in self._held.popleft()[1]:
+                connection.write(frames)
+        self._commit_event.set()
+        self._start_commit()
+
+    def _sync(self) -> None:
+        """fsync=interval: flush committed pages to disk, then schedule the next sync."""
+        assert self.store is not None
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._writer, self.store.sync)
+
+        def again(done: asyncio.Future[None]) -> None:
+            if done.exception() is not None:
+                log.error("periodic sync failed: %s", done.exception())
+            if self._sync_timer is not None:
+                self._sync_timer = loop.call_later(self.limits.fsync_interval, self._sync)
+
+        future.add_done_callback(again)
+
+    async def _drain(self) -> None:
+        """Wait until every change is committed and every held reply written."""
+        while self.store is not None and (self._writing or self.core.has_changes or self._held):
+            self._commit_event.clear()
+            self._start_commit()
+            await self._commit_event.wait()
 
     # the one timer
 
@@ -293,6 +431,9 @@ class BrokerServer:
         self._dirty.pop(connection.id, None)
         if not self.connections:
             self._no_connections.set()
+        self.cancel_waits(connection)
+
+    def cancel_waits(self, connection: Connection) -> None:
         for request_id in connection.waiting:
             self.core.cancel_wait((connection.id, request_id))
         connection.waiting.clear()
@@ -303,10 +444,17 @@ class BrokerServer:
         self.shutting_down = True
         if self._listener is not None:
             self._listener.close()
+        if self._timer is not None:
+            self._timer.cancel()
         self.core.time_out_all_waits()
         self.end_turn()
         if self._timer is not None:
-            self._timer.cancel()
+            self._timer.cancel()  # end_turn re-armed it
+            self._timer = None
+        await self._drain()
+        if self._sync_timer is not None:
+            self._sync_timer.cancel()
+            self._sync_timer = None
         for connection in list(self.connections.values()):
             if connection.transport is not None:
                 connection.transport.close()
@@ -315,3 +463,4 @@ class BrokerServer:
                 await asyncio.wait_for(self._no_connections.wait(), grace)
             except TimeoutError:
                 log.warning("%d connections still open after %.1fs", len(self.connections), grace)
+        self._writer.shutdown(wait=True)

@@ -92,8 +92,11 @@ def _read_lines(stream: Any, lines: queue.Queue[str | None]) -> None:
 
 
 def start_broker(log_path: Path, *extra_args: str) -> BrokerProcess:
-    """Start ``python -m broker --port 0`` and wait (bounded) for its listening line."""
+    """Start ``python -m broker --port 0`` and wait (bounded) for its listening line.
+    Unless ``extra_args`` pick a store, it gets a durable one in ``data`` beside the log."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
+    if "--data-dir" not in extra_args and "--in-memory" not in extra_args:
+        extra_args = ("--data-dir", str(log_path.parent / "data"), *extra_args)
     with log_path.open("w") as log_file:
         process = subprocess.Popen(
             [sys.executable, "-m", "broker", "--port", "0", *extra_args],

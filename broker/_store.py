@@ -1,0 +1,426 @@
+"""The write-ahead store: every change is written to LMDB before its reply goes out.
+
+The event loop turns the core's changes into a ``Batch`` of encoded records
+(``Store.encode``, on the loop thread, because it reads live ``Message`` objects); the
+writer thread writes a batch in one LMDB transaction (``Store.commit``). The server runs one
+commit at a time and gathers the next batch while it runs: that is the group commit.
+
+Layout: one LMDB environment in the data dir with four named databases. Message ids are
+8-byte big-endian keys, so both message databases are in id order.
+
+- ``bodies``: id -> ``FORMAT`` byte + body. Written once, at put; deleted with the message.
+- ``messages``: id -> msgpack ``[FORMAT, queue, state, priority, seq, attempts,
+  max_attempts, visibility_timeout, enqueued_at, due_at, lease_token, lease_deadline,
+  lease_duration, last_error, dead_reason, dead_at, dead_expires_at, headers]``: the small
+  record that reserve, nack, touch and expiry rewrite. ``seq`` orders ready messages of
+  equal priority (and ties between equal deadlines), as in the core.
+- ``queues``: name (UTF-8) -> msgpack ``[FORMAT, settings map, totals map]``.
+- ``meta``: ``b"format"`` -> ``FORMAT``; ``b"counters"`` -> msgpack ``[FORMAT, next_id,
+  next_token]`` (ids and lease tokens are never reused, even after every message is gone).
+
+Every record starts with its format version. A new format bumps ``FORMAT`` and keeps a
+reader for the old one.
+
+Space: puts are admitted only while the estimated size of the data, including what is
+being written, stays under the capacity minus a reserve (``StorageFull`` otherwise); acks,
+nacks and other changes are always admitted, and the reserve is what they write into.
+The capacity is ``--max-storage`` or what the disk has free, whichever is smaller. The LMDB
+map starts small and doubles when a commit needs more room, up to the capacity.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any, Final
+
+import lmdb
+import msgpack
+
+from protocol import StorageFull
+
+from ._core import Changes, Core
+from ._lifecycle import State
+from ._message import Message, PutSpec
+from ._settings import QueueSettings
+
+log = logging.getLogger("sluice.store")
+
+FORMAT: Final = 1
+_BODY_PREFIX: Final = bytes([FORMAT])
+_MIN_MAP: Final = 64 * 1024 * 1024
+_NO_LIMIT: Final = 1 << 46  # 64 TiB: the map never needs to be bigger than the disk
+_STATES: Final = {state.value: state for state in State}
+FSYNC_MODES: Final = ("always", "interval", "never")
+
+
+class StoreError(Exception):
+    """The data dir cannot be used; the message says why and what to do."""
+
+
+class StoreLocked(StoreError):
+    """Another broker holds the data dir."""
+
+
+class StoreCorrupt(StoreError):
+    """A record the store cannot read: written by a newer version, or damaged."""
+
+
+@dataclass(slots=True)
+class Batch:
+    """Encoded records for one transaction. ``admitted`` is the space put admission
+    counted for the puts in it."""
+
+    bodies: list[tuple[bytes, bytes]] = field(default_factory=list)
+    states: list[tuple[bytes, bytes]] = field(default_factory=list)
+    deletes: list[bytes] = field(default_factory=list)
+    queues: list[tuple[bytes, bytes]] = field(default_factory=list)
+    counters: bytes = b""
+    admitted: int = 0
+
+    def __len__(self) -> int:
+        return len(self.states) + len(self.deletes) + len(self.queues)
+
+
+@dataclass(frozen=True, slots=True)
+class Recovered:
+    messages: int
+    by_state: dict[str, int]
+    queues: int
+    seconds: float
+
+
+def _key(message_id: int) -> bytes:
+    return message_id.to_bytes(8, "big")
+
+
+class Store:
+    """An LMDB environment in ``path`` (created if missing), locked for this process.
+
+    ``fsync``: ``always`` syncs every commit to disk (survives power loss); ``interval``
+    and ``never`` only write to the OS (survive the broker being killed, not power loss),
+    ``interval`` with a ``sync()`` the server calls every few milliseconds."""
+
+    def __init__(self, path: str, *, fsync: str = "always", max_storage: int | None = None):
+        if fsync not in FSYNC_MODES:
+            raise ValueError(f"fsync must be one of {FSYNC_MODES}, got {fsync!r}")
+        self.path = path
+        self.fsync = fsync
+        self.max_storage = max_storage
+        self._cap = min(max_storage or _NO_LIMIT, _NO_LIMIT)  # the map never grows past it
+        try:
+            os.makedirs(path, exist_ok=True)
+            self._lock_file = _lock_dir(path)
+        except OSError as error:
+            raise StoreError(f"cannot use data dir {path}: {error}") from error
+        try:
+            self._open(path)
+        except BaseException as error:
+            self._lock_file.close()
+            if isinstance(error, OSError | lmdb.Error):
+                raise StoreError(f"cannot open the store in {path}: {error}") from error
+            raise
+
+    def _open(self, path: str) -> None:
+        data_file = os.path.join(path, "data.mdb")
+        existing = os.path.getsize(data_file) if os.path.exists(data_file) else 0
+        durable = self.fsync == "always"
+        self.env = lmdb.open(
+            path,
+            map_size=max(min(_MIN_MAP, self._cap), existing),
+            max_dbs=4,
+            sync=durable,
+            metasync=durable,
+            readahead=False,
+        )
+        self._data_file = data_file
+        self._bodies = self.env.open_db(b"bodies")
+        self._states = self.env.open_db(b"messages")
+        self._queues = self.env.open_db(b"queues")
+        self._meta = self.env.open_db(b"meta")
+        self._check_format()
+        # Space accounting, in bytes. `used` is measured after each commit (writer thread);
+        # `pending` is admitted but not yet encoded, `in_flight` encoded but not committed.
+        self.used = 0
+        self.capacity = 0
+        self.pending = 0
+        self.in_flight = 0
+        self.commits = 0
+        self._measure()
+
+    # ----------------------------------------------------------- lifecycle
+
+    def close(self) -> None:
+        self.env.close()
+        self._lock_file.close()
+
+    def sync(self) -> None:
+        """Flush what was committed to disk (``interval`` mode calls this periodically)."""
+        self.env.sync(True)
+
+    def _check_format(self) -> None:
+        with self.env.begin(write=True, db=self._meta) as txn:
+            stored = txn.get(b"format")
+            if stored is None:
+                txn.put(b"format", msgpack.packb(FORMAT))
+                return
+            version = msgpack.unpackb(stored)
+            if version != FORMAT:
+                raise StoreCorrupt(
+                    f"data dir {self.path} has format {version}; this broker reads format "
+                    f"{FORMAT}. Use a broker version that matches the data"
+                )
+
+    # ------------------------------------------------------------ recovery
+
+    def recover(self, core: Core, now: float) -> Recovered:
+        """Load everything into an empty ``core`` (see ``Core.recover``)."""
+        started = time.perf_counter()
+        by_state = dict.fromkeys(("ready", "delayed", "reserved", "dead"), 0)
+        with self.env.begin(buffers=False) as txn:
+            queues = [_decode_queue(key, value) for key, value in txn.cursor(self._queues)]
+            counters = txn.get(b"counters", db=self._meta)
+            next_id, next_token = _decode_counters(counters) if counters else (1, 1)
+            messages = list(self._read_messages(txn))
+        for _, message in messages:
+            by_state[message.state.value] += 1
+        core.recover(now, queues, messages, next_id=next_id, next_token=next_token)
+        return Recovered(len(messages), by_state, len(queues), time.perf_counter() - started)
+
+    def _read_messages(self, txn: Any) -> Iterator[tuple[str, Message]]:
+        """Walk the state and body databases side by side (both are in id order)."""
+        bodies = txn.cursor(self._bodies)
+        has_body = bodies.first()
+        for key, value in txn.cursor(self._states):
+            while has_body and bodies.key() < key:
+                log.warning("dropping a body without a message record: id %d", _id(bodies.key()))
+                has_body = bodies.next()
+            if not has_body or bodies.key() != key:
+                raise StoreCorrupt(f"message {_id(key)} has a record but no body")
+            body = bodies.value()
+            if body[:1] != _BODY_PREFIX:
+                raise StoreCorrupt(f"message {_id(key)}: body format {body[:1]!r} unknown")
+            yield _decode_message(_id(key), body[1:], value)
+            has_body = bodies.next()
+
+    # ------------------------------------------------------------- writing
+
+    def admit_put(self, specs: list[PutSpec]) -> None:
+        """Count the space ``specs`` will take, or raise ``StorageFull`` (nothing counted)."""
+        need = sum(_estimate(spec) for spec in specs)
+        if self.used + self.in_flight + self.pending + need > self.capacity:
+            raise StorageFull(
+                f"storage is full ({self.used // 1024} KiB used of "
+                f"{self.capacity // 1024} KiB for messages): consume or purge messages, "
+                "or give the broker more space (--max-storage, or free disk)"
+            )
+        self.pending += need
+
+    def encode(self, changes: Changes) -> Batch:
+        """Records for ``changes``. Runs on the loop thread: it reads live messages."""
+        batch = Batch(admitted=self.pending)
+        self.in_flight += self.pending
+        self.pending = 0
+        for message in changes.messages:
+            key = _key(message.id)
+            if message.state is State.GONE:
+                if message.stored:
+                    batch.deletes.append(key)
+                continue
+            if not message.stored:
+                batch.bodies.append((key, _BODY_PREFIX + message.body))
+                message.stored = True
+            batch.states.append((key, _encode_message(message)))
+        for queue in changes.queues:
+            record = [FORMAT, queue.settings.to_wire(), queue.totals]
+            batch.queues.append((queue.name.encode(), msgpack.packb(record)))
+        batch.counters = msgpack.packb([FORMAT, changes.next_id, changes.next_token])
+        return batch
+
+    def commit(self, batch: Batch) -> None:
+        """Write ``batch`` in one transaction (writer thread). Grows the map if it must."""
+        while True:
+            try:
+                self._write(batch)
+                break
+            except lmdb.MapFullError:
+                self._grow()
+        self.commits += 1
+        self._measure()
+
+    def committed(self, batch: Batch) -> None:
+        """The loop thread's note that ``batch`` is on disk."""
+        self.in_flight -= batch.admitted
+
+    def _write(self, batch: Batch) -> None:
+        with self.env.begin(write=True) as txn:
+            for key in batch.deletes:
+                txn.delete(key, db=self._bodies)
+                txn.delete(key, db=self._states)
+            if batch.bodies:
+                txn.cursor(self._bodies).putmulti(batch.bodies)
+            if batch.states:
+                txn.cursor(self._states).putmulti(batch.states)
+            for key, value in batch.queues:
+                txn.put(key, value, db=self._queues)
+            txn.put(b"counters", batch.counters, db=self._meta)
+
+    def _grow(self) -> None:
+        size = self.env.info()["map_size"]
+        limit = self._cap
+        if size >= limit:
+            raise StorageFull(
+                f"the store reached its --max-storage of {limit} bytes while committing"
+            )
+        new_size = min(size * 2, limit)
+        log.info("growing the store's map from %d to %d MiB", size >> 20, new_size >> 20)
+        self.env.set_mapsize(new_size)
+
+    def _measure(self) -> None:
+        """Refresh ``used`` and ``capacity`` (called after each commit)."""
+        with self.env.begin() as txn:
+            pages = sum(
+                stats["branch_pages"] + stats["leaf_pages"] + stats["overflow_pages"]
+                for stats in (
+                    txn.stat(self._bodies),
+                    txn.stat(self._states),
+                    txn.stat(self._queues),
+                    txn.stat(self._meta),
+                )
+            )
+        psize = self.env.stat()["psize"]
+        self.used = pages * psize
+        file_size = os.path.getsize(self._data_file)
+        capacity = file_size + shutil.disk_usage(self.path).free
+        if self.max_storage is not None:
+            capacity = min(capacity, self.max_storage)
+        # Kept back for what must never fail: acks, nacks, expiries (LMDB copies on write).
+        self.capacity = capacity - max(1 << 20, min(64 << 20, capacity // 20))
+
+
+def _estimate(spec: PutSpec) -> int:
+    """A generous guess at the bytes a message takes in LMDB: body, record, tree pages."""
+    size = len(spec.body) + 256 + (64 * len(spec.headers) if spec.headers else 0)
+    if size > 2000:  # stored on overflow pages of its own
+        return (size // 4096 + 1) * 4096 + 256
+    return size * 2
+
+
+def _encode_message(message: Message) -> bytes:
+    record: bytes = msgpack.packb(
+        [
+            FORMAT,
+            message.queue.name,
+            message.state.value,
+            message.priority,
+            message.seq,
+            message.attempts,
+            message.max_attempts,
+            message.visibility_timeout,
+            message.enqueued_at,
+            message.due_at,
+            message.lease_token,
+            message.lease_deadline,
+            message.lease_duration,
+            message.last_error,
+            message.dead_reason,
+            message.dead_at,
+            message.dead_expires_at,
+            message.headers,
+        ]
+    )
+    return record
+
+
+def _decode_message(message_id: int, body: bytes, value: bytes) -> tuple[str, Message]:
+    record = msgpack.unpackb(value)
+    if not record or record[0] != FORMAT or len(record) != 18:
+        raise StoreCorrupt(f"message {message_id}: record format {record[:1]} unknown")
+    (
+        _,
+        queue_name,
+        state,
+        priority,
+        seq,
+        attempts,
+        max_attempts,
+        visibility_timeout,
+        enqueued_at,
+        due_at,
+        lease_token,
+        lease_deadline,
+        lease_duration,
+        last_error,
+        dead_reason,
+        dead_at,
+        dead_expires_at,
+        headers,
+    ) = record
+    message = Message.__new__(Message)
+    message.id = message_id
+    message.body = body
+    message.state = _STATES[state]
+    message.priority = priority
+    message.seq = seq
+    message.attempts = attempts
+    message.max_attempts = max_attempts
+    message.visibility_timeout = visibility_timeout
+    message.enqueued_at = enqueued_at
+    message.due_at = due_at
+    message.lease_token = lease_token
+    message.lease_deadline = lease_deadline
+    message.lease_duration = lease_duration
+    message.last_error = last_error
+    message.dead_reason = dead_reason
+    message.dead_at = dead_at
+    message.dead_expires_at = dead_expires_at
+    message.headers = headers
+    message.stored = True
+    return queue_name, message
+
+
+def _decode_queue(key: bytes, value: bytes) -> tuple[str, QueueSettings, dict[str, int]]:
+    record = msgpack.unpackb(value)
+    if not record or record[0] != FORMAT:
+        raise StoreCorrupt(f"queue {key!r}: record format {record[:1]} unknown")
+    _, settings, totals = record
+    return key.decode(), QueueSettings().updated(settings), totals
+
+
+def _decode_counters(value: bytes) -> tuple[int, int]:
+    record = msgpack.unpackb(value)
+    if not record or record[0] != FORMAT:
+        raise StoreCorrupt(f"counters: record format {record[:1]} unknown")
+    return int(record[1]), int(record[2])
+
+
+def _id(key: bytes) -> int:
+    return int.from_bytes(key, "big")
+
+
+def _lock_dir(path: str) -> IO[str]:
+    """Take the data dir's lock for as long as the returned file stays open."""
+    lock_file = open(os.path.join(path, "sluice.lock"), "a+")  # noqa: SIM115 - held open
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        lock_file.seek(0)
+        holder = lock_file.read().strip() or "unknown"
+        lock_file.close()
+        if error.errno in (errno.EAGAIN, errno.EACCES):
+            raise StoreLocked(
+                f"data dir {path} is in use by another broker (pid {holder}); stop it, or "
+                "give this one another --data-dir"
+            ) from None
+        raise
+    lock_file.seek(0)
+    lock_file.truncate()
+    lock_file.write(f"{os.getpid()}\n")
+    lock_file.flush()
+    return lock_file
