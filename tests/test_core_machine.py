@@ -529,7 +529,7 @@ batch_sizes = st.sampled_from([1, 1, 1, 2, 3])
 class CoreMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.core = Core(random=lambda: 0.5)
+        self.core = self.new_core()
         self.model = Model()
         self.now = START
         self.tokens: dict[int, int] = {UNKNOWN_TOKEN: UNKNOWN_TOKEN}  # model -> core token
@@ -540,6 +540,9 @@ class CoreMachine(RuleBasedStateMachine):
             self.model.configure(self.now, name, changes)
 
     # ------------------------------------------------------------ helpers
+
+    def new_core(self) -> Core:
+        return Core(random=lambda: 0.5)
 
     def _later(self, step: float) -> float:
         self.now += step
