@@ -99,7 +99,7 @@ class Connection(asyncio.Protocol):
                 self._on_frame(frame)
         except (BadFrame, TooLarge) as error:
             self.fail(error)
-        self.server.end_turn()
+        self.server.turn_ends_soon()
 
     @property
     def closing(self) -> bool:
@@ -111,7 +111,7 @@ class Connection(asyncio.Protocol):
         committed), then close. Its long-polls end now, as if it had gone."""
         self.server.cancel_waits(self)
         self.close_after_replies()
-        self.server.end_turn()
+        self.server.turn_ends_soon()
         return True  # keep the transport open for the replies
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -246,6 +246,7 @@ class BrokerServer:
         self._commit_event = asyncio.Event()
         self._commit_failures = 0
         self._sync_timer: asyncio.TimerHandle | None = None
+        self._turn_scheduled = False
         self.connections: dict[int, Connection] = {}
         self.shutting_down = False
         self._ids = itertools.count(1)
@@ -293,9 +294,17 @@ class BrokerServer:
     def mark_dirty(self, connection: Connection) -> None:
         self._dirty[connection.id] = connection
 
+    def turn_ends_soon(self) -> None:
+        """Run ``end_turn`` once this loop iteration has read from every connection that
+        had data, so that their changes share one commit and their replies one pass."""
+        if not self._turn_scheduled:
+            self._turn_scheduled = True
+            asyncio.get_running_loop().call_soon(self.end_turn)
+
     def end_turn(self) -> None:
         """Deliver long-poll completions, write (or hold) queued replies, start a commit if
         none is running, re-arm the timer."""
+        self._turn_scheduled = False
         while completions := self.core.take_completions():
             for key, messages in completions:
                 connection_id, request_id = cast(tuple[int, int], key)

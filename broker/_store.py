@@ -56,6 +56,7 @@ FORMAT: Final = 1
 _BODY_PREFIX: Final = bytes([FORMAT])
 _MIN_MAP: Final = 64 * 1024 * 1024
 _NO_LIMIT: Final = 1 << 46  # 64 TiB: the map never needs to be bigger than the disk
+_MEASURE_EVERY: Final = 0.5  # seconds between space measurements when not near full
 _STATES: Final = {state.value: state for state in State}
 FSYNC_MODES: Final = ("always", "interval", "never")
 
@@ -83,6 +84,7 @@ class Batch:
     queues: list[tuple[bytes, bytes]] = field(default_factory=list)
     counters: bytes = b""
     admitted: int = 0
+    measured: bool = False  # the store measured its size right after writing this batch
 
     def __len__(self) -> int:
         return len(self.states) + len(self.deletes) + len(self.queues)
@@ -145,9 +147,11 @@ class Store:
         self._queues = self.env.open_db(b"queues")
         self._meta = self.env.open_db(b"meta")
         self._check_format()
-        # Space accounting, in bytes. `used` is measured after each commit (writer thread);
-        # `pending` is admitted but not yet encoded, `in_flight` encoded but not committed.
+        # Space accounting, in bytes. `used` is measured after some commits (writer thread);
+        # `unmeasured` was admitted and committed since, `in_flight` admitted and encoded but
+        # not yet committed, `pending` admitted but not yet encoded.
         self.used = 0
+        self.unmeasured = 0
         self.capacity = 0
         self.pending = 0
         self.in_flight = 0
@@ -214,9 +218,9 @@ class Store:
     def admit_put(self, specs: list[PutSpec]) -> None:
         """Count the space ``specs`` will take, or raise ``StorageFull`` (nothing counted)."""
         need = sum(_estimate(spec) for spec in specs)
-        if self.used + self.in_flight + self.pending + need > self.capacity:
+        if self._estimate() + need > self.capacity:
             raise StorageFull(
-                f"storage is full ({self.used // 1024} KiB used of "
+                f"storage is full (about {self._estimate() // 1024} KiB used of "
                 f"{self.capacity // 1024} KiB for messages): consume or purge messages, "
                 "or give the broker more space (--max-storage, or free disk)"
             )
@@ -252,11 +256,23 @@ class Store:
             except lmdb.MapFullError:
                 self._grow()
         self.commits += 1
-        self._measure()
+        # Measuring costs a read transaction and two syscalls: do it twice a second, or
+        # after every commit once the store is within a fifth of its capacity.
+        if time.monotonic() >= self._measure_due or self._estimate() * 5 >= self.capacity * 4:
+            self._measure()
+            batch.measured = True
+
+    def _estimate(self) -> int:
+        """Bytes the store holds or will, as far as put admission knows."""
+        return self.used + self.unmeasured + self.in_flight + self.pending
 
     def committed(self, batch: Batch) -> None:
-        """The loop thread's note that ``batch`` is on disk."""
+        """The loop thread's note that ``batch`` is on disk (batches are noted in order)."""
         self.in_flight -= batch.admitted
+        if batch.measured:  # `used` counts this batch and every one before it
+            self.unmeasured = 0
+        else:
+            self.unmeasured += batch.admitted
 
     def _write(self, batch: Batch) -> None:
         with self.env.begin(write=True) as txn:
@@ -294,6 +310,7 @@ class Store:
                     txn.stat(self._meta),
                 )
             )
+        self._measure_due = time.monotonic() + _MEASURE_EVERY
         psize = self.env.stat()["psize"]
         self.used = pages * psize
         file_size = os.path.getsize(self._data_file)
