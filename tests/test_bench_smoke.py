@@ -1,15 +1,21 @@
-"""The benchmarks still run: tiny sizes, no timing asserted. bench.roundtrip exits non-zero
-if any message was not acked exactly once, so this also checks that accounting."""
+"""The benchmarks still run: tiny sizes, no timing asserted. The bench exits non-zero if
+any message was not acked exactly once, so these runs also check that accounting (and
+test_bench_harness.py checks that a bad accounting does fail a run)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from bench._sluice import broker_has_durable_mode
+
 ROOT = Path(__file__).resolve().parent.parent
+EXACTLY_ONCE = "every message delivered and acked exactly once"
 
 
 @pytest.mark.parametrize(
@@ -18,16 +24,152 @@ ROOT = Path(__file__).resolve().parent.parent
         ("bench.micro_core", ["--messages", "1000", "--repeat", "1"], "put+reserve+ack/s"),
         ("bench.micro_codec", ["--frames", "1000", "--repeat", "1"], "decode whole/s"),
         ("bench.roundtrip", ["--messages", "300", "--workers", "4"], "acked exactly once"),
-        ("bench.roundtrip", ["--messages", "300", "--batch", "50"], "acked exactly once"),
     ],
 )
 def test_benchmark_runs(module: str, args: list[str], expected: str) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = _run("-m", module, *args)
     assert done.returncode == 0, done.stderr
     assert expected in done.stdout
+
+
+def _run(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+
+
+def _bench(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """Run ``python -m bench`` with ``args`` and --json; the process and the document."""
+    path = tmp_path / "bench.json"
+    done = _run("-m", "bench", *args, "--json", str(path))
+    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    return done, json.loads(path.read_text())
+
+
+def _only_run(document: dict[str, Any]) -> dict[str, Any]:
+    [run] = document["runs"]
+    assert run["server"] == "sluice"
+    return run
+
+
+def _assert_exactly_once(run: dict[str, Any], messages: int) -> None:
+    assert run["status"] == "ok", run["reasons"]
+    accounting = run["exactly_once"]
+    assert accounting["ok"] is True
+    assert accounting["expected"] == accounting["acks"] == messages
+    assert accounting["missing"] == accounting["duplicated"] == accounting["unknown"] == 0
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--fsync", "memory"],
+        [
+            *("--batch", "50", "--priorities", "3", "--queues", "2", "--producers", "2"),
+            *("--delay-fraction", "0.2", "--delay-seconds", "0.1"),
+        ],
+    ],
+    ids=["unbatched", "batch-50-delayed"],
+)
+def test_throughput_reports_every_figure(tmp_path: Path, args: list[str]) -> None:
+    done, document = _bench(tmp_path, "--messages", "300", "--workers", "4", *args)
+    assert EXACTLY_ONCE in done.stdout
+    assert document["scenario"] == "throughput" and document["ok"] is True
+    workload = document["config"]["workload"]
+    assert workload["messages"] == 300 and workload["workers"] == 4
+    assert "python" in document["versions"] and document["command"].startswith("python -m")
+    run = _only_run(document)
+    _assert_exactly_once(run, 300)
+    assert "sluice broker" in run["versions"]
+    figures = run["figures"]
+    for key in ("jobs_per_s", "elapsed_s", "put_per_s", "server_cpu_s", "server_peak_rss_mib"):
+        assert figures[key] > 0, key
+    for key in ("put_confirm_ms", "put_to_deliver_ms"):
+        summary = figures[key]
+        assert set(summary) >= {"p50", "p90", "p99", "p99.9", "max", "count"}
+        assert summary["p50"] <= summary["p99"] <= summary["max"]
+    assert figures["put_to_deliver_ms"]["count"] == 300
+
+
+def test_latency_runs_open_loop(tmp_path: Path) -> None:
+    done, document = _bench(
+        tmp_path, "--scenario", "latency", "--rate", "200", "--duration", "1", "--fsync", "memory"
+    )
+    assert EXACTLY_ONCE in done.stdout
+    run = _only_run(document)
+    messages = run["exactly_once"]["expected"]
+    assert messages > 0
+    _assert_exactly_once(run, messages)
+    assert run["figures"]["offered_per_s"] == 200
+
+
+def test_many_workers_keeps_idle_connections(tmp_path: Path) -> None:
+    done, document = _bench(
+        tmp_path,
+        "--scenario",
+        "many-workers",
+        "--messages",
+        "300",
+        "--idle-workers",
+        "20",
+        "--fsync",
+        "memory",
+    )
+    assert EXACTLY_ONCE in done.stdout
+    run = _only_run(document)
+    _assert_exactly_once(run, 300)
+    assert run["figures"]["idle_workers"] == 20
+
+
+def test_backlog_fills_then_drains(tmp_path: Path) -> None:
+    done, document = _bench(
+        tmp_path, "--scenario", "backlog", "--messages", "300", "--fsync", "memory"
+    )
+    assert EXACTLY_ONCE in done.stdout
+    run = _only_run(document)
+    _assert_exactly_once(run, 300)
+    figures = run["figures"]
+    assert figures["fill_per_s"] > 0 and figures["drain_per_s"] > 0
+    assert figures["fill_server_rss_mib"] > 0
+
+
+def test_recovery_restarts_a_killed_broker(tmp_path: Path) -> None:
+    done, document = _bench(tmp_path, "--scenario", "recovery", "--messages", "300")
+    run = _only_run(document)
+    if not broker_has_durable_mode():
+        assert run["status"] == "skipped"
+        assert "no durable mode" in run["reasons"][0]
+        return
+    assert EXACTLY_ONCE in done.stdout
+    _assert_exactly_once(run, 300)
+    figures = run["figures"]
+    assert figures["recovered"] == 300
+    assert 0 < figures["restart_listening_s"] <= figures["restart_ready_s"]
+
+
+@pytest.mark.parametrize(
+    ("scenario", "peers"),
+    [("throughput", "beanstalkd:off,redis:off"), ("recovery", "beanstalkd:binlog,redis:always")],
+)
+def test_peers_run_or_are_skipped(tmp_path: Path, scenario: str, peers: str) -> None:
+    """Each peer either runs the same workload exactly once or says why it was skipped
+    (server or client not installed): neither fails the bench."""
+    done, document = _bench(
+        tmp_path, "--scenario", scenario, "--messages", "200", "--against", peers
+    )
+    runs = {run["server"]: run for run in document["runs"]}
+    assert set(runs) == {"sluice", "beanstalkd", "redis"}
+    for name, run in runs.items():
+        if run["status"] == "skipped":
+            assert name == "sluice" or "install" in run["reasons"][0]
+        else:
+            _assert_exactly_once(run, 200)
+        if scenario == "recovery" and run["status"] == "ok":
+            assert run["figures"]["recovered"] == 200
+    assert "sluice/this" in done.stdout
+
+
+def test_bad_options_are_refused_with_the_fix() -> None:
+    done = _run("-m", "bench", "--batch", "5000")
+    assert done.returncode == 2
+    assert "--batch must be 1..1000" in done.stderr

@@ -1,0 +1,183 @@
+"""Sluice as a server under test: a broker process the bench starts (or one at ``--url``),
+and the load loops' connection over ``AsyncClient``."""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import os
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from client import AsyncClient, Client, Message
+
+from ._servers import READY_TIMEOUT, Delivery, Endpoint, OwnedProcess
+
+LISTENING = "sluice listening on "
+FSYNC_MODES = ("always", "interval", "never", "memory")
+
+
+@functools.cache
+def broker_help() -> str:
+    """``python -m broker --help``, to find out which flags this broker has."""
+    done = subprocess.run(
+        [sys.executable, "-m", "broker", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    return done.stdout
+
+
+def broker_has_durable_mode() -> bool:
+    return "--fsync" in broker_help()
+
+
+def auth_token() -> str | None:
+    """The token for a broker that wants one (``--url``), from SLUICE_AUTH_TOKEN."""
+    return os.environ.get("SLUICE_AUTH_TOKEN") or None
+
+
+def probe(host: str, port: int, timeout: float = 10.0) -> Client:
+    """A blocking client for the bench's own checks (version, stats, ping)."""
+    return Client(host, port, timeout=timeout, client_name="sluice-bench", auth_token=auth_token())
+
+
+class SluiceConnection:
+    """The load loops' view of one ``AsyncClient`` connection."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.client = AsyncClient(
+            endpoint.host,
+            endpoint.port,
+            client_name="sluice-bench",
+            auth_token=auth_token(),
+        )
+
+    async def open(self) -> None:
+        await self.client.connect()
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def put(self, queue: str, bodies: list[bytes], priority: int, delay: float) -> None:
+        await self.client.put_many(queue, bodies, priority=priority, delay=delay)
+
+    async def reserve(
+        self, queues: Sequence[str], max_messages: int, wait: float
+    ) -> list[Delivery]:
+        messages = await self.client.reserve(queues, max_messages=max_messages, wait=wait)
+        return [(message.body, message) for message in messages]
+
+    async def ack(self, handles: list[Any]) -> None:
+        messages: list[Message] = handles
+        acked = await self.client.ack(messages)
+        if acked != len(messages):
+            raise RuntimeError(f"broker acked {acked} of {len(messages)} messages")
+
+
+class SluiceServer:
+    """A broker started by the bench (``python -m broker`` on a free port), or the one at
+    ``url``. ``fsync`` is one of FSYNC_MODES; a broker without durable mode runs in memory
+    and ``notes`` says so."""
+
+    name = "sluice"
+
+    def __init__(self, fsync: str = "memory", url: str | None = None) -> None:
+        self.url = url
+        self.notes: list[str] = []
+        self.owned = OwnedProcess()
+        self.host, self.port = "127.0.0.1", 0
+        if url:
+            target = Client.from_url(url)  # parses only; connects on first use
+            self.host, self.port = target.host, target.port
+        self.durable = fsync != "memory"
+        if url:
+            self.mode = "external"
+            self.notes.append(f"ran against {url}: --fsync does not apply, no CPU or RSS")
+        elif self.durable and not broker_has_durable_mode():
+            self.durable = False
+            self.mode = "memory"
+            self.notes.append(
+                f"this broker has no --fsync flag yet: ran in memory instead of fsync {fsync}"
+            )
+        else:
+            self.mode = "memory" if fsync == "memory" else f"fsync {fsync}"
+        self.fsync = fsync if self.durable else "memory"
+
+    @property
+    def pid(self) -> int | None:
+        return self.owned.pid
+
+    def endpoint(self) -> Endpoint:
+        return Endpoint("sluice", self.host, self.port)
+
+    def check(self, workload: Any) -> None:
+        """Sluice runs every workload."""
+
+    def versions(self) -> dict[str, str]:
+        try:
+            package = importlib.metadata.version("sluice")
+        except importlib.metadata.PackageNotFoundError:
+            package = "not installed"
+        info: dict[str, str] = {"sluice package": package}
+        try:
+            with probe(self.host, self.port) as client:
+                info["sluice broker"] = str(client.server_info.get("version", "unknown"))
+        except Exception as error:  # a version is nice to have, not worth failing a run
+            info["sluice broker"] = f"unknown ({error})"
+        return info
+
+    def command(self) -> list[str]:
+        command = [sys.executable, "-m", "broker", "--host", "127.0.0.1", "--port"]
+        command += [str(self.port or 0), "--log-level", "warning"]
+        if self.durable:
+            assert self.owned.directory is not None
+            command += ["--fsync", self.fsync, "--data-dir", str(self.owned.directory / "data")]
+        elif "--in-memory" in broker_help():
+            command.append("--in-memory")
+        return command
+
+    def start(self) -> None:
+        """Start the broker and wait for its listening line (no-op with ``url``)."""
+        if self.url:
+            return
+        self.owned.make_directory("sluice-bench-")
+        self.port = self._launch()
+
+    def _launch(self) -> int:
+        process = self.owned.spawn(self.command(), stdout=subprocess.PIPE, text=True)
+        assert process.stdout is not None
+        ready, _, _ = select.select([process.stdout], [], [], READY_TIMEOUT)
+        line = process.stdout.readline() if ready else ""
+        if not line.startswith(LISTENING):
+            self.owned.kill()
+            raise RuntimeError(
+                f"the broker did not start (expected {LISTENING!r}, got {line!r}); its log:\n"
+                + self.owned.log_tail()
+            )
+        return int(line.strip().rsplit(":", 1)[1])
+
+    def restart_after_kill(self) -> dict[str, float]:
+        """SIGKILL the broker, start it again on the same data directory and port, and time
+        it: seconds until the listening line, and until it answered a ping."""
+        self.owned.kill()
+        started = time.perf_counter()
+        self.port = self._launch()
+        listening = time.perf_counter() - started
+        with probe(self.host, self.port, READY_TIMEOUT) as client:
+            client.ping()
+        return {"listening_s": listening, "ready_s": time.perf_counter() - started}
+
+    def queued(self, queues: list[str]) -> int:
+        """Ready messages over ``queues``, by the broker's own stats."""
+        with probe(self.host, self.port) as client:
+            return sum(int(client.stats(queue)["ready"]) for queue in queues)
+
+    def stop(self) -> None:
+        self.owned.stop()

@@ -1,0 +1,273 @@
+"""Unit tests of the bench harness's parts: the histogram, the exactly-once accounting,
+how work is dealt out, the workload checks, the /proc readers and the peer list."""
+
+from __future__ import annotations
+
+import array
+import math
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+from bench.__main__ import build_parser, build_workload, check_workload, exit_status
+from bench._accounting import MIN_BODY, account, make_body, read_body, token
+from bench._harness import PhaseResult, Progress, deal
+from bench._hist import Histogram
+from bench._load import Workload
+from bench._peers import BeanstalkdServer, RedisServer, parse_peers
+from bench._proc import cpu_seconds, peak_rss_bytes, rss_bytes
+from bench._scenarios import RunReport, _Context
+from bench._servers import Unsupported
+from bench._sluice import SluiceServer
+
+# Histogram ---------------------------------------------------------------------------------
+
+
+def test_small_values_are_exact() -> None:
+    histogram = Histogram()
+    for value in range(1, 1001):
+        histogram.record(value)
+    assert histogram.percentile(50) == 500
+    assert histogram.percentile(99.9) == 999
+    assert histogram.percentile(100) == histogram.max == 1000
+    assert histogram.percentile(0) == histogram.min == 1
+    assert histogram.count == 1000 and histogram.mean == 500.5
+
+
+@pytest.mark.parametrize("digits", [1, 2, 3, 4])
+def test_percentiles_stay_within_the_precision(digits: int) -> None:
+    values = [random.Random(digits).randrange(1, 10**9) for _ in range(20_000)]
+    histogram = Histogram(significant_digits=digits)
+    for value in values:
+        histogram.record(value)
+    ordered = sorted(values)
+    for percent in (1, 10, 50, 90, 99, 99.9):
+        exact = ordered[max(1, math.ceil(round(len(ordered) * percent / 100, 9))) - 1]
+        assert abs(histogram.percentile(percent) - exact) <= exact * 10**-digits
+
+
+def test_every_value_lands_in_a_bucket_that_holds_it() -> None:
+    for value in [*range(0, 3000), 2**20 - 1, 2**20, 2**40 + 12345]:
+        histogram = Histogram(significant_digits=2)
+        histogram.record(value)
+        [index] = histogram.counts
+        lowest, highest = histogram.bucket_bounds(index)
+        assert lowest <= value <= highest
+        assert highest - lowest <= max(lowest, 1) / 100
+
+
+def test_bucket_bounds_tile_the_number_line() -> None:
+    histogram = Histogram(significant_digits=2)
+    expected_lowest = 0
+    for index in range(3000):
+        lowest, highest = histogram.bucket_bounds(index)
+        assert lowest == expected_lowest
+        expected_lowest = highest + 1
+
+
+def test_merge_equals_recording_everything_in_one() -> None:
+    rng = random.Random(7)
+    parts = [[rng.randrange(0, 10**7) for _ in range(1000)] for _ in range(3)]
+    whole, merged = Histogram(), Histogram()
+    for part in parts:
+        piece = Histogram()
+        for value in part:
+            piece.record(value)
+            whole.record(value)
+        merged.merge(piece)
+    merged.merge(Histogram())  # an empty one changes nothing
+    assert merged == whole
+
+
+def test_merge_into_empty_takes_the_other_min() -> None:
+    merged, other = Histogram(), Histogram()
+    other.record(70)
+    merged.merge(other)
+    assert (merged.min, merged.max, merged.count) == (70, 70, 1)
+
+
+def test_merge_refuses_another_precision() -> None:
+    with pytest.raises(ValueError, match="precision"):
+        Histogram(significant_digits=2).merge(Histogram(significant_digits=3))
+
+
+def test_empty_negative_and_bad_input() -> None:
+    histogram = Histogram()
+    assert histogram.percentile(99) == 0 and histogram.mean == 0.0
+    histogram.record(-5)  # a clock step backwards counts as zero
+    assert histogram.min == histogram.max == 0
+    with pytest.raises(ValueError):
+        histogram.percentile(101)
+    with pytest.raises(ValueError):
+        Histogram(significant_digits=0)
+
+
+def test_summary_scales_every_value() -> None:
+    histogram = Histogram()
+    for value in (1000, 2000, 3000):
+        histogram.record(value)
+    summary = histogram.summary(scale=1000)
+    assert summary["count"] == 3
+    assert summary["p50"] == 2.0 and summary["max"] == 3.0 and summary["min"] == 1.0
+    assert set(summary) == {"count", "mean", "min", "p50", "p90", "p99", "p99.9", "max"}
+
+
+# Accounting --------------------------------------------------------------------------------
+
+
+def test_body_carries_due_time_and_token() -> None:
+    body = make_body(123_456_789, token(3, 42), b"x" * 84)
+    assert len(body) == 100 and MIN_BODY == 16
+    assert read_body(body) == (123_456_789, token(3, 42))
+
+
+def test_each_put_acked_once_is_ok() -> None:
+    acks = [token(slot, seq) for slot in (0, 5) for seq in range(100)]
+    random.Random(1).shuffle(acks)
+    accounting = account({0: 100, 5: 100}, acks)
+    assert accounting.ok
+    assert (accounting.expected, accounting.acks) == (200, 200)
+    assert "exactly once (200)" in accounting.describe()
+
+
+def test_missing_duplicated_and_unknown_acks_fail() -> None:
+    acks = [token(0, seq) for seq in range(10) if seq != 4]  # 4 never acked
+    acks += [token(0, 7), token(0, 7)]  # 7 acked three times in all
+    acks += [token(1, 0), token(0, 10)]  # a slot nobody put on; a seq past the slot's count
+    accounting = account({0: 10}, acks)
+    assert not accounting.ok
+    assert (accounting.missing, accounting.duplicated, accounting.unknown) == (1, 1, 2)
+    assert accounting.acks == 13
+    assert accounting.describe().startswith("FAILED")
+
+
+def test_a_failed_accounting_fails_the_run() -> None:
+    puts = PhaseResult(put_counts={0: 3})
+    acks = PhaseResult(acked_tokens=[array.array("Q", [token(0, 0), token(0, 1), token(0, 1)])])
+    report = RunReport("sluice", "memory")
+    context = _Context(SluiceServer("memory"), Workload(), Progress(False), report)
+    context.check_exactly_once(puts, acks)
+    assert report.status == "failed"
+    assert report.exactly_once is not None and report.exactly_once.missing == 1
+    assert "never acked" in report.reasons[0]
+    skipped = RunReport("redis", "aof off", status="skipped", reasons=["not installed"])
+    assert exit_status([RunReport("sluice", "memory"), skipped]) == 0
+    assert exit_status([report, skipped]) == 1
+
+
+# Dealing out work --------------------------------------------------------------------------
+
+
+def test_deal_spreads_items_round_robin() -> None:
+    assert deal(8, 3) == [[0, 3, 6], [1, 4, 7], [2, 5]]
+    assert deal(2, 8) == [[0], [1]]
+    assert deal(0, 4) == []
+
+
+@pytest.mark.parametrize(("queues", "workers"), [(1, 8), (3, 8), (8, 3), (10, 10), (250, 4)])
+def test_every_queue_has_a_worker_and_every_worker_a_queue(queues: int, workers: int) -> None:
+    workload = Workload(queues=queues, workers=workers)
+    served = [workload.worker_queues("ns", worker) for worker in range(workers)]
+    assert all(served)
+    assert {name for names in served for name in names} == set(workload.queue_names("ns"))
+
+
+def test_shares_add_up_to_the_messages() -> None:
+    workload = Workload(messages=1003, producers=4)
+    assert [workload.share(slot) for slot in range(4)] == [251, 251, 251, 250]
+    assert Workload(duration=5.0).share(0) is None
+
+
+# Options -----------------------------------------------------------------------------------
+
+
+def _workload(*argv: str) -> tuple[str, Workload]:
+    args = build_parser().parse_args(list(argv))
+    return args.scenario, build_workload(args)
+
+
+def test_scenario_defaults_and_flags() -> None:
+    _, throughput = _workload()
+    assert (throughput.messages, throughput.producers, throughput.workers) == (50_000, 1, 8)
+    assert (throughput.batch, throughput.body_size, throughput.rate) == (1, 100, None)
+    _, latency = _workload("--scenario", "latency")
+    assert (latency.rate, latency.duration, latency.messages) == (1000.0, 10.0, None)
+    _, sized = _workload("--scenario", "latency", "--messages", "500")
+    assert (sized.messages, sized.duration) == (500, None)
+    _, backlog = _workload("--scenario", "backlog", "--batch", "10")
+    assert (backlog.messages, backlog.batch) == (1_000_000, 10)
+    _, many = _workload("--scenario", "many-workers", "--idle-workers", "20")
+    assert many.idle_workers == 20
+
+
+@pytest.mark.parametrize(
+    ("argv", "complaint"),
+    [
+        (["--batch", "1001"], "--batch"),
+        (["--body-size", "8"], "--body-size"),
+        (["--workers", "0"], "--workers"),
+        (["--delay-fraction", "2"], "--delay-fraction"),
+        (["--scenario", "backlog", "--duration", "5"], "use --messages"),
+        (["--queues", "500", "--workers", "2"], "at most 100 queues"),
+    ],
+)
+def test_bad_workloads_say_what_to_change(argv: list[str], complaint: str) -> None:
+    scenario, workload = _workload(*argv)
+    problem = check_workload(scenario, workload)
+    assert problem is not None and complaint in problem
+
+
+def test_a_good_workload_passes() -> None:
+    assert check_workload(*_workload("--queues", "3", "--priorities", "4")) is None
+
+
+# /proc readers and peers -------------------------------------------------------------------
+
+
+def test_proc_readers_measure_a_live_process_and_not_a_gone_one() -> None:
+    cpu = cpu_seconds(os.getpid())
+    assert cpu is not None and cpu >= 0
+    rss, peak = rss_bytes(os.getpid()), peak_rss_bytes(os.getpid())
+    assert rss is not None and peak is not None and 0 < rss <= peak
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    assert cpu_seconds(gone.pid) is None and peak_rss_bytes(gone.pid) is None
+
+
+def test_peer_list_parses_names_and_modes() -> None:
+    every = parse_peers("beanstalkd,redis", 100)
+    assert [(s.name, s.mode) for s in every] == [
+        ("beanstalkd", "binlog off"),
+        ("beanstalkd", "binlog on"),
+        ("beanstalkd", "binlog, fsync each write"),
+        ("redis", "aof off"),
+        ("redis", "aof everysec"),
+        ("redis", "aof always"),
+    ]
+    assert [s.mode for s in parse_peers("redis:always, beanstalkd:fsync", 100)] == [
+        "aof always",
+        "binlog, fsync each write",
+    ]
+    with pytest.raises(ValueError, match="choose from beanstalkd, redis"):
+        parse_peers("rabbitmq", 100)
+    with pytest.raises(ValueError, match="choose from off, everysec, always"):
+        parse_peers("redis:sometimes", 100)
+
+
+def test_beanstalkd_commands_per_mode() -> None:
+    assert "-b" not in BeanstalkdServer("off").command("beanstalkd", "/d")
+    assert BeanstalkdServer("binlog").command("beanstalkd", "/d")[-2:] == ["-b", "/d"]
+    assert BeanstalkdServer("fsync").command("beanstalkd", "/d")[-4:] == ["-b", "/d", "-f", "0"]
+
+
+def test_redis_skips_what_a_list_cannot_do() -> None:
+    server = RedisServer("always")
+    command = server.command("redis-server", "/d")
+    assert command[command.index("--appendfsync") + 1] == "always"
+    with pytest.raises(Unsupported, match="no priorities"):
+        server.check(Workload(priorities=3))
+    with pytest.raises(Unsupported, match="no delays"):
+        server.check(Workload(delay_fraction=0.5))
