@@ -1,0 +1,133 @@
+"""A store with a small ``--max-storage`` refuses puts near its capacity with a typed
+``STORAGE_FULL`` that says what to do, keeps everything else working (acks above all, which
+write into the space the store holds back for them), admits puts again once acks free space,
+and loses nothing it confirmed when it is killed with SIGKILL, full or not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from client import Client, Message
+from client.errors import ErrorCode, StorageFull
+from tests.conftest import BrokerProcess, start_broker, stop_broker
+
+QUEUE = "full.jobs"
+MAX_STORAGE = 4 * 1024 * 1024  # --max-storage 4M
+BODY_SIZE = 8 * 1024
+MAX_PUTS = 2000  # a 4 MiB store must refuse long before this many 8 KiB bodies
+
+
+def body(number: int) -> bytes:
+    return f"{number:06d}".encode().ljust(BODY_SIZE, b".")
+
+
+def fill(client: Client, first: int) -> tuple[list[bytes], StorageFull]:
+    """Put 8 KiB bodies numbered from ``first`` until the broker refuses one; returns the
+    bodies it confirmed and the refusal."""
+    stored: list[bytes] = []
+    for number in range(first, first + MAX_PUTS):
+        try:
+            client.put(QUEUE, body(number))
+        except StorageFull as error:
+            return stored, error
+        stored.append(body(number))
+    pytest.fail(f"{MAX_PUTS} puts of {BODY_SIZE} bytes fit in a {MAX_STORAGE}-byte store")
+
+
+def assert_refuses_puts(client: Client) -> None:
+    with pytest.raises(StorageFull) as refused:
+        client.put(QUEUE, body(999_999))
+    with pytest.raises(StorageFull):
+        client.put_many(QUEUE, [body(999_998), body(999_997)])
+    assert refused.value.code is ErrorCode.STORAGE_FULL
+    text = refused.value.message
+    assert "consume or purge" in text and "--max-storage" in text, text
+
+
+def reserve_all(client: Client, count: int) -> list[Message]:
+    messages: list[Message] = []
+    while len(messages) < count:
+        batch = client.reserve(QUEUE, max_messages=100, visibility_timeout=60)
+        assert batch, f"only {len(messages)} of {count} messages could be reserved"
+        messages += batch
+    return messages
+
+
+def ready_bodies(client: Client) -> set[bytes]:
+    items = client.peek(QUEUE, "ready", limit=1000)
+    assert len(items) < 1000
+    return {item["body"] for item in items}
+
+
+def counts(client: Client) -> tuple[int, int, int, int]:
+    stats = client.stats(QUEUE)
+    return stats["ready"], stats["delayed"], stats["reserved"], stats["dead"]
+
+
+@pytest.fixture
+def brokers() -> Iterator[list[BrokerProcess]]:
+    """The brokers a test started; any still running at the end is killed."""
+    started: list[BrokerProcess] = []
+    yield started
+    for broker in started:
+        if broker.process.poll() is None:
+            broker.process.kill()
+            broker.process.wait()
+
+
+def test_full_store_refuses_puts_keeps_acks_and_loses_nothing(
+    tmp_path: Path, brokers: list[BrokerProcess]
+) -> None:
+    def start(name: str) -> BrokerProcess:
+        args = ("--data-dir", str(tmp_path / "data"), "--max-storage", "4M")
+        brokers.append(start_broker(tmp_path / f"{name}.log", *args))
+        return brokers[-1]
+
+    def kill_and_restart(broker: BrokerProcess, name: str) -> BrokerProcess:
+        broker.process.kill()
+        broker.process.wait()
+        log = broker.log()
+        assert "Traceback" not in log and "commit failed" not in log, log[-4000:]
+        return start(name)
+
+    broker = start("filling")
+    with broker.client() as client:
+        stored, refusal = fill(client, 0)
+        assert refusal.code is ErrorCode.STORAGE_FULL
+        assert 0 < len(stored) * BODY_SIZE < MAX_STORAGE, len(stored)
+        assert_refuses_puts(client)
+        # A refused put stores nothing, and every other op still works.
+        assert counts(client) == (len(stored), 0, 0, 0)
+        assert client.stats(QUEUE)["totals"]["put"] == len(stored)
+        assert [item["body"] for item in client.peek(QUEUE, limit=3)] == stored[:3]
+        assert client.configure(QUEUE)["max_body"] == 1024 * 1024
+
+    broker = kill_and_restart(broker, "full")
+    with broker.client() as client:
+        assert ready_bodies(client) == set(stored), "confirmed puts were lost while full"
+        assert_refuses_puts(client)
+        messages = reserve_all(client, len(stored))
+        half = len(messages) // 2
+        for message in messages[:half]:
+            assert client.ack(message) == 1  # each ack its own commit, into the reserve
+        for message in messages[half : half + 10]:
+            client.touch(message)
+        kept = messages[half:]
+        assert client.nack(kept, delay=0, error="retry after the full disk") == len(kept)
+        assert counts(client) == (len(kept), 0, 0, 0)
+        refilled, _ = fill(client, len(stored))  # until the store is full again
+        assert refilled, "acking half of a full store did not let any put in"
+
+    broker = kill_and_restart(broker, "refilled")
+    with broker.client() as client:
+        expected = {message.body for message in kept} | set(refilled)
+        assert ready_bodies(client) == expected, "confirmed puts were lost"
+        remaining = reserve_all(client, len(expected))
+        assert client.ack(remaining) == len(expected)
+        assert counts(client) == (0, 0, 0, 0)
+        assert client.put(QUEUE, body(0)) > 0
+    stop_broker(broker)
