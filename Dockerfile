@@ -20,5 +20,5 @@ RUN pip install --no-cache-dir . \
 
 USER sluice
 VOLUME ["/data"]
-EXPOSE 7700
+EXPOSE 7700 7701
 ENTRYPOINT ["sluice-broker"]

@@ -141,6 +141,8 @@ class SluiceServer:
             command += ["--fsync", self.fsync, "--data-dir", str(self.owned.directory / "data")]
         elif "--in-memory" in broker_help():
             command.append("--in-memory")
+        if "--metrics-port" in broker_help():
+            command += ["--metrics-port", "0"]  # benches may run side by side
         return command
 
     def start(self) -> None:

@@ -68,7 +68,18 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1, help="messages per put/reserve/ack")
     args = parser.parse_args()
     broker = subprocess.Popen(
-        [sys.executable, "-m", "broker", "--port", "0", "--log-level", "warning", "--in-memory"],
+        [
+            sys.executable,
+            "-m",
+            "broker",
+            "--port",
+            "0",
+            "--log-level",
+            "warning",
+            "--in-memory",
+            "--metrics-port",
+            "0",
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -12,21 +12,33 @@ from collections.abc import Sequence
 
 import uvloop
 
+from . import __version__
 from ._config import Config, parse_config
 from ._core import Core
+from ._logging import configure_logging, event, log_dead_letter
+from ._metrics import MetricsEndpoint, MetricsUnavailable
 from ._server import BrokerServer, ServerLimits
-from ._store import Store, StoreError
+from ._store import Recovered, Store, StoreError
 
 log = logging.getLogger("sluice")
 
 
-def open_store(config: Config, core: Core) -> Store | None:
+def open_store(config: Config, core: Core) -> tuple[Store | None, Recovered | None]:
     """Open and lock the data dir, and recover ``core`` from it (None: in memory)."""
     if config.data_dir is None:
-        log.info("in memory: nothing is written to disk, a restart loses every message")
-        return None
+        log.info(
+            "in memory: nothing is written to disk, a restart loses every message",
+            extra=event("in_memory"),
+        )
+        return None, None
     store = Store(config.data_dir, fsync=config.fsync, max_storage=config.max_storage)
-    log.info("recovering from %s (fsync %s)", os.path.abspath(config.data_dir), config.fsync)
+    data_dir = os.path.abspath(config.data_dir)
+    log.info(
+        "recovering from %s (fsync %s)",
+        data_dir,
+        config.fsync,
+        extra=event("recovering", data_dir=data_dir, fsync=config.fsync),
+    )
     recovered = store.recover(core, time.time())
     states = ", ".join(f"{count} {state}" for state, count in recovered.by_state.items())
     log.info(
@@ -35,20 +47,33 @@ def open_store(config: Config, core: Core) -> Store | None:
         states,
         recovered.queues,
         recovered.seconds,
+        extra=event(
+            "recovered",
+            messages=recovered.messages,
+            queues=recovered.queues,
+            seconds=round(recovered.seconds, 6),
+            **recovered.by_state,
+        ),
     )
-    return store
+    return store, recovered
 
 
 async def serve(config: Config) -> None:
     # A reserve reply carries at most about half a frame of bodies (always one message).
-    core = Core(max_delivery_bytes=config.max_frame // 2, track_changes=config.data_dir is not None)
-    store = open_store(config, core)
+    log_start(config)
+    core = Core(
+        max_delivery_bytes=config.max_frame // 2,
+        track_changes=config.data_dir is not None,
+        on_dead=log_dead_letter,
+    )
+    store, recovered = open_store(config, core)
     limits = ServerLimits(
         max_frame=config.max_frame,
         auth_token=config.auth_token,
         fsync_interval=config.fsync_interval,
     )
     server = BrokerServer(core, limits, store=store)
+    server.metrics.recovered = recovered
     try:
         await run_until_signal(server, config)
     finally:
@@ -57,29 +82,56 @@ async def serve(config: Config) -> None:
             store.close()
 
 
+def log_start(config: Config) -> None:
+    settings = config.summary()
+    log.info(
+        "sluice %s starting (pid %d): %s",
+        __version__,
+        os.getpid(),
+        " ".join(f"{name}={value}" for name, value in settings.items()),
+        extra=event("start", version=__version__, pid=os.getpid(), settings=settings),
+    )
+
+
+async def start_metrics(server: BrokerServer, config: Config) -> tuple[MetricsEndpoint | None, str]:
+    """Serve /metrics and /healthz unless --metrics-port is 0; returns the endpoint and
+    its address for the log ("off" if none)."""
+    if config.metrics_port == 0:
+        return None, "off"
+    endpoint = MetricsEndpoint(server)
+    host, port = await endpoint.start(config.host, config.metrics_port)
+    return endpoint, f"http://{host}:{port}/metrics"
+
+
 async def run_until_signal(server: BrokerServer, config: Config) -> None:
     host, port = await server.start(config.host, config.port)
+    metrics, metrics_address = await start_metrics(server, config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     print(f"sluice listening on {host}:{port}", flush=True)
+    log.info(
+        "listening on %s:%d, metrics %s",
+        host,
+        port,
+        metrics_address,
+        extra=event("listening", host=host, port=port, metrics=metrics_address),
+    )
     await stop.wait()
-    log.info("shutting down: answering in-flight requests")
+    log.info("shutting down: answering in-flight requests", extra=event("shutdown"))
     await server.shutdown()
-    log.info("stopped")
+    if metrics is not None:
+        metrics.close()
+    log.info("stopped", extra=event("stopped"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_config(argv)
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(config.log_level, config.log_format)
     try:
         uvloop.run(serve(config))
-    except StoreError as error:
+    except (StoreError, MetricsUnavailable) as error:
         print(f"sluice-broker: {error}", file=sys.stderr)
         return 1
     except OSError as error:

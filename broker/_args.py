@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from typing import Any, Final
 
+import msgpack
+
 from protocol import BadRequest, require_queue_name, shown
 
 from ._message import Headers, PutSpec
+from ._outcomes import NO_RESULT
 from ._settings import MAX_DURATION, integer_in_range, number_in_range
 
 MAX_BATCH: Final = 1000
@@ -17,6 +20,8 @@ MAX_HEADERS: Final = 64
 MAX_HEADER_KEY: Final = 256
 MAX_HEADER_VALUE: Final = 4096
 MAX_TEXT: Final = 64 * 1024  # error texts and bury reasons are cut to this many chars
+MAX_KEY: Final = 256  # dedup key length
+MAX_RESULT: Final = 1024 * 1024  # encoded size of one job result
 PRIORITY_RANGE: Final = (-(2**31), 2**31 - 1)
 INT64_RANGE: Final = (-(2**63), 2**63 - 1)
 _MISSING: Final = object()
@@ -72,6 +77,12 @@ class Args:
             return None
         return number_in_range(f"{self.op}: {name}", value, low=0, high=high, low_open=low_open)
 
+    def number(self, name: str, default: Any = _MISSING, *, low: float, high: float) -> Any:
+        value = self._get(name, default)
+        if value is None and default is None:
+            return None
+        return number_in_range(f"{self.op}: {name}", value, low=low, high=high)
+
     def text(self, name: str, default: Any = _MISSING) -> Any:
         value = self._get(name, default)
         if value is None and default is None:
@@ -95,21 +106,33 @@ class Args:
 
     def deliveries(self, name: str = "items") -> list[tuple[int, int]]:
         """A list of ``[id, lease]`` pairs, 1..MAX_BATCH of them."""
+        return [(item[0], item[1]) for item in self._items(name, with_results=False)]
+
+    def deliveries_with_results(self, name: str = "items") -> tuple[list[tuple[int, int]], Any]:
+        """Like ``deliveries``, where each item may also be ``[id, lease, result]``. Returns
+        the pairs and a parallel list of results (``NO_RESULT`` where none), or None for
+        the list when no item has a result."""
+        items = self._items(name, with_results=True)
+        pairs = [(item[0], item[1]) for item in items]
+        if all(len(item) == 2 for item in items):
+            return pairs, None
+        return pairs, [item[2] if len(item) == 3 else NO_RESULT for item in items]
+
+    def _items(self, name: str, *, with_results: bool) -> list[list[Any]]:
         value = self._get(name, _MISSING)
+        shape = "[id, lease] or [id, lease, result]" if with_results else "[id, lease]"
         if not isinstance(value, list) or not 1 <= len(value) <= MAX_BATCH:
-            raise BadRequest(f"{self.op}: {name} must be a list of 1-{MAX_BATCH} [id, lease] pairs")
-        pairs = []
+            raise BadRequest(f"{self.op}: {name} must be a list of 1-{MAX_BATCH} {shape} items")
         for item in value:
             if (
                 not isinstance(item, list)
-                or len(item) != 2
-                or not all(type(v) is int and v > 0 for v in item)
+                or len(item) not in ((2, 3) if with_results else (2,))
+                or not all(type(v) is int and v > 0 for v in item[:2])
             ):
-                raise BadRequest(
-                    f"{self.op}: each of {name} must be [id, lease], got {shown(item)}"
-                )
-            pairs.append((item[0], item[1]))
-        return pairs
+                raise BadRequest(f"{self.op}: each of {name} must be {shape}, got {shown(item)}")
+            if len(item) == 3 and len(msgpack.packb(item[2])) > MAX_RESULT:
+                raise BadRequest(f"{self.op}: a result is over {MAX_RESULT} bytes")
+        return value
 
     def mapping(self, name: str) -> dict[str, Any]:
         value = self._get(name, _MISSING)
@@ -121,15 +144,15 @@ class Args:
         value = self._get(name, _MISSING)
         if not isinstance(value, list) or not 1 <= len(value) <= MAX_BATCH:
             raise BadRequest(f"{self.op}: {name} must be a list of 1-{MAX_BATCH} messages")
-        return [_put_spec(index, item) for index, item in enumerate(value)]
+        return [put_spec(index, item) for index, item in enumerate(value)]
 
 
 _PUT_FIELDS: Final = frozenset(
-    {"body", "priority", "delay", "max_attempts", "visibility_timeout", "headers"}
+    {"body", "priority", "delay", "max_attempts", "visibility_timeout", "headers", "key"}
 )
 
 
-def _put_spec(index: int, item: Any) -> PutSpec:
+def put_spec(index: int, item: Any) -> PutSpec:
     if not isinstance(item, dict):
         raise BadRequest(f"put: message {index} must be a map with at least 'body'")
     args = Args(f"put: message {index}", item, _PUT_FIELDS)
@@ -143,7 +166,16 @@ def _put_spec(index: int, item: Any) -> PutSpec:
         max_attempts=args.integer("max_attempts", None, low=1, high=2**31 - 1),
         visibility_timeout=args.seconds("visibility_timeout", None, low_open=True),
         headers=_headers(index, item.get("headers")),
+        key=_key(index, item.get("key")),
     )
+
+
+def _key(index: int, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_KEY:
+        raise BadRequest(f"put: message {index}: key must be a string of 1-{MAX_KEY} chars")
+    return value
 
 
 def _headers(index: int, value: Any) -> Headers | None:

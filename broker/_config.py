@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from protocol import DEFAULT_MAX_FRAME
 
@@ -29,6 +31,7 @@ examples:
   python -m broker --port 0                 # any free port; read it from the first line
   python -m broker --data-dir /var/lib/sluice --fsync interval
   python -m broker --in-memory              # nothing on disk: for tests and benchmarks
+  python -m broker --metrics-port 0 --log-format json   # no metrics, JSON log lines
   SLUICE_HOST=0.0.0.0 python -m broker      # listen on every interface
 
 fsync modes:
@@ -52,6 +55,14 @@ class Config:
     log_level: str
     max_frame: int
     auth_token: str | None
+    metrics_port: int = 0  # 0: no metrics endpoint
+    log_format: str = "text"
+
+    def summary(self) -> dict[str, Any]:
+        """Every setting, safe to log: of the auth token, only whether there is one."""
+        settings = dataclasses.asdict(self)
+        settings["auth_token"] = "set" if self.auth_token else None
+        return settings
 
 
 def _env(name: str, default: str | None) -> str | None:
@@ -151,6 +162,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="log verbosity on stderr (default %(default)s)",
     )
     add(
+        "--log-format",
+        default=_env("log_format", "text"),
+        choices=["text", "json"],
+        help="log lines on stderr as human text, or one JSON object per line with the "
+        "event name and its fields (default %(default)s)",
+    )
+    add(
+        "--metrics-port",
+        type=_port,
+        default=_env("metrics_port", "7701"),
+        help="HTTP port (on --host) serving Prometheus /metrics and /healthz; 0 turns "
+        "them off (default %(default)s)",
+    )
+    add(
         "--max-frame",
         type=_frame_size,
         default=_env("max_frame", str(DEFAULT_MAX_FRAME)),
@@ -178,4 +203,6 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         log_level=args.log_level,
         max_frame=int(args.max_frame),
         auth_token=args.auth_token or None,
+        metrics_port=int(args.metrics_port),
+        log_format=args.log_format,
     )

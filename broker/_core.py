@@ -25,10 +25,22 @@ from protocol import LeaseLost, NotFound, TooLarge, shown
 from ._lazyheap import Entry, LazyHeap
 from ._lifecycle import Event, State, advance_state
 from ._message import Message, PutSpec
+from ._outcomes import NO_RESULT, DedupEntry, DedupKeys, Results, StoredResult
 from ._queue import Queue, Waiter
 from ._settings import QueueSettings
 
-Completion = tuple[Hashable, list[Message]]
+# A long-poll's answer: the messages a reserve got, or the outcome map of a result wait.
+Completion = tuple[Hashable, "list[Message] | dict[str, Any]"]
+FINAL_STATES = frozenset({"done", "dead", "gone"})
+
+
+class PutIds(list[int]):
+    """The ids a put returns, in order, and the indexes of the messages that were
+    duplicates (their dedup key was taken: the id is the existing message's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.duplicates: list[int] = []
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +53,8 @@ class Changes:
     queues: list[Queue]
     next_id: int
     next_token: int
+    results: dict[int, StoredResult | None]  # None: delete
+    dedup: dict[tuple[str, str], DedupEntry | None]  # ended keys only; None: delete
 
 
 LEASE_EXPIRED = "lease expired"
@@ -53,12 +67,15 @@ class Core:
         random: Callable[[], float] = _random.random,
         max_delivery_bytes: int | None = None,
         track_changes: bool = False,
+        on_dead: Callable[[Message, str], None] | None = None,
     ) -> None:
         """``random`` draws backoff jitter from [0, 1). ``max_delivery_bytes`` bounds the
         bodies handed out by one reserve (at least one message is always handed out).
         ``track_changes`` keeps the set of changed messages and queues for a store to take
-        with ``take_changes()``; without a store, leave it off."""
+        with ``take_changes()``; without a store, leave it off. ``on_dead(message,
+        reason)`` is called as each message is dead-lettered; it must not raise."""
         self.messages: dict[int, Message] = {}
+        self.on_dead = on_dead
         self.max_delivery_bytes = max_delivery_bytes
         self.queues: dict[str, Queue] = {}
         self._random = random
@@ -72,6 +89,12 @@ class Core:
         self._waiter_deadlines = LazyHeap(self._waiter_live)  # (deadline, seq, key)
         self._completions: list[Completion] = []
         self._changed: dict[int, Message] | None = {} if track_changes else None
+        self.results = Results(track_changes)
+        self.dedup = DedupKeys(track_changes)
+        # Waits for a message's outcome (result, put_and_wait): key -> (message id, seq),
+        # and message id -> keys. Their deadlines share the long-polls' heap.
+        self._result_waits: dict[Hashable, tuple[int, int]] = {}
+        self._result_waiters: dict[int, list[Hashable]] = {}
         self._changed_queues: dict[str, Queue] = {}
         # A lower bound on every deadline heap's top: nothing is due before it, so tick()
         # can return at once. Lowered by each push, made exact again by next_deadline().
@@ -81,6 +104,8 @@ class Core:
 
     def tick(self, now: float) -> None:
         """Apply everything due at or before ``now``."""
+        self.results.prune(now)
+        self.dedup.prune(now)
         if now < self._due_hint:
             return
         self._apply_due_events(now)
@@ -114,7 +139,12 @@ class Core:
     @property
     def has_changes(self) -> bool:
         """True if something changed since the last ``take_changes()`` (when tracking)."""
-        return bool(self._changed) or bool(self._changed_queues)
+        return (
+            bool(self._changed)
+            or bool(self._changed_queues)
+            or bool(self.results.changed)
+            or bool(self.dedup.changed)
+        )
 
     def take_changes(self) -> Changes:
         """Hand over (and forget) what changed since the last call. Each changed message is
@@ -127,7 +157,11 @@ class Core:
         for message in messages:
             queues[message.queue.name] = message.queue
         self._changed, self._changed_queues = {}, {}
-        return Changes(messages, list(queues.values()), self._next_id, self._next_token)
+        results, self.results.changed = self.results.changed or {}, {}
+        dedup, self.dedup.changed = self.dedup.changed or {}, {}
+        return Changes(
+            messages, list(queues.values()), self._next_id, self._next_token, results, dedup
+        )
 
     def _changed_message(self, message: Message) -> None:
         if self._changed is not None:
@@ -143,6 +177,8 @@ class Core:
         *,
         next_id: int,
         next_token: int,
+        results: Iterable[tuple[int, StoredResult]] = (),
+        dedup: Iterable[tuple[str, str, DedupEntry]] = (),
     ) -> None:
         """Rebuild every index from stored records, on an empty core. Each message comes
         with its queue's name and its state, ordering ``seq`` and deadlines already set
@@ -159,6 +195,7 @@ class Core:
         highest_seq = highest_id = highest_token = 0
         for queue_name, message in messages:
             message.queue = self._queue(queue_name)
+            message.restore_times()
             heap, entry = self._index_of(message)
             entries.setdefault(id(heap), []).append(entry)
             self.messages[message.id] = message
@@ -172,6 +209,15 @@ class Core:
         heaps += [queue.ready for queue in self.queues.values()]
         for heap in heaps:
             heap.load(entries.get(id(heap), []))
+        for message_id, result in results:
+            self.results.keep(message_id, result)
+        for queue_name, dedup_key, ended in dedup:  # ended keys; live ones follow
+            self.dedup.restore(queue_name, dedup_key, ended)
+        for message in self.messages.values():
+            if message.key is not None and message.state is not State.DEAD:
+                self.dedup.live(message.queue.name, message.key, message.id)
+        self.results.changed = {} if self._changed is not None else None
+        self.dedup.changed = {} if self._changed is not None else None
         self._seq = highest_seq
         self._next_id = max(next_id, highest_id + 1)
         self._next_token = max(next_token, highest_token + 1)
@@ -198,8 +244,11 @@ class Core:
 
     # ----------------------------------------------------------- producing
 
-    def put(self, now: float, queue_name: str, specs: list[PutSpec]) -> list[int]:
-        """Store ``specs`` in order; all or nothing. Returns the new ids."""
+    def put(self, now: float, queue_name: str, specs: list[PutSpec]) -> PutIds:
+        """Store ``specs`` in order; all or nothing. Returns the new ids. A spec whose dedup
+        key is taken (a live message, or one that ended less than the queue's dedup window
+        ago) adds nothing: its id is the existing message's, and its index is listed in
+        ``duplicates``."""
         self.tick(now)
         queue = self._queue(queue_name)
         for index, spec in enumerate(specs):
@@ -208,17 +257,24 @@ class Core:
                     f"message {index}: body of {len(spec.body)} bytes exceeds "
                     f"{queue_name}'s max_body of {queue.settings.max_body}"
                 )
-        ids = []
-        for spec in specs:
+        ids = PutIds()
+        for index, spec in enumerate(specs):
+            if spec.key is not None:
+                existing = self.dedup.find(queue.name, spec.key, now)
+                if existing is not None:
+                    ids.append(existing)
+                    ids.duplicates.append(index)
+                    continue
+                self.dedup.live(queue.name, spec.key, self._next_id)
             message = Message(self._next_id, queue, spec, now)
             self._next_id += 1
             self.messages[message.id] = message
             if spec.delay > 0:
                 self._make_delayed(message, Event.PUT_DELAYED, now + spec.delay)
             else:
-                self._make_ready(message, Event.PUT_READY)
+                self._make_ready(message, Event.PUT_READY, now)
             ids.append(message.id)
-        queue.totals["put"] += len(specs)
+        queue.totals["put"] += len(specs) - len(ids.duplicates)
         self._serve_waiters(queue, now)
         return ids
 
@@ -228,7 +284,7 @@ class Core:
         message = self.messages.get(message_id)
         if message is None or message.state not in (State.READY, State.DELAYED):
             return False
-        self._discard_waiting(message, Event.CANCEL)
+        self._discard_waiting(message, Event.CANCEL, now)
         return True
 
     # ----------------------------------------------------------- consuming
@@ -257,6 +313,10 @@ class Core:
 
     def cancel_wait(self, waiter_key: Hashable) -> None:
         """Forget a long-poll (its connection went away). No-op if already answered."""
+        if waiter_key in self._result_waits:
+            self._end_result_wait(waiter_key)
+            self._waiter_deadlines.discard()
+            return
         waiter = self._waiters.get(waiter_key)
         if waiter is None:
             return
@@ -267,6 +327,9 @@ class Core:
         """Answer every long-poll now with no messages (broker shutting down)."""
         for waiter in list(self._waiters.values()):
             self._time_out_waiter(waiter)
+            self._waiter_deadlines.discard()
+        for key in list(self._result_waits):
+            self._time_out_result_wait(key)
             self._waiter_deadlines.discard()
 
     def release(self, now: float, messages: list[Message]) -> None:
@@ -280,15 +343,26 @@ class Core:
             self._end_lease(message)
             message.attempts -= 1
             message.queue.totals["delivered"] -= 1
-            self._make_ready(message, Event.RELEASE)
+            self._make_ready(message, Event.RELEASE, now)
             touched[message.queue.name] = message.queue
         self._serve_waiters_of(touched.values(), now)
 
-    def ack(self, now: float, deliveries: list[tuple[int, int]]) -> int:
+    def ack(
+        self, now: float, deliveries: list[tuple[int, int]], results: list[Any] | None = None
+    ) -> int:
         """Finish each ``(id, lease)``. Returns how many were acked; raises ``LeaseLost``
-        (details: ``failed`` ids, ``done`` count) if any lease was not current."""
+        (details: ``failed`` ids, ``done`` count) if any lease was not current.
+        ``results``, parallel to ``deliveries`` (``NO_RESULT`` where none), are kept for
+        the queue's result TTL."""
         self.tick(now)
-        done, failed = self._settle(deliveries, self._finish)
+        by_id = {d[0]: r for d, r in zip(deliveries, results, strict=True)} if results else {}
+
+        def finish(message: Message) -> None:  # its lease has ended by now
+            self._finish(message, now, by_id.get(message.id, NO_RESULT))
+
+        done, failed = self._settle(deliveries, finish)
+        for message in done:
+            message.queue.processing.observe(now - message.reserved_at)
         _raise_if_failed(failed, len(done))
         return len(done)
 
@@ -323,6 +397,39 @@ class Core:
         self._leases.discard()  # the old entry, stale now that the message has a new seq
         return deadline
 
+    def progress(self, now: float, message_id: int, lease: int, percent: float, note: str) -> None:
+        """Record how far the current delivery's handler has got; ``status`` shows it."""
+        self.tick(now)
+        message = self._require_lease(message_id, lease)
+        message.progress = (percent, note)
+        self._changed_message(message)
+
+    def wait_result(
+        self,
+        now: float,
+        message_id: int,
+        wait: float,
+        waiter_key: Hashable,
+        dedup_key: tuple[str, str] | None = None,
+    ) -> dict[str, Any] | None:
+        """The outcome of a message: ``done`` (with its result), ``dead`` (reason, last
+        error), ``gone`` (cancelled or purged), or its current state if still pending. If
+        pending and ``wait > 0``, registers a wait under ``waiter_key`` and returns None;
+        the outcome then arrives through ``take_completions()``, at the latest at
+        ``now + wait``. Raises ``NotFound`` if there is neither a message nor a result,
+        nor (given the ``(queue, key)`` that named it) a dedup entry saying how it ended."""
+        self.tick(now)
+        outcome = self._outcome(message_id, now, dedup_key)
+        if outcome["state"] in FINAL_STATES or wait <= 0:
+            return outcome
+        if waiter_key is None or waiter_key in self._waiters or waiter_key in self._result_waits:
+            raise ValueError(f"waiter key {waiter_key!r} is missing or already waiting")
+        seq = self._next_seq()
+        self._result_waits[waiter_key] = (message_id, seq)
+        self._result_waiters.setdefault(message_id, []).append(waiter_key)
+        self._schedule(self._waiter_deadlines, (now + wait, seq, waiter_key))
+        return None
+
     def bury(self, now: float, message_id: int, lease: int, reason: str) -> None:
         """Dead-letter a reserved message now, whatever its attempts."""
         self.tick(now)
@@ -335,9 +442,12 @@ class Core:
     def status(self, now: float, message_id: int) -> dict[str, Any]:
         self.tick(now)
         message = self.messages.get(message_id)
-        if message is None:
+        if message is not None:
+            return message.status()
+        result = self.results.get(message_id, now)
+        if result is None:
             raise NotFound(f"no message {message_id}: it was acked, cancelled or purged")
-        return message.status()
+        return _done(message_id, result)
 
     def stats(self, now: float, queue_name: str) -> dict[str, Any]:
         self.tick(now)
@@ -402,7 +512,7 @@ class Core:
             if (message := self.messages[entry[-1]]).queue is queue
         ]
         for message in doomed:
-            self._discard_waiting(message, Event.PURGE)
+            self._discard_waiting(message, Event.PURGE, now)
         return len(doomed)
 
     def replay(self, now: float, queue_name: str, ids: list[int] | None = None) -> int:
@@ -418,7 +528,12 @@ class Core:
             message = queue.dead.pop(message_id)
             message.attempts = 0
             message.dead_reason = message.dead_at = message.dead_expires_at = None
-            self._make_ready(message, Event.REPLAY)
+            if message.key is not None:
+                if self.dedup.find(queue.name, message.key, now) in (None, message.id):
+                    self.dedup.live(queue.name, message.key, message.id)
+                else:  # another message holds the key now: this one gives it up for good
+                    message.key = None
+            self._make_ready(message, Event.REPLAY, now)
             self._dead_expiry.discard()
         self._serve_waiters(queue, now)
         return len(chosen)
@@ -444,7 +559,10 @@ class Core:
 
     def _waiter_live(self, entry: Entry) -> bool:
         waiter = self._waiters.get(entry[-1])
-        return waiter is not None and waiter.seq == entry[-2]
+        if waiter is not None:
+            return bool(waiter.seq == entry[-2])
+        result_wait = self._result_waits.get(entry[-1])
+        return result_wait is not None and result_wait[1] == entry[-2]
 
     def _next_seq(self) -> int:
         self._seq += 1
@@ -486,8 +604,9 @@ class Core:
         if entry[0] < self._due_hint:
             self._due_hint = entry[0]
 
-    def _make_ready(self, message: Message, event: Event) -> None:
+    def _make_ready(self, message: Message, event: Event, now: float) -> None:
         self._move(message, event)
+        message.ready_at = now
         message.seq = self._next_seq()
         message.due_at = None
         message.queue.ready.push((-message.priority, message.seq, message.id))
@@ -506,6 +625,7 @@ class Core:
 
     def _lease(self, message: Message, now: float, visibility_timeout: float | None) -> None:
         self._move(message, Event.RESERVE)
+        message.reserved_at = now
         message.attempts += 1
         message.lease_token = self._next_token
         self._next_token += 1
@@ -540,9 +660,28 @@ class Core:
             done.append(message)
         return done, failed
 
-    def _finish(self, message: Message) -> None:
-        message.queue.totals["acked"] += 1
+    def _finish(self, message: Message, now: float, result: Any) -> None:
+        queue = message.queue
+        queue.totals["acked"] += 1
+        ttl = queue.settings.result_ttl
+        kept = StoredResult(queue.name, None if result is NO_RESULT else result, now, now + ttl)
+        if result is not NO_RESULT and ttl > 0:
+            self.results.keep(message.id, kept)
+        self._ended(message, now, _done(message.id, kept))
         self._forget(message, Event.ACK)
+
+    def _ended(self, message: Message, now: float, outcome: dict[str, Any]) -> None:
+        """The message is done, dead or removed: answer the waits for its outcome, and
+        start its dedup key's window."""
+        if message.key is not None:
+            window = message.queue.settings.dedup_window
+            self.dedup.ended(
+                message.queue.name, message.key, message.id, now, window, outcome["state"]
+            )
+        for key in self._result_waiters.pop(message.id, ()):
+            del self._result_waits[key]
+            self._waiter_deadlines.discard()
+            self._completions.append((key, outcome))
 
     def _leased(self, message_id: int, lease: int) -> Message | None:
         message = self.messages.get(message_id)
@@ -597,7 +736,7 @@ class Core:
         if delay > 0:
             self._make_delayed(message, Event.RETRY_LATER, now + delay)
         else:
-            self._make_ready(message, Event.RETRY_NOW)
+            self._make_ready(message, Event.RETRY_NOW, now)
 
     def _kill(self, message: Message, event: Event, now: float, reason: str) -> None:
         self._move(message, event)
@@ -614,14 +753,18 @@ class Core:
         expires_at = math.inf if ttl is None else now + ttl
         message.dead_expires_at = None if ttl is None else expires_at
         self._schedule(self._dead_expiry, (expires_at, message.seq, message.id))
+        self._ended(message, now, _dead(message))
+        if self.on_dead is not None:
+            self.on_dead(message, reason)
 
     def _forget(self, message: Message, event: Event) -> None:
         self._move(message, event)
         del self.messages[message.id]
 
-    def _discard_waiting(self, message: Message, event: Event) -> None:
+    def _discard_waiting(self, message: Message, event: Event, now: float) -> None:
         """Remove a ready or delayed message (cancel, purge)."""
         heap = message.queue.ready if message.state is State.READY else self._delayed
+        self._ended(message, now, {"id": message.id, "state": "gone"})
         self._forget(message, event)
         heap.discard()
 
@@ -650,10 +793,14 @@ class Core:
             elif source is self._leases:
                 self._expire_lease(self.messages[earliest[-1]], earliest[0], now)
             else:
-                self._time_out_waiter(self._waiters[earliest[-1]])
+                key = earliest[-1]
+                if key in self._waiters:
+                    self._time_out_waiter(self._waiters[key])
+                else:
+                    self._time_out_result_wait(key)
 
     def _come_due(self, message: Message, now: float) -> None:
-        self._make_ready(message, Event.DUE)
+        self._make_ready(message, Event.DUE, now)
         self._serve_waiters(message.queue, now)
 
     def _expire_lease(self, message: Message, deadline: float, now: float) -> None:
@@ -712,6 +859,44 @@ class Core:
             )
             self._completions.append((waiter.key, messages))
 
+    def _outcome(
+        self, message_id: int, now: float, dedup_key: tuple[str, str] | None = None
+    ) -> dict[str, Any]:
+        message = self.messages.get(message_id)
+        if message is not None:
+            if message.state is State.DEAD:
+                return _dead(message)
+            return {"id": message_id, "state": message.state.value}
+        result = self.results.get(message_id, now)
+        ended = self.dedup.entries.get(dedup_key) if dedup_key is not None else None
+        if result is None and ended is not None and ended.message_id == message_id:
+            if ended.ended_as == "done":  # acked without a result kept
+                return {"id": message_id, "state": "done", "result": None}
+            if ended.ended_as is not None:  # dead letter since purged, or removed
+                return {"id": message_id, "state": ended.ended_as}
+        if result is None:
+            raise NotFound(
+                f"no message or result {message_id}: unknown, acked without a result, or "
+                "its result outlived the queue's result_ttl"
+            )
+        return _done(message_id, result)
+
+    def _end_result_wait(self, key: Hashable) -> int:
+        """Take a result wait off the books (its deadline entry goes stale); returns the
+        message id it waited on."""
+        message_id, _ = self._result_waits.pop(key)
+        keys = self._result_waiters[message_id]
+        keys.remove(key)
+        if not keys:
+            del self._result_waiters[message_id]
+        return message_id
+
+    def _time_out_result_wait(self, key: Hashable) -> None:
+        message_id = self._end_result_wait(key)
+        message = self.messages.get(message_id)
+        state = message.state.value if message is not None else "gone"
+        self._completions.append((key, {"id": message_id, "state": state}))
+
     def _time_out_waiter(self, waiter: Waiter) -> None:
         self._unregister_waiter(waiter)
         self._completions.append((waiter.key, []))
@@ -731,3 +916,24 @@ def _raise_if_failed(failed: list[int], done: int) -> None:
             "already acked, nacked or buried); those messages were left unchanged",
             {"failed": failed, "done": done},
         )
+
+
+def _done(message_id: int, result: StoredResult) -> dict[str, Any]:
+    return {
+        "id": message_id,
+        "queue": result.queue,
+        "state": "done",
+        "result": result.value,
+        "done_at": result.done_at,
+    }
+
+
+def _dead(message: Message) -> dict[str, Any]:
+    return {
+        "id": message.id,
+        "queue": message.queue.name,
+        "state": "dead",
+        "dead_reason": message.dead_reason,
+        "last_error": message.last_error,
+        "attempts": message.attempts,
+    }

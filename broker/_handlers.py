@@ -13,7 +13,7 @@ from typing import Any, Final
 
 from protocol import BadRequest, UnknownOp
 
-from ._args import MAX_BATCH, MAX_WAIT, MAX_WAITS_PER_CONNECTION, Args
+from ._args import MAX_BATCH, MAX_WAIT, MAX_WAITS_PER_CONNECTION, Args, put_spec
 from ._core import Core
 from ._lifecycle import State
 from ._message import PutSpec
@@ -27,6 +27,7 @@ class _Pending:
 
 
 PENDING: Final = _Pending()
+MAX_NOTE: Final = 200  # characters of a progress note
 
 
 @dataclass(slots=True)
@@ -54,16 +55,50 @@ def _put(call: Call, args: Args) -> Any:
     if call.admit_put is not None:
         call.admit_put(specs)
     ids = call.core.put(call.now, queue, specs)
+    if ids.duplicates:
+        return {"ids": ids, "duplicates": ids.duplicates}
     return {"ids": ids}
+
+
+def _check_wait(call: Call, wait: float) -> None:
+    if wait > 0 and call.waits_left <= 0:
+        raise BadRequest(
+            f"this connection already has {MAX_WAITS_PER_CONNECTION} long-polls (waiting "
+            "reserves and results); wait for their replies, or use more connections"
+        )
+
+
+def _put_and_wait(call: Call, args: Args) -> Any:
+    timeout = args.seconds("timeout", high=MAX_WAIT, low_open=True)
+    _check_wait(call, timeout)
+    queue = args.queue()
+    message = args.mapping("message")
+    specs = [put_spec(0, message)]
+    if specs[0].delay:
+        raise BadRequest("put_and_wait: a message cannot be delayed; use put and result")
+    if call.admit_put is not None:
+        call.admit_put(specs)
+    (message_id,) = call.core.put(call.now, queue, specs)
+    dedup_key = (queue, specs[0].key) if specs[0].key is not None else None
+    return _outcome_or_pending(call, message_id, timeout, dedup_key)
+
+
+def _result(call: Call, args: Args) -> Any:
+    wait = args.seconds("wait", 0.0, high=MAX_WAIT)
+    _check_wait(call, wait)
+    return _outcome_or_pending(call, args.message_id(), wait)
+
+
+def _outcome_or_pending(
+    call: Call, message_id: int, wait: float, dedup_key: tuple[str, str] | None = None
+) -> Any:
+    outcome = call.core.wait_result(call.now, message_id, wait, call.waiter_key, dedup_key)
+    return PENDING if outcome is None else outcome
 
 
 def _reserve(call: Call, args: Args) -> Any:
     wait = args.seconds("wait", 0.0, high=MAX_WAIT)
-    if wait > 0 and call.waits_left <= 0:
-        raise BadRequest(
-            f"reserve: this connection already has {MAX_WAITS_PER_CONNECTION} long-polls "
-            "waiting; wait for their replies, or use more connections"
-        )
+    _check_wait(call, wait)
     messages = call.core.reserve(
         call.now,
         args.queues(),
@@ -82,7 +117,8 @@ def deliveries(messages: list[Any]) -> dict[str, Any]:
 
 
 def _ack(call: Call, args: Args) -> Any:
-    return {"acked": call.core.ack(call.now, args.deliveries())}
+    deliveries, results = args.deliveries_with_results()
+    return {"acked": call.core.ack(call.now, deliveries, results)}
 
 
 def _nack(call: Call, args: Args) -> Any:
@@ -103,6 +139,15 @@ def _touch(call: Call, args: Args) -> Any:
         args.seconds("seconds", None, low_open=True),
     )
     return {"lease_deadline": deadline}
+
+
+def _progress(call: Call, args: Args) -> Any:
+    percent = args.number("percent", low=0, high=100)
+    note = args.text("note", "")[:MAX_NOTE]
+    call.core.progress(
+        call.now, args.message_id(), args.integer("lease", low=1, high=2**63 - 1), percent, note
+    )
+    return {}
 
 
 def _bury(call: Call, args: Args) -> Any:
@@ -189,6 +234,9 @@ def _table(
 HANDLERS: Final = _table(
     ("ping", _ping, ()),
     ("put", _put, ("queue", "messages")),
+    ("put_and_wait", _put_and_wait, ("queue", "message", "timeout")),
+    ("result", _result, ("id", "wait")),
+    ("progress", _progress, ("id", "lease", "percent", "note")),
     ("reserve", _reserve, ("queues", "max", "wait", "visibility_timeout")),
     ("ack", _ack, ("items",)),
     ("nack", _nack, ("items", "delay", "error")),

@@ -27,6 +27,7 @@ class PutSpec:
     max_attempts: int | None = None
     visibility_timeout: float | None = None
     headers: Headers | None = None
+    key: str | None = None  # dedup key
 
 
 class Message:
@@ -44,13 +45,17 @@ class Message:
         "enqueued_at",
         "headers",
         "id",
+        "key",
         "last_error",
         "lease_deadline",
         "lease_duration",
         "lease_token",
         "max_attempts",
         "priority",
+        "progress",
         "queue",
+        "ready_at",
+        "reserved_at",
         "seq",
         "state",
         "stored",
@@ -63,6 +68,8 @@ class Message:
         self.body = spec.body
         self.priority = spec.priority
         self.headers = spec.headers
+        self.key = spec.key
+        self.progress: tuple[float, str] | None = None  # (percent, note) from the handler
         self.max_attempts = spec.max_attempts
         self.visibility_timeout = spec.visibility_timeout
         self.enqueued_at = now
@@ -78,6 +85,17 @@ class Message:
         self.dead_at: float | None = None
         self.dead_expires_at: float | None = None  # None: kept until replayed or purged
         self.stored = False  # the store has written this message's body
+        # In memory only, for metrics: when it last became ready, and was last reserved.
+        self.ready_at = now
+        self.reserved_at = now
+
+    def restore_times(self) -> None:
+        """After recovery, set the times the store does not keep: ``ready_at`` to
+        ``enqueued_at`` (so a recovered backlog never looks younger than it is), and
+        ``reserved_at`` to when the current lease started or was last touched."""
+        self.ready_at = self.enqueued_at
+        deadline = self.lease_deadline
+        self.reserved_at = self.enqueued_at if deadline is None else deadline - self.lease_duration
 
     @property
     def effective_max_attempts(self) -> int | None:
@@ -104,7 +122,7 @@ class Message:
 
     def status(self) -> dict[str, Any]:
         """Everything but the body, for ``status`` and dead-letter listings."""
-        return {
+        wire: dict[str, Any] = {
             "id": self.id,
             "queue": self.queue.name,
             "state": self.state.value,
@@ -120,3 +138,8 @@ class Message:
             "headers": self.headers or {},
             "body_size": len(self.body),
         }
+        if self.key is not None:
+            wire["key"] = self.key
+        if self.progress is not None:
+            wire["progress"] = {"percent": self.progress[0], "note": self.progress[1]}
+        return wire

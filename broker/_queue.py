@@ -8,6 +8,7 @@ from typing import Any
 
 from sortedcontainers import SortedDict
 
+from ._histogram import PROCESSING_SECONDS, Histogram
 from ._lazyheap import LazyHeap
 from ._lifecycle import State
 from ._message import Message
@@ -46,9 +47,10 @@ class Queue:
     """Indexes of one queue. Ready messages are in ``ready`` keyed ``(-priority, seq)``, so
     the top is the highest priority that became ready first. Delayed and reserved messages
     live in the core's broker-wide deadline heaps; only their counts are kept here. Dead
-    letters are kept by id (for paging) until replayed, purged or expired."""
+    letters are kept by id (for paging) until replayed, purged or expired. ``processing``
+    is the reserve-to-ack time of each ack (in memory only, for metrics)."""
 
-    __slots__ = ("counts", "dead", "name", "ready", "settings", "totals", "waiters")
+    __slots__ = ("counts", "dead", "name", "processing", "ready", "settings", "totals", "waiters")
 
     def __init__(self, name: str, is_ready_live: Any) -> None:
         self.name = name
@@ -58,6 +60,7 @@ class Queue:
         self.totals = dict.fromkeys(TOTALS, 0)
         self.dead: SortedDict = SortedDict()  # message id -> Message
         self.waiters: OrderedDict[int, Waiter] = OrderedDict()  # waiter seq -> Waiter
+        self.processing = Histogram(PROCESSING_SECONDS)
 
     def can_deliver(self) -> bool:
         return self.counts[State.READY] > 0 and not self.settings.paused

@@ -50,6 +50,8 @@ from . import __version__
 from ._args import MAX_BATCH, MAX_WAIT, MAX_WAITS_PER_CONNECTION
 from ._core import Core
 from ._handlers import PENDING, Call, deliveries, handle
+from ._logging import event
+from ._metrics import INVALID, ServerMetrics, outcome_of
 from ._store import Batch, Store
 
 log = logging.getLogger("sluice.server")
@@ -59,6 +61,7 @@ Frames = list[bytes | None]  # queued replies; None: close the connection after 
 
 _CLOSE: Final = None
 _RETRY_COMMIT_AFTER: Final = 1.0
+_SLOW_COMMIT: Final = 0.2  # seconds: a commit slower than this is logged
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -83,13 +86,15 @@ class Connection(asyncio.Protocol):
         self.outbox: Frames = []
         self.close_requested = False
         self.waiting: set[int] = set()  # request ids of this connection's long-polls
+        self.requests = 0  # requests answered (or waiting), for the close log line
+        self.consumer = False  # has sent a reserve (metrics: sluice_consumer_connections)
 
     # asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
-        self.peer = str(transport.get_extra_info("peername"))
+        self.peer = _peer_name(transport.get_extra_info("peername"))
         self.server.connection_opened(self)
 
     def data_received(self, data: bytes) -> None:
@@ -129,11 +134,21 @@ class Connection(asyncio.Protocol):
     # requests
 
     def _on_frame(self, frame: Any) -> None:
+        started = time.perf_counter()
+        op, outcome = self._answer(frame)
+        self.server.metrics.request_done(op, outcome, time.perf_counter() - started)
+        self.requests += 1
+        if op == "reserve":
+            self.consumer = True
+
+    def _answer(self, frame: Any) -> tuple[str, str]:
+        """Handle one request and queue its reply (a long-poll's comes later). Returns its
+        op and outcome ("ok" or the error code) for the metrics."""
         try:
             request = parse_request(frame)
         except SluiceError as error:
             self.reply_error(request_id_of(frame), error)
-            return
+            return INVALID, outcome_of(error)
         try:
             result: Any
             if request.op == "hello":
@@ -146,15 +161,21 @@ class Connection(asyncio.Protocol):
             self.reply_error(request.request_id, error)
             if isinstance(error, UnsupportedVersion | Unauthorized):
                 self.close_after_replies()
-            return
+            return request.op, outcome_of(error)
         except Exception:
-            log.exception("internal error on %s %s", request.op, shown(request.args))
+            log.exception(
+                "internal error on %s %s",
+                request.op,
+                shown(request.args),
+                extra=event("internal_error", op=request.op, connection_id=self.id),
+            )
             self.reply_error(request.request_id, InternalError(f"internal error in {request.op}"))
-            return
+            return request.op, "INTERNAL"
         if result is PENDING:
             self.waiting.add(request.request_id)
         else:
             self.reply(request.request_id, result)
+        return request.op, "ok"
 
     def _hello(self, args: dict[str, Any]) -> dict[str, Any]:
         if self.greeted:
@@ -174,7 +195,13 @@ class Connection(asyncio.Protocol):
         name = args.get("client")
         self.client_name = name[:200] if isinstance(name, str) else "?"
         self.greeted = True
-        log.debug("connection %d from %s is %s", self.id, self.peer, self.client_name)
+        log.info(
+            "connection %d from %s is %s",
+            self.id,
+            self.peer,
+            self.client_name,
+            extra=event("hello", connection_id=self.id, peer=self.peer, client=self.client_name),
+        )
         return self.server.hello_result(self)
 
     # replies
@@ -191,7 +218,13 @@ class Connection(asyncio.Protocol):
 
     def fail(self, error: SluiceError) -> None:
         """A framing error: one error reply, then this connection closes."""
-        log.info("closing connection %d from %s: %s", self.id, self.peer, error)
+        log.info(
+            "closing connection %d from %s: %s",
+            self.id,
+            self.peer,
+            error,
+            extra=event("bad_frame", connection_id=self.id, peer=self.peer, error=str(error)),
+        )
         self.reply_error(None, error)
         self.close_after_replies()
 
@@ -255,6 +288,7 @@ class BrokerServer:
         self._timer_deadline: float | None = None
         self._listener: asyncio.Server | None = None
         self._no_connections = asyncio.Event()
+        self.metrics = ServerMetrics()
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
@@ -306,16 +340,21 @@ class BrokerServer:
         none is running, re-arm the timer."""
         self._turn_scheduled = False
         while completions := self.core.take_completions():
-            for key, messages in completions:
+            for key, answer in completions:
                 connection_id, request_id = cast(tuple[int, int], key)
                 connection = self.connections.get(connection_id)
+                if isinstance(answer, dict):  # the outcome a result wait was waiting for
+                    if connection is not None:
+                        connection.waiting.discard(request_id)
+                        connection.reply(request_id, answer)
+                    continue
                 if connection is None or connection.closing:
                     # Served in the same turn its connection broke: nobody will get these.
                     # Releasing may serve other waiters, hence the outer loop.
-                    self.core.release(self.clock(), messages)
+                    self.core.release(self.clock(), answer)
                     continue
                 connection.waiting.discard(request_id)
-                connection.reply(request_id, deliveries(messages))
+                connection.reply(request_id, deliveries(answer))
         if self.store is None:
             self.flush()
         else:
@@ -351,10 +390,15 @@ class BrokerServer:
     def _commit(self, batch: Batch, number: int) -> None:
         assert self.store is not None
         self._writing = True
+        started = time.perf_counter()
         future = asyncio.get_running_loop().run_in_executor(self._writer, self.store.commit, batch)
-        future.add_done_callback(lambda done: self._committed_or_failed(done, batch, number))
+        future.add_done_callback(
+            lambda done: self._committed_or_failed(done, batch, number, started)
+        )
 
-    def _committed_or_failed(self, done: asyncio.Future[None], batch: Batch, number: int) -> None:
+    def _committed_or_failed(
+        self, done: asyncio.Future[None], batch: Batch, number: int, started: float
+    ) -> None:
         assert self.store is not None
         self._writing = False
         error = done.exception()
@@ -362,16 +406,25 @@ class BrokerServer:
             # Nothing in this batch is confirmed to anyone yet: keep its replies held and
             # try again. A broker that cannot write stalls; it never answers "done" falsely.
             self._commit_failures += 1
+            self.metrics.commit_failed(error)
             if self._commit_failures == 1 or self._commit_failures % 60 == 0:
                 log.error(
-                    "commit failed (%d times so far), retrying: %s", self._commit_failures, error
+                    "commit failed (%d times so far), retrying: %s",
+                    self._commit_failures,
+                    error,
+                    extra=event("commit_failed", failures=self._commit_failures, error=str(error)),
                 )
             self._writing = True
             asyncio.get_running_loop().call_later(_RETRY_COMMIT_AFTER, self._commit, batch, number)
             return
         if self._commit_failures:
-            log.warning("commit succeeded again after %d failures", self._commit_failures)
+            log.warning(
+                "commit succeeded again after %d failures",
+                self._commit_failures,
+                extra=event("commit_recovered", failures=self._commit_failures),
+            )
             self._commit_failures = 0
+        self._note_commit(len(batch), time.perf_counter() - started)
         self.store.committed(batch)
         self._committed = number
         while self._held and self._held[0][0] <= number:
@@ -379,6 +432,16 @@ class BrokerServer:
                 connection.write(frames)
         self._commit_event.set()
         self._start_commit()
+
+    def _note_commit(self, records: int, seconds: float) -> None:
+        self.metrics.commit_done(records, seconds)
+        if seconds > _SLOW_COMMIT:
+            log.warning(
+                "slow commit: %d records took %.3f s",
+                records,
+                seconds,
+                extra=event("slow_commit", records=records, seconds=round(seconds, 6)),
+            )
 
     def _sync(self) -> None:
         """fsync=interval: flush committed pages to disk, then schedule the next sync."""
@@ -388,7 +451,12 @@ class BrokerServer:
 
         def again(done: asyncio.Future[None]) -> None:
             if done.exception() is not None:
-                log.error("periodic sync failed: %s", done.exception())
+                failure = done.exception()
+                log.error(
+                    "periodic sync failed: %s",
+                    failure,
+                    extra=event("sync_failed", error=str(failure)),
+                )
             if self._sync_timer is not None:
                 self._sync_timer = loop.call_later(self.limits.fsync_interval, self._sync)
 
@@ -426,7 +494,7 @@ class BrokerServer:
         except Exception:
             # A bug, but the broker must keep serving: the failing event was consumed,
             # and the timer is re-armed for the rest.
-            log.exception("internal error while applying due events")
+            log.exception("internal error while applying due events", extra=event("internal_error"))
         self.end_turn()
 
     # connections
@@ -434,10 +502,18 @@ class BrokerServer:
     def connection_opened(self, connection: Connection) -> None:
         self.connections[connection.id] = connection
         self._no_connections.clear()
+        self.metrics.connections_opened += 1
+        log.info(
+            "connection %d opened from %s",
+            connection.id,
+            connection.peer,
+            extra=event("connection_opened", connection_id=connection.id, peer=connection.peer),
+        )
 
     def connection_closed(self, connection: Connection) -> None:
         self.connections.pop(connection.id, None)
         self._dirty.pop(connection.id, None)
+        log_closed(connection)
         if not self.connections:
             self._no_connections.set()
         self.cancel_waits(connection)
@@ -471,5 +547,36 @@ class BrokerServer:
             try:
                 await asyncio.wait_for(self._no_connections.wait(), grace)
             except TimeoutError:
-                log.warning("%d connections still open after %.1fs", len(self.connections), grace)
+                still_open = len(self.connections)
+                log.warning(
+                    "%d connections still open after %.1fs",
+                    still_open,
+                    grace,
+                    extra=event("connections_left_open", connections=still_open),
+                )
         self._writer.shutdown(wait=True)
+
+
+def _peer_name(address: Any) -> str:
+    """``host:port`` of a peer's socket address (``[host]:port`` for IPv6)."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(address)
+
+
+def log_closed(connection: Connection) -> None:
+    log.info(
+        "connection %d from %s (%s) closed after %d requests",
+        connection.id,
+        connection.peer,
+        connection.client_name,
+        connection.requests,
+        extra=event(
+            "connection_closed",
+            connection_id=connection.id,
+            peer=connection.peer,
+            client=connection.client_name,
+            requests=connection.requests,
+        ),
+    )

@@ -5,16 +5,22 @@ The event loop turns the core's changes into a ``Batch`` of encoded records
 writer thread writes a batch in one LMDB transaction (``Store.commit``). The server runs one
 commit at a time and gathers the next batch while it runs: that is the group commit.
 
-Layout: one LMDB environment in the data dir with four named databases. Message ids are
+Layout: one LMDB environment in the data dir with six named databases. Message ids are
 8-byte big-endian keys, so both message databases are in id order.
 
 - ``bodies``: id -> ``FORMAT`` byte + body. Written once, at put; deleted with the message.
 - ``messages``: id -> msgpack ``[FORMAT, queue, state, priority, seq, attempts,
   max_attempts, visibility_timeout, enqueued_at, due_at, lease_token, lease_deadline,
-  lease_duration, last_error, dead_reason, dead_at, dead_expires_at, headers]``: the small
-  record that reserve, nack, touch and expiry rewrite. ``seq`` orders ready messages of
+  lease_duration, last_error, dead_reason, dead_at, dead_expires_at, headers, key,
+  progress]``: the small record that reserve, nack, touch and expiry rewrite. (Format 1
+  records lack the last two fields; they are still read.) ``seq`` orders ready messages of
   equal priority (and ties between equal deadlines), as in the core.
 - ``queues``: name (UTF-8) -> msgpack ``[FORMAT, settings map, totals map]``.
+- ``results``: id -> msgpack ``[FORMAT, queue, result, done_at, expires_at]``, the result
+  an acked message left, until its queue's result TTL runs out.
+- ``dedup``: queue + NUL + key -> msgpack ``[FORMAT, message id, expires_at, ended_as]``:
+  dedup keys whose message has ended (``ended_as``: done, dead or gone), until the
+  queue's dedup window runs out. (Keys of live messages are in their records.)
 - ``meta``: ``b"format"`` -> ``FORMAT``; ``b"counters"`` -> msgpack ``[FORMAT, next_id,
   next_token]`` (ids and lease tokens are never reused, even after every message is gone).
 
@@ -48,11 +54,13 @@ from protocol import StorageFull
 from ._core import Changes, Core
 from ._lifecycle import State
 from ._message import Message, PutSpec
+from ._outcomes import DedupEntry, StoredResult
 from ._settings import QueueSettings
 
 log = logging.getLogger("sluice.store")
 
-FORMAT: Final = 1
+FORMAT: Final = 2
+_READABLE: Final = (1, 2)  # formats this version reads
 _BODY_PREFIX: Final = bytes([FORMAT])
 _MIN_MAP: Final = 64 * 1024 * 1024
 _NO_LIMIT: Final = 1 << 46  # 64 TiB: the map never needs to be bigger than the disk
@@ -82,6 +90,8 @@ class Batch:
     states: list[tuple[bytes, bytes]] = field(default_factory=list)
     deletes: list[bytes] = field(default_factory=list)
     queues: list[tuple[bytes, bytes]] = field(default_factory=list)
+    results: list[tuple[bytes, bytes | None]] = field(default_factory=list)  # None: delete
+    dedup: list[tuple[bytes, bytes | None]] = field(default_factory=list)  # None: delete
     counters: bytes = b""
     admitted: int = 0
     measured: bool = False  # the store measured its size right after writing this batch
@@ -136,7 +146,7 @@ class Store:
         self.env = lmdb.open(
             path,
             map_size=max(min(_MIN_MAP, self._cap), existing),
-            max_dbs=4,
+            max_dbs=6,
             sync=durable,
             metasync=durable,
             readahead=False,
@@ -146,6 +156,8 @@ class Store:
         self._states = self.env.open_db(b"messages")
         self._queues = self.env.open_db(b"queues")
         self._meta = self.env.open_db(b"meta")
+        self._results = self.env.open_db(b"results")
+        self._dedup = self.env.open_db(b"dedup")
         self._check_format()
         # Space accounting, in bytes. `used` is measured after some commits (writer thread);
         # `unmeasured` was admitted and committed since, `in_flight` admitted and encoded but
@@ -171,11 +183,11 @@ class Store:
     def _check_format(self) -> None:
         with self.env.begin(write=True, db=self._meta) as txn:
             stored = txn.get(b"format")
-            if stored is None:
-                txn.put(b"format", msgpack.packb(FORMAT))
+            if stored is None or msgpack.unpackb(stored) in _READABLE:
+                txn.put(b"format", msgpack.packb(FORMAT))  # what it is once we write
                 return
             version = msgpack.unpackb(stored)
-            if version != FORMAT:
+            if version not in _READABLE:
                 raise StoreCorrupt(
                     f"data dir {self.path} has format {version}; this broker reads format "
                     f"{FORMAT}. Use a broker version that matches the data"
@@ -192,9 +204,19 @@ class Store:
             counters = txn.get(b"counters", db=self._meta)
             next_id, next_token = _decode_counters(counters) if counters else (1, 1)
             messages = list(self._read_messages(txn))
+            results = [_decode_result(k, v) for k, v in txn.cursor(self._results)]
+            dedup = [_decode_dedup(k, v) for k, v in txn.cursor(self._dedup)]
         for _, message in messages:
             by_state[message.state.value] += 1
-        core.recover(now, queues, messages, next_id=next_id, next_token=next_token)
+        core.recover(
+            now,
+            queues,
+            messages,
+            next_id=next_id,
+            next_token=next_token,
+            results=results,
+            dedup=dedup,
+        )
         return Recovered(len(messages), by_state, len(queues), time.perf_counter() - started)
 
     def _read_messages(self, txn: Any) -> Iterator[tuple[str, Message]]:
@@ -242,8 +264,19 @@ class Store:
                 message.stored = True
             batch.states.append((key, _encode_message(message)))
         for queue in changes.queues:
-            record = [FORMAT, queue.settings.to_wire(), queue.totals]
-            batch.queues.append((queue.name.encode(), msgpack.packb(record)))
+            fields: list[Any] = [FORMAT, queue.settings.to_wire(), queue.totals]
+            batch.queues.append((queue.name.encode(), msgpack.packb(fields)))
+        for message_id, result in changes.results.items():
+            stored = None
+            if result is not None:
+                fields = [FORMAT, result.queue, result.value, result.done_at, result.expires_at]
+                stored = msgpack.packb(fields)
+            batch.results.append((_key(message_id), stored))
+        for (queue_name, dedup_key), entry in changes.dedup.items():
+            stored = None
+            if entry is not None:
+                stored = msgpack.packb([FORMAT, entry.message_id, entry.expires_at, entry.ended_as])
+            batch.dedup.append((_dedup_key(queue_name, dedup_key), stored))
         batch.counters = msgpack.packb([FORMAT, changes.next_id, changes.next_token])
         return batch
 
@@ -285,6 +318,12 @@ class Store:
                 txn.cursor(self._states).putmulti(batch.states)
             for key, value in batch.queues:
                 txn.put(key, value, db=self._queues)
+            for db, records in ((self._results, batch.results), (self._dedup, batch.dedup)):
+                for key, record in records:
+                    if record is None:
+                        txn.delete(key, db=db)
+                    else:
+                        txn.put(key, record, db=db)
             txn.put(b"counters", batch.counters, db=self._meta)
 
     def _grow(self) -> None:
@@ -308,6 +347,8 @@ class Store:
                     txn.stat(self._states),
                     txn.stat(self._queues),
                     txn.stat(self._meta),
+                    txn.stat(self._results),
+                    txn.stat(self._dedup),
                 )
             )
         self._measure_due = time.monotonic() + _MEASURE_EVERY
@@ -350,6 +391,8 @@ def _encode_message(message: Message) -> bytes:
             message.dead_at,
             message.dead_expires_at,
             message.headers,
+            message.key,
+            list(message.progress) if message.progress is not None else None,
         ]
     )
     return record
@@ -357,7 +400,9 @@ def _encode_message(message: Message) -> bytes:
 
 def _decode_message(message_id: int, body: bytes, value: bytes) -> tuple[str, Message]:
     record = msgpack.unpackb(value)
-    if not record or record[0] != FORMAT or len(record) != 18:
+    if record and record[0] == 1 and len(record) == 18:
+        record = [*record, None, None]  # format 1: no dedup key, no progress
+    elif not record or record[0] != FORMAT or len(record) != 20:
         raise StoreCorrupt(f"message {message_id}: record format {record[:1]} unknown")
     (
         _,
@@ -378,6 +423,8 @@ def _decode_message(message_id: int, body: bytes, value: bytes) -> tuple[str, Me
         dead_at,
         dead_expires_at,
         headers,
+        key,
+        progress,
     ) = record
     message = Message.__new__(Message)
     message.id = message_id
@@ -398,21 +445,43 @@ def _decode_message(message_id: int, body: bytes, value: bytes) -> tuple[str, Me
     message.dead_at = dead_at
     message.dead_expires_at = dead_expires_at
     message.headers = headers
+    message.key = key
+    message.progress = tuple(progress) if progress is not None else None
     message.stored = True
     return queue_name, message
 
 
 def _decode_queue(key: bytes, value: bytes) -> tuple[str, QueueSettings, dict[str, int]]:
     record = msgpack.unpackb(value)
-    if not record or record[0] != FORMAT:
+    if not record or record[0] not in _READABLE:
         raise StoreCorrupt(f"queue {key!r}: record format {record[:1]} unknown")
     _, settings, totals = record
     return key.decode(), QueueSettings().updated(settings), totals
 
 
-def _decode_counters(value: bytes) -> tuple[int, int]:
+def _dedup_key(queue_name: str, key: str) -> bytes:
+    return queue_name.encode() + b"\x00" + key.encode()
+
+
+def _decode_result(key: bytes, value: bytes) -> tuple[int, StoredResult]:
     record = msgpack.unpackb(value)
     if not record or record[0] != FORMAT:
+        raise StoreCorrupt(f"result {_id(key)}: record format {record[:1]} unknown")
+    _, queue_name, result, done_at, expires_at = record
+    return _id(key), StoredResult(queue_name, result, done_at, expires_at)
+
+
+def _decode_dedup(key: bytes, value: bytes) -> tuple[str, str, DedupEntry]:
+    record = msgpack.unpackb(value)
+    if not record or record[0] != FORMAT:
+        raise StoreCorrupt(f"dedup key {key!r}: record format {record[:1]} unknown")
+    queue_name, _, dedup_key = key.partition(b"\x00")
+    return queue_name.decode(), dedup_key.decode(), DedupEntry(record[1], record[2], record[3])
+
+
+def _decode_counters(value: bytes) -> tuple[int, int]:
+    record = msgpack.unpackb(value)
+    if not record or record[0] not in _READABLE:
         raise StoreCorrupt(f"counters: record format {record[:1]} unknown")
     return int(record[1]), int(record[2])
 

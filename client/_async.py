@@ -215,5 +215,8 @@ class AsyncClient:
     purge = _awaiting(_calls.purge)
     dead_letters = _awaiting(_calls.dead_letters)
     peek = _awaiting(_calls.peek)
+    put_and_wait = _awaiting(_calls.put_and_wait)
+    result = _awaiting(_calls.result)
+    progress = _awaiting(_calls.progress)
     replay = _awaiting(_calls.replay)
     purge_dead = _awaiting(_calls.purge_dead)

@@ -14,6 +14,7 @@ from typing import Any, Generic, TypeVar
 from protocol import BadRequest, require_queue_name
 
 from ._message import Message
+from .errors import JobFailed, Timeout
 
 T = TypeVar("T")
 Body = bytes | bytearray | memoryview | str
@@ -81,6 +82,34 @@ def _field(name: str) -> Callable[[Any], Any]:
     return lambda result: result[name]
 
 
+class MessageId(int):
+    """A message id (an ``int``) that also says whether the put that returned it found a
+    live message with the same dedup ``key`` and so added nothing (``duplicate``)."""
+
+    duplicate: bool
+
+    def __new__(cls, value: int, duplicate: bool = False) -> MessageId:
+        message_id = super().__new__(cls, value)
+        message_id.duplicate = duplicate
+        return message_id
+
+
+def _ids(result: Any) -> list[MessageId]:
+    duplicates = set(result.get("duplicates", ()))
+    return [MessageId(i, index in duplicates) for index, i in enumerate(result["ids"])]
+
+
+def _outcome(result: Any) -> Any:
+    """The result of a finished job; raises ``JobFailed`` if it was dead-lettered or
+    removed, ``Timeout`` if it is still pending."""
+    state = result["state"]
+    if state == "done":
+        return result.get("result")
+    if state in ("dead", "gone"):
+        raise JobFailed(result)
+    raise Timeout(f"job {result['id']} has no result yet (it is {state}); it stays queued")
+
+
 def ping() -> Call[float]:
     """Round trip to the broker; returns the broker's clock (epoch seconds)."""
     return Call("ping", {}, _field("time"))
@@ -95,14 +124,20 @@ def put(
     max_attempts: int | None = None,
     visibility_timeout: float | None = None,
     headers: Mapping[str, str | int] | None = None,
-) -> Call[int]:
+    key: str | None = None,
+) -> Call[MessageId]:
     """Enqueue one message; returns its id once the broker has stored it.
 
     ``priority``: higher is delivered first. ``delay``: seconds before it can be reserved.
     ``max_attempts`` / ``visibility_timeout``: override the queue's settings for this
-    message. ``headers``: a small map of str to str or int. A str body is sent as UTF-8."""
+    message. ``headers``: a small map of str to str or int. A str body is sent as UTF-8.
+    ``key``: a dedup key. While a message with this key is live in the queue, and for the
+    queue's ``dedup_window`` after it is acked, dead-lettered or cancelled, the put adds
+    nothing and returns that message's id with ``.duplicate`` True."""
     spec = _spec(body, priority, delay, max_attempts, visibility_timeout, headers)
-    return Call("put", {"queue": _queue(queue), "messages": [spec]}, lambda r: r["ids"][0])
+    if key is not None:
+        spec["key"] = key
+    return Call("put", {"queue": _queue(queue), "messages": [spec]}, lambda r: _ids(r)[0])
 
 
 def put_many(
@@ -114,11 +149,44 @@ def put_many(
     max_attempts: int | None = None,
     visibility_timeout: float | None = None,
     headers: Mapping[str, str | int] | None = None,
-) -> Call[list[int]]:
+) -> Call[list[MessageId]]:
     """Enqueue many messages in one frame (all or nothing); returns their ids in order.
     The keyword options apply to every message."""
     specs = [_spec(b, priority, delay, max_attempts, visibility_timeout, headers) for b in bodies]
-    return Call("put", {"queue": _queue(queue), "messages": specs}, _field("ids"))
+    return Call("put", {"queue": _queue(queue), "messages": specs}, _ids)
+
+
+def put_and_wait(
+    queue: str,
+    body: Body,
+    *,
+    timeout: float,
+    priority: int = 0,
+    max_attempts: int | None = None,
+    visibility_timeout: float | None = None,
+    headers: Mapping[str, str | int] | None = None,
+    key: str | None = None,
+) -> Call[Any]:
+    """Put one message and wait up to ``timeout`` seconds for a worker to ack it; returns
+    the result the worker acked it with (None if it sent none). Request/response over
+    the queue. Raises ``JobFailed`` (with ``reason`` and ``last_error``) if the job is
+    dead-lettered, ``Timeout`` if no result came in time (the job stays queued)."""
+    spec = _spec(body, priority, 0, max_attempts, visibility_timeout, headers)
+    if key is not None:
+        spec["key"] = key
+    args = {"queue": _queue(queue), "message": spec, "timeout": timeout}
+    return Call("put_and_wait", args, _outcome, wait=float(timeout))
+
+
+def result(message_id: int, *, wait: float = 0) -> Call[Any]:
+    """The result a worker acked message ``message_id`` with, waiting up to ``wait``
+    seconds for it. Raises ``JobFailed`` if the message was dead-lettered, ``Timeout`` if
+    it is still pending, ``NotFound`` if the broker has no record (unknown id, or acked
+    without a result, or the result outlived the queue's ``result_ttl``)."""
+    args: dict[str, Any] = {"id": message_id}
+    if wait:
+        args["wait"] = wait
+    return Call("result", args, _outcome, wait=float(wait))
 
 
 def reserve(
@@ -147,11 +215,20 @@ def reserve(
     )
 
 
-def ack(deliveries: Delivery | Iterable[Delivery]) -> Call[int]:
+_NO_RESULT: Any = object()
+
+
+def ack(deliveries: Delivery | Iterable[Delivery], *, result: Any = _NO_RESULT) -> Call[int]:
     """Finish one message or many (``Message`` objects or ``(id, lease)`` pairs). Raises
     ``LeaseLost`` if any lease is not current; ``details["failed"]`` lists those ids, and
-    the others were acked."""
-    return Call("ack", {"items": _pairs(deliveries)}, _field("acked"))
+    the others were acked.
+
+    ``result`` (bytes or anything msgpack can carry) is kept with each acked message for
+    its queue's ``result_ttl``, for ``result()``, ``status()`` and ``put_and_wait``."""
+    items: list[list[Any]] = list(_pairs(deliveries))
+    if result is not _NO_RESULT:
+        items = [[*item, result] for item in items]
+    return Call("ack", {"items": items}, _field("acked"))
 
 
 def nack(
@@ -185,6 +262,13 @@ def touch(message: Message, *, seconds: float | None = None) -> Call[float]:
     return Call("touch", args, parse)
 
 
+def progress(message: Message, percent: float, note: str = "") -> Call[None]:
+    """Report how far the handler of a reserved message has got (0-100, and a short
+    note); ``status(id)`` shows it. Raises ``LeaseLost`` if the lease is not current."""
+    args = {"id": message.id, "lease": message.lease, "percent": percent, "note": note}
+    return Call("progress", args, lambda r: None)
+
+
 def bury(message: Message, *, reason: str) -> Call[None]:
     """Dead-letter a reserved message now, with ``reason``."""
     return Call(
@@ -198,8 +282,9 @@ def cancel(message_id: int) -> Call[bool]:
 
 
 def status(message_id: int) -> Call[dict[str, Any]]:
-    """State, attempts, queue, priority, due time, last error... of a live message.
-    Raises ``NotFound`` once it is acked, cancelled or purged."""
+    """State, attempts, queue, priority, due time, last error... of a live message; once
+    acked with a kept result, ``{"state": "done", "result", "done_at"}`` for the queue's
+    ``result_ttl``. Raises ``NotFound`` once it is acked without one, cancelled or purged."""
     return Call("status", {"id": message_id}, dict)
 
 

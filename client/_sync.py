@@ -166,5 +166,8 @@ class Client:
     purge = _blocking(_calls.purge)
     dead_letters = _blocking(_calls.dead_letters)
     peek = _blocking(_calls.peek)
+    put_and_wait = _blocking(_calls.put_and_wait)
+    result = _blocking(_calls.result)
+    progress = _blocking(_calls.progress)
     replay = _blocking(_calls.replay)
     purge_dead = _blocking(_calls.purge_dead)

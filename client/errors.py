@@ -7,6 +7,8 @@ itself derive from ``ClientError`` (also a ``SluiceError``, with ``code`` None).
 
 from __future__ import annotations
 
+from typing import Any
+
 from protocol import (
     ERROR_CLASSES,
     BadFrame,
@@ -36,7 +38,26 @@ class ConnectionClosed(ClientError, ConnectionError):
 
 
 class Timeout(ClientError, TimeoutError):
-    """No reply within the client's timeout. The request may still be applied."""
+    """No reply within the client's timeout (the request may still be applied), or no
+    job result within the time asked for (the job stays queued)."""
+
+
+class JobFailed(ClientError):
+    """The job a result was awaited for will never have one: it was dead-lettered
+    (``reason``, ``last_error``), or removed (cancelled, purged)."""
+
+    def __init__(self, outcome: dict[str, Any]) -> None:
+        self.id: int | None = outcome.get("id")
+        self.state: str = outcome.get("state", "gone")
+        self.reason: str | None = outcome.get("dead_reason")
+        self.last_error: str | None = outcome.get("last_error")
+        what = "was dead-lettered" if self.state == "dead" else "was removed"
+        text = f"job {self.id} {what}"
+        if self.reason:
+            text += f": {self.reason}"
+        if self.last_error:
+            text += f" (last error: {self.last_error})"
+        super().__init__(text, dict(outcome))
 
 
 __all__ = [
@@ -48,6 +69,7 @@ __all__ = [
     "ErrorCode",
     "Forbidden",
     "InternalError",
+    "JobFailed",
     "LeaseLost",
     "NotFound",
     "ShuttingDown",

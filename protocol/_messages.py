@@ -38,6 +38,9 @@ OPS: Final = frozenset(
         "purge",
         "dead_letters",
         "peek",
+        "put_and_wait",
+        "result",
+        "progress",
         "replay",
         "purge_dead",
     }

@@ -91,22 +91,6 @@ def _read_lines(stream: Any, lines: queue.Queue[str | None]) -> None:
     lines.put(None)
 
 
-def metrics_flag_known() -> bool:
-    """Whether this broker has --metrics-port (cached)."""
-    if not _METRICS_FLAG:
-        done = subprocess.run(
-            [sys.executable, "-m", "broker", "--help"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-        )
-        _METRICS_FLAG.append("--metrics-port" in done.stdout)
-    return _METRICS_FLAG[0]
-
-
-_METRICS_FLAG: list[bool] = []
-
-
 def start_broker(log_path: Path, *extra_args: str) -> BrokerProcess:
     """Start ``python -m broker --port 0`` and wait (bounded) for its listening line.
     Unless ``extra_args`` pick a store, it gets a durable one in ``data`` beside the log;
@@ -114,7 +98,7 @@ def start_broker(log_path: Path, *extra_args: str) -> BrokerProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
     if "--data-dir" not in extra_args and "--in-memory" not in extra_args:
         extra_args = ("--data-dir", str(log_path.parent / "data"), *extra_args)
-    if "--metrics-port" not in extra_args and metrics_flag_known():
+    if "--metrics-port" not in extra_args:
         extra_args = ("--metrics-port", "0", *extra_args)
     with log_path.open("w") as log_file:
         process = subprocess.Popen(
