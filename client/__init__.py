@@ -14,5 +14,8 @@ from . import errors
 from ._async import AsyncClient
 from ._message import Message
 from ._sync import Client
+from ._worker_async import AsyncWorker
+from ._worker_job import Fail, Retry
+from ._worker_sync import Worker
 
-__all__ = ["AsyncClient", "Client", "Message", "errors"]
+__all__ = ["AsyncClient", "AsyncWorker", "Client", "Fail", "Message", "Retry", "Worker", "errors"]
