@@ -198,42 +198,52 @@ class Store:
     def recover(self, core: Core, now: float) -> Recovered:
         """Load everything into an empty ``core`` (see ``Core.recover``)."""
         started = time.perf_counter()
-        by_state = dict.fromkeys(("ready", "delayed", "reserved", "dead"), 0)
-        with self.env.begin(buffers=False) as txn:
+        with self.env.begin() as txn:
             queues = [_decode_queue(key, value) for key, value in txn.cursor(self._queues)]
             counters = txn.get(b"counters", db=self._meta)
             next_id, next_token = _decode_counters(counters) if counters else (1, 1)
-            messages = list(self._read_messages(txn))
             results = [_decode_result(k, v) for k, v in txn.cursor(self._results)]
             dedup = [_decode_dedup(k, v) for k, v in txn.cursor(self._dedup)]
-        for _, message in messages:
-            by_state[message.state.value] += 1
-        core.recover(
-            now,
-            queues,
-            messages,
-            next_id=next_id,
-            next_token=next_token,
-            results=results,
-            dedup=dedup,
-        )
-        return Recovered(len(messages), by_state, len(queues), time.perf_counter() - started)
+        # Nothing writes while recovering, so a second read transaction sees the same
+        # data; this one reads through buffers into the map.
+        with self.env.begin(buffers=True) as txn:
+            # Streamed straight into the core: no list of every message on the side.
+            core.recover(
+                now,
+                queues,
+                self._read_messages(txn),
+                next_id=next_id,
+                next_token=next_token,
+                results=results,
+                dedup=dedup,
+            )
+        by_state = {
+            state.value: sum(queue.counts[state] for queue in core.queues.values())
+            for state in (State.READY, State.DELAYED, State.RESERVED, State.DEAD)
+        }
+        seconds = time.perf_counter() - started
+        return Recovered(len(core.messages), by_state, len(queues), seconds)
 
     def _read_messages(self, txn: Any) -> Iterator[tuple[str, Message]]:
-        """Walk the state and body databases side by side (both are in id order)."""
+        """Walk the state and body databases side by side (both are in id order). Reads
+        through buffers into the map, so each body is copied once, into its message."""
         bodies = txn.cursor(self._bodies)
         has_body = bodies.first()
-        for key, value in txn.cursor(self._states):
-            while has_body and bodies.key() < key:
+        states = txn.cursor(self._states)
+        has_state = states.first()
+        while has_state:
+            message_id = _id(states.key())
+            while has_body and _id(bodies.key()) < message_id:
                 log.warning("dropping a body without a message record: id %d", _id(bodies.key()))
                 has_body = bodies.next()
-            if not has_body or bodies.key() != key:
-                raise StoreCorrupt(f"message {_id(key)} has a record but no body")
+            if not has_body or _id(bodies.key()) != message_id:
+                raise StoreCorrupt(f"message {message_id} has a record but no body")
             body = bodies.value()
             if body[:1] != _BODY_PREFIX:
-                raise StoreCorrupt(f"message {_id(key)}: body format {body[:1]!r} unknown")
-            yield _decode_message(_id(key), body[1:], value)
+                raise StoreCorrupt(f"message {message_id}: body format {bytes(body[:1])!r} unknown")
+            yield _decode_message(message_id, bytes(body[1:]), states.value())
             has_body = bodies.next()
+            has_state = states.next()
 
     # ------------------------------------------------------------- writing
 

@@ -152,6 +152,18 @@ def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BrokerPro
     stop_broker(running, allow_traceback=request.node.get_closest_marker("xfail") is not None)
 
 
+@pytest.fixture
+def brokers() -> Iterator[list[BrokerProcess]]:
+    """For tests that start (and kill, and restart) brokers themselves: append each one;
+    any still running at the end is killed."""
+    started: list[BrokerProcess] = []
+    yield started
+    for running in started:
+        if running.process.poll() is None:
+            running.process.kill()
+            running.process.wait()
+
+
 @pytest.fixture(scope="module")
 def shared_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
     """One daemon for a whole module; each test must use queues of its own."""

@@ -31,7 +31,7 @@ import random
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -709,17 +709,6 @@ def cancel_delayed(client: Client, ledger: Ledger) -> None:
 def crash_seed() -> int:
     text = os.environ.get("CRASH_TEST_SEED")
     return int(text) if text else random.SystemRandom().randrange(2**32)
-
-
-@pytest.fixture
-def brokers() -> Iterator[list[BrokerProcess]]:
-    """The brokers a test started; any still running at the end is killed."""
-    started: list[BrokerProcess] = []
-    yield started
-    for broker in started:
-        if broker.process.poll() is None:
-            broker.process.kill()
-            broker.process.wait()
 
 
 @pytest.mark.parametrize("fsync", ["always", "interval"])

@@ -6,7 +6,6 @@ and loses nothing it confirmed when it is killed with SIGKILL, full or not.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -66,17 +65,6 @@ def ready_bodies(client: Client) -> set[bytes]:
 def counts(client: Client) -> tuple[int, int, int, int]:
     stats = client.stats(QUEUE)
     return stats["ready"], stats["delayed"], stats["reserved"], stats["dead"]
-
-
-@pytest.fixture
-def brokers() -> Iterator[list[BrokerProcess]]:
-    """The brokers a test started; any still running at the end is killed."""
-    started: list[BrokerProcess] = []
-    yield started
-    for broker in started:
-        if broker.process.poll() is None:
-            broker.process.kill()
-            broker.process.wait()
 
 
 def test_full_store_refuses_puts_keeps_acks_and_loses_nothing(
