@@ -331,7 +331,9 @@ class BrokerServer:
     def turn_ends_soon(self) -> None:
         """Run ``end_turn`` once this loop iteration has read from every connection that
         had data, so that their changes share one commit and their replies one pass."""
-        if not self._turn_scheduled:
+        if self.store is None:
+            self.end_turn()  # nothing to group: answer now, one hop sooner
+        elif not self._turn_scheduled:
             self._turn_scheduled = True
             asyncio.get_running_loop().call_soon(self.end_turn)
 
