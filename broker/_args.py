@@ -144,7 +144,7 @@ class Args:
         value = self._get(name, _MISSING)
         if not isinstance(value, list) or not 1 <= len(value) <= MAX_BATCH:
             raise BadRequest(f"{self.op}: {name} must be a list of 1-{MAX_BATCH} messages")
-        return [put_spec(index, item) for index, item in enumerate(value)]
+        return [put_spec(f"put: message {index}", item) for index, item in enumerate(value)]
 
 
 _PUT_FIELDS: Final = frozenset(
@@ -152,36 +152,37 @@ _PUT_FIELDS: Final = frozenset(
 )
 
 
-def put_spec(index: int, item: Any) -> PutSpec:
+def put_spec(where: str, item: Any) -> PutSpec:
+    """One message map of a put; ``where`` names it in errors ("put: message 3")."""
     if not isinstance(item, dict):
-        raise BadRequest(f"put: message {index} must be a map with at least 'body'")
-    args = Args(f"put: message {index}", item, _PUT_FIELDS)
+        raise BadRequest(f"{where} must be a map with at least 'body'")
+    args = Args(where, item, _PUT_FIELDS)
     body = args._get("body", _MISSING)
     if not isinstance(body, bytes):
-        raise BadRequest(f"put: message {index}: body must be bytes (msgpack bin)")
+        raise BadRequest(f"{where}: body must be bytes (msgpack bin)")
     return PutSpec(
         body=body,
         priority=args.integer("priority", 0, low=PRIORITY_RANGE[0], high=PRIORITY_RANGE[1]),
         delay=args.seconds("delay", 0.0),
         max_attempts=args.integer("max_attempts", None, low=1, high=2**31 - 1),
         visibility_timeout=args.seconds("visibility_timeout", None, low_open=True),
-        headers=_headers(index, item.get("headers")),
-        key=_key(index, item.get("key")),
+        headers=_headers(where, item.get("headers")),
+        key=_key(where, item.get("key")),
     )
 
 
-def _key(index: int, value: Any) -> str | None:
+def _key(where: str, value: Any) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or not 0 < len(value) <= MAX_KEY:
-        raise BadRequest(f"put: message {index}: key must be a string of 1-{MAX_KEY} chars")
+        raise BadRequest(f"{where}: key must be a string of 1-{MAX_KEY} chars")
     return value
 
 
-def _headers(index: int, value: Any) -> Headers | None:
+def _headers(message: str, value: Any) -> Headers | None:
     if value is None:
         return None
-    where = f"put: message {index}: headers"
+    where = f"{message}: headers"
     if not isinstance(value, dict) or len(value) > MAX_HEADERS:
         raise BadRequest(f"{where} must be a map of at most {MAX_HEADERS} entries")
     for key, item in value.items():

@@ -387,3 +387,12 @@ def test_bad_arguments_get_bad_request_and_the_broker_keeps_serving(
         assert client.result(message_id) == b"r" * 1000
         assert raw.call("ping", {})["time"] > 0
     broker.assert_alive()
+
+
+def test_a_bad_put_and_wait_message_is_named_as_such(broker: BrokerProcess) -> None:
+    with broker.raw() as raw:
+        reply = raw.request(
+            "put_and_wait", {"queue": "rpc", "message": {"body": "text"}, "timeout": 1}
+        )
+        assert error_code(reply) == "BAD_REQUEST"
+        assert reply[2]["message"].startswith("put_and_wait: message: body must be bytes")
