@@ -82,8 +82,10 @@ def test_throughput_reports_every_figure(tmp_path: Path, args: list[str]) -> Non
     _assert_exactly_once(run, 300)
     assert "sluice broker" in run["versions"]
     figures = run["figures"]
-    for key in ("jobs_per_s", "elapsed_s", "put_per_s", "server_cpu_s", "server_peak_rss_mib"):
+    for key in ("jobs_per_s", "elapsed_s", "put_per_s", "server_peak_rss_mib"):
         assert figures[key] > 0, key
+    # CPU time is counted in clock ticks (10 ms): a 300-message run may take none.
+    assert isinstance(figures["server_cpu_s"], float) and figures["server_cpu_s"] >= 0
     for key in ("put_confirm_ms", "put_to_deliver_ms"):
         summary = figures[key]
         assert set(summary) >= {"p50", "p90", "p99", "p99.9", "max", "count"}
