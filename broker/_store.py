@@ -53,6 +53,7 @@ from protocol import StorageFull
 
 from ._core import Changes, Core
 from ._lifecycle import State
+from ._logging import event
 from ._message import Message, PutSpec
 from ._outcomes import DedupEntry, StoredResult
 from ._settings import QueueSettings
@@ -234,7 +235,12 @@ class Store:
         while has_state:
             message_id = _id(states.key())
             while has_body and _id(bodies.key()) < message_id:
-                log.warning("dropping a body without a message record: id %d", _id(bodies.key()))
+                orphan = _id(bodies.key())
+                log.warning(
+                    "dropping a body without a message record: id %d",
+                    orphan,
+                    extra=event("orphan_body_dropped", id=orphan),
+                )
                 has_body = bodies.next()
             if not has_body or _id(bodies.key()) != message_id:
                 raise StoreCorrupt(f"message {message_id} has a record but no body")
@@ -344,7 +350,12 @@ class Store:
                 f"the store reached its --max-storage of {limit} bytes while committing"
             )
         new_size = min(size * 2, limit)
-        log.info("growing the store's map from %d to %d MiB", size >> 20, new_size >> 20)
+        log.info(
+            "growing the store's map from %d to %d MiB",
+            size >> 20,
+            new_size >> 20,
+            extra=event("store_grown", from_mib=size >> 20, to_mib=new_size >> 20),
+        )
         self.env.set_mapsize(new_size)
 
     def _measure(self) -> None:

@@ -119,3 +119,28 @@ def test_full_store_refuses_puts_keeps_acks_and_loses_nothing(
         assert counts(client) == (0, 0, 0, 0)
         assert client.put(QUEUE, body(0)) > 0
     stop_broker(broker)
+
+
+def test_the_map_grows_past_its_first_size_and_keeps_everything(
+    tmp_path: Path, brokers: list[BrokerProcess]
+) -> None:
+    """The LMDB map starts at 64 MiB; 80 MiB of bodies make it grow (logged as an event),
+    and a kill -9 and restart loses none of them."""
+    data = str(tmp_path / "data")
+    args = ("--data-dir", data, "--log-format", "json")
+    big = [bytes([n]) * (1024 * 1024 - 64) for n in range(80)]
+    brokers.append(start_broker(tmp_path / "first.log", *args))
+    with brokers[-1].client(timeout=30) as client:
+        client.configure("big", max_body=1024 * 1024)
+        for chunk in range(0, len(big), 4):
+            client.put_many("big", big[chunk : chunk + 4])
+    assert '"event": "store_grown"' in brokers[-1].log()
+    brokers[-1].process.kill()
+    brokers[-1].process.wait()
+    brokers.append(start_broker(tmp_path / "second.log", *args))
+    with brokers[-1].client(timeout=30) as client:
+        got = [m.body for m in client.reserve("big", max_messages=80)]
+        while len(got) < len(big) and (more := client.reserve("big", max_messages=80)):
+            got += [m.body for m in more]
+        assert got == big
+    stop_broker(brokers[-1])
