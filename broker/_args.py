@@ -106,21 +106,27 @@ class Args:
 
     def deliveries(self, name: str = "items") -> list[tuple[int, int]]:
         """A list of ``[id, lease]`` pairs, 1..MAX_BATCH of them."""
-        return [(item[0], item[1]) for item in self._items(name, with_results=False)]
+        items, _ = self._items(name, with_results=False)
+        return [(item[0], item[1]) for item in items]
 
-    def deliveries_with_results(self, name: str = "items") -> tuple[list[tuple[int, int]], Any]:
+    def deliveries_with_results(
+        self, name: str = "items"
+    ) -> tuple[list[tuple[int, int]], list[Any] | None, int]:
         """Like ``deliveries``, where each item may also be ``[id, lease, result]``. Returns
-        the pairs and a parallel list of results (``NO_RESULT`` where none), or None for
-        the list when no item has a result."""
-        items = self._items(name, with_results=True)
+        the pairs, a parallel list of results (``NO_RESULT`` where none; None when no item
+        has a result), and the results' encoded size in all."""
+        items, result_bytes = self._items(name, with_results=True)
         pairs = [(item[0], item[1]) for item in items]
         if all(len(item) == 2 for item in items):
-            return pairs, None
-        return pairs, [item[2] if len(item) == 3 else NO_RESULT for item in items]
+            return pairs, None, 0
+        results = [item[2] if len(item) == 3 else NO_RESULT for item in items]
+        return pairs, results, result_bytes
 
-    def _items(self, name: str, *, with_results: bool) -> list[list[Any]]:
+    def _items(self, name: str, *, with_results: bool) -> tuple[list[list[Any]], int]:
+        """The checked items, and the encoded size of their results."""
         value = self._get(name, _MISSING)
         shape = "[id, lease] or [id, lease, result]" if with_results else "[id, lease]"
+        result_bytes = 0
         if not isinstance(value, list) or not 1 <= len(value) <= MAX_BATCH:
             raise BadRequest(f"{self.op}: {name} must be a list of 1-{MAX_BATCH} {shape} items")
         for item in value:
@@ -130,9 +136,12 @@ class Args:
                 or not all(type(v) is int and v > 0 for v in item[:2])
             ):
                 raise BadRequest(f"{self.op}: each of {name} must be {shape}, got {shown(item)}")
-            if len(item) == 3 and len(msgpack.packb(item[2])) > MAX_RESULT:
-                raise BadRequest(f"{self.op}: a result is over {MAX_RESULT} bytes")
-        return value
+            if len(item) == 3:
+                size = len(msgpack.packb(item[2]))
+                if size > MAX_RESULT:
+                    raise BadRequest(f"{self.op}: a result is over {MAX_RESULT} bytes")
+                result_bytes += size
+        return value, result_bytes
 
     def mapping(self, name: str) -> dict[str, Any]:
         value = self._get(name, _MISSING)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from protocol import BadRequest, UnknownOp
 
@@ -34,13 +34,22 @@ MAX_NOTE: Final = 200  # characters of a progress note
 class Call:
     """What a handler may use: the core, the time of the request, a key that names this
     request if it has to wait, how many more waits its connection may hold, and the
-    store's space check for puts."""
+    store's room checks for new data (puts, ack results)."""
 
     core: Core
     now: float
     waiter_key: Hashable
     waits_left: int = MAX_WAITS_PER_CONNECTION
-    admit_put: Callable[[list[PutSpec]], None] | None = None  # raises StorageFull if no room
+    space: Space | None = None  # the store's room for new data; None in memory
+
+
+class Space(Protocol):
+    """Room checks for new data; each raises ``StorageFull`` (counting nothing) if there
+    is none."""
+
+    def admit_put(self, specs: list[PutSpec]) -> None: ...
+
+    def admit_results(self, size: int, count: int) -> None: ...
 
 
 Handler = Callable[[Call, Args], Any]
@@ -52,8 +61,8 @@ def _ping(call: Call, args: Args) -> Any:
 
 def _put(call: Call, args: Args) -> Any:
     queue, specs = args.queue(), args.put_specs()
-    if call.admit_put is not None:
-        call.admit_put(specs)
+    if call.space is not None:
+        call.space.admit_put(specs)
     ids = call.core.put(call.now, queue, specs)
     if ids.duplicates:
         return {"ids": ids, "duplicates": ids.duplicates}
@@ -76,8 +85,8 @@ def _put_and_wait(call: Call, args: Args) -> Any:
     specs = [put_spec("put_and_wait: message", message)]
     if specs[0].delay:
         raise BadRequest("put_and_wait: a message cannot be delayed; use put and result")
-    if call.admit_put is not None:
-        call.admit_put(specs)
+    if call.space is not None:
+        call.space.admit_put(specs)
     (message_id,) = call.core.put(call.now, queue, specs)
     dedup_key = (queue, specs[0].key) if specs[0].key is not None else None
     return _outcome_or_pending(call, message_id, timeout, dedup_key)
@@ -117,7 +126,9 @@ def deliveries(messages: list[Any]) -> dict[str, Any]:
 
 
 def _ack(call: Call, args: Args) -> Any:
-    deliveries, results = args.deliveries_with_results()
+    deliveries, results, result_bytes = args.deliveries_with_results()
+    if results is not None and call.space is not None:
+        call.space.admit_results(result_bytes, len(results))
     return {"acked": call.core.ack(call.now, deliveries, results)}
 
 

@@ -322,8 +322,7 @@ class BrokerServer:
         if request_id in connection.waiting:
             raise BadRequest(f"request id {request_id} is already in use by a waiting reserve")
         waits_left = MAX_WAITS_PER_CONNECTION - len(connection.waiting)
-        admit = self.store.admit_put if self.store is not None else None
-        return handle(Call(self.core, self.clock(), key, waits_left, admit), op, args)
+        return handle(Call(self.core, self.clock(), key, waits_left, self.store), op, args)
 
     def mark_dirty(self, connection: Connection) -> None:
         self._dirty[connection.id] = connection

@@ -255,12 +255,19 @@ class Store:
 
     def admit_put(self, specs: list[PutSpec]) -> None:
         """Count the space ``specs`` will take, or raise ``StorageFull`` (nothing counted)."""
-        need = sum(_estimate(spec) for spec in specs)
+        self._admit(sum(_estimate(spec) for spec in specs), "")
+
+    def admit_results(self, size: int, count: int) -> None:
+        """The same for ``count`` ack results of ``size`` encoded bytes in all: results are
+        new data, so they need room like puts (an ack without one never does)."""
+        self._admit(size + 256 * count, "; an ack without a result needs no room")
+
+    def _admit(self, need: int, advice: str) -> None:
         if self._estimate() + need > self.capacity:
             raise StorageFull(
                 f"storage is full (about {self._estimate() // 1024} KiB used of "
                 f"{self.capacity // 1024} KiB for messages): consume or purge messages, "
-                "or give the broker more space (--max-storage, or free disk)"
+                f"or give the broker more space (--max-storage, or free disk){advice}"
             )
         self.pending += need
 

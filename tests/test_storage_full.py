@@ -144,3 +144,24 @@ def test_the_map_grows_past_its_first_size_and_keeps_everything(
             got += [m.body for m in more]
         assert got == big
     stop_broker(brokers[-1])
+
+
+def test_ack_results_cannot_fill_the_store_but_plain_acks_always_work(
+    tmp_path: Path, brokers: list[BrokerProcess]
+) -> None:
+    """A result is new data: an ack carrying one needs room like a put, and is refused with
+    STORAGE_FULL (changing nothing) when there is none, so results cannot fill the space
+    kept back for acks. The same ack without a result goes through."""
+    args = ("--data-dir", str(tmp_path / "data"), "--max-storage", "4M")
+    brokers.append(start_broker(tmp_path / "broker.log", *args))
+    with brokers[-1].client() as client:
+        client.configure(QUEUE, result_ttl=3600, max_body=1024 * 1024)
+        stored, _ = fill(client, 0)
+        (message,) = client.reserve(QUEUE)
+        with pytest.raises(StorageFull) as refused:
+            client.ack(message, result=b"r" * (512 * 1024))
+        assert "an ack without a result needs no room" in refused.value.message
+        assert client.status(message.id)["state"] == "reserved"  # the ack changed nothing
+        assert client.ack(message) == 1
+        assert counts(client) == (len(stored) - 1, 0, 0, 0)
+    stop_broker(brokers[-1])
