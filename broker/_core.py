@@ -190,14 +190,13 @@ class Core:
             queue = self._queue(name)
             queue.settings = settings
             queue.totals.update(totals)
-        entries: dict[int, list[Entry]] = {id(self._delayed): [], id(self._leases): []}
-        entries[id(self._dead_expiry)] = []
+        entries: dict[LazyHeap, list[Entry]] = {}
         highest_seq = highest_id = highest_token = 0
         for queue_name, message in messages:
             message.queue = self._queue(queue_name)
             message.restore_times()
             heap, entry = self._index_of(message)
-            entries.setdefault(id(heap), []).append(entry)
+            entries.setdefault(heap, []).append(entry)
             self.messages[message.id] = message
             message.queue.counts[message.state] += 1
             if message.state is State.DEAD:
@@ -205,10 +204,8 @@ class Core:
             highest_seq = max(highest_seq, message.seq)
             highest_id = max(highest_id, message.id)
             highest_token = max(highest_token, message.lease_token or 0)
-        heaps = [self._delayed, self._leases, self._dead_expiry]
-        heaps += [queue.ready for queue in self.queues.values()]
-        for heap in heaps:
-            heap.load(entries.get(id(heap), []))
+        for heap, loaded in entries.items():
+            heap.load(loaded)
         for message_id, result in results:
             self.results.keep(message_id, result)
         for queue_name, dedup_key, ended in dedup:  # ended keys; live ones follow
@@ -361,8 +358,6 @@ class Core:
             self._finish(message, now, by_id.get(message.id, NO_RESULT))
 
         done, failed = self._settle(deliveries, finish)
-        for message in done:
-            message.queue.processing.observe(now - message.reserved_at)
         _raise_if_failed(failed, len(done))
         return len(done)
 
@@ -663,16 +658,25 @@ class Core:
     def _finish(self, message: Message, now: float, result: Any) -> None:
         queue = message.queue
         queue.totals["acked"] += 1
-        ttl = queue.settings.result_ttl
-        kept = StoredResult(queue.name, None if result is NO_RESULT else result, now, now + ttl)
-        if result is not NO_RESULT and ttl > 0:
+        queue.processing.observe(now - message.reserved_at)
+        value = None if result is NO_RESULT else result
+        if result is not NO_RESULT and queue.settings.result_ttl > 0:
+            kept = StoredResult(queue.name, value, now, now + queue.settings.result_ttl)
             self.results.keep(message.id, kept)
-        self._ended(message, now, _done(message.id, kept))
+        self._ended(
+            message, now, lambda: _done(message.id, StoredResult(queue.name, value, now, now))
+        )
         self._forget(message, Event.ACK)
 
-    def _ended(self, message: Message, now: float, outcome: dict[str, Any]) -> None:
+    def _ended(
+        self, message: Message, now: float, outcome_of: Callable[[], dict[str, Any]]
+    ) -> None:
         """The message is done, dead or removed: answer the waits for its outcome, and
-        start its dedup key's window."""
+        start its dedup key's window. ``outcome_of`` is only called if either exists, so
+        plain messages cost no outcome map on the hot path."""
+        if message.key is None and message.id not in self._result_waiters:
+            return
+        outcome = outcome_of()
         if message.key is not None:
             window = message.queue.settings.dedup_window
             self.dedup.ended(
@@ -753,7 +757,7 @@ class Core:
         expires_at = math.inf if ttl is None else now + ttl
         message.dead_expires_at = None if ttl is None else expires_at
         self._schedule(self._dead_expiry, (expires_at, message.seq, message.id))
-        self._ended(message, now, _dead(message))
+        self._ended(message, now, lambda: _dead(message))
         if self.on_dead is not None:
             self.on_dead(message, reason)
 
@@ -764,7 +768,7 @@ class Core:
     def _discard_waiting(self, message: Message, event: Event, now: float) -> None:
         """Remove a ready or delayed message (cancel, purge)."""
         heap = message.queue.ready if message.state is State.READY else self._delayed
-        self._ended(message, now, {"id": message.id, "state": "gone"})
+        self._ended(message, now, lambda: {"id": message.id, "state": "gone"})
         self._forget(message, event)
         heap.discard()
 

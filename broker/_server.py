@@ -277,7 +277,6 @@ class BrokerServer:
         )
         self._writer = concurrent.futures.ThreadPoolExecutor(1, "sluice-store")
         self._commit_event = asyncio.Event()
-        self._commit_failures = 0
         self._sync_timer: asyncio.TimerHandle | None = None
         self._turn_scheduled = False
         self.connections: dict[int, Connection] = {}
@@ -406,25 +405,24 @@ class BrokerServer:
         if error is not None:
             # Nothing in this batch is confirmed to anyone yet: keep its replies held and
             # try again. A broker that cannot write stalls; it never answers "done" falsely.
-            self._commit_failures += 1
             self.metrics.commit_failed(error)
-            if self._commit_failures == 1 or self._commit_failures % 60 == 0:
+            failures = self.metrics.failing_commits
+            if failures == 1 or failures % 60 == 0:
                 log.error(
                     "commit failed (%d times so far), retrying: %s",
-                    self._commit_failures,
+                    failures,
                     error,
-                    extra=event("commit_failed", failures=self._commit_failures, error=str(error)),
+                    extra=event("commit_failed", failures=failures, error=str(error)),
                 )
             self._writing = True
             asyncio.get_running_loop().call_later(_RETRY_COMMIT_AFTER, self._commit, batch, number)
             return
-        if self._commit_failures:
+        if failures := self.metrics.failing_commits:  # commit_done (below) resets it
             log.warning(
                 "commit succeeded again after %d failures",
-                self._commit_failures,
-                extra=event("commit_recovered", failures=self._commit_failures),
+                failures,
+                extra=event("commit_recovered", failures=failures),
             )
-            self._commit_failures = 0
         self._note_commit(len(batch), time.perf_counter() - started)
         self.store.committed(batch)
         self._committed = number
