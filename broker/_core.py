@@ -163,6 +163,11 @@ class Core:
             messages, list(queues.values()), self._next_id, self._next_token, results, dedup
         )
 
+    @property
+    def counters(self) -> tuple[int, int]:
+        """The next id and the next lease token this core will hand out."""
+        return self._next_id, self._next_token
+
     def _changed_message(self, message: Message) -> None:
         if self._changed is not None:
             self._changed[message.id] = message

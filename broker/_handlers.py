@@ -16,7 +16,7 @@ from protocol import BadRequest, UnknownOp
 from ._args import MAX_BATCH, MAX_WAIT, MAX_WAITS_PER_CONNECTION, Args, put_spec
 from ._core import Core
 from ._lifecycle import State
-from ._message import PutSpec
+from ._message import Message, PutSpec
 
 PEEKABLE: Final = (State.READY, State.DELAYED, State.RESERVED, State.DEAD)
 
@@ -27,6 +27,11 @@ class _Pending:
 
 
 PENDING: Final = _Pending()
+# Ops whose replies promise nothing durable: they go out without waiting for a commit.
+# (A reserve's reply waits only for the puts of what it delivers; see the server.)
+READ_ONLY_OPS: Final = frozenset(
+    {"ping", "status", "queues", "stats", "dead_letters", "peek", "reserve"}
+)
 MAX_NOTE: Final = 200  # characters of a progress note
 
 
@@ -34,13 +39,15 @@ MAX_NOTE: Final = 200  # characters of a progress note
 class Call:
     """What a handler may use: the core, the time of the request, a key that names this
     request if it has to wait, how many more waits its connection may hold, and the
-    store's room checks for new data (puts, ack results)."""
+    store's room checks for new data (puts, ack results). A reserve leaves the messages
+    it handed out in ``delivered``."""
 
     core: Core
     now: float
     waiter_key: Hashable
     waits_left: int = MAX_WAITS_PER_CONNECTION
     space: Space | None = None  # the store's room for new data; None in memory
+    delivered: list[Message] | None = None
 
 
 class Space(Protocol):
@@ -118,6 +125,7 @@ def _reserve(call: Call, args: Args) -> Any:
     )
     if not messages and wait > 0:
         return PENDING
+    call.delivered = messages
     return deliveries(messages)
 
 

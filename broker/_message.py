@@ -7,7 +7,7 @@ versioned records and rebuilds these on recovery.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from ._lifecycle import State
 
@@ -15,6 +15,8 @@ if TYPE_CHECKING:
     from ._queue import Queue
 
 Headers = dict[str, str | int]
+NOT_STORED: Final = -1  # ``Message.stored`` of a message the store has not written yet
+RECOVERED: Final = 0  # ... of one read back by recovery (durable before this run began)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -84,7 +86,8 @@ class Message:
         self.dead_reason: str | None = None
         self.dead_at: float | None = None
         self.dead_expires_at: float | None = None  # None: kept until replayed or purged
-        self.stored = False  # the store has written this message's body
+        # The number of the store batch that wrote its body (its put), or NOT_STORED.
+        self.stored = NOT_STORED
         # In memory only, for metrics: when it last became ready, and was last reserved.
         self.ready_at = now
         self.reserved_at = now

@@ -7,18 +7,28 @@ writes every queued reply (one write per connection) or holds them, and re-arms 
 timer at the core's next deadline.
 
 Group commit (with a store): the core's changes are taken in batches, encoded on the loop
-and committed by one writer thread, one LMDB transaction per batch; while a batch commits,
-the next one gathers. Batches are numbered. A turn's replies may depend on any change made
-so far, so they are held until the batch holding the last of those changes has committed:
-the batch being gathered if the core has uncommitted changes, else the last one submitted.
-Held replies are written in turn order, so a connection's replies never overtake.
+and committed by one writer thread (``_committer``), one log record and one sync per batch;
+while a batch commits, the next one gathers. Batches are numbered. Each reply carries the
+number of the batch it needs to be durable before it goes out (``need``):
+
+- a reply that confirms something (put, ack, nack, bury, cancel, configure, admin, results)
+  may depend on any change made so far: it needs the batch being gathered if the core has
+  uncommitted changes, else the last one submitted;
+- a reserve's reply promises nothing durable, but a message is never delivered before the
+  commit that holds its put, nor with a lease token above the durable ceiling: it needs
+  the latest of those (usually none);
+- reads, pings, hello and errors of ops that changed nothing need none.
+
+A reply whose batch is durable goes out at the end of the turn; the others are held, in
+turn order, until their batch commits. A connection's close waits for all its replies. A
+connection with ``MAX_UNCONFIRMED`` replies held stops being read until they go out, so
+one client pipelining without end adds a bounded amount to any batch and loop turn.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import hmac
 import itertools
 import logging
@@ -48,9 +58,11 @@ from protocol import (
 
 from . import __version__
 from ._args import MAX_BATCH, MAX_WAIT, MAX_WAITS_PER_CONNECTION
+from ._committer import Committer
 from ._core import Core
-from ._handlers import PENDING, Call, deliveries, handle
+from ._handlers import PENDING, READ_ONLY_OPS, Call, deliveries, handle
 from ._logging import event
+from ._message import NOT_STORED, Message
 from ._metrics import INVALID, ServerMetrics, outcome_of
 from ._store import Batch, Store
 
@@ -62,6 +74,7 @@ Frames = list[bytes | None]  # queued replies; None: close the connection after 
 _CLOSE: Final = None
 _RETRY_COMMIT_AFTER: Final = 1.0
 _SLOW_COMMIT: Final = 0.2  # seconds: a commit slower than this is logged
+MAX_UNCONFIRMED: Final = 1024  # replies one connection may have waiting for a commit
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -83,7 +96,13 @@ class Connection(asyncio.Protocol):
         self.greeted = False
         self.client_name = "?"
         self.peer = "?"
-        self.outbox: Frames = []
+        self.outbox: Frames = []  # replies to write at the end of this turn
+        self.held: Frames = []  # replies of this turn that wait for batch `held_need`
+        self.held_need = 0
+        self.last_need = 0  # the latest batch any reply queued so far needs
+        self.unconfirmed = 0  # replies handed to the server's held queue, not yet written
+        self.write_paused = False
+        self.read_paused = False  # too many replies unconfirmed: reading waits for them
         self.close_requested = False
         self.waiting: set[int] = set()  # request ids of this connection's long-polls
         self.requests = 0  # requests answered (or waiting), for the close log line
@@ -100,11 +119,40 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             self.decoder.feed(data)
-            while not self.closing and (frame := self.decoder.next_frame()) is not NEED_DATA:
+        except (BadFrame, TooLarge) as error:
+            self.fail(error)
+        self.read_frames()
+
+    def read_frames(self) -> None:
+        """Answer the complete frames buffered so far, until too many replies wait for a
+        commit (then reading pauses until they are written)."""
+        try:
+            while not self.closing:
+                if self.unconfirmed + len(self.held) >= MAX_UNCONFIRMED:
+                    self._pause_for_commit()
+                    break
+                frame = self.decoder.next_frame()
+                if frame is NEED_DATA:
+                    break
                 self._on_frame(frame)
         except (BadFrame, TooLarge) as error:
             self.fail(error)
         self.server.turn_ends_soon()
+
+    def _pause_for_commit(self) -> None:
+        if not self.read_paused:
+            self.read_paused = True
+            if self.transport is not None:
+                self.transport.pause_reading()
+
+    def confirmed(self, frames: int) -> None:
+        """``frames`` held replies were written: read on if reading waited for them."""
+        self.unconfirmed -= frames
+        if self.read_paused and self.unconfirmed < MAX_UNCONFIRMED // 2:
+            self.read_paused = False
+            if self.transport is not None and not self.closing and not self.write_paused:
+                self.transport.resume_reading()
+            self.read_frames()
 
     @property
     def closing(self) -> bool:
@@ -124,11 +172,13 @@ class Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # The peer is not reading its replies: stop reading its requests until it does.
+        self.write_paused = True
         if self.transport is not None:
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
+        self.write_paused = False
+        if self.transport is not None and not self.closing and not self.read_paused:
             self.transport.resume_reading()
 
     # requests
@@ -149,6 +199,7 @@ class Connection(asyncio.Protocol):
         except SluiceError as error:
             self.reply_error(request_id_of(frame), error)
             return INVALID, outcome_of(error)
+        need = 0
         try:
             result: Any
             if request.op == "hello":
@@ -156,9 +207,11 @@ class Connection(asyncio.Protocol):
             elif not self.greeted:
                 raise BadRequest('send hello first: [id, "hello", {"version": 1}]')
             else:
-                result = self.server.handle(self, request.request_id, request.op, request.args)
+                result, need = self.server.handle(
+                    self, request.request_id, request.op, request.args
+                )
         except SluiceError as error:
-            self.reply_error(request.request_id, error)
+            self.reply_error(request.request_id, error, self.server.need_of_error(error))
             if isinstance(error, UnsupportedVersion | Unauthorized):
                 self.close_after_replies()
             return request.op, outcome_of(error)
@@ -174,7 +227,7 @@ class Connection(asyncio.Protocol):
         if result is PENDING:
             self.waiting.add(request.request_id)
         else:
-            self.reply(request.request_id, result)
+            self.reply(request.request_id, result, need)
         return request.op, "ok"
 
     def _hello(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -206,14 +259,20 @@ class Connection(asyncio.Protocol):
 
     # replies
 
-    def reply(self, request_id: int | None, result: Any) -> None:
-        self._queue_frame([request_id, True, result])
+    def reply(self, request_id: int | None, result: Any, need: int = 0) -> None:
+        """Queue a reply that may go out once batch ``need`` is durable (0: at once)."""
+        self._queue(encode_frame([request_id, True, result]), need)
 
-    def reply_error(self, request_id: int | None, error: SluiceError) -> None:
-        self._queue_frame([request_id, False, error.to_wire()])
+    def reply_error(self, request_id: int | None, error: SluiceError, need: int = 0) -> None:
+        self._queue(encode_frame([request_id, False, error.to_wire()]), need)
 
-    def _queue_frame(self, wire: list[Any]) -> None:
-        self.outbox.append(encode_frame(wire))
+    def _queue(self, frame: bytes | None, need: int) -> None:
+        if need > self.server.durable:
+            self.held.append(frame)
+            self.held_need = max(self.held_need, need)
+        else:
+            self.outbox.append(frame)
+        self.last_need = max(self.last_need, need)
         self.server.mark_dirty(self)
 
     def fail(self, error: SluiceError) -> None:
@@ -225,21 +284,25 @@ class Connection(asyncio.Protocol):
             error,
             extra=event("bad_frame", connection_id=self.id, peer=self.peer, error=str(error)),
         )
-        self.reply_error(None, error)
+        self.reply_error(None, error, self.last_need)  # the last word, after every reply
         self.close_after_replies()
 
     def close_after_replies(self) -> None:
         """Read nothing more; close once the replies queued so far are written."""
         if not self.close_requested:
             self.close_requested = True
-            self.outbox.append(_CLOSE)
-            self.server.mark_dirty(self)
+            self._queue(_CLOSE, self.last_need)  # after every reply queued before it
             if self.transport is not None:
                 self.transport.pause_reading()
 
     def take_outbox(self) -> Frames:
         frames, self.outbox = self.outbox, []
         return frames
+
+    def take_held(self) -> tuple[int, Frames]:
+        frames, self.held = self.held, []
+        need, self.held_need = self.held_need, 0
+        return need, frames
 
     def write(self, frames: Frames) -> None:
         """Send ``frames`` in one write; a ``_CLOSE`` among them closes the transport."""
@@ -267,15 +330,11 @@ class BrokerServer:
         self.limits = limits
         self.clock = clock
         self.store = store
-        # Group commit: batches are numbered 1, 2, ...; replies wait in `_held` for the
-        # batch number they need. One writer thread, so one commit (or sync) at a time.
-        self._submitted = 0
-        self._committed = 0
+        # Group commit: batches are numbered 1, 2, ... by the store; replies wait in `_held`
+        # for the batch number they need. One writer thread, one commit at a time.
         self._writing = False
-        self._held: collections.deque[tuple[int, list[tuple[Connection, Frames]]]] = (
-            collections.deque()
-        )
-        self._writer = concurrent.futures.ThreadPoolExecutor(1, "sluice-store")
+        self._held: collections.deque[tuple[int, Connection, Frames]] = collections.deque()
+        self._committer: Committer | None = None
         self._commit_event = asyncio.Event()
         self._sync_timer: asyncio.TimerHandle | None = None
         self._turn_scheduled = False
@@ -295,6 +354,8 @@ class BrokerServer:
             lambda: Connection(self, next(self._ids)), host, port, reuse_address=True
         )
         bound = self._listener.sockets[0].getsockname()
+        if self.store is not None:
+            self._committer = Committer(loop)
         if self.store is not None and self.store.fsync == "interval":
             self._sync_timer = loop.call_later(self.limits.fsync_interval, self._sync)
         return bound[0], bound[1]
@@ -314,14 +375,53 @@ class BrokerServer:
 
     # per request
 
-    def handle(self, connection: Connection, request_id: int, op: str, args: dict[str, Any]) -> Any:
+    def handle(
+        self, connection: Connection, request_id: int, op: str, args: dict[str, Any]
+    ) -> tuple[Any, int]:
+        """Run one request; returns its result and the batch its reply needs."""
         if self.shutting_down:
             raise ShuttingDown("the broker is shutting down; reconnect to another or retry later")
         key: Hashable = (connection.id, request_id)
         if request_id in connection.waiting:
             raise BadRequest(f"request id {request_id} is already in use by a waiting reserve")
         waits_left = MAX_WAITS_PER_CONNECTION - len(connection.waiting)
-        return handle(Call(self.core, self.clock(), key, waits_left, self.store), op, args)
+        call = Call(self.core, self.clock(), key, waits_left, self.store)
+        result = handle(call, op, args)
+        if self.store is None:
+            return result, 0
+        if call.delivered is not None:
+            return result, self.delivery_need(call.delivered)
+        return result, 0 if op in READ_ONLY_OPS else self.pending_batch()
+
+    @property
+    def durable(self) -> int:
+        """The last batch known durable (always 0 in memory, where nothing waits)."""
+        return 0 if self.store is None else self.store.durable
+
+    def pending_batch(self) -> int:
+        """The batch that will hold every change made so far."""
+        if self.store is None:
+            return 0
+        return self.store.encoded + 1 if self.core.has_changes else self.store.encoded
+
+    def delivery_need(self, messages: list[Message]) -> int:
+        """The batch a delivery of ``messages`` needs: each one's put durable, and its
+        lease token under the durable token ceiling."""
+        if self.store is None:
+            return 0
+        need, ceiling = 0, self.store.durable_token_ceiling
+        for message in messages:
+            stored = message.stored
+            if stored == NOT_STORED or (message.lease_token or 0) >= ceiling:
+                return self.pending_batch()
+            need = max(need, stored)
+        return need
+
+    def need_of_error(self, error: SluiceError) -> int:
+        """A failed request changed nothing, except a batch ack or nack that settled some
+        of its items before one failed."""
+        details = error.details if isinstance(error.details, dict) else {}
+        return self.pending_batch() if details.get("done") else 0
 
     def mark_dirty(self, connection: Connection) -> None:
         self._dirty[connection.id] = connection
@@ -346,7 +446,7 @@ class BrokerServer:
                 if isinstance(answer, dict):  # the outcome a result wait was waiting for
                     if connection is not None:
                         connection.waiting.discard(request_id)
-                        connection.reply(request_id, answer)
+                        connection.reply(request_id, answer, self.pending_batch())
                     continue
                 if connection is None or connection.closing:
                     # Served in the same turn its connection broke: nobody will get these.
@@ -354,54 +454,48 @@ class BrokerServer:
                     self.core.release(self.clock(), answer)
                     continue
                 connection.waiting.discard(request_id)
-                connection.reply(request_id, deliveries(answer))
-        if self.store is None:
-            self.flush()
-        else:
-            needed = self._submitted + 1 if self.core.has_changes else self._submitted
-            if needed <= self._committed:
-                self.flush()
-            else:
-                self._hold(needed)
+                connection.reply(request_id, deliveries(answer), self.delivery_need(answer))
+        self.flush()
+        if self.store is not None:
             self._start_commit()
         self._arm_timer()
 
     def flush(self) -> None:
-        """Write every queued reply now."""
+        """Write every queued reply whose batch is durable; hold the others."""
         dirty, self._dirty = self._dirty, {}
+        durable = self.durable
         for connection in dirty.values():
-            connection.write(connection.take_outbox())
+            if connection.outbox:
+                connection.write(connection.take_outbox())
+            if connection.held:
+                need, frames = connection.take_held()
+                if need <= durable:
+                    connection.write(frames)
+                else:
+                    connection.unconfirmed += len(frames)
+                    self._held.append((need, connection, frames))
 
     # group commit
-
-    def _hold(self, batch_number: int) -> None:
-        dirty, self._dirty = self._dirty, {}
-        replies = [(connection, connection.take_outbox()) for connection in dirty.values()]
-        if replies:
-            self._held.append((batch_number, replies))
 
     def _start_commit(self) -> None:
         if self._writing or self.store is None or not self.core.has_changes:
             return
-        batch = self.store.encode(self.core.take_changes())
-        self._submitted += 1
-        self._commit(batch, self._submitted)
+        self._commit(self.store.encode(self.core.take_changes()))
 
-    def _commit(self, batch: Batch, number: int) -> None:
-        assert self.store is not None
+    def _commit(self, batch: Batch) -> None:
+        store, committer = self.store, self._committer
+        assert store is not None and committer is not None
         self._writing = True
-        started = time.perf_counter()
-        future = asyncio.get_running_loop().run_in_executor(self._writer, self.store.commit, batch)
-        future.add_done_callback(
-            lambda done: self._committed_or_failed(done, batch, number, started)
+        committer.submit(
+            lambda: store.commit(batch),
+            lambda error, seconds: self._committed_or_failed(error, seconds, batch),
         )
 
     def _committed_or_failed(
-        self, done: asyncio.Future[None], batch: Batch, number: int, started: float
+        self, error: BaseException | None, seconds: float, batch: Batch
     ) -> None:
         assert self.store is not None
         self._writing = False
-        error = done.exception()
         if error is not None:
             # Nothing in this batch is confirmed to anyone yet: keep its replies held and
             # try again. A broker that cannot write stalls; it never answers "done" falsely.
@@ -415,7 +509,7 @@ class BrokerServer:
                     extra=event("commit_failed", failures=failures, error=str(error)),
                 )
             self._writing = True
-            asyncio.get_running_loop().call_later(_RETRY_COMMIT_AFTER, self._commit, batch, number)
+            asyncio.get_running_loop().call_later(_RETRY_COMMIT_AFTER, self._commit, batch)
             return
         if failures := self.metrics.failing_commits:  # commit_done (below) resets it
             log.warning(
@@ -423,12 +517,13 @@ class BrokerServer:
                 failures,
                 extra=event("commit_recovered", failures=failures),
             )
-        self._note_commit(len(batch), time.perf_counter() - started)
+        self._note_commit(len(batch), seconds)
         self.store.committed(batch)
-        self._committed = number
-        while self._held and self._held[0][0] <= number:
-            for connection, frames in self._held.popleft()[1]:
-                connection.write(frames)
+        durable = batch.number
+        while self._held and self._held[0][0] <= durable:
+            _, connection, frames = self._held.popleft()
+            connection.write(frames)
+            connection.confirmed(len(frames))
         self._commit_event.set()
         self._start_commit()
 
@@ -444,13 +539,11 @@ class BrokerServer:
 
     def _sync(self) -> None:
         """fsync=interval: flush committed pages to disk, then schedule the next sync."""
-        assert self.store is not None
+        assert self.store is not None and self._committer is not None
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._writer, self.store.sync)
 
-        def again(done: asyncio.Future[None]) -> None:
-            if done.exception() is not None:
-                failure = done.exception()
+        def again(failure: BaseException | None, seconds: float) -> None:
+            if failure is not None:
                 log.error(
                     "periodic sync failed: %s",
                     failure,
@@ -459,7 +552,7 @@ class BrokerServer:
             if self._sync_timer is not None:
                 self._sync_timer = loop.call_later(self.limits.fsync_interval, self._sync)
 
-        future.add_done_callback(again)
+        self._committer.submit(self.store.sync, again)
 
     async def _drain(self) -> None:
         """Wait until every change is committed and every held reply written."""
@@ -553,7 +646,8 @@ class BrokerServer:
                     grace,
                     extra=event("connections_left_open", connections=still_open),
                 )
-        self._writer.shutdown(wait=True)
+        if self._committer is not None:
+            self._committer.stop()
 
 
 def _peer_name(address: Any) -> str:

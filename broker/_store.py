@@ -1,37 +1,34 @@
-"""The write-ahead store: every change is written to LMDB before its reply goes out.
+"""The write-ahead store: a log for every change, LMDB as the checkpointed state.
 
 The event loop turns the core's changes into a ``Batch`` of encoded records
-(``Store.encode``, on the loop thread, because it reads live ``Message`` objects); the
-writer thread writes a batch in one LMDB transaction (``Store.commit``). The server runs one
-commit at a time and gathers the next batch while it runs: that is the group commit.
+(``Store.encode``, on the loop thread, because it reads live ``Message`` objects). The
+writer thread appends the batch to the log as one CRC-framed record and, with ``fsync
+always``, syncs it (``Store.commit``): one ``fdatasync`` per group commit. Batches since the
+last checkpoint are coalesced in memory (a message put and acked between two checkpoints
+leaves nothing); every ``checkpoint_seconds`` or ``checkpoint_bytes`` of log the writer
+starts a new log segment and the checkpoint thread writes the coalesced changes to LMDB in
+one synced transaction, after which the segments before it are recycled.
 
-Layout: one LMDB environment in the data dir with six named databases. Message ids are
-8-byte big-endian keys, so both message databases are in id order.
+Recovery: apply the log's committed prefix (``_log.read_segment``) to LMDB in one synced
+transaction (records are blind writes, so applying one twice is harmless), then load LMDB
+into the core. Crash points and what they leave: before or during a checkpoint's
+transaction, LMDB without it and the log with it; after it, both; the log before it is
+only recycled once the transaction is durable.
 
-- ``bodies``: id -> ``FORMAT`` byte + body. Written once, at put; deleted with the message.
-- ``messages``: id -> msgpack ``[FORMAT, queue, state, priority, seq, attempts,
-  max_attempts, visibility_timeout, enqueued_at, due_at, lease_token, lease_deadline,
-  lease_duration, last_error, dead_reason, dead_at, dead_expires_at, headers, key,
-  progress]``: the small record that reserve, nack, touch and expiry rewrite. (Format 1
-  records lack the last two fields; they are still read.) ``seq`` orders ready messages of
-  equal priority (and ties between equal deadlines), as in the core.
-- ``queues``: name (UTF-8) -> msgpack ``[FORMAT, settings map, totals map]``.
-- ``results``: id -> msgpack ``[FORMAT, queue, result, done_at, expires_at]``, the result
-  an acked message left, until its queue's result TTL runs out.
-- ``dedup``: queue + NUL + key -> msgpack ``[FORMAT, message id, expires_at, ended_as]``:
-  dedup keys whose message has ended (``ended_as``: done, dead or gone), until the
-  queue's dedup window runs out. (Keys of live messages are in their records.)
-- ``meta``: ``b"format"`` -> ``FORMAT``; ``b"counters"`` -> msgpack ``[FORMAT, next_id,
-  next_token]`` (ids and lease tokens are never reused, even after every message is gone).
+Layout of the data dir: ``data.mdb`` (LMDB, the databases and records of ``_records``),
+``log-*.wal`` (``_log``), ``sluice.lock``. ``meta/format`` holds ``STORE_FORMAT``; a data
+dir of format 1 or 2 (LMDB alone, no log) is upgraded in place on open.
 
-Every record starts with its format version. A new format bumps ``FORMAT`` and keeps a
-reader for the old one.
+Ids and lease tokens: the counters record holds ceilings, raised ``COUNTER_BLOCK`` ahead
+of what the core has handed out, so a lease token may go out before the commit that holds
+its lease, and a recovered broker starts at the ceilings: nothing is ever reused.
 
 Space: puts are admitted only while the estimated size of the data, including what is
-being written, stays under the capacity minus a reserve (``StorageFull`` otherwise); acks,
-nacks and other changes are always admitted, and the reserve is what they write into.
-The capacity is ``--max-storage`` or what the disk has free, whichever is smaller. The LMDB
-map starts small and doubles when a commit needs more room, up to the capacity.
+being written, stays under the capacity minus a reserve (``StorageFull`` otherwise), and
+while the log could prepare its next segment; acks, nacks and other changes are always
+admitted, and the reserve and the prepared segment are what they write into. The capacity
+is ``--max-storage`` or what the disk has free, whichever is smaller. The LMDB map starts
+small and doubles when a checkpoint needs more room, up to the capacity.
 """
 
 from __future__ import annotations
@@ -40,9 +37,11 @@ import errno
 import fcntl
 import logging
 import os
+import queue
 import shutil
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any, Final
 
@@ -51,54 +50,52 @@ import msgpack
 
 from protocol import StorageFull
 
+from . import _log
 from ._core import Changes, Core
 from ._lifecycle import State
 from ._logging import event
-from ._message import Message, PutSpec
-from ._outcomes import DedupEntry, StoredResult
-from ._settings import QueueSettings
+from ._message import NOT_STORED, Message, PutSpec
+from ._records import (
+    BODY_PREFIX,
+    READABLE,
+    Batch,
+    StoreCorrupt,
+    StoreError,
+    decode_counters,
+    decode_dedup,
+    decode_message,
+    decode_queue,
+    decode_result,
+    dedup_key,
+    encode_counters,
+    encode_dedup,
+    encode_message,
+    encode_queue,
+    encode_result,
+    estimate_size,
+    key_id,
+    message_key,
+    unpack_batch,
+)
+
+__all__ = ["Batch", "Recovered", "Store", "StoreCorrupt", "StoreError", "StoreLocked"]
 
 log = logging.getLogger("sluice.store")
 
-FORMAT: Final = 2
-_READABLE: Final = (1, 2)  # formats this version reads
-_BODY_PREFIX: Final = bytes([FORMAT])
+STORE_FORMAT: Final = 3  # LMDB + log; 1 and 2 were LMDB alone
+_UPGRADABLE: Final = (1, 2)
+COUNTER_BLOCK: Final = 1 << 16  # ids and tokens reserved ahead of use
 _MIN_MAP: Final = 64 * 1024 * 1024
 _NO_LIMIT: Final = 1 << 46  # 64 TiB: the map never needs to be bigger than the disk
-_MEASURE_EVERY: Final = 0.5  # seconds between space measurements when not near full
-_STATES: Final = {state.value: state for state in State}
+_MEASURE_EVERY: Final = 0.5  # seconds between free-space measurements
+_RETRY_CHECKPOINT_AFTER: Final = 1.0
+_SPARE_SEGMENTS: Final = 2
+_MIN_SEGMENT: Final = 64 << 10  # checkpointed segments kept to be recycled
 FSYNC_MODES: Final = ("always", "interval", "never")
-
-
-class StoreError(Exception):
-    """The data dir cannot be used; the message says why and what to do."""
 
 
 class StoreLocked(StoreError):
     """Another broker holds the data dir."""
-
-
-class StoreCorrupt(StoreError):
-    """A record the store cannot read: written by a newer version, or damaged."""
-
-
-@dataclass(slots=True)
-class Batch:
-    """Encoded records for one transaction. ``admitted`` is the space put admission
-    counted for the puts in it."""
-
-    bodies: list[tuple[bytes, bytes]] = field(default_factory=list)
-    states: list[tuple[bytes, bytes]] = field(default_factory=list)
-    deletes: list[bytes] = field(default_factory=list)
-    queues: list[tuple[bytes, bytes]] = field(default_factory=list)
-    results: list[tuple[bytes, bytes | None]] = field(default_factory=list)  # None: delete
-    dedup: list[tuple[bytes, bytes | None]] = field(default_factory=list)  # None: delete
-    counters: bytes = b""
-    admitted: int = 0
-    measured: bool = False  # the store measured its size right after writing this batch
-
-    def __len__(self) -> int:
-        return len(self.states) + len(self.deletes) + len(self.queues)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,25 +104,91 @@ class Recovered:
     by_state: dict[str, int]
     queues: int
     seconds: float
+    log_records: int = 0  # log records applied to LMDB before loading
 
 
-def _key(message_id: int) -> bytes:
-    return message_id.to_bytes(8, "big")
+@dataclass(slots=True)
+class Coalesced:
+    """The batches since the last checkpoint, folded into the net change per key (the
+    last write wins; a body written and deleted since leaves nothing)."""
+
+    bodies: dict[bytes, bytes] = field(default_factory=dict)
+    states: dict[bytes, bytes] = field(default_factory=dict)
+    deletes: set[bytes] = field(default_factory=set)
+    queues: dict[bytes, bytes] = field(default_factory=dict)
+    results: dict[bytes, bytes | None] = field(default_factory=dict)
+    dedup: dict[bytes, bytes | None] = field(default_factory=dict)
+    counters: bytes | None = None
+    log_bytes: int = 0
+    admitted: int = 0  # admitted less freed: what `Store.unmeasured` counts for these
+    batches: int = 0
+
+    def add(self, batch: Batch, log_bytes: int) -> None:
+        for key in batch.deletes:
+            if self.bodies.pop(key, None) is None:
+                self.deletes.add(key)  # in LMDB already: delete it there
+            self.states.pop(key, None)
+        self.bodies.update(batch.bodies)
+        self.states.update(batch.states)
+        self.queues.update(batch.queues)
+        self.results.update(batch.results)
+        self.dedup.update(batch.dedup)
+        if batch.counters is not None:
+            self.counters = batch.counters
+        self.log_bytes += log_bytes
+        self.admitted += batch.admitted - batch.freed
+        self.batches += 1
+
+    def as_batch(self) -> Batch:
+        return Batch(
+            0,
+            list(self.bodies.items()),
+            list(self.states.items()),
+            list(self.deletes),
+            list(self.queues.items()),
+            list(self.results.items()),
+            list(self.dedup.items()),
+            self.counters,
+        )
+
+
+@dataclass(slots=True)
+class _Checkpoint:
+    changes: Coalesced
+    segments: list[int]  # the log segments it makes redundant
 
 
 class Store:
-    """An LMDB environment in ``path`` (created if missing), locked for this process.
+    """A data dir (created if missing), locked for this process, recovered with
+    ``recover`` before anything else.
 
-    ``fsync``: ``always`` syncs every commit to disk (survives power loss); ``interval``
-    and ``never`` only write to the OS (survive the broker being killed, not power loss),
-    ``interval`` with a ``sync()`` the server calls every few milliseconds."""
+    ``fsync``: ``always`` syncs the log at every commit (survives power loss);
+    ``interval`` and ``never`` only write to the OS (survive the broker being killed, not
+    power loss), ``interval`` with a ``sync()`` the server calls every few milliseconds.
+    Checkpoints are synced in every mode, so LMDB is never left corrupt.
 
-    def __init__(self, path: str, *, fsync: str = "always", max_storage: int | None = None):
+    Threads: ``encode``, ``committed``, ``admit_*`` on the loop thread; ``commit`` and
+    ``sync`` on one writer thread; checkpoints on a thread of the store's own."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        fsync: str = "always",
+        max_storage: int | None = None,
+        segment_size: int = 8 << 20,
+        checkpoint_bytes: int = 4 << 20,
+        checkpoint_seconds: float = 1.0,
+    ):
         if fsync not in FSYNC_MODES:
             raise ValueError(f"fsync must be one of {FSYNC_MODES}, got {fsync!r}")
         self.path = path
         self.fsync = fsync
         self.max_storage = max_storage
+        self._segment_size_wanted = segment_size
+        self.segment_size = segment_size  # made to fit the space in `_open`
+        self.checkpoint_bytes = checkpoint_bytes
+        self.checkpoint_seconds = checkpoint_seconds
         self._cap = min(max_storage or _NO_LIMIT, _NO_LIMIT)  # the map never grows past it
         try:
             os.makedirs(path, exist_ok=True)
@@ -143,68 +206,146 @@ class Store:
     def _open(self, path: str) -> None:
         data_file = os.path.join(path, "data.mdb")
         existing = os.path.getsize(data_file) if os.path.exists(data_file) else 0
-        durable = self.fsync == "always"
+        # Checkpoints are always synced: LMDB unsynced may be corrupt after a power cut.
         self.env = lmdb.open(
             path,
             map_size=max(min(_MIN_MAP, self._cap), existing),
             max_dbs=6,
-            sync=durable,
-            metasync=durable,
+            sync=True,
+            metasync=True,
             readahead=False,
         )
         self._data_file = data_file
+        # A small disk or --max-storage gets small segments: the log's two take an 8th.
+        room = existing + shutil.disk_usage(path).free
+        if self.max_storage is not None:
+            room = min(room, self.max_storage)
+        self.segment_size = max(_MIN_SEGMENT, min(self._segment_size_wanted, room // 16))
+        self.checkpoint_bytes = min(self.checkpoint_bytes, self.segment_size // 2)
         self._bodies = self.env.open_db(b"bodies")
         self._states = self.env.open_db(b"messages")
         self._queues = self.env.open_db(b"queues")
         self._meta = self.env.open_db(b"meta")
         self._results = self.env.open_db(b"results")
         self._dedup = self.env.open_db(b"dedup")
-        self._check_format()
-        # Space accounting, in bytes. `used` is measured after some commits (writer thread);
-        # `unmeasured` was admitted and committed since, `in_flight` admitted and encoded but
-        # not yet committed, `pending` admitted but not yet encoded.
+        self.upgraded_from = self._check_format()
+        # Batches: `encoded` numbered on the loop thread, `durable` the last committed.
+        self.encoded = 0
+        self.durable = 0
+        self._id_ceiling = self._token_ceiling = 0
+        self.durable_token_ceiling = 0
+        # Space accounting, in bytes (loop thread). `used` is LMDB as measured after the
+        # last checkpoint; `unmeasured` was committed since, `in_flight` encoded but not
+        # yet committed, `pending` admitted but not yet encoded.
         self.used = 0
         self.unmeasured = 0
         self.capacity = 0
         self.pending = 0
         self.in_flight = 0
         self.commits = 0
-        self._measure()
+        self.checkpoints = 0
+        self._measurements: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
+        self._measure_due = 0.0
+        self.disk_full: str | None = None  # why the log could not prepare a segment
+        self.checkpoint_error: str | None = None
+        # Writer thread's log state.
+        self._segment: _log.Segment | None = None
+        self._spare: int | None = None  # number of a prepared segment, not yet in use
+        self._coalesced = Coalesced()
+        self._unchecked: list[int] = []  # closed segments not yet checkpointed
+        self._checkpoint_started = time.monotonic()
+        self._checkpoint_running = threading.Event()
+        # Checkpoint thread: takes jobs (a checkpoint, or None to stop) in order.
+        self._recyclable: list[int] = []  # checkpointed segments; guarded by _recycle_lock
+        self._recycle_lock = threading.Lock()
+        self._jobs: queue.SimpleQueue[_Checkpoint | None] = queue.SimpleQueue()
+        self._checkpointer: threading.Thread | None = None
+        # Fault hook for tests: called with the name of each checkpoint step as it is
+        # reached ("started", "writing" inside the transaction, "written", "dropped").
+        self.at_checkpoint_step: Callable[[str], None] = _no_fault
 
     # ----------------------------------------------------------- lifecycle
 
     def close(self) -> None:
+        """Stop the checkpoint thread and close. Call once the writer is idle."""
+        if self._checkpointer is not None:
+            self._jobs.put(None)
+            self._checkpointer.join()
+            self._checkpointer = None
+        if self._segment is not None:
+            os.close(self._segment.fd)
+            self._segment = None
         self.env.close()
         self._lock_file.close()
 
-    def sync(self) -> None:
-        """Flush what was committed to disk (``interval`` mode calls this periodically)."""
-        self.env.sync(True)
+    def checkpoint_now(self, counters: tuple[int, int] | None = None) -> None:
+        """Write everything committed so far to LMDB and recycle the log; returns once it
+        is done. Only while the writer thread is idle (clean shutdown, tests). On a clean
+        shutdown ``counters`` are the core's next id and token: nothing above them was
+        handed out, so the next start goes on from them instead of the ceilings."""
+        self._wait_for_checkpoint()
+        if self._segment is not None:
+            if counters is not None:
+                self._coalesced.counters = encode_counters(*counters)
+                self._coalesced.batches += 1
+            self._start_checkpoint()
+            self._wait_for_checkpoint()
 
-    def _check_format(self) -> None:
+    def _wait_for_checkpoint(self) -> None:
+        while self._checkpoint_running.is_set():
+            time.sleep(0.001)
+
+    def sync(self) -> None:
+        """Flush what was committed to disk (writer thread; ``interval`` mode)."""
+        if self._segment is not None:
+            _log.sync(self._segment)
+
+    def _check_format(self) -> int | None:
+        """Write ``STORE_FORMAT`` into a new or older data dir; returns the format it was
+        upgraded from (None if new or current). Refuses a newer one."""
         with self.env.begin(write=True, db=self._meta) as txn:
             stored = txn.get(b"format")
-            if stored is None or msgpack.unpackb(stored) in _READABLE:
-                txn.put(b"format", msgpack.packb(FORMAT))  # what it is once we write
-                return
-            version = msgpack.unpackb(stored)
-            if version not in _READABLE:
+            version = None if stored is None else msgpack.unpackb(stored)
+            if version == STORE_FORMAT:
+                return None
+            if version is not None and version not in _UPGRADABLE:
                 raise StoreCorrupt(
-                    f"data dir {self.path} has format {version}; this broker reads format "
-                    f"{FORMAT}. Use a broker version that matches the data"
+                    f"data dir {self.path} has format {version}; this broker reads formats "
+                    f"{', '.join(map(str, (*_UPGRADABLE, STORE_FORMAT)))}. Use a broker "
+                    "version that matches the data"
                 )
+            txn.put(b"format", msgpack.packb(STORE_FORMAT))
+        if version is not None:
+            log.warning(
+                "upgraded data dir %s from format %d to %d (a log beside LMDB); brokers "
+                "older than this one can no longer open it",
+                self.path,
+                version,
+                STORE_FORMAT,
+                extra=event("store_upgraded", from_format=version, to_format=STORE_FORMAT),
+            )
+        return version
 
     # ------------------------------------------------------------ recovery
 
     def recover(self, core: Core, now: float) -> Recovered:
-        """Load everything into an empty ``core`` (see ``Core.recover``)."""
+        """Apply the log to LMDB, load everything into an empty ``core`` (see
+        ``Core.recover``), and open a fresh log segment."""
         started = time.perf_counter()
+        numbers = _log.segment_numbers(self.path)
+        applied, (next_id, next_token) = self._apply_log(numbers)
+        self.used = self._measure_used()
+        self.capacity = self._measure_capacity(self.used)
+        self._recyclable = numbers[-_SPARE_SEGMENTS:]
+        for number in numbers[:-_SPARE_SEGMENTS]:
+            os.unlink(os.path.join(self.path, _log.segment_name(number)))
+        next_number = numbers[-1] + 1 if numbers else 1
+        self._prepare(next_number)
+        self._segment = _log.open_segment(self.path, next_number)
         with self.env.begin() as txn:
-            queues = [_decode_queue(key, value) for key, value in txn.cursor(self._queues)]
-            counters = txn.get(b"counters", db=self._meta)
-            next_id, next_token = _decode_counters(counters) if counters else (1, 1)
-            results = [_decode_result(k, v) for k, v in txn.cursor(self._results)]
-            dedup = [_decode_dedup(k, v) for k, v in txn.cursor(self._dedup)]
+            queues = [decode_queue(key, value) for key, value in txn.cursor(self._queues)]
+            results = [decode_result(k, v) for k, v in txn.cursor(self._results)]
+            dedup = [decode_dedup(k, v) for k, v in txn.cursor(self._dedup)]
         # Nothing writes while recovering, so a second read transaction sees the same
         # data; this one reads through buffers into the map.
         with self.env.begin(buffers=True) as txn:
@@ -218,12 +359,47 @@ class Store:
                 results=results,
                 dedup=dedup,
             )
+        # The ceilings the core started from were written by `_apply_log`.
+        self._id_ceiling = self.durable_id_ceiling = next_id + COUNTER_BLOCK
+        self._token_ceiling = self.durable_token_ceiling = next_token + COUNTER_BLOCK
+        self._start_checkpointer()
         by_state = {
             state.value: sum(queue.counts[state] for queue in core.queues.values())
             for state in (State.READY, State.DELAYED, State.RESERVED, State.DEAD)
         }
         seconds = time.perf_counter() - started
-        return Recovered(len(core.messages), by_state, len(queues), seconds)
+        return Recovered(len(core.messages), by_state, len(queues), seconds, applied)
+
+    def _apply_log(self, numbers: list[int]) -> tuple[int, tuple[int, int]]:
+        """Write the committed prefix of the log into LMDB, and raise the counters' ceilings
+        by a block, in one synced transaction. Returns how many records it applied, and
+        the ceilings before the raise: the first id and token this run may hand out."""
+        while True:
+            applied = 0
+            try:
+                with self.env.begin(write=True) as txn:
+                    for batch in self._read_log(numbers):
+                        self._write(txn, batch)
+                        applied += 1
+                    counters = txn.get(b"counters", db=self._meta)
+                    next_id, next_token = decode_counters(counters) if counters else (1, 1)
+                    block = (next_id + COUNTER_BLOCK, next_token + COUNTER_BLOCK)
+                    txn.put(b"counters", encode_counters(*block), db=self._meta)
+                return applied, (next_id, next_token)
+            except lmdb.MapFullError:
+                self._grow()
+
+    def _read_log(self, numbers: list[int]) -> Iterator[Batch]:
+        """The log's batches in order: each segment's committed prefix. A segment is
+        synced before the next one takes a record, so only the last one written can end
+        in a torn record, and nothing after a torn record was committed."""
+        for number in numbers:
+            path = os.path.join(self.path, _log.segment_name(number))
+            try:
+                for payload in _log.read_segment(path, number):
+                    yield unpack_batch(payload)
+            except _log.LogCorrupt as error:
+                raise StoreCorrupt(str(error)) from None
 
     def _read_messages(self, txn: Any) -> Iterator[tuple[str, Message]]:
         """Walk the state and body databases side by side (both are in id order). Reads
@@ -233,29 +409,29 @@ class Store:
         states = txn.cursor(self._states)
         has_state = states.first()
         while has_state:
-            message_id = _id(states.key())
-            while has_body and _id(bodies.key()) < message_id:
-                orphan = _id(bodies.key())
+            message_id = key_id(states.key())
+            while has_body and key_id(bodies.key()) < message_id:
+                orphan = key_id(bodies.key())
                 log.warning(
                     "dropping a body without a message record: id %d",
                     orphan,
                     extra=event("orphan_body_dropped", id=orphan),
                 )
                 has_body = bodies.next()
-            if not has_body or _id(bodies.key()) != message_id:
+            if not has_body or key_id(bodies.key()) != message_id:
                 raise StoreCorrupt(f"message {message_id} has a record but no body")
             body = bodies.value()
-            if body[:1] != _BODY_PREFIX:
+            if body[:1] != BODY_PREFIX:
                 raise StoreCorrupt(f"message {message_id}: body format {bytes(body[:1])!r} unknown")
-            yield _decode_message(message_id, bytes(body[1:]), states.value())
+            yield decode_message(message_id, bytes(body[1:]), states.value())
             has_body = bodies.next()
             has_state = states.next()
 
-    # ------------------------------------------------------------- writing
+    # ------------------------------------------------- admission (loop thread)
 
     def admit_put(self, specs: list[PutSpec]) -> None:
         """Count the space ``specs`` will take, or raise ``StorageFull`` (nothing counted)."""
-        self._admit(sum(_estimate(spec) for spec in specs), "")
+        self._admit(sum(estimate_size(spec.body, spec.headers) for spec in specs), "")
 
     def admit_results(self, size: int, count: int) -> None:
         """The same for ``count`` ack results of ``size`` encoded bytes in all: results are
@@ -263,6 +439,12 @@ class Store:
         self._admit(size + 256 * count, "; an ack without a result needs no room")
 
     def _admit(self, need: int, advice: str) -> None:
+        self._take_measurements()
+        if self.disk_full is not None:
+            raise StorageFull(
+                f"storage is full: {self.disk_full}. Consume or purge messages, or free "
+                f"disk space{advice}"
+            )
         if self._estimate() + need > self.capacity:
             raise StorageFull(
                 f"storage is full (about {self._estimate() // 1024} KiB used of "
@@ -271,82 +453,215 @@ class Store:
             )
         self.pending += need
 
-    def encode(self, changes: Changes) -> Batch:
-        """Records for ``changes``. Runs on the loop thread: it reads live messages."""
-        batch = Batch(admitted=self.pending)
-        self.in_flight += self.pending
-        self.pending = 0
-        for message in changes.messages:
-            key = _key(message.id)
-            if message.state is State.GONE:
-                if message.stored:
-                    batch.deletes.append(key)
-                continue
-            if not message.stored:
-                batch.bodies.append((key, _BODY_PREFIX + message.body))
-                message.stored = True
-            batch.states.append((key, _encode_message(message)))
-        for queue in changes.queues:
-            fields: list[Any] = [FORMAT, queue.settings.to_wire(), queue.totals]
-            batch.queues.append((queue.name.encode(), msgpack.packb(fields)))
-        for message_id, result in changes.results.items():
-            stored = None
-            if result is not None:
-                fields = [FORMAT, result.queue, result.value, result.done_at, result.expires_at]
-                stored = msgpack.packb(fields)
-            batch.results.append((_key(message_id), stored))
-        for (queue_name, dedup_key), entry in changes.dedup.items():
-            stored = None
-            if entry is not None:
-                stored = msgpack.packb([FORMAT, entry.message_id, entry.expires_at, entry.ended_as])
-            batch.dedup.append((_dedup_key(queue_name, dedup_key), stored))
-        batch.counters = msgpack.packb([FORMAT, changes.next_id, changes.next_token])
-        return batch
-
-    def commit(self, batch: Batch) -> None:
-        """Write ``batch`` in one transaction (writer thread). Grows the map if it must."""
-        while True:
-            try:
-                self._write(batch)
-                break
-            except lmdb.MapFullError:
-                self._grow()
-        self.commits += 1
-        # Measuring costs a read transaction and two syscalls: do it twice a second, or
-        # after every commit once the store is within a fifth of its capacity.
-        if time.monotonic() >= self._measure_due or self._estimate() * 5 >= self.capacity * 4:
-            self._measure()
-            batch.measured = True
-
     def _estimate(self) -> int:
         """Bytes the store holds or will, as far as put admission knows."""
         return self.used + self.unmeasured + self.in_flight + self.pending
 
-    def committed(self, batch: Batch) -> None:
-        """The loop thread's note that ``batch`` is on disk (batches are noted in order)."""
-        self.in_flight -= batch.admitted
-        if batch.measured:  # `used` counts this batch and every one before it
-            self.unmeasured = 0
-        else:
-            self.unmeasured += batch.admitted
+    def _take_measurements(self) -> None:
+        while not self._measurements.empty():
+            used, checkpointed = self._measurements.get()
+            self.used = used
+            self.unmeasured -= checkpointed
 
-    def _write(self, batch: Batch) -> None:
-        with self.env.begin(write=True) as txn:
-            for key in batch.deletes:
-                txn.delete(key, db=self._bodies)
-                txn.delete(key, db=self._states)
-            if batch.bodies:
-                txn.cursor(self._bodies).putmulti(batch.bodies)
-            if batch.states:
-                txn.cursor(self._states).putmulti(batch.states)
-            for key, value in batch.queues:
-                txn.put(key, value, db=self._queues)
-            for db, records in ((self._results, batch.results), (self._dedup, batch.dedup)):
-                for key, record in records:
-                    if record is None:
-                        txn.delete(key, db=db)
-                    else:
-                        txn.put(key, record, db=db)
+    # ------------------------------------------------------ encoding (loop thread)
+
+    def encode(self, changes: Changes) -> Batch:
+        """Records for ``changes``. Runs on the loop thread: it reads live messages."""
+        self.encoded += 1
+        batch = Batch(self.encoded, admitted=self.pending)
+        self.in_flight += self.pending
+        self.pending = 0
+        for message in changes.messages:
+            key = message_key(message.id)
+            if message.state is State.GONE:
+                if message.stored != NOT_STORED:
+                    batch.deletes.append(key)
+                    batch.freed += estimate_size(message.body, message.headers)
+                continue
+            if message.stored == NOT_STORED:
+                batch.bodies.append((key, BODY_PREFIX + message.body))
+                message.stored = batch.number
+            batch.states.append((key, encode_message(message)))
+        for queue_ in changes.queues:
+            batch.queues.append(encode_queue(queue_.name, queue_.settings, queue_.totals))
+        for message_id, result in changes.results.items():
+            stored = None if result is None else encode_result(result)
+            batch.results.append((message_key(message_id), stored))
+        for (queue_name, name), entry in changes.dedup.items():
+            stored = None if entry is None else encode_dedup(entry)
+            batch.dedup.append((dedup_key(queue_name, name), stored))
+        half = COUNTER_BLOCK // 2
+        if changes.next_id + half > self._id_ceiling or changes.next_token + half > (
+            self._token_ceiling
+        ):
+            self._id_ceiling = changes.next_id + COUNTER_BLOCK
+            self._token_ceiling = changes.next_token + COUNTER_BLOCK
+            batch.ceilings = (self._id_ceiling, self._token_ceiling)
+            batch.counters = encode_counters(*batch.ceilings)
+        return batch
+
+    def committed(self, batch: Batch) -> None:
+        """The loop thread's note that ``batch`` is durable (batches are noted in order)."""
+        self.in_flight -= batch.admitted
+        self.unmeasured += batch.admitted - batch.freed
+        self.durable = batch.number
+        if batch.ceilings is not None:
+            self.durable_id_ceiling, self.durable_token_ceiling = batch.ceilings
+
+    # ------------------------------------------------------- the log (writer thread)
+
+    def commit(self, batch: Batch) -> None:
+        """Append ``batch`` to the log (synced with ``fsync always``); start a checkpoint
+        when one is due. Raises ``OSError`` if the log cannot be written: nothing of the
+        batch then counts as committed, and the same batch may be committed again."""
+        segment = self._segment
+        assert segment is not None, "recover() first"
+        payload = batch.pack()
+        size = len(payload) + _log.RECORD_OVERHEAD
+        if size > segment.room:
+            segment = self._next_segment(size)
+        _log.append(segment, payload)
+        if self.fsync == "always":
+            _log.sync(segment)
+        self.commits += 1
+        self._coalesced.add(batch, size)
+        if not self._checkpoint_running.is_set() and self._checkpoint_due():
+            self._start_checkpoint()
+        if time.monotonic() >= self._measure_due:
+            self.capacity = self._measure_capacity(self.used)
+
+    def _checkpoint_due(self) -> bool:
+        changes = self._coalesced
+        return changes.log_bytes >= self.checkpoint_bytes or (
+            changes.batches > 0
+            and time.monotonic() - self._checkpoint_started >= self.checkpoint_seconds
+        )
+
+    def _start_checkpoint(self) -> None:
+        """Close the current segment and hand everything in it and before it to the
+        checkpoint thread; later commits go to a new segment."""
+        assert self._segment is not None
+        if self._coalesced.batches == 0:
+            return
+        self._next_segment(0)
+        changes, self._coalesced = self._coalesced, Coalesced()
+        segments, self._unchecked = self._unchecked, []
+        self._checkpoint_started = time.monotonic()
+        self._checkpoint_running.set()
+        self._jobs.put(_Checkpoint(changes, segments))
+
+    def _next_segment(self, need: int) -> _log.Segment:
+        """Close the current segment, synced (so only the last segment can end torn), and
+        open the next, at least ``need`` bytes of records long."""
+        old = self._segment
+        assert old is not None
+        _log.sync(old)
+        number = old.number + 1
+        size = max(self.segment_size, need + _log.HEADER_SIZE)
+        if self._spare != number or size > self.segment_size:
+            self._prepare(number, size)
+        self._spare = None
+        segment = _log.open_segment(self.path, number)
+        os.close(old.fd)
+        self._unchecked.append(old.number)
+        self._segment = segment
+        self._prepare_spare(number + 1)
+        return segment
+
+    def _prepare(self, number: int, size: int | None = None) -> None:
+        """Make segment ``number`` from a recycled one if there is one, else anew. Records
+        why in ``disk_full`` if the disk has no room, and raises."""
+        size = self.segment_size if size is None else size
+        with self._recycle_lock:
+            fits = self._recyclable and size <= self.segment_size
+            recycle = self._recyclable.pop(0) if fits else None
+        try:
+            _log.prepare_segment(self.path, number, size, recycle)
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                self.disk_full = f"no room for the next log segment ({error.strerror})"
+            raise
+        self.disk_full = None
+
+    def _prepare_spare(self, number: int) -> None:
+        """Prepare the segment after the current one now, so a full disk shows as
+        ``disk_full`` (refusing puts) while the current segment still has room."""
+        try:
+            self._prepare(number)
+            self._spare = number
+        except OSError as error:
+            log.error(
+                "cannot prepare log segment %d: %s",
+                number,
+                error,
+                extra=event("log_segment_failed", segment=number, error=str(error)),
+            )
+
+    # ---------------------------------------------------- checkpoints (own thread)
+
+    def _start_checkpointer(self) -> None:
+        self._checkpointer = threading.Thread(
+            target=self._run_checkpoints, name="sluice-checkpoint", daemon=True
+        )
+        self._checkpointer.start()
+
+    def _run_checkpoints(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            while True:
+                try:
+                    self._checkpoint(job)
+                    break
+                except (OSError, lmdb.Error, StorageFull) as error:
+                    self.checkpoint_error = str(error)
+                    log.error(
+                        "checkpoint failed, retrying: %s",
+                        error,
+                        extra=event("checkpoint_failed", error=str(error)),
+                    )
+                    time.sleep(_RETRY_CHECKPOINT_AFTER)
+            self.checkpoint_error = None
+            self._checkpoint_running.clear()
+
+    def _checkpoint(self, job: _Checkpoint) -> None:
+        self.at_checkpoint_step("started")
+        batch = job.changes.as_batch()
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    self._write(txn, batch)
+                    self.at_checkpoint_step("writing")
+                break
+            except lmdb.MapFullError:
+                self._grow()
+        self.at_checkpoint_step("written")
+        self.checkpoints += 1
+        self._measurements.put((self._measure_used(), job.changes.admitted))
+        with self._recycle_lock:
+            for number in job.segments:
+                if len(self._recyclable) < _SPARE_SEGMENTS:
+                    self._recyclable.append(number)
+                else:
+                    os.unlink(os.path.join(self.path, _log.segment_name(number)))
+        _log.sync_directory(self.path)
+        self.at_checkpoint_step("dropped")
+
+    def _write(self, txn: Any, batch: Batch) -> None:
+        for key in batch.deletes:
+            txn.delete(key, db=self._bodies)
+            txn.delete(key, db=self._states)
+        if batch.bodies:
+            txn.cursor(self._bodies).putmulti(batch.bodies)
+        if batch.states:
+            txn.cursor(self._states).putmulti(batch.states)
+        for key, value in batch.queues:
+            txn.put(key, value, db=self._queues)
+        for db, records in ((self._results, batch.results), (self._dedup, batch.dedup)):
+            for key, record in records:
+                if record is None:
+                    txn.delete(key, db=db)
+                else:
+                    txn.put(key, record, db=db)
+        if batch.counters is not None:
             txn.put(b"counters", batch.counters, db=self._meta)
 
     def _grow(self) -> None:
@@ -354,7 +669,7 @@ class Store:
         limit = self._cap
         if size >= limit:
             raise StorageFull(
-                f"the store reached its --max-storage of {limit} bytes while committing"
+                f"the store reached its --max-storage of {limit} bytes while checkpointing"
             )
         new_size = min(size * 2, limit)
         log.info(
@@ -365,8 +680,10 @@ class Store:
         )
         self.env.set_mapsize(new_size)
 
-    def _measure(self) -> None:
-        """Refresh ``used`` and ``capacity`` (called after each commit)."""
+    # ------------------------------------------------------------- measuring
+
+    def _measure_used(self) -> int:
+        """LMDB's pages in use, in bytes."""
         with self.env.begin() as txn:
             pages = sum(
                 stats["branch_pages"] + stats["leaf_pages"] + stats["overflow_pages"]
@@ -379,143 +696,24 @@ class Store:
                     txn.stat(self._dedup),
                 )
             )
+        psize: int = self.env.stat()["psize"]
+        return pages * psize
+
+    def _measure_capacity(self, used: int) -> int:
+        """Room for messages: LMDB's file and the disk's free space (or --max-storage),
+        less a reserve kept for what must never fail (acks, nacks, expiries) and the
+        log's next segments."""
         self._measure_due = time.monotonic() + _MEASURE_EVERY
-        psize = self.env.stat()["psize"]
-        self.used = pages * psize
         file_size = os.path.getsize(self._data_file)
         capacity = file_size + shutil.disk_usage(self.path).free
         if self.max_storage is not None:
             capacity = min(capacity, self.max_storage)
-        # Kept back for what must never fail: acks, nacks, expiries (LMDB copies on write).
-        self.capacity = capacity - max(1 << 20, min(64 << 20, capacity // 20))
+        capacity -= 2 * self.segment_size
+        return capacity - max(1 << 20, min(64 << 20, capacity // 20))
 
 
-def _estimate(spec: PutSpec) -> int:
-    """A generous guess at the bytes a message takes in LMDB: body, record, tree pages."""
-    size = len(spec.body) + 256 + (64 * len(spec.headers) if spec.headers else 0)
-    if size > 2000:  # stored on overflow pages of its own
-        return (size // 4096 + 1) * 4096 + 256
-    return size * 2
-
-
-def _encode_message(message: Message) -> bytes:
-    record: bytes = msgpack.packb(
-        [
-            FORMAT,
-            message.queue.name,
-            message.state.value,
-            message.priority,
-            message.seq,
-            message.attempts,
-            message.max_attempts,
-            message.visibility_timeout,
-            message.enqueued_at,
-            message.due_at,
-            message.lease_token,
-            message.lease_deadline,
-            message.lease_duration,
-            message.last_error,
-            message.dead_reason,
-            message.dead_at,
-            message.dead_expires_at,
-            message.headers,
-            message.key,
-            list(message.progress) if message.progress is not None else None,
-        ]
-    )
-    return record
-
-
-def _decode_message(message_id: int, body: bytes, value: bytes) -> tuple[str, Message]:
-    record = msgpack.unpackb(value)
-    if record and record[0] == 1 and len(record) == 18:
-        record = [*record, None, None]  # format 1: no dedup key, no progress
-    elif not record or record[0] != FORMAT or len(record) != 20:
-        raise StoreCorrupt(f"message {message_id}: record format {record[:1]} unknown")
-    (
-        _,
-        queue_name,
-        state,
-        priority,
-        seq,
-        attempts,
-        max_attempts,
-        visibility_timeout,
-        enqueued_at,
-        due_at,
-        lease_token,
-        lease_deadline,
-        lease_duration,
-        last_error,
-        dead_reason,
-        dead_at,
-        dead_expires_at,
-        headers,
-        key,
-        progress,
-    ) = record
-    message = Message.__new__(Message)
-    message.id = message_id
-    message.body = body
-    message.state = _STATES[state]
-    message.priority = priority
-    message.seq = seq
-    message.attempts = attempts
-    message.max_attempts = max_attempts
-    message.visibility_timeout = visibility_timeout
-    message.enqueued_at = enqueued_at
-    message.due_at = due_at
-    message.lease_token = lease_token
-    message.lease_deadline = lease_deadline
-    message.lease_duration = lease_duration
-    message.last_error = last_error
-    message.dead_reason = dead_reason
-    message.dead_at = dead_at
-    message.dead_expires_at = dead_expires_at
-    message.headers = headers
-    message.key = key
-    message.progress = tuple(progress) if progress is not None else None
-    message.stored = True
-    return queue_name, message
-
-
-def _decode_queue(key: bytes, value: bytes) -> tuple[str, QueueSettings, dict[str, int]]:
-    record = msgpack.unpackb(value)
-    if not record or record[0] not in _READABLE:
-        raise StoreCorrupt(f"queue {key!r}: record format {record[:1]} unknown")
-    _, settings, totals = record
-    return key.decode(), QueueSettings().updated(settings), totals
-
-
-def _dedup_key(queue_name: str, key: str) -> bytes:
-    return queue_name.encode() + b"\x00" + key.encode()
-
-
-def _decode_result(key: bytes, value: bytes) -> tuple[int, StoredResult]:
-    record = msgpack.unpackb(value)
-    if not record or record[0] != FORMAT:
-        raise StoreCorrupt(f"result {_id(key)}: record format {record[:1]} unknown")
-    _, queue_name, result, done_at, expires_at = record
-    return _id(key), StoredResult(queue_name, result, done_at, expires_at)
-
-
-def _decode_dedup(key: bytes, value: bytes) -> tuple[str, str, DedupEntry]:
-    record = msgpack.unpackb(value)
-    if not record or record[0] != FORMAT:
-        raise StoreCorrupt(f"dedup key {key!r}: record format {record[:1]} unknown")
-    queue_name, _, dedup_key = key.partition(b"\x00")
-    return queue_name.decode(), dedup_key.decode(), DedupEntry(record[1], record[2], record[3])
-
-
-def _decode_counters(value: bytes) -> tuple[int, int]:
-    record = msgpack.unpackb(value)
-    if not record or record[0] not in _READABLE:
-        raise StoreCorrupt(f"counters: record format {record[:1]} unknown")
-    return int(record[1]), int(record[2])
-
-
-def _id(key: bytes) -> int:
-    return int.from_bytes(key, "big")
+def _no_fault(step: str) -> None:
+    pass
 
 
 def _lock_dir(path: str) -> IO[str]:
@@ -538,3 +736,6 @@ def _lock_dir(path: str) -> IO[str]:
     lock_file.write(f"{os.getpid()}\n")
     lock_file.flush()
     return lock_file
+
+
+__all__ += ["READABLE", "FSYNC_MODES"]

@@ -555,6 +555,13 @@ def commit(store: Store, core: Core) -> None:
     store.committed(batch)
 
 
+def fresh_store(path: Path) -> Store:
+    """A store on an empty dir, recovered (into a core of its own) and ready to commit."""
+    store = Store(str(path), fsync="never")
+    store.recover(Core(), T0)
+    return store
+
+
 def recovered(path: Path, now: float) -> tuple[Store, Core]:
     store = Store(str(path), fsync="never")
     core = Core(random=lambda: 0.5, track_changes=True)
@@ -563,7 +570,8 @@ def recovered(path: Path, now: float) -> tuple[Store, Core]:
 
 
 def stored_keys(store: Store) -> tuple[list[bytes], list[bytes]]:
-    """The raw keys of the results and dedup databases."""
+    """The raw keys of the results and dedup databases, once checkpointed."""
+    store.checkpoint_now()
     with store.env.begin() as txn:
         results = [bytes(key) for key, _ in txn.cursor(store._results)]
         dedup = [bytes(key) for key, _ in txn.cursor(store._dedup)]
@@ -573,7 +581,7 @@ def stored_keys(store: Store) -> tuple[list[bytes], list[bytes]]:
 def test_results_ended_keys_and_progress_survive_a_store_round_trip(tmp_path: Path) -> None:
     core = make_core(track_changes=True, dedup_window=50.0, result_ttl=100.0)
     core.configure(T0, "short", {"dedup_window": 5.0, "result_ttl": 5.0})
-    store = Store(str(tmp_path), fsync="never")
+    store = fresh_store(tmp_path)
     ids = {key: put(core, T0, key)[0] for key in ("acked", "plain", "gone", "held", "dead")}
     ready = put(core, T0, "ready")[0]
     brief = put(core, T0, "brief", queue="short")[0]
@@ -614,7 +622,7 @@ def test_results_ended_keys_and_progress_survive_a_store_round_trip(tmp_path: Pa
 
 def test_an_expired_window_is_dropped_from_the_store(tmp_path: Path) -> None:
     core = make_core(track_changes=True)
-    store = Store(str(tmp_path), fsync="never")
+    store = fresh_store(tmp_path)
     (first,) = put(core, T0, "k")
     core.ack(T0, [lease(core, T0)], ["r"])
     commit(store, core)
@@ -627,7 +635,7 @@ def test_an_expired_window_is_dropped_from_the_store(tmp_path: Path) -> None:
 
 def test_a_replayed_key_is_live_again_after_recovery(tmp_path: Path) -> None:
     core = make_core(track_changes=True)
-    store = Store(str(tmp_path), fsync="never")
+    store = fresh_store(tmp_path)
     (first,) = put(core, T0, "k")
     core.bury(T0, *lease(core, T0), "bad")
     commit(store, core)
@@ -664,7 +672,7 @@ def test_recovery_keeps_the_holder_of_a_key_when_a_replayed_message_shares_it(
     expected = put(in_memory, later, "k").duplicates
     core = make_core(track_changes=True)
     _replay_behind_another_holder(core)
-    store = Store(str(tmp_path), fsync="never")
+    store = fresh_store(tmp_path)
     commit(store, core)
     store.close()
     store, again = recovered(tmp_path, T0 + WINDOW)

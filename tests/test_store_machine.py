@@ -1,16 +1,19 @@
 """Crash and recover, checked against the reference model.
 
 ``StoreMachine`` is ``CoreMachine`` (random operations on the core, each checked against a
-plain reference model) with a real LMDB store in a temporary directory and two more
-rules: ``commit`` writes the core's changes as one batch, as the server's group commit
-does; ``crash`` drops the in-memory core at any point and recovers a new one from the
-store, some time later. The model then goes back to what it was at the last commit, with
-no long-polls (their connections went with the broker), and moves on to the recovery
-time; the inherited invariants then compare everything observable, and the heaps.
+plain reference model) with a real store (log and LMDB) in a temporary directory, small
+enough that segments fill and checkpoints run, and three more rules: ``commit`` writes the
+core's changes as one batch, as the server's group commit does; ``checkpoint`` writes the
+log into LMDB; ``crash`` drops the in-memory core and the store at any point and recovers
+a new one from the data dir, some time later. The model then goes back to what it was at
+the last commit, with no long-polls (their connections went with the broker), and moves on
+to the recovery time; the inherited invariants then compare everything observable, and
+the heaps.
 
-Ids and lease tokens handed out after the last commit may be handed out again after a
-crash: no client saw them, because the server replies only after the commit. So the
-machine forgets them too.
+Deliveries made after the last commit are forgotten by the crash (their replies may have
+gone out: the contract lets a crash forget an uncommitted delivery), but ids and lease
+tokens are never handed out again: the recovered core starts above every one the crashed
+core had handed out, committed or not.
 """
 
 from __future__ import annotations
@@ -26,18 +29,30 @@ from hypothesis.stateful import rule
 
 from broker import Core
 from broker._store import Store
-from tests.test_core_machine import QUEUES, CoreMachine
+from tests.test_core_machine import QUEUES, START, CoreMachine
 
 
 class StoreMachine(CoreMachine):
     def __init__(self) -> None:
         self.directory = tempfile.mkdtemp(prefix="sluice-store-machine-")
-        self.store = Store(self.directory, fsync="never")
+        self.store = self._open_store()
         super().__init__()
         self.commit()
 
+    def _open_store(self) -> Store:
+        return Store(
+            self.directory,
+            fsync="never",
+            segment_size=16 << 10,
+            checkpoint_bytes=4 << 10,
+            checkpoint_seconds=3600.0,
+        )
+
     def new_core(self) -> Core:
-        return Core(random=lambda: 0.5, track_changes=True)
+        """A core recovered from the store at the machine's time."""
+        core = Core(random=lambda: 0.5, track_changes=True)
+        self.store.recover(core, getattr(self, "now", START))
+        return core
 
     def teardown(self) -> None:
         self.store.close()
@@ -58,20 +73,30 @@ class StoreMachine(CoreMachine):
         self.store.committed(batch)
         self._remember_committed()
 
+    @rule()
+    def checkpoint(self) -> None:
+        self.store.checkpoint_now()
+
     @rule(step=st.sampled_from([0.0, 0.5, 3.0, 9.0]), encoded=st.booleans())
     def crash(self, step: float, encoded: bool) -> None:
         """The broker dies (perhaps with a batch encoded but not committed), and a new
         one recovers from the store ``step`` seconds later."""
         if encoded:
             self.store.encode(self.core.take_changes())  # never committed
+        highest_id = max(self.core._next_id - 1, 0)
+        highest_token = max(self.core._next_token - 1, 0)
+        self.store.close()
+        self.store = self._open_store()
         self.now += step
         self.core = self.new_core()
-        self.store.recover(self.core, self.now)
+        assert self.core._next_id > highest_id, "an id could be handed out twice"
+        assert self.core._next_token > highest_token, "a lease token could be reused"
 
         self.model = copy.deepcopy(self.committed["model"])
         self.model.waiters = []
         self.model.completions = []
         self.model.tick(self.now)
+        self.model.next_id = self.core._next_id  # ids jump to the recovered ceiling
         self.tokens = dict(self.committed["tokens"])
         self.handed_out = list(self.committed["handed_out"])
         for name, expected in self.committed["settings"].items():

@@ -1,0 +1,256 @@
+"""The store's records: how each piece of state is encoded as LMDB keys and values, and
+how a batch of them travels in one log record. No I/O.
+
+Message ids are 8-byte big-endian keys, so the message databases are in id order.
+
+- ``bodies``: id -> ``RECORD_FORMAT`` byte + body. Written once, at put; deleted with the
+  message.
+- ``messages``: id -> msgpack ``[RECORD_FORMAT, queue, state, priority, seq, attempts,
+  max_attempts, visibility_timeout, enqueued_at, due_at, lease_token, lease_deadline,
+  lease_duration, last_error, dead_reason, dead_at, dead_expires_at, headers, key,
+  progress]``: the small record that reserve, nack, touch and expiry rewrite. (Format 1
+  records lack the last two fields; they are still read.) ``seq`` orders ready messages of
+  equal priority (and ties between equal deadlines), as in the core.
+- ``queues``: name (UTF-8) -> msgpack ``[RECORD_FORMAT, settings map, totals map]``.
+- ``results``: id -> msgpack ``[RECORD_FORMAT, queue, result, done_at, expires_at]``, the
+  result an acked message left, until its queue's result TTL runs out.
+- ``dedup``: queue + NUL + key -> msgpack ``[RECORD_FORMAT, message id, expires_at,
+  ended_as]``: dedup keys whose message has ended (``ended_as``: done, dead or gone), until
+  the queue's dedup window runs out. (Keys of live messages are in their records.)
+- ``meta``: ``b"format"`` -> the store's layout version; ``b"counters"`` -> msgpack
+  ``[RECORD_FORMAT, id_ceiling, token_ceiling]``: no id or lease token at or above these has
+  been handed out, so a recovered broker starts from them and never reuses one.
+
+Every record starts with its format version. A new format bumps ``RECORD_FORMAT`` and keeps
+a reader for the old one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Final
+
+import msgpack
+
+from ._lifecycle import State
+from ._message import RECOVERED, Headers, Message
+from ._outcomes import DedupEntry, StoredResult
+from ._settings import QueueSettings
+
+RECORD_FORMAT: Final = 2
+READABLE: Final = (1, 2)  # record formats this version reads
+BATCH_FORMAT: Final = 1  # the layout of a log record (``Batch.pack``)
+BODY_PREFIX: Final = bytes([RECORD_FORMAT])
+_STATES: Final = {state.value: state for state in State}
+
+
+class StoreError(Exception):
+    """The data dir cannot be used; the message says why and what to do."""
+
+
+class StoreCorrupt(StoreError):
+    """A record the store cannot read: written by a newer version, or damaged."""
+
+
+Pairs = list[tuple[bytes, bytes]]
+Optional = list[tuple[bytes, bytes | None]]  # None: delete
+
+
+@dataclass(slots=True)
+class Batch:
+    """The records of one group commit: written to the log as one record, and later, with
+    the other batches since the last checkpoint, to LMDB. ``number`` counts batches from 1
+    in the order they were encoded; ``admitted`` is the space put admission counted for
+    the puts in it; ``ceilings`` the id and token ceilings it raises (None: unchanged)."""
+
+    number: int = 0
+    bodies: Pairs = field(default_factory=list)
+    states: Pairs = field(default_factory=list)
+    deletes: list[bytes] = field(default_factory=list)
+    queues: Pairs = field(default_factory=list)
+    results: Optional = field(default_factory=list)
+    dedup: Optional = field(default_factory=list)
+    counters: bytes | None = None
+    admitted: int = 0
+    freed: int = 0  # the estimated size of the stored messages it deletes
+    ceilings: tuple[int, int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.states) + len(self.deletes) + len(self.queues)
+
+    def pack(self) -> bytes:
+        """The batch as one log record's payload."""
+        fields = [
+            BATCH_FORMAT,
+            self.bodies,
+            self.states,
+            self.deletes,
+            self.queues,
+            self.results,
+            self.dedup,
+            self.counters,
+        ]
+        packed: bytes = msgpack.packb(fields)
+        return packed
+
+
+def unpack_batch(payload: bytes) -> Batch:
+    fields = msgpack.unpackb(payload, use_list=False)
+    if not fields or fields[0] != BATCH_FORMAT or len(fields) != 8:
+        raise StoreCorrupt(f"log record format {fields[:1]} unknown")
+    _, bodies, states, deletes, queues, results, dedup, counters = fields
+    return Batch(0, bodies, states, deletes, queues, results, dedup, counters)
+
+
+def message_key(message_id: int) -> bytes:
+    return message_id.to_bytes(8, "big")
+
+
+def encode_queue(name: str, settings: QueueSettings, totals: dict[str, int]) -> tuple[bytes, bytes]:
+    value: bytes = msgpack.packb([RECORD_FORMAT, settings.to_wire(), totals])
+    return name.encode(), value
+
+
+def encode_result(result: StoredResult) -> bytes:
+    fields = [RECORD_FORMAT, result.queue, result.value, result.done_at, result.expires_at]
+    value: bytes = msgpack.packb(fields)
+    return value
+
+
+def encode_dedup(entry: DedupEntry) -> bytes:
+    fields = [RECORD_FORMAT, entry.message_id, entry.expires_at, entry.ended_as]
+    value: bytes = msgpack.packb(fields)
+    return value
+
+
+def encode_counters(id_ceiling: int, token_ceiling: int) -> bytes:
+    value: bytes = msgpack.packb([RECORD_FORMAT, id_ceiling, token_ceiling])
+    return value
+
+
+def estimate_size(body: bytes, headers: Headers | None) -> int:
+    """A generous guess at the bytes a message takes in LMDB: body, record, tree pages."""
+    size = len(body) + 256 + (64 * len(headers) if headers else 0)
+    if size > 2000:  # stored on overflow pages of its own
+        return (size // 4096 + 1) * 4096 + 256
+    return size * 2
+
+
+def encode_message(message: Message) -> bytes:
+    record: bytes = msgpack.packb(
+        [
+            RECORD_FORMAT,
+            message.queue.name,
+            message.state.value,
+            message.priority,
+            message.seq,
+            message.attempts,
+            message.max_attempts,
+            message.visibility_timeout,
+            message.enqueued_at,
+            message.due_at,
+            message.lease_token,
+            message.lease_deadline,
+            message.lease_duration,
+            message.last_error,
+            message.dead_reason,
+            message.dead_at,
+            message.dead_expires_at,
+            message.headers,
+            message.key,
+            list(message.progress) if message.progress is not None else None,
+        ]
+    )
+    return record
+
+
+def decode_message(message_id: int, body: bytes, value: bytes) -> tuple[str, Message]:
+    record = msgpack.unpackb(value)
+    if record and record[0] == 1 and len(record) == 18:
+        record = [*record, None, None]  # format 1: no dedup key, no progress
+    elif not record or record[0] != RECORD_FORMAT or len(record) != 20:
+        raise StoreCorrupt(f"message {message_id}: record format {record[:1]} unknown")
+    (
+        _,
+        queue_name,
+        state,
+        priority,
+        seq,
+        attempts,
+        max_attempts,
+        visibility_timeout,
+        enqueued_at,
+        due_at,
+        lease_token,
+        lease_deadline,
+        lease_duration,
+        last_error,
+        dead_reason,
+        dead_at,
+        dead_expires_at,
+        headers,
+        key,
+        progress,
+    ) = record
+    message = Message.__new__(Message)
+    message.id = message_id
+    message.body = body
+    message.state = _STATES[state]
+    message.priority = priority
+    message.seq = seq
+    message.attempts = attempts
+    message.max_attempts = max_attempts
+    message.visibility_timeout = visibility_timeout
+    message.enqueued_at = enqueued_at
+    message.due_at = due_at
+    message.lease_token = lease_token
+    message.lease_deadline = lease_deadline
+    message.lease_duration = lease_duration
+    message.last_error = last_error
+    message.dead_reason = dead_reason
+    message.dead_at = dead_at
+    message.dead_expires_at = dead_expires_at
+    message.headers = headers
+    message.key = key
+    message.progress = tuple(progress) if progress is not None else None
+    message.stored = RECOVERED
+    return queue_name, message
+
+
+def decode_queue(key: bytes, value: bytes) -> tuple[str, QueueSettings, dict[str, int]]:
+    record = msgpack.unpackb(value)
+    if not record or record[0] not in READABLE:
+        raise StoreCorrupt(f"queue {key!r}: record format {record[:1]} unknown")
+    _, settings, totals = record
+    return key.decode(), QueueSettings().updated(settings), totals
+
+
+def dedup_key(queue_name: str, key: str) -> bytes:
+    return queue_name.encode() + b"\x00" + key.encode()
+
+
+def decode_result(key: bytes, value: bytes) -> tuple[int, StoredResult]:
+    record = msgpack.unpackb(value)
+    if not record or record[0] != RECORD_FORMAT:
+        raise StoreCorrupt(f"result {key_id(key)}: record format {record[:1]} unknown")
+    _, queue_name, result, done_at, expires_at = record
+    return key_id(key), StoredResult(queue_name, result, done_at, expires_at)
+
+
+def decode_dedup(key: bytes, value: bytes) -> tuple[str, str, DedupEntry]:
+    record = msgpack.unpackb(value)
+    if not record or record[0] != RECORD_FORMAT:
+        raise StoreCorrupt(f"dedup key {key!r}: record format {record[:1]} unknown")
+    queue_name, _, name = key.partition(b"\x00")
+    return queue_name.decode(), name.decode(), DedupEntry(record[1], record[2], record[3])
+
+
+def decode_counters(value: bytes) -> tuple[int, int]:
+    record = msgpack.unpackb(value)
+    if not record or record[0] not in READABLE:
+        raise StoreCorrupt(f"counters: record format {record[:1]} unknown")
+    return int(record[1]), int(record[2])
+
+
+def key_id(key: bytes) -> int:
+    return int.from_bytes(key, "big")
