@@ -6,10 +6,12 @@ queued on their connections -> ``end_turn`` collects long-poll completions, then
 writes every queued reply (one write per connection) or holds them, and re-arms the single
 timer at the core's next deadline.
 
-Group commit (with a store): the core's changes are taken in batches, encoded on the loop
-and committed by one writer thread (``_committer``), one log record and one sync per batch;
-while a batch commits, the next one gathers. Batches are numbered. Each reply carries the
-number of the batch it needs to be durable before it goes out (``need``):
+Group commit (with a store): at the end of a turn the core's changes since the last commit
+are one batch, appended to the log as one record and synced, on the loop itself: what
+arrives during the sync is read in the next turn and shares the next batch. (A writer
+thread measured slower here: the hand-off and the GIL cost more than the loop is blocked;
+the LMDB checkpoints do run on a thread of the store's.) Batches are numbered. Each reply
+carries the number of the batch it needs to be durable before it goes out (``need``):
 
 - a reply that confirms something (put, ack, nack, bury, cancel, configure, admin, results)
   may depend on any change made so far: it needs the batch being gathered if the core has
@@ -58,7 +60,6 @@ from protocol import (
 
 from . import __version__
 from ._args import MAX_BATCH, MAX_WAIT, MAX_WAITS_PER_CONNECTION
-from ._committer import Committer
 from ._core import Core
 from ._handlers import PENDING, READ_ONLY_OPS, Call, deliveries, handle
 from ._logging import event
@@ -331,10 +332,10 @@ class BrokerServer:
         self.clock = clock
         self.store = store
         # Group commit: batches are numbered 1, 2, ... by the store; replies wait in `_held`
-        # for the batch number they need. One writer thread, one commit at a time.
-        self._writing = False
+        # for the batch number they need. `_stalled`: a batch failed and waits to be tried
+        # again; nothing after it may commit first.
+        self._stalled = False
         self._held: collections.deque[tuple[int, Connection, Frames]] = collections.deque()
-        self._committer: Committer | None = None
         self._commit_event = asyncio.Event()
         self._sync_timer: asyncio.TimerHandle | None = None
         self._turn_scheduled = False
@@ -354,8 +355,6 @@ class BrokerServer:
             lambda: Connection(self, next(self._ids)), host, port, reuse_address=True
         )
         bound = self._listener.sockets[0].getsockname()
-        if self.store is not None:
-            self._committer = Committer(loop)
         if self.store is not None and self.store.fsync == "interval":
             self._sync_timer = loop.call_later(self.limits.fsync_interval, self._sync)
         return bound[0], bound[1]
@@ -478,24 +477,23 @@ class BrokerServer:
     # group commit
 
     def _start_commit(self) -> None:
-        if self._writing or self.store is None or not self.core.has_changes:
+        if self._stalled or self.store is None or not self.core.has_changes:
             return
         self._commit(self.store.encode(self.core.take_changes()))
 
     def _commit(self, batch: Batch) -> None:
-        store, committer = self.store, self._committer
-        assert store is not None and committer is not None
-        self._writing = True
-        committer.submit(
-            lambda: store.commit(batch),
-            lambda error, seconds: self._committed_or_failed(error, seconds, batch),
-        )
-
-    def _committed_or_failed(
-        self, error: BaseException | None, seconds: float, batch: Batch
-    ) -> None:
         assert self.store is not None
-        self._writing = False
+        self._stalled = False
+        started = time.perf_counter()
+        try:
+            self.store.commit(batch)
+        except Exception as error:
+            self._committed_or_failed(error, time.perf_counter() - started, batch)
+        else:
+            self._committed_or_failed(None, time.perf_counter() - started, batch)
+
+    def _committed_or_failed(self, error: Exception | None, seconds: float, batch: Batch) -> None:
+        assert self.store is not None
         if error is not None:
             # Nothing in this batch is confirmed to anyone yet: keep its replies held and
             # try again. A broker that cannot write stalls; it never answers "done" falsely.
@@ -508,7 +506,7 @@ class BrokerServer:
                     error,
                     extra=event("commit_failed", failures=failures, error=str(error)),
                 )
-            self._writing = True
+            self._stalled = True
             asyncio.get_running_loop().call_later(_RETRY_COMMIT_AFTER, self._commit, batch)
             return
         if failures := self.metrics.failing_commits:  # commit_done (below) resets it
@@ -538,25 +536,21 @@ class BrokerServer:
             )
 
     def _sync(self) -> None:
-        """fsync=interval: flush committed pages to disk, then schedule the next sync."""
-        assert self.store is not None and self._committer is not None
-        loop = asyncio.get_running_loop()
-
-        def again(failure: BaseException | None, seconds: float) -> None:
-            if failure is not None:
-                log.error(
-                    "periodic sync failed: %s",
-                    failure,
-                    extra=event("sync_failed", error=str(failure)),
-                )
-            if self._sync_timer is not None:
-                self._sync_timer = loop.call_later(self.limits.fsync_interval, self._sync)
-
-        self._committer.submit(self.store.sync, again)
+        """fsync=interval: flush what was committed to disk, then schedule the next sync."""
+        assert self.store is not None
+        try:
+            self.store.sync()
+        except OSError as failure:
+            log.error(
+                "periodic sync failed: %s", failure, extra=event("sync_failed", error=str(failure))
+            )
+        if self._sync_timer is not None:
+            loop = asyncio.get_running_loop()
+            self._sync_timer = loop.call_later(self.limits.fsync_interval, self._sync)
 
     async def _drain(self) -> None:
         """Wait until every change is committed and every held reply written."""
-        while self.store is not None and (self._writing or self.core.has_changes or self._held):
+        while self.store is not None and (self._stalled or self.core.has_changes or self._held):
             self._commit_event.clear()
             self._start_commit()
             await self._commit_event.wait()
@@ -646,8 +640,6 @@ class BrokerServer:
                     grace,
                     extra=event("connections_left_open", connections=still_open),
                 )
-        if self._committer is not None:
-            self._committer.stop()
 
 
 def _peer_name(address: Any) -> str:

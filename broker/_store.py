@@ -1,11 +1,11 @@
 """The write-ahead store: a log for every change, LMDB as the checkpointed state.
 
 The event loop turns the core's changes into a ``Batch`` of encoded records
-(``Store.encode``, on the loop thread, because it reads live ``Message`` objects). The
-writer thread appends the batch to the log as one CRC-framed record and, with ``fsync
-always``, syncs it (``Store.commit``): one ``fdatasync`` per group commit. Batches since the
+(``Store.encode``: it reads live ``Message`` objects) and appends the batch to the log as
+one CRC-framed record, synced with ``fsync always`` (``Store.commit``): one ``fdatasync``
+per group commit, on the loop thread. Batches since the
 last checkpoint are coalesced in memory (a message put and acked between two checkpoints
-leaves nothing); every ``checkpoint_seconds`` or ``checkpoint_bytes`` of log the writer
+leaves nothing); every ``checkpoint_seconds`` or ``checkpoint_bytes`` of log the loop
 starts a new log segment and the checkpoint thread writes the coalesced changes to LMDB in
 one synced transaction, after which the segments before it are recycled.
 
@@ -41,7 +41,7 @@ import queue
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any, Final
 
@@ -124,20 +124,41 @@ class Coalesced:
     batches: int = 0
 
     def add(self, batch: Batch, log_bytes: int) -> None:
-        for key in batch.deletes:
-            if self.bodies.pop(key, None) is None:
-                self.deletes.add(key)  # in LMDB already: delete it there
-            self.states.pop(key, None)
-        self.bodies.update(batch.bodies)
-        self.states.update(batch.states)
-        self.queues.update(batch.queues)
+        """Fold in the next batch."""
+        self._fold(batch.deletes, batch.bodies, batch.states, batch.queues, batch)
         self.results.update(batch.results)
         self.dedup.update(batch.dedup)
-        if batch.counters is not None:
-            self.counters = batch.counters
         self.log_bytes += log_bytes
         self.admitted += batch.admitted - batch.freed
         self.batches += 1
+
+    def merge(self, later: Coalesced) -> None:
+        """Fold in what came after these batches."""
+        self._fold(later.deletes, later.bodies.items(), later.states.items(), (), later)
+        self.queues.update(later.queues)
+        self.results.update(later.results)
+        self.dedup.update(later.dedup)
+        self.log_bytes += later.log_bytes
+        self.admitted += later.admitted
+        self.batches += later.batches
+
+    def _fold(
+        self,
+        deletes: Iterable[bytes],
+        bodies: Iterable[tuple[bytes, bytes]],
+        states: Iterable[tuple[bytes, bytes]],
+        queues: Iterable[tuple[bytes, bytes]],
+        later: Batch | Coalesced,
+    ) -> None:
+        for key in deletes:
+            if self.bodies.pop(key, None) is None:
+                self.deletes.add(key)  # in LMDB already: delete it there
+            self.states.pop(key, None)
+        self.bodies.update(bodies)
+        self.states.update(states)
+        self.queues.update(queues)
+        if later.counters is not None:
+            self.counters = later.counters
 
     def as_batch(self) -> Batch:
         return Batch(
@@ -158,6 +179,11 @@ class _Checkpoint:
     segments: list[int]  # the log segments it makes redundant
 
 
+@dataclass(frozen=True, slots=True)
+class _Spare:
+    number: int  # the segment to prepare ahead of need
+
+
 class Store:
     """A data dir (created if missing), locked for this process, recovered with
     ``recover`` before anything else.
@@ -167,8 +193,8 @@ class Store:
     power loss), ``interval`` with a ``sync()`` the server calls every few milliseconds.
     Checkpoints are synced in every mode, so LMDB is never left corrupt.
 
-    Threads: ``encode``, ``committed``, ``admit_*`` on the loop thread; ``commit`` and
-    ``sync`` on one writer thread; checkpoints on a thread of the store's own."""
+    Threads: everything public on one thread (the loop's); checkpoints, and preparing
+    the log's next segment, on a thread of the store's own."""
 
     def __init__(
         self,
@@ -248,17 +274,20 @@ class Store:
         self._measure_due = 0.0
         self.disk_full: str | None = None  # why the log could not prepare a segment
         self.checkpoint_error: str | None = None
-        # Writer thread's log state.
+        # The log, as the committing thread sees it.
         self._segment: _log.Segment | None = None
         self._spare: int | None = None  # number of a prepared segment, not yet in use
-        self._coalesced = Coalesced()
-        self._unchecked: list[int] = []  # closed segments not yet checkpointed
+        self._coalesced = Coalesced()  # the current segment's batches
+        self._closed = Coalesced()  # those of the closed segments not yet checkpointed
+        self._unchecked: list[int] = []  # the numbers of those segments
         self._checkpoint_started = time.monotonic()
         self._checkpoint_running = threading.Event()
         # Checkpoint thread: takes jobs (a checkpoint, or None to stop) in order.
         self._recyclable: list[int] = []  # checkpointed segments; guarded by _recycle_lock
         self._recycle_lock = threading.Lock()
-        self._jobs: queue.SimpleQueue[_Checkpoint | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[_Checkpoint | _Spare | None] = queue.SimpleQueue()
+        self._spare_lock = threading.Lock()  # held while the spare is made or taken
+        self._spare_requested: int | None = None
         self._checkpointer: threading.Thread | None = None
         # Fault hook for tests: called with the name of each checkpoint step as it is
         # reached ("started", "writing" inside the transaction, "written", "dropped").
@@ -267,7 +296,7 @@ class Store:
     # ----------------------------------------------------------- lifecycle
 
     def close(self) -> None:
-        """Stop the checkpoint thread and close. Call once the writer is idle."""
+        """Stop the checkpoint thread and close."""
         if self._checkpointer is not None:
             self._jobs.put(None)
             self._checkpointer.join()
@@ -280,11 +309,12 @@ class Store:
 
     def checkpoint_now(self, counters: tuple[int, int] | None = None) -> None:
         """Write everything committed so far to LMDB and recycle the log; returns once it
-        is done. Only while the writer thread is idle (clean shutdown, tests). On a clean
+        is done (a clean shutdown, tests). On a clean
         shutdown ``counters`` are the core's next id and token: nothing above them was
         handed out, so the next start goes on from them instead of the ceilings."""
         self._wait_for_checkpoint()
         if self._segment is not None:
+            self._wait_for_spare()
             if counters is not None:
                 self._coalesced.counters = encode_counters(*counters)
                 self._coalesced.batches += 1
@@ -295,8 +325,16 @@ class Store:
         while self._checkpoint_running.is_set():
             time.sleep(0.001)
 
+    def _wait_for_spare(self) -> None:
+        """Until the next segment is prepared, or the disk has no room for it."""
+        assert self._segment is not None
+        number = self._segment.number + 1
+        self._request_spare(number)
+        while self._spare != number and self.disk_full is None:
+            time.sleep(0.001)
+
     def sync(self) -> None:
-        """Flush what was committed to disk (writer thread; ``interval`` mode)."""
+        """Flush what was committed to disk (``interval`` mode calls it periodically)."""
         if self._segment is not None:
             _log.sync(self._segment)
 
@@ -363,6 +401,7 @@ class Store:
         self._id_ceiling = self.durable_id_ceiling = next_id + COUNTER_BLOCK
         self._token_ceiling = self.durable_token_ceiling = next_token + COUNTER_BLOCK
         self._start_checkpointer()
+        self._request_spare(next_number + 1)
         by_state = {
             state.value: sum(queue.counts[state] for queue in core.queues.values())
             for state in (State.READY, State.DELAYED, State.RESERVED, State.DEAD)
@@ -508,7 +547,7 @@ class Store:
         if batch.ceilings is not None:
             self.durable_id_ceiling, self.durable_token_ceiling = batch.ceilings
 
-    # ------------------------------------------------------- the log (writer thread)
+    # ---------------------------------------------------------------------- the log
 
     def commit(self, batch: Batch) -> None:
         """Append ``batch`` to the log (synced with ``fsync always``); start a checkpoint
@@ -531,20 +570,26 @@ class Store:
             self.capacity = self._measure_capacity(self.used)
 
     def _checkpoint_due(self) -> bool:
-        changes = self._coalesced
-        return changes.log_bytes >= self.checkpoint_bytes or (
-            changes.batches > 0
-            and time.monotonic() - self._checkpoint_started >= self.checkpoint_seconds
+        batches = self._coalesced.batches + self._closed.batches
+        log_bytes = self._coalesced.log_bytes + self._closed.log_bytes
+        return log_bytes >= self.checkpoint_bytes or (
+            batches > 0 and time.monotonic() - self._checkpoint_started >= self.checkpoint_seconds
         )
 
     def _start_checkpoint(self) -> None:
-        """Close the current segment and hand everything in it and before it to the
-        checkpoint thread; later commits go to a new segment."""
-        assert self._segment is not None
-        if self._coalesced.batches == 0:
+        """Hand the closed segments' changes to the checkpoint thread, closing the current
+        segment first if its successor is prepared (the loop never waits for one to be
+        made here: it takes the closed segments alone, or waits for the next commit)."""
+        segment = self._segment
+        assert segment is not None
+        if self._coalesced.batches:
+            if self._spare == segment.number + 1:
+                self._next_segment(0)
+            else:
+                self._request_spare(segment.number + 1)
+        if not self._closed.batches:
             return
-        self._next_segment(0)
-        changes, self._coalesced = self._coalesced, Coalesced()
+        changes, self._closed = self._closed, Coalesced()
         segments, self._unchecked = self._unchecked, []
         self._checkpoint_started = time.monotonic()
         self._checkpoint_running.set()
@@ -552,21 +597,30 @@ class Store:
 
     def _next_segment(self, need: int) -> _log.Segment:
         """Close the current segment, synced (so only the last segment can end torn), and
-        open the next, at least ``need`` bytes of records long."""
+        open the next, at least ``need`` bytes of records long: the spare, or one made
+        now. Raises ``OSError`` if none can be made."""
         old = self._segment
         assert old is not None
         _log.sync(old)
         number = old.number + 1
         size = max(self.segment_size, need + _log.HEADER_SIZE)
-        if self._spare != number or size > self.segment_size:
-            self._prepare(number, size)
-        self._spare = None
-        segment = _log.open_segment(self.path, number)
+        with self._spare_lock:  # the checkpoint thread may be preparing the spare
+            if self._spare != number or size > self.segment_size:
+                self._prepare(number, size)
+            self._spare = None
+            segment = _log.open_segment(self.path, number)
+            self._segment = segment
         os.close(old.fd)
+        self._closed.merge(self._coalesced)
+        self._coalesced = Coalesced()
         self._unchecked.append(old.number)
-        self._segment = segment
-        self._prepare_spare(number + 1)
+        self._request_spare(number + 1)
         return segment
+
+    def _request_spare(self, number: int) -> None:
+        if self._spare_requested != number:
+            self._spare_requested = number
+            self._jobs.put(_Spare(number))
 
     def _prepare(self, number: int, size: int | None = None) -> None:
         """Make segment ``number`` from a recycled one if there is one, else anew. Records
@@ -583,19 +637,26 @@ class Store:
             raise
         self.disk_full = None
 
-    def _prepare_spare(self, number: int) -> None:
-        """Prepare the segment after the current one now, so a full disk shows as
-        ``disk_full`` (refusing puts) while the current segment still has room."""
-        try:
-            self._prepare(number)
-            self._spare = number
-        except OSError as error:
-            log.error(
-                "cannot prepare log segment %d: %s",
-                number,
-                error,
-                extra=event("log_segment_failed", segment=number, error=str(error)),
-            )
+    def _prepare_spare(self, job: _Spare) -> None:
+        """(Checkpoint thread.) Prepare the segment after the current one ahead of need,
+        so a full disk shows as ``disk_full`` (refusing puts) while the current segment
+        still has room for acks."""
+        with self._spare_lock:
+            current = self._segment
+            if current is None or job.number != current.number + 1 or self._spare == job.number:
+                return  # the log moved on, or it is ready
+            try:
+                self._prepare(job.number)
+                self._spare = job.number
+            except OSError as error:
+                log.error(
+                    "cannot prepare log segment %d: %s",
+                    job.number,
+                    error,
+                    extra=event("log_segment_failed", segment=job.number, error=str(error)),
+                )
+            finally:
+                self._spare_requested = None
 
     # ---------------------------------------------------- checkpoints (own thread)
 
@@ -607,6 +668,9 @@ class Store:
 
     def _run_checkpoints(self) -> None:
         while (job := self._jobs.get()) is not None:
+            if isinstance(job, _Spare):
+                self._prepare_spare(job)
+                continue
             while True:
                 try:
                     self._checkpoint(job)

@@ -23,7 +23,7 @@ import pytest
 
 from broker import Core, _log
 from broker._message import PutSpec
-from broker._store import STORE_FORMAT, Store, StoreCorrupt
+from broker._store import STORE_FORMAT, Store, StoreCorrupt, _Checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures"
 T0 = 1_800_000_000.0
@@ -148,9 +148,10 @@ def bodies_of(core: Core) -> dict[bytes, str]:
     return {message.body: message.state.value for message in core.messages.values()}
 
 
-def build_history(path: Path) -> tuple[list[int], list[dict[bytes, str]]]:
+def build_history(path: Path) -> tuple[list[int], list[dict[bytes, str]], str]:
     """Commit five batches (puts, a reserve, an ack, a nack); returns the log's end after
-    each and what the core held after each. Nothing is checkpointed."""
+    each, what the core held after each, and the segment they are in. Nothing is
+    checkpointed."""
     store, core = open_store(path)
     ends, states = [], []
     core.put(T0, "q", [PutSpec(body=b"first"), PutSpec(body=b"second", priority=3)])
@@ -170,8 +171,10 @@ def build_history(path: Path) -> tuple[list[int], list[dict[bytes, str]]]:
     core.put(T0, "q", [PutSpec(body=b"fourth", headers={"k": "v"})])
     ends.append(commit(store, core))
     states.append(bodies_of(core))
+    assert store._segment is not None
+    segment_name = _log.segment_name(store._segment.number)
     store.close()  # no checkpoint: as if killed
-    return ends, states
+    return ends, states, segment_name
 
 
 def recovered_bodies(path: Path) -> dict[bytes, str]:
@@ -182,17 +185,12 @@ def recovered_bodies(path: Path) -> dict[bytes, str]:
         store.close()
 
 
-def current_segment(path: Path) -> Path:
-    return path / _log.segment_name(_log.segment_numbers(str(path))[-1])
-
-
 @pytest.mark.parametrize("cut", ["truncate", "zero", "flip"])
 def test_a_power_cut_in_the_last_records_recovers_exactly_a_committed_prefix(
     tmp_path: Path, cut: str
 ) -> None:
     source = tmp_path / "source"
-    ends, states = build_history(source)
-    segment_name = current_segment(source).name
+    ends, states, segment_name = build_history(source)
     original = (source / segment_name).read_bytes()
     for offset in range(ends[-3], ends[-1] + 1):
         copy = tmp_path / "copy"
@@ -214,7 +212,7 @@ def test_a_power_cut_in_the_last_records_recovers_exactly_a_committed_prefix(
 def test_recovery_applies_the_log_once_and_twice_alike(tmp_path: Path) -> None:
     """A crash right after recovery applied the log (before it was recycled) applies it
     again on the next start: records are blind writes, so the result is the same."""
-    _, states = build_history(tmp_path)
+    _, states, _ = build_history(tmp_path)
     log_files = {
         name: (tmp_path / name).read_bytes()
         for name in os.listdir(tmp_path)
@@ -257,11 +255,12 @@ def test_a_crash_at_any_step_of_a_checkpoint_loses_nothing_committed(
     store.at_checkpoint_step = crash_at
     # Run the checkpoint here rather than on the store's thread, to crash it in place.
     assert store._checkpointer is not None
+    store._wait_for_spare()
     store._jobs.put(None)
     store._checkpointer.join()
     store._start_checkpoint()
-    job = store._jobs.get()
-    assert job is not None
+    jobs = [store._jobs.get() for _ in range(store._jobs.qsize())]
+    (job,) = [job for job in jobs if isinstance(job, _Checkpoint)]
     with pytest.raises(SimulatedCrash):
         store._checkpoint(job)
     core.put(T0, "q", [PutSpec(body=b"after")])  # committed to the new segment meanwhile
