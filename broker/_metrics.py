@@ -116,6 +116,12 @@ def health(server: BrokerServer) -> str | None:
     failures, error = metrics.failing_commits, metrics.last_commit_error
     if failures:
         return f"store: {failures} commits failed in a row: {error}"
+    store = server.store
+    full = store.full() if store is not None else None
+    if full is not None:
+        return f"store: storage is full ({full}): puts are refused; acks and reads still work"
+    if store is not None and store.checkpoint_error is not None:
+        return f"store: checkpoints are failing (retried each second): {store.checkpoint_error}"
     return None
 
 

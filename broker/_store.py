@@ -88,6 +88,7 @@ COUNTER_BLOCK: Final = 1 << 16  # ids and tokens reserved ahead of use
 _MIN_MAP: Final = 64 * 1024 * 1024
 _NO_LIMIT: Final = 1 << 46  # 64 TiB: the map never needs to be bigger than the disk
 _MEASURE_EVERY: Final = 0.5  # seconds between free-space measurements
+_MEASURE_ON_ADMIT: Final = 0.05  # ... when puts are coming in
 _RETRY_CHECKPOINT_AFTER: Final = 1.0
 _SPARE_SEGMENTS: Final = 2
 _MIN_SEGMENT: Final = 64 << 10  # checkpointed segments kept to be recycled
@@ -272,6 +273,8 @@ class Store:
         self.checkpoints = 0
         self._measurements: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
         self._measure_due = 0.0
+        self._admit_measure_due = 0.0
+        self._disk_free = 1 << 62  # as last measured
         self.disk_full: str | None = None  # why the log could not prepare a segment
         self.checkpoint_error: str | None = None
         # The log, as the committing thread sees it.
@@ -368,7 +371,17 @@ class Store:
 
     def recover(self, core: Core, now: float) -> Recovered:
         """Apply the log to LMDB, load everything into an empty ``core`` (see
-        ``Core.recover``), and open a fresh log segment."""
+        ``Core.recover``), and open a fresh log segment. Raises ``StoreError`` saying
+        what to do if the disk cannot take it."""
+        try:
+            return self._recover(core, now)
+        except (OSError, lmdb.Error) as error:
+            raise StoreError(
+                f"cannot recover the store in {self.path}: {error}. Nothing was lost; if "
+                "the disk is full, free some space and start the broker again"
+            ) from error
+
+    def _recover(self, core: Core, now: float) -> Recovered:
         started = time.perf_counter()
         numbers = _log.segment_numbers(self.path)
         applied, (next_id, next_token) = self._apply_log(numbers)
@@ -479,10 +492,16 @@ class Store:
 
     def _admit(self, need: int, advice: str) -> None:
         self._take_measurements()
-        if self.disk_full is not None:
+        now = time.monotonic()
+        if now >= self._admit_measure_due:  # another process may be filling the disk
+            self._admit_measure_due = now + _MEASURE_ON_ADMIT
+            self.capacity = self._measure_capacity(self.used)
+        if self.disk_full is not None or not self._log_has_room(need):
+            why = (
+                self.disk_full or "the log has no room for more and the disk none for a new segment"
+            )
             raise StorageFull(
-                f"storage is full: {self.disk_full}. Consume or purge messages, or free "
-                f"disk space{advice}"
+                f"storage is full: {why}. Consume or purge messages, or free disk space{advice}"
             )
         if self._estimate() + need > self.capacity:
             raise StorageFull(
@@ -491,6 +510,24 @@ class Store:
                 f"or give the broker more space (--max-storage, or free disk){advice}"
             )
         self.pending += need
+
+    def full(self) -> str | None:
+        """Why puts are refused now (None: they are not), for ``/healthz``."""
+        self._take_measurements()
+        if self.disk_full is not None or not self._log_has_room(0):
+            return self.disk_full or "the disk has no room for the log's next segment"
+        if self._estimate() >= self.capacity:
+            return f"about {self._estimate() // 1024} KiB used of {self.capacity // 1024} KiB"
+        return None
+
+    def _log_has_room(self, need: int) -> bool:
+        """True unless the disk is too full for the log's next segment and the current
+        one lacks room for ``need`` and what is pending, plus a quarter kept for acks."""
+        segment = self._segment
+        if segment is None or self._disk_free >= 2 * self.segment_size:
+            return True
+        room = segment.room + (self.segment_size if self._spare == segment.number + 1 else 0)
+        return self.pending + need + self.segment_size // 4 <= room
 
     def _estimate(self) -> int:
         """Bytes the store holds or will, as far as put admission knows."""
@@ -667,22 +704,33 @@ class Store:
         self._checkpointer.start()
 
     def _run_checkpoints(self) -> None:
-        while (job := self._jobs.get()) is not None:
+        """Run jobs in order. A checkpoint that fails is tried again every second, while
+        the segment requests that come meanwhile are still served."""
+        failed: _Checkpoint | None = None
+        while True:
+            try:
+                job = self._jobs.get(timeout=_RETRY_CHECKPOINT_AFTER if failed else None)
+            except queue.Empty:
+                job, failed = failed, None
+            if job is None:
+                return
             if isinstance(job, _Spare):
                 self._prepare_spare(job)
                 continue
-            while True:
-                try:
-                    self._checkpoint(job)
-                    break
-                except (OSError, lmdb.Error, StorageFull) as error:
-                    self.checkpoint_error = str(error)
+            try:
+                self._checkpoint(job)
+            except (OSError, lmdb.Error, StorageFull) as error:
+                if self.checkpoint_error is None:
                     log.error(
-                        "checkpoint failed, retrying: %s",
+                        "checkpoint failed, retrying each second: %s",
                         error,
                         extra=event("checkpoint_failed", error=str(error)),
                     )
-                    time.sleep(_RETRY_CHECKPOINT_AFTER)
+                self.checkpoint_error = str(error)
+                failed = job
+                continue
+            if self.checkpoint_error is not None:
+                log.warning("checkpoints work again", extra=event("checkpoint_recovered"))
             self.checkpoint_error = None
             self._checkpoint_running.clear()
 
@@ -769,7 +817,8 @@ class Store:
         log's next segments."""
         self._measure_due = time.monotonic() + _MEASURE_EVERY
         file_size = os.path.getsize(self._data_file)
-        capacity = file_size + shutil.disk_usage(self.path).free
+        self._disk_free = shutil.disk_usage(self.path).free
+        capacity = file_size + self._disk_free
         if self.max_storage is not None:
             capacity = min(capacity, self.max_storage)
         capacity -= 2 * self.segment_size
