@@ -196,21 +196,33 @@ class Core:
             queue.settings = settings
             queue.totals.update(totals)
         entries: dict[LazyHeap, list[Entry]] = {}
-        highest_seq = highest_id = highest_token = 0
+        highest_seq = highest_token = 0
+        by_name = self.queues
+        known = self.messages
         for queue_name, message in messages:
-            message.queue = self._queue(queue_name)
+            queue = by_name.get(queue_name) or self._queue(queue_name)
+            message.queue = queue
             message.restore_times()
-            heap, entry = self._index_of(message)
-            entries.setdefault(heap, []).append(entry)
-            self.messages[message.id] = message
-            message.queue.counts[message.state] += 1
-            if message.state is State.DEAD:
-                message.queue.add_dead(message)
-            highest_seq = max(highest_seq, message.seq)
-            highest_id = max(highest_id, message.id)
-            highest_token = max(highest_token, message.lease_token or 0)
+            if message.state is State.READY:  # the common case, without a call
+                heap: LazyHeap = queue.ready
+                entry: Entry = (-message.priority, message.seq, message.id)
+            else:
+                heap, entry = self._index_of(message)
+                if message.state is State.DEAD:
+                    queue.add_dead(message)
+                if message.lease_token is not None and message.lease_token > highest_token:
+                    highest_token = message.lease_token
+            loaded = entries.get(heap)
+            if loaded is None:
+                loaded = entries[heap] = []
+            loaded.append(entry)
+            known[message.id] = message
+            queue.counts[message.state] += 1
+            if message.seq > highest_seq:
+                highest_seq = message.seq
         for heap, loaded in entries.items():
             heap.load(loaded)
+        highest_id = max(known, default=0)
         for message_id, result in results:
             self.results.keep(message_id, result)
         for queue_name, dedup_key, ended in dedup:  # ended keys; live ones follow

@@ -1,9 +1,10 @@
 """The write-ahead log: append-only segment files of CRC-framed records, no LMDB.
 
 A segment is a file ``log-<number>.wal`` (numbers increase, 16 hex digits) in the data dir,
-made at its full size before it is used (zero-filled, or an old checkpointed segment
-renamed), so an append overwrites allocated blocks and its ``fdatasync`` flushes data, not
-file metadata. Layout::
+made at its full size before it is used (allocated with ``posix_fallocate``, or zero-filled
+where the filesystem cannot, or an old checkpointed segment renamed), so an append never
+grows the file and a full disk shows when a segment is made, not when a record is
+written. Layout::
 
     header:  MAGIC (8 bytes) | u32 LOG_FORMAT | u32 0 | u64 segment number   (24 bytes)
     record:  u32 length | u32 crc | payload (length bytes)                     (repeated)
@@ -20,6 +21,7 @@ appended so far durable. Only the writer thread appends, syncs and rotates.
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import zlib
@@ -78,8 +80,9 @@ def sync_directory(directory: str) -> None:
 
 def prepare_segment(directory: str, number: int, size: int, recycle: int | None = None) -> None:
     """Make segment ``number`` of ``size`` bytes, durable, ready to append to: rename the
-    old segment ``recycle`` (its records then fail their crc) or write a new one full of
-    zeros. Raises ``OSError`` (ENOSPC on a full disk) and leaves no partial file."""
+    old segment ``recycle`` (its records then fail their crc) or allocate a new one (it
+    reads as zeros). Raises ``OSError`` (ENOSPC on a full disk) and leaves no partial
+    file."""
     path = os.path.join(directory, segment_name(number))
     if recycle is not None:
         os.rename(os.path.join(directory, segment_name(recycle)), path)
@@ -87,9 +90,9 @@ def prepare_segment(directory: str, number: int, size: int, recycle: int | None 
     else:
         fd = os.open(path + ".tmp", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        os.pwrite(fd, _HEADER.pack(MAGIC, LOG_FORMAT, 0, number), 0)
         if recycle is None:
-            _zero_fill(fd, size)
+            _allocate(fd, size)
+        os.pwrite(fd, _HEADER.pack(MAGIC, LOG_FORMAT, 0, number), 0)
         os.fdatasync(fd)
     except BaseException:
         os.close(fd)
@@ -100,6 +103,15 @@ def prepare_segment(directory: str, number: int, size: int, recycle: int | None 
     if recycle is None:
         os.rename(path + ".tmp", path)
     sync_directory(directory)
+
+
+def _allocate(fd: int, size: int) -> None:
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as error:
+        if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        _zero_fill(fd, size)  # a filesystem without fallocate
 
 
 def _zero_fill(fd: int, size: int) -> None:

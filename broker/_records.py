@@ -165,10 +165,10 @@ def encode_message(message: Message) -> bytes:
 
 
 def decode_message(message_id: int, body: bytes, value: bytes) -> tuple[str, Message]:
-    record = msgpack.unpackb(value)
-    if record and record[0] == 1 and len(record) == 18:
-        record = [*record, None, None]  # format 1: no dedup key, no progress
-    elif not record or record[0] != RECORD_FORMAT or len(record) != 20:
+    record = msgpack.unpackb(value, use_list=False)
+    if len(record) != 20 and record and record[0] == 1 and len(record) == 18:
+        record = (*record, None, None)  # format 1: no dedup key, no progress
+    elif len(record) != 20 or record[0] != RECORD_FORMAT:
         raise StoreCorrupt(f"message {message_id}: record format {record[:1]} unknown")
     (
         _,

@@ -33,8 +33,11 @@ small and doubles when a checkpoint needs more room, up to the capacity.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
 import fcntl
+import gc
 import logging
 import os
 import queue
@@ -58,6 +61,7 @@ from ._message import NOT_STORED, Message, PutSpec
 from ._records import (
     BODY_PREFIX,
     READABLE,
+    RECORD_FORMAT,
     Batch,
     StoreCorrupt,
     StoreError,
@@ -91,7 +95,10 @@ _MEASURE_EVERY: Final = 0.5  # seconds between free-space measurements
 _MEASURE_ON_ADMIT: Final = 0.05  # ... when puts are coming in
 _RETRY_CHECKPOINT_AFTER: Final = 1.0
 _SPARE_SEGMENTS: Final = 2
-_MIN_SEGMENT: Final = 64 << 10  # checkpointed segments kept to be recycled
+_MIN_SEGMENT: Final = 64 << 10
+_END: Final = (None, b"")
+_RELEASE_MAP_EVERY: Final = 1 << 16  # messages read between dropping LMDB's pages from RSS
+_MADV_DONTNEED: Final = 4  # checkpointed segments kept to be recycled
 FSYNC_MODES: Final = ("always", "interval", "never")
 
 
@@ -397,9 +404,10 @@ class Store:
             queues = [decode_queue(key, value) for key, value in txn.cursor(self._queues)]
             results = [decode_result(k, v) for k, v in txn.cursor(self._results)]
             dedup = [decode_dedup(k, v) for k, v in txn.cursor(self._dedup)]
-        # Nothing writes while recovering, so a second read transaction sees the same
-        # data; this one reads through buffers into the map.
-        with self.env.begin(buffers=True) as txn:
+        # Nothing writes while recovering, so a second read transaction sees the same data.
+        # The cyclic GC is paused meanwhile: a million new objects would start a full
+        # collection over all of them again and again (no cycles are made here).
+        with _gc_paused(), self.env.begin() as txn:
             # Streamed straight into the core: no list of every message on the side.
             core.recover(
                 now,
@@ -454,30 +462,29 @@ class Store:
                 raise StoreCorrupt(str(error)) from None
 
     def _read_messages(self, txn: Any) -> Iterator[tuple[str, Message]]:
-        """Walk the state and body databases side by side (both are in id order). Reads
-        through buffers into the map, so each body is copied once, into its message."""
-        bodies = txn.cursor(self._bodies)
-        has_body = bodies.first()
-        states = txn.cursor(self._states)
-        has_state = states.first()
-        while has_state:
-            message_id = key_id(states.key())
-            while has_body and key_id(bodies.key()) < message_id:
-                orphan = key_id(bodies.key())
+        """Walk the state and body databases side by side (both are in id order, and
+        8-byte big-endian keys compare as the ids do)."""
+        bodies = txn.cursor(self._bodies).iternext()
+        body_key, body = next(bodies, _END)
+        for read, (key, state) in enumerate(txn.cursor(self._states).iternext(), 1):
+            if read % _RELEASE_MAP_EVERY == 0:
+                _release_mapped_pages(self._data_file)
+            while body_key is not None and body_key < key:
+                orphan = key_id(body_key)
                 log.warning(
                     "dropping a body without a message record: id %d",
                     orphan,
                     extra=event("orphan_body_dropped", id=orphan),
                 )
-                has_body = bodies.next()
-            if not has_body or key_id(bodies.key()) != message_id:
+                body_key, body = next(bodies, _END)
+            message_id = int.from_bytes(key, "big")
+            if body_key != key:
                 raise StoreCorrupt(f"message {message_id} has a record but no body")
-            body = bodies.value()
-            if body[:1] != BODY_PREFIX:
-                raise StoreCorrupt(f"message {message_id}: body format {bytes(body[:1])!r} unknown")
-            yield decode_message(message_id, bytes(body[1:]), states.value())
-            has_body = bodies.next()
-            has_state = states.next()
+            if body[0] != RECORD_FORMAT:
+                raise StoreCorrupt(f"message {message_id}: body format {body[:1]!r} unknown")
+            yield decode_message(message_id, body[1:], state)
+            body_key, body = next(bodies, _END)
+        _release_mapped_pages(self._data_file)
 
     # ------------------------------------------------- admission (loop thread)
 
@@ -823,6 +830,33 @@ class Store:
             capacity = min(capacity, self.max_storage)
         capacity -= 2 * self.segment_size
         return capacity - max(1 << 20, min(64 << 20, capacity // 20))
+
+
+def _release_mapped_pages(data_file: str) -> None:
+    """Drop this process's resident pages of LMDB's read-only map of ``data_file`` (Linux:
+    madvise DONTNEED; a later read faults them back in from the page cache), so reading a
+    large store once does not leave its whole file in the broker's RSS. Best effort."""
+    try:
+        with open("/proc/self/maps") as maps:
+            path = os.path.realpath(data_file)
+            regions = [line.split() for line in maps if line.rstrip().endswith(path)]
+        libc = ctypes.CDLL(None, use_errno=True)
+        for region in regions:
+            start, end = (int(part, 16) for part in region[0].split("-"))
+            libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+    except (OSError, ValueError, AttributeError):
+        return
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _no_fault(step: str) -> None:

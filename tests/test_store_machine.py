@@ -19,6 +19,7 @@ core had handed out, committed or not.
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 import tempfile
 from typing import Any
@@ -34,7 +35,10 @@ from tests.test_core_machine import QUEUES, START, CoreMachine
 
 class StoreMachine(CoreMachine):
     def __init__(self) -> None:
-        self.directory = tempfile.mkdtemp(prefix="sluice-store-machine-")
+        # On a tmpfs where there is one: the store syncs at every segment and checkpoint,
+        # and thousands of those on a real disk would cost minutes, not coverage.
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        self.directory = tempfile.mkdtemp(prefix="sluice-store-machine-", dir=shm)
         self.store = self._open_store()
         super().__init__()
         self.commit()
