@@ -76,6 +76,7 @@ _CLOSE: Final = None
 _RETRY_COMMIT_AFTER: Final = 1.0
 _SLOW_COMMIT: Final = 0.2  # seconds: a commit slower than this is logged
 MAX_UNCONFIRMED: Final = 1024  # replies one connection may have waiting for a commit
+MAX_FRAMES_PER_TURN: Final = 256  # requests of one connection answered in one go
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -104,6 +105,8 @@ class Connection(asyncio.Protocol):
         self.unconfirmed = 0  # replies handed to the server's held queue, not yet written
         self.write_paused = False
         self.read_paused = False  # too many replies unconfirmed: reading waits for them
+        self.turn_paused = False  # frames wait for the next turn
+        self.reading = True
         self.close_requested = False
         self.waiting: set[int] = set()  # request ids of this connection's long-polls
         self.requests = 0  # requests answered (or waiting), for the close log line
@@ -125,35 +128,51 @@ class Connection(asyncio.Protocol):
         self.read_frames()
 
     def read_frames(self) -> None:
-        """Answer the complete frames buffered so far, until too many replies wait for a
-        commit (then reading pauses until they are written)."""
+        """Answer the complete frames buffered so far: at most ``MAX_FRAMES_PER_TURN`` in
+        one go (the rest in a later turn, so one connection cannot hold the loop), and
+        none while ``MAX_UNCONFIRMED`` replies wait for a commit (reading waits for
+        them to be written). The socket is not read while frames wait here."""
+        self.turn_paused = False
+        budget = MAX_FRAMES_PER_TURN
         try:
             while not self.closing:
                 if self.unconfirmed + len(self.held) >= MAX_UNCONFIRMED:
-                    self._pause_for_commit()
+                    self.read_paused = True
+                    break
+                if budget == 0:
+                    self.turn_paused = True
+                    asyncio.get_running_loop().call_soon(self.read_frames)
                     break
                 frame = self.decoder.next_frame()
                 if frame is NEED_DATA:
                     break
                 self._on_frame(frame)
+                budget -= 1
         except (BadFrame, TooLarge) as error:
             self.fail(error)
+        self._update_reading()
         self.server.turn_ends_soon()
-
-    def _pause_for_commit(self) -> None:
-        if not self.read_paused:
-            self.read_paused = True
-            if self.transport is not None:
-                self.transport.pause_reading()
 
     def confirmed(self, frames: int) -> None:
         """``frames`` held replies were written: read on if reading waited for them."""
         self.unconfirmed -= frames
         if self.read_paused and self.unconfirmed < MAX_UNCONFIRMED // 2:
             self.read_paused = False
-            if self.transport is not None and not self.closing and not self.write_paused:
-                self.transport.resume_reading()
             self.read_frames()
+
+    def _update_reading(self) -> None:
+        """Read the socket unless the peer is not reading its replies, replies wait for a
+        commit, frames wait for a turn, or the connection is closing."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        wanted = not (self.write_paused or self.read_paused or self.turn_paused or self.closing)
+        if wanted != self.reading:
+            self.reading = wanted
+            if wanted:
+                transport.resume_reading()
+            else:
+                transport.pause_reading()
 
     @property
     def closing(self) -> bool:
@@ -174,13 +193,11 @@ class Connection(asyncio.Protocol):
     def pause_writing(self) -> None:
         # The peer is not reading its replies: stop reading its requests until it does.
         self.write_paused = True
-        if self.transport is not None:
-            self.transport.pause_reading()
+        self._update_reading()
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        if self.transport is not None and not self.closing and not self.read_paused:
-            self.transport.resume_reading()
+        self._update_reading()
 
     # requests
 
@@ -293,8 +310,7 @@ class Connection(asyncio.Protocol):
         if not self.close_requested:
             self.close_requested = True
             self._queue(_CLOSE, self.last_need)  # after every reply queued before it
-            if self.transport is not None:
-                self.transport.pause_reading()
+            self._update_reading()
 
     def take_outbox(self) -> Frames:
         frames, self.outbox = self.outbox, []
@@ -468,8 +484,9 @@ class BrokerServer:
                 connection.write(connection.take_outbox())
             if connection.held:
                 need, frames = connection.take_held()
-                if need <= durable:
+                if need <= durable:  # committed since they were queued
                     connection.write(frames)
+                    connection.confirmed(0)
                 else:
                     connection.unconfirmed += len(frames)
                     self._held.append((need, connection, frames))

@@ -1038,3 +1038,19 @@ def test_lease_expiry_after_many_attempts_with_steep_backoff(broker: BrokerProce
         client.touch(message, seconds=0.1)
         (again,) = client.reserve("jobs", wait=2)
         assert (again.id, again.attempts) == (message.id, 160)
+
+
+def test_a_connection_pipelining_thousands_of_puts_gets_every_reply(broker: BrokerProcess) -> None:
+    """More puts in flight than a connection may have waiting for commits, and more than
+    one turn answers: reading pauses and resumes, and no reply is lost or stuck."""
+    count = 5000
+    with broker.raw() as connection:
+        put = {"queue": "flood", "messages": [{"body": b"f" * 100}]}
+        connection.send_bytes(b"".join(frame([n, "put", put]) for n in range(1, count + 1)))
+        replies = [connection.read_reply() for _ in range(count)]
+    assert sorted(reply[0] for reply in replies) == list(range(1, count + 1))
+    assert all(reply[1] for reply in replies), [r for r in replies if not r[1]][:3]
+    ids = [reply[2]["ids"][0] for reply in sorted(replies)]
+    assert ids == sorted(ids) and len(set(ids)) == count
+    with broker.client() as client:
+        assert client.stats("flood")["ready"] == count
