@@ -6,7 +6,8 @@ Starts a broker (durable unless ``--fsync memory``), then measures the put-confi
 of ``--clients`` ordinary clients (each a serial loop of single puts, in a process of its
 own) twice: alone, and while one more connection pipelines ``--flood`` puts as fast as
 the socket takes them (a writer thread sends, a reader thread counts the replies). Reports
-p50/p99/max of the ordinary puts in both phases, and the flood's rate.
+p50/p99/max of the ordinary puts in both phases (beside the flood: only those that
+finished before its last reply), and the flood's rate.
 """
 
 from __future__ import annotations
@@ -35,16 +36,19 @@ def _frame(request: list[Any]) -> bytes:
 
 
 def _ordinary(port: int, puts: int, out: Any) -> None:
-    latencies = []
+    """Serial puts; reports (finished at, seconds) of each (the monotonic clock is the
+    machine's, so processes compare)."""
+    timings = []
     with Client("127.0.0.1", port, timeout=60) as client:
         for _ in range(puts):
             started = time.perf_counter()
             client.put(QUEUE, b"x" * 100)
-            latencies.append(time.perf_counter() - started)
-    out.put(latencies)
+            finished = time.perf_counter()
+            timings.append((finished, finished - started))
+    out.put(timings)
 
 
-def _measure(port: int, clients: int, puts: int) -> list[float]:
+def _measure(port: int, clients: int, puts: int) -> list[tuple[float, float]]:
     results: Any = multiprocessing.Queue()
     processes = [
         multiprocessing.Process(target=_ordinary, args=(port, puts, results))
@@ -52,12 +56,12 @@ def _measure(port: int, clients: int, puts: int) -> list[float]:
     ]
     for process in processes:
         process.start()
-    latencies: list[float] = []
+    timings: list[tuple[float, float]] = []
     for _ in processes:
-        latencies += results.get()
+        timings += results.get()
     for process in processes:
         process.join()
-    return sorted(latencies)
+    return timings
 
 
 class Flood:
@@ -104,7 +108,12 @@ class Flood:
         return (self.replies - 1) / (self.finished - self.started)
 
 
-def _summary(name: str, latencies: list[float]) -> str:
+def _summary(name: str, timings: list[tuple[float, float]], until: float | None = None) -> str:
+    """Percentiles of the puts that finished before ``until`` (all if None)."""
+    latencies = sorted(s for finished, s in timings if until is None or finished <= until)
+    if not latencies:
+        return f"{name:<22} no put finished in time"
+
     def at(q: float) -> float:
         return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000
 
@@ -132,8 +141,9 @@ def main() -> None:
         flood = Flood(server.port, args.flood)
         flood.start()
         beside = _measure(server.port, args.clients, args.puts)
-        print(_summary("beside the flood", beside), flush=True)
         rate = flood.wait()
+        # Only the puts that finished while the flood ran count as beside it.
+        print(_summary("beside the flood", beside, flood.finished), flush=True)
         print(f"the flood: {args.flood:,} pipelined puts at {rate:,.0f} puts/s")
     finally:
         server.stop()

@@ -13,18 +13,20 @@ thread measured slower here: the hand-off and the GIL cost more than the loop is
 the LMDB checkpoints do run on a thread of the store's.) Batches are numbered. Each reply
 carries the number of the batch it needs to be durable before it goes out (``need``):
 
-- a reply that confirms something (put, ack, nack, bury, cancel, configure, admin, results)
-  may depend on any change made so far: it needs the batch being gathered if the core has
-  uncommitted changes, else the last one submitted;
+- a reply that confirms something (put, ack, nack, bury, cancel, touch, progress,
+  configure, admin, results) may depend on any change made so far: it needs the batch
+  being gathered if the core has uncommitted changes, else the last one encoded;
 - a reserve's reply promises nothing durable, but a message is never delivered before the
   commit that holds its put, nor with a lease token above the durable ceiling: it needs
   the latest of those (usually none);
 - reads, pings, hello and errors of ops that changed nothing need none.
 
 A reply whose batch is durable goes out at the end of the turn; the others are held, in
-turn order, until their batch commits. A connection's close waits for all its replies. A
-connection with ``MAX_UNCONFIRMED`` replies held stops being read until they go out, so
-one client pipelining without end adds a bounded amount to any batch and loop turn.
+turn order, until their batch commits. A connection's close waits for all its replies.
+
+Fairness: one connection's requests are answered at most ``MAX_FRAMES_PER_TURN`` in one
+go, and a connection with ``MAX_UNCONFIRMED`` replies held is not read until they go
+out, so one client pipelining without end adds a bounded amount to any batch and turn.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ _CLOSE: Final = None
 _RETRY_COMMIT_AFTER: Final = 1.0
 _SLOW_COMMIT: Final = 0.2  # seconds: a commit slower than this is logged
 MAX_UNCONFIRMED: Final = 1024  # replies one connection may have waiting for a commit
-MAX_FRAMES_PER_TURN: Final = 256  # requests of one connection answered in one go
+MAX_FRAMES_PER_TURN: Final = 32  # requests of one connection answered in one go
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

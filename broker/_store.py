@@ -3,11 +3,12 @@
 The event loop turns the core's changes into a ``Batch`` of encoded records
 (``Store.encode``: it reads live ``Message`` objects) and appends the batch to the log as
 one CRC-framed record, synced with ``fsync always`` (``Store.commit``): one ``fdatasync``
-per group commit, on the loop thread. Batches since the
-last checkpoint are coalesced in memory (a message put and acked between two checkpoints
-leaves nothing); every ``checkpoint_seconds`` or ``checkpoint_bytes`` of log the loop
-starts a new log segment and the checkpoint thread writes the coalesced changes to LMDB in
-one synced transaction, after which the segments before it are recycled.
+per group commit, on the loop thread. Batches since the last checkpoint are coalesced in
+memory, per segment (a message put and acked between two checkpoints leaves nothing);
+every ``checkpoint_seconds`` or ``checkpoint_bytes`` of log the loop closes the current
+segment and the checkpoint thread writes the closed segments' changes to LMDB in one
+synced transaction, after which those segments are recycled. The same thread prepares
+the next segment ahead of need.
 
 Recovery: apply the log's committed prefix (``_log.read_segment``) to LMDB in one synced
 transaction (records are blind writes, so applying one twice is harmless), then load LMDB
@@ -94,11 +95,12 @@ _NO_LIMIT: Final = 1 << 46  # 64 TiB: the map never needs to be bigger than the 
 _MEASURE_EVERY: Final = 0.5  # seconds between free-space measurements
 _MEASURE_ON_ADMIT: Final = 0.05  # ... when puts are coming in
 _RETRY_CHECKPOINT_AFTER: Final = 1.0
-_SPARE_SEGMENTS: Final = 2
+_SPARE_SEGMENTS: Final = 2  # checkpointed segments kept to be recycled
 _MIN_SEGMENT: Final = 64 << 10
 _END: Final = (None, b"")
 _RELEASE_MAP_EVERY: Final = 1 << 16  # messages read between dropping LMDB's pages from RSS
-_MADV_DONTNEED: Final = 4  # checkpointed segments kept to be recycled
+_MADV_DONTNEED: Final = 4
+_PUT_CHUNK: Final = 128  # records per putmulti in a checkpoint
 FSYNC_MODES: Final = ("always", "interval", "never")
 
 
@@ -765,13 +767,15 @@ class Store:
         self.at_checkpoint_step("dropped")
 
     def _write(self, txn: Any, batch: Batch) -> None:
+        """Apply ``batch`` in ``txn``. Bulk puts go in chunks: the checkpoint thread holds
+        the GIL for a whole ``putmulti``, and the event loop must get it back soon."""
         for key in batch.deletes:
             txn.delete(key, db=self._bodies)
             txn.delete(key, db=self._states)
-        if batch.bodies:
-            txn.cursor(self._bodies).putmulti(batch.bodies)
-        if batch.states:
-            txn.cursor(self._states).putmulti(batch.states)
+        for db, pairs in ((self._bodies, batch.bodies), (self._states, batch.states)):
+            cursor = txn.cursor(db)
+            for start in range(0, len(pairs), _PUT_CHUNK):
+                cursor.putmulti(pairs[start : start + _PUT_CHUNK])
         for key, value in batch.queues:
             txn.put(key, value, db=self._queues)
         for db, records in ((self._results, batch.results), (self._dedup, batch.dedup)):
