@@ -89,7 +89,13 @@ async def serve(config: Config) -> None:
     finally:
         if store is not None:
             # The next start then has no log to apply, and goes on from these counters.
-            store.checkpoint_now(core.counters)
+            if not store.checkpoint_now(core.counters):
+                log.warning(
+                    "could not checkpoint before stopping (%s); the next start applies "
+                    "the log, nothing is lost",
+                    store.checkpoint_error or store.disk_full or "timed out",
+                    extra=event("shutdown_checkpoint_skipped"),
+                )
             store.close()
 
 

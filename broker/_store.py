@@ -101,6 +101,7 @@ _END: Final = (None, b"")
 _RELEASE_MAP_EVERY: Final = 1 << 16  # messages read between dropping LMDB's pages from RSS
 _MADV_DONTNEED: Final = 4
 _PUT_CHUNK: Final = 128  # records per putmulti in a checkpoint
+_CHECKPOINT_WAIT: Final = 10.0  # seconds a clean shutdown waits for its checkpoint
 FSYNC_MODES: Final = ("always", "interval", "never")
 
 
@@ -319,31 +320,44 @@ class Store:
         self.env.close()
         self._lock_file.close()
 
-    def checkpoint_now(self, counters: tuple[int, int] | None = None) -> None:
-        """Write everything committed so far to LMDB and recycle the log; returns once it
-        is done (a clean shutdown, tests). On a clean
-        shutdown ``counters`` are the core's next id and token: nothing above them was
-        handed out, so the next start goes on from them instead of the ceilings."""
-        self._wait_for_checkpoint()
-        if self._segment is not None:
-            self._wait_for_spare()
-            if counters is not None:
-                self._coalesced.counters = encode_counters(*counters)
-                self._coalesced.batches += 1
-            self._start_checkpoint()
-            self._wait_for_checkpoint()
+    def checkpoint_now(
+        self, counters: tuple[int, int] | None = None, timeout: float = _CHECKPOINT_WAIT
+    ) -> bool:
+        """Write everything committed so far to LMDB and recycle the log (a clean
+        shutdown, tests). On a clean shutdown ``counters`` are the core's next id and
+        token: nothing above them was handed out, so the next start goes on from them
+        instead of the ceilings. Returns False, leaving the log to the next start, if
+        that took longer than ``timeout`` (checkpoints failing: a full disk)."""
+        deadline = time.monotonic() + timeout
+        if self._segment is None or not self._wait_for_checkpoint(deadline):
+            return False
+        if not self._wait_for_spare(deadline):
+            return False
+        if counters is not None:
+            self._coalesced.counters = encode_counters(*counters)
+            self._coalesced.batches += 1
+        self._start_checkpoint()
+        return self._wait_for_checkpoint(deadline)
 
-    def _wait_for_checkpoint(self) -> None:
+    def _wait_for_checkpoint(self, deadline: float) -> bool:
+        """Until the running checkpoint (if any) is done; False if past ``deadline``."""
         while self._checkpoint_running.is_set():
+            if time.monotonic() > deadline:
+                return False
             time.sleep(0.001)
+        return True
 
-    def _wait_for_spare(self) -> None:
-        """Until the next segment is prepared, or the disk has no room for it."""
+    def _wait_for_spare(self, deadline: float) -> bool:
+        """Until the next segment is prepared; False if the disk has no room for it or
+        ``deadline`` passed."""
         assert self._segment is not None
         number = self._segment.number + 1
         self._request_spare(number)
-        while self._spare != number and self.disk_full is None:
+        while self._spare != number:
+            if self.disk_full is not None or time.monotonic() > deadline:
+                return False
             time.sleep(0.001)
+        return True
 
     def sync(self) -> None:
         """Flush what was committed to disk (``interval`` mode calls it periodically)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import tarfile
+import time
 from pathlib import Path
 
 import lmdb
@@ -255,7 +256,7 @@ def test_a_crash_at_any_step_of_a_checkpoint_loses_nothing_committed(
     store.at_checkpoint_step = crash_at
     # Run the checkpoint here rather than on the store's thread, to crash it in place.
     assert store._checkpointer is not None
-    store._wait_for_spare()
+    assert store._wait_for_spare(time.monotonic() + 10)
     store._jobs.put(None)
     store._checkpointer.join()
     store._start_checkpoint()
@@ -279,7 +280,7 @@ def test_checkpoints_bound_the_log_and_keep_everything(tmp_path: Path) -> None:
             (leased,) = core.reserve(T0, ["q"], 1, visibility_timeout=1000.0)
             core.ack(T0, [(leased.id, leased.lease_token)])
         commit(store, core)
-    store._wait_for_checkpoint()
+    assert store._wait_for_checkpoint(time.monotonic() + 10)
     expected = bodies_of(core)
     assert store.checkpoints >= 10
     segments = _log.segment_numbers(str(tmp_path))
