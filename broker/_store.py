@@ -101,7 +101,7 @@ _END: Final = (None, b"")
 _RELEASE_MAP_EVERY: Final = 1 << 16  # messages read between dropping LMDB's pages from RSS
 _MADV_DONTNEED: Final = 4
 _PUT_CHUNK: Final = 128  # records per putmulti in a checkpoint
-_CHECKPOINT_WAIT: Final = 10.0  # seconds a clean shutdown waits for its checkpoint
+_CHECKPOINT_WAIT: Final = 5.0  # seconds a clean shutdown waits for its checkpoint
 FSYNC_MODES: Final = ("always", "interval", "never")
 
 

@@ -124,5 +124,16 @@ def test_a_disk_filled_by_another_process_refuses_puts_and_keeps_everything_else
     brokers.append(start_broker(tmp_path / "restarted.log", *args))
     with brokers[-1].client() as client:
         assert bodies(client) == set(stored) - acked, "confirmed work was lost on a full disk"
-        assert client.put(QUEUE, b"room again") > 0
+        client.put(QUEUE, b"room again")
+        fill_disk(small_disk / "filler")
+        refilled, refused = put_until_refused(client, 10_000, MAX_PUTS_ONCE_FULL)
+        assert refused
+        expected = set(stored) - acked | {b"room again"} | set(refilled)
+    # SIGTERM on a full disk: the broker stops (its last checkpoint may not fit; the log
+    # keeps everything), exit status 0.
+    stop_broker(brokers[-1])
+    os.unlink(small_disk / "filler")
+    brokers.append(start_broker(tmp_path / "after-sigterm.log", *args))
+    with brokers[-1].client() as client:
+        assert bodies(client) == expected, "a SIGTERM on a full disk lost confirmed work"
     stop_broker(brokers[-1])
