@@ -28,7 +28,7 @@ a reader for the old one.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 import msgpack
 
@@ -106,8 +106,11 @@ def message_key(message_id: int) -> bytes:
     return message_id.to_bytes(8, "big")
 
 
-def encode_queue(name: str, settings: QueueSettings, totals: dict[str, int]) -> tuple[bytes, bytes]:
-    value: bytes = msgpack.packb([RECORD_FORMAT, settings.to_wire(), totals])
+def encode_queue(
+    name: str, settings: dict[str, Any], totals: dict[str, int]
+) -> tuple[bytes, bytes]:
+    """A queue's record from its settings' wire form and its totals."""
+    value: bytes = msgpack.packb([RECORD_FORMAT, settings, totals])
     return name.encode(), value
 
 

@@ -82,6 +82,7 @@ from ._records import (
     message_key,
     unpack_batch,
 )
+from ._settings import QueueSettings
 
 __all__ = ["Batch", "Recovered", "Store", "StoreCorrupt", "StoreError", "StoreLocked"]
 
@@ -270,6 +271,8 @@ class Store:
         self.encoded = 0
         self.durable = 0
         self._id_ceiling = self._token_ceiling = 0
+        # Each queue's settings in wire form, as of the settings object they came from.
+        self._settings_wire: dict[str, tuple[QueueSettings, dict[str, Any]]] = {}
         self.durable_token_ceiling = 0
         # Space accounting, in bytes (loop thread). `used` is LMDB as measured after the
         # last checkpoint; `unmeasured` was committed since, `in_flight` encoded but not
@@ -581,8 +584,14 @@ class Store:
                 batch.bodies.append((key, BODY_PREFIX + message.body))
                 message.stored = batch.number
             batch.states.append((key, encode_message(message)))
-        for queue_ in changes.queues:
-            batch.queues.append(encode_queue(queue_.name, queue_.settings, queue_.totals))
+        for queue_ in changes.queues:  # every batch: the totals change with each op
+            cached = self._settings_wire.get(queue_.name)
+            if cached is None or cached[0] is not queue_.settings:
+                cached = self._settings_wire[queue_.name] = (
+                    queue_.settings,
+                    queue_.settings.to_wire(),
+                )
+            batch.queues.append(encode_queue(queue_.name, cached[1], queue_.totals))
         for message_id, result in changes.results.items():
             stored = None if result is None else encode_result(result)
             batch.results.append((message_key(message_id), stored))
