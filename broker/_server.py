@@ -108,6 +108,7 @@ class Connection(asyncio.Protocol):
         self.write_paused = False
         self.read_paused = False  # too many replies unconfirmed: reading waits for them
         self.turn_paused = False  # frames wait for the next turn
+        self.eof = False  # the peer sends nothing more
         self.reading = True
         self.close_requested = False
         self.waiting: set[int] = set()  # request ids of this connection's long-polls
@@ -147,6 +148,9 @@ class Connection(asyncio.Protocol):
                     break
                 frame = self.decoder.next_frame()
                 if frame is NEED_DATA:
+                    if self.eof:  # everything the peer sent is answered (or waiting)
+                        self.server.cancel_waits(self)
+                        self.close_after_replies()
                     break
                 self._on_frame(frame)
                 budget -= 1
@@ -182,11 +186,11 @@ class Connection(asyncio.Protocol):
         return self.close_requested or self.transport is None or self.transport.is_closing()
 
     def eof_received(self) -> bool:
-        """The peer sends nothing more but may still read: answer what it sent (once
-        committed), then close. Its long-polls end now, as if it had gone."""
-        self.server.cancel_waits(self)
-        self.close_after_replies()
-        self.server.turn_ends_soon()
+        """The peer sends nothing more but may still read: answer everything it sent
+        (frames still buffered too), then close once the replies are written. Its
+        long-polls end then, as if it had gone."""
+        self.eof = True
+        self.read_frames()
         return True  # keep the transport open for the replies
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -1054,3 +1054,20 @@ def test_a_connection_pipelining_thousands_of_puts_gets_every_reply(broker: Brok
     assert ids == sorted(ids) and len(set(ids)) == count
     with broker.client() as client:
         assert client.stats("flood")["ready"] == count
+
+
+def test_a_half_closed_connection_gets_a_reply_to_every_pipelined_request(
+    broker: BrokerProcess,
+) -> None:
+    """More requests than one turn answers, then a half-close: the buffered ones are still
+    answered before the broker closes."""
+    with broker.raw() as connection:
+        put = {"queue": "half", "messages": [{"body": b"h"}]}
+        requests = [
+            frame([n, "ping" if n % 2 else "put", {} if n % 2 else put]) for n in range(1, 301)
+        ]
+        connection.send_bytes(b"".join(requests))
+        connection.sock.shutdown(socket.SHUT_WR)
+        replies = connection.read_until_closed()
+    assert sorted(reply[0] for reply in replies) == list(range(1, 301))
+    assert all(reply[1] for reply in replies)
