@@ -441,8 +441,7 @@ class BrokerServer:
     def need_of_error(self, error: SluiceError) -> int:
         """A failed request changed nothing, except a batch ack or nack that settled some
         of its items before one failed."""
-        details = error.details if isinstance(error.details, dict) else {}
-        return self.pending_batch() if details.get("done") else 0
+        return self.pending_batch() if error.details.get("done") else 0
 
     def mark_dirty(self, connection: Connection) -> None:
         self._dirty[connection.id] = connection

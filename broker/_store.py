@@ -522,27 +522,27 @@ class Store:
         if now >= self._admit_measure_due:  # another process may be filling the disk
             self._admit_measure_due = now + _MEASURE_ON_ADMIT
             self.capacity = self._measure_capacity(self.used)
-        if self.disk_full is not None or not self._log_has_room(need):
-            why = (
-                self.disk_full or "the log has no room for more and the disk none for a new segment"
-            )
+        reason = self._refusal(need)
+        if reason is not None:
             raise StorageFull(
-                f"storage is full: {why}. Consume or purge messages, or free disk space{advice}"
-            )
-        if self._estimate() + need > self.capacity:
-            raise StorageFull(
-                f"storage is full (about {self._estimate() // 1024} KiB used of "
-                f"{self.capacity // 1024} KiB for messages): consume or purge messages, "
-                f"or give the broker more space (--max-storage, or free disk){advice}"
+                f"storage is full ({reason}): consume or purge messages, or give the broker "
+                f"more space (--max-storage, or free disk){advice}"
             )
         self.pending += need
 
     def full(self) -> str | None:
         """Why puts are refused now (None: they are not), for ``/healthz``."""
         self._take_measurements()
-        if self.disk_full is not None or not self._log_has_room(0):
-            return self.disk_full or "the disk has no room for the log's next segment"
-        if self._estimate() >= self.capacity:
+        return self._refusal(0)
+
+    def _refusal(self, need: int) -> str | None:
+        """Why new data of ``need`` bytes cannot be admitted now, or None. The one rule
+        behind put admission and ``/healthz``."""
+        if self.disk_full is not None:
+            return self.disk_full
+        if not self._log_has_room(need):
+            return "the disk has no room for the log's next segment"
+        if self._estimate() + need > self.capacity:
             return f"about {self._estimate() // 1024} KiB used of {self.capacity // 1024} KiB"
         return None
 
