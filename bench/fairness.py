@@ -87,18 +87,19 @@ class Flood:
             self.sock.sendall(chunk)
 
     def _read(self) -> None:
-        buffer = b""
+        buffer, offset = b"", 0  # replies are counted, not copied out one by one
         expected = (self.count // 1000) * 1000 + 1  # and the hello
         while self.replies < expected:
             data = self.sock.recv(1 << 16)
             if not data:
                 return
-            buffer += data
-            while len(buffer) >= 4:
-                length = struct.unpack(">I", buffer[:4])[0]
-                if len(buffer) < 4 + length:
+            buffer = buffer[offset:] + data
+            offset = 0
+            while len(buffer) - offset >= 4:
+                (length,) = struct.unpack_from(">I", buffer, offset)
+                if len(buffer) - offset < 4 + length:
                     break
-                buffer = buffer[4 + length :]
+                offset += 4 + length
                 self.replies += 1
         self.finished = time.perf_counter()
 
