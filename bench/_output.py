@@ -12,6 +12,7 @@ from typing import Any
 from ._hist import PERCENTILES
 from ._scenarios import RunReport
 
+LABEL_WIDTH = 20  # the column of labels in a run's block of figures
 # (label, figure key, format) of the one-line figures, in the order shown.
 _LINES: list[tuple[str, str, str]] = [
     ("end to end", "jobs_per_s", "{:,.0f} jobs/s (first put to last ack)"),
@@ -31,6 +32,7 @@ _LINES: list[tuple[str, str, str]] = [
     ("CPU per job", "server_cpu_us_per_job", "{:.1f} µs (server)"),
     ("server RSS peak", "server_peak_rss_mib", "{:,.1f} MiB"),
     ("client CPU", "client_cpu_s", "{:.2f} s (all load processes)"),
+    ("client CPU per job", "client_cpu_us_per_job", "{:.1f} µs (all load processes)"),
 ]
 _HISTOGRAMS = [("put confirm", "put_confirm_ms"), ("put to deliver", "put_to_deliver_ms")]
 _HEADLINES = {
@@ -74,17 +76,18 @@ def format_run(report: RunReport) -> str:
     figures = report.figures
     for label, key, form in _LINES:
         if figures.get(key) is not None:
-            lines.append(f"  {label:<16}{form.format(figures[key])}")
+            lines.append(f"  {label:<{LABEL_WIDTH}}{form.format(figures[key])}")
     if any(figures.get(key) for _, key in _HISTOGRAMS):
         heads = "".join(f"{'p' + format(p, 'g'):>9}" for p in PERCENTILES)
-        lines.append(f"  {'latency (ms)':<16}{heads}{'max':>9}{'samples':>11}")
+        lines.append(f"  {'latency (ms)':<{LABEL_WIDTH}}{heads}{'max':>9}{'samples':>11}")
     for label, key in _HISTOGRAMS:
         summary = figures.get(key)
         if summary and summary["count"]:
             cells = "".join(f"{summary['p' + format(p, 'g')]:>9.2f}" for p in PERCENTILES)
-            lines.append(f"  {label:<16}{cells}{summary['max']:>9.2f}{summary['count']:>11,}")
+            row = f"{cells}{summary['max']:>9.2f}{summary['count']:>11,}"
+            lines.append(f"  {label:<{LABEL_WIDTH}}{row}")
     if report.exactly_once is not None:
-        lines.append(f"  {'exactly once':<16}{report.exactly_once.describe()}")
+        lines.append(f"  {'exactly once':<{LABEL_WIDTH}}{report.exactly_once.describe()}")
     lines.extend(f"  note: {note}" for note in report.notes)
     return "\n".join(lines)
 
@@ -107,7 +110,7 @@ def format_comparison(scenario: str, reports: Sequence[RunReport]) -> str:
     base = _headline(scenario, reports[0])
     header = (
         f"{'server':<11}{'mode':<26}{title:>14}{'deliver p50':>12}{'deliver p99':>12}"
-        f"{'put p99':>9}{'CPU s':>7}{'RSS MiB':>9}  sluice/this"
+        f"{'put p99':>9}{'CPU s':>7}{'RSS MiB':>9}{'client µs/job':>14}  sluice/this"
     )
     rows = [header, "-" * len(header)]
     for report in reports:
@@ -123,9 +126,13 @@ def format_comparison(scenario: str, reports: Sequence[RunReport]) -> str:
             f"{start}{_cell(value, form):>14}{_cell(deliver.get('p50'), '{:.2f}'):>12}"
             f"{_cell(deliver.get('p99'), '{:.2f}'):>12}{_cell(confirm.get('p99'), '{:.2f}'):>9}"
             f"{_cell(report.figures.get('server_cpu_s'), '{:.1f}'):>7}"
-            f"{_cell(report.figures.get('server_peak_rss_mib'), '{:.1f}'):>9}  {ratio}"
+            f"{_cell(report.figures.get('server_peak_rss_mib'), '{:.1f}'):>9}"
+            f"{_cell(report.figures.get('client_cpu_us_per_job'), '{:,.1f}'):>14}  {ratio}"
         )
-    rows.append("latencies in ms; CPU s and RSS MiB (peak) of the server process")
+    rows.append(
+        "latencies in ms; CPU s and RSS MiB (peak) of the server process; client µs/job: "
+        "CPU of all load processes per job"
+    )
     return "\n".join(rows)
 
 

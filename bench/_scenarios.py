@@ -105,6 +105,14 @@ def _server_figures(phase: PhaseResult, jobs: int, prefix: str = "server") -> di
     }
 
 
+def _client_figures(cpu_seconds: float, jobs: int) -> dict[str, Any]:
+    """CPU of every load process (producers and workers) over the run, in all and per job."""
+    return {
+        "client_cpu_s": cpu_seconds,
+        "client_cpu_us_per_job": cpu_seconds / jobs * 1e6 if jobs else None,
+    }
+
+
 def _load_figures(phase: PhaseResult) -> dict[str, Any]:
     """The figures of a phase that both put and acked."""
     elapsed = _seconds(phase.first_put_ns, phase.last_ack_ns)
@@ -116,7 +124,7 @@ def _load_figures(phase: PhaseResult) -> dict[str, Any]:
         "put_confirm_ms": phase.put_confirm_us.summary(scale=1000),
         "put_to_deliver_ms": phase.deliver_us.summary(scale=1000),
         **_server_figures(phase, phase.puts),
-        "client_cpu_s": phase.client_cpu_seconds,
+        **_client_figures(phase.client_cpu_seconds, phase.puts),
     }
 
 
@@ -156,7 +164,7 @@ def _drain(context: _Context, fill: PhaseResult) -> None:
             "drain_s": seconds,
             "put_to_deliver_ms": drain.deliver_us.summary(scale=1000),
             **_server_figures(drain, drain.acks),
-            "client_cpu_s": fill.client_cpu_seconds + drain.client_cpu_seconds,
+            **_client_figures(fill.client_cpu_seconds + drain.client_cpu_seconds, drain.acks),
         }
     )
     context.check_exactly_once(fill, drain)

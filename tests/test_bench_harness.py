@@ -1,5 +1,6 @@
 """Unit tests of the bench harness's parts: the histogram, the exactly-once accounting,
-how work is dealt out, the workload checks, the /proc readers and the peer list."""
+how work is dealt out, the workload checks, the /proc readers, the peer list and the
+report's text."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from bench._accounting import MIN_BODY, account, make_body, read_body, token
 from bench._harness import PhaseResult, Progress, deal
 from bench._hist import Histogram
 from bench._load import Workload
+from bench._output import format_comparison, format_run
 from bench._peers import BeanstalkdServer, RedisServer, parse_peers
 from bench._proc import cpu_seconds, peak_rss_bytes, rss_bytes
 from bench._scenarios import RunReport, _Context
@@ -271,3 +273,31 @@ def test_redis_skips_what_a_list_cannot_do() -> None:
         server.check(Workload(priorities=3))
     with pytest.raises(Unsupported, match="no delays"):
         server.check(Workload(delay_fraction=0.5))
+
+
+# Reports -----------------------------------------------------------------------------------
+
+
+def _report(server: str, mode: str, jobs_per_s: float, client_us: float) -> RunReport:
+    figures = {
+        "jobs_per_s": jobs_per_s,
+        "server_cpu_s": 0.5,
+        "server_cpu_us_per_job": 50.0,
+        "client_cpu_s": client_us / 100,
+        "client_cpu_us_per_job": client_us,
+    }
+    return RunReport(server, mode, figures=figures)
+
+
+def test_a_run_shows_server_and_client_cpu_per_job() -> None:
+    lines = format_run(_report("sluice", "memory", 1000.0, 1234.5)).splitlines()
+    assert "  CPU per job         50.0 µs (server)" in lines
+    assert "  client CPU per job  1234.5 µs (all load processes)" in lines
+
+
+def test_the_comparison_has_a_client_cpu_per_job_column() -> None:
+    reports = [_report("sluice", "memory", 1000.0, 1234.5), _report("redis", "aof off", 500.0, 80)]
+    header, _, sluice, redis, legend = format_comparison("throughput", reports).splitlines()
+    assert header.index("client µs/job") < header.index("sluice/this")
+    assert sluice.endswith("1,234.5  1.00") and redis.endswith("80.0  2.00")
+    assert "client µs/job: CPU of all load processes per job" in legend

@@ -60,6 +60,12 @@ def _assert_exactly_once(run: dict[str, Any], messages: int) -> None:
     assert accounting["missing"] == accounting["duplicated"] == accounting["unknown"] == 0
 
 
+def _assert_client_cpu(stdout: str, figures: dict[str, Any]) -> None:
+    """The load processes' CPU per job is in the figures and on the report's line."""
+    assert figures["client_cpu_s"] > 0 and figures["client_cpu_us_per_job"] > 0
+    assert "client CPU per job" in stdout
+
+
 @pytest.mark.parametrize(
     "args",
     [
@@ -84,6 +90,7 @@ def test_throughput_reports_every_figure(tmp_path: Path, args: list[str]) -> Non
     figures = run["figures"]
     for key in ("jobs_per_s", "elapsed_s", "put_per_s", "server_peak_rss_mib"):
         assert figures[key] > 0, key
+    _assert_client_cpu(done.stdout, figures)
     # CPU time is counted in clock ticks (10 ms): a 300-message run may take none.
     assert isinstance(figures["server_cpu_s"], float) and figures["server_cpu_s"] >= 0
     for key in ("put_confirm_ms", "put_to_deliver_ms"):
@@ -133,6 +140,7 @@ def test_backlog_fills_then_drains(tmp_path: Path) -> None:
     figures = run["figures"]
     assert figures["fill_per_s"] > 0 and figures["drain_per_s"] > 0
     assert figures["fill_server_rss_mib"] > 0
+    _assert_client_cpu(done.stdout, figures)
 
 
 def test_recovery_restarts_a_killed_broker(tmp_path: Path) -> None:
