@@ -1,6 +1,7 @@
 """Runs one phase of load against a server: starts the producer and worker processes,
 watches their counters (live progress line, stall and failure detection), decides when
-the phase is over, and merges what the processes measured."""
+the phase is over, and merges what the processes measured. ``run_child`` is what each
+process runs."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from typing import Any, TextIO
 
 from ._accounting import now_ns
 from ._hist import Histogram
-from ._load import ChildPlan, ChildResult, Shared, Workload, run_child
+from ._load import ChildPlan, ChildResult, Shared, Workload
+from ._load_async import run_async
 from ._proc import Usage, UsageMeter
 from ._servers import Endpoint
 
@@ -137,6 +139,20 @@ class _Watch:
         if cpu_percent is not None:
             text += f"  server CPU {cpu_percent:.0f}%"
         return text
+
+
+def run_child(plan: ChildPlan, shared: Shared) -> None:
+    """Process entry point: run the plan and always send back a result."""
+    result = ChildResult(plan.role, plan.index)
+    cpu_start = time.process_time()
+    try:
+        run_async(plan, shared, result)
+    except BaseException as error:
+        result.errors.append(f"{plan.role} process {plan.index}: {error!r}")
+        shared.failed.value = 1
+    result.cpu_seconds = time.process_time() - cpu_start
+    shared.finished[plan.index] = 1
+    shared.results.put(result)
 
 
 def run_phase(

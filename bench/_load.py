@@ -1,30 +1,30 @@
 """The load processes: producers that put and workers that reserve and ack.
 
-Each process runs one uvloop event loop with many connections, one asyncio task each. It
-opens its connections, meets the others at a barrier (so timing starts with every
-connection ready), runs, and sends one ``ChildResult`` back to the parent. Progress goes
-through shared counters the parent reads; the parent's stop flag ends the run.
+Each process opens its connections, meets the others at a barrier (so timing starts with
+every connection ready), runs, and sends one ``ChildResult`` back to the parent. Progress
+goes through shared counters the parent reads; the parent's stop flag ends the run.
+
+This module holds what a load process does whichever client form drives its connections
+(``LoadProcess``): the put frames, their schedule, and what is recorded. The loops that
+drive the connections are in ``_load_async`` (asyncio tasks on uvloop).
 """
 
 from __future__ import annotations
 
 import array
-import asyncio
 import math
-import time
+import threading
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import uvloop
-
 from ._accounting import MIN_BODY, make_body, now_ns, read_body, token
 from ._hist import Histogram
-from ._servers import Connection, Endpoint
+from ._servers import Delivery, Endpoint
 
 RESERVE_WAIT = 0.25  # seconds a worker long-polls before it looks at the stop flag again
 IDLE_WAIT = 20.0  # seconds an idle worker's long poll lasts before it polls again
-MAX_IN_FLIGHT = 10_000  # open loop: puts one producer connection may have unconfirmed
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -103,89 +103,80 @@ class ChildPlan:
     idle_connections: int = 0
 
 
-def open_connection(endpoint: Endpoint) -> Connection:
-    """A connection of the kind the endpoint names (peer clients imported only here)."""
-    if endpoint.kind == "sluice":
-        from ._sluice import SluiceConnection
+@dataclass(frozen=True, slots=True)
+class PutFrame:
+    """One put frame of a producer connection."""
 
-        return SluiceConnection(endpoint)
-    from ._peers import BeanstalkdConnection, RedisConnection
-
-    if endpoint.kind == "beanstalkd":
-        return BeanstalkdConnection(endpoint)
-    return RedisConnection(endpoint)
+    queue: str
+    bodies: list[bytes]
+    priority: int
+    delay: float
+    sent_ns: int  # when it is sent (open loop: when it is due); put latency counts from here
 
 
-def run_child(plan: ChildPlan, shared: Shared) -> None:
-    """Process entry point: run the plan and always send back a result."""
-    result = ChildResult(plan.role, plan.index)
-    cpu_start = time.process_time()
-    try:
-        uvloop.run(_Child(plan, shared, result).main())
-    except BaseException as error:
-        result.errors.append(f"{plan.role} process {plan.index}: {error!r}")
-        shared.failed.value = 1
-    result.cpu_seconds = time.process_time() - cpu_start
-    shared.finished[plan.index] = 1
-    shared.results.put(result)
+class LoadProcess:
+    """What a load process does whichever client form drives its connections: the put
+    frames each producer connection sends and when, and what is recorded when a put is
+    confirmed or a delivery is acked. Safe to call from several threads at once."""
 
-
-class _Child:
     def __init__(self, plan: ChildPlan, shared: Shared, result: ChildResult) -> None:
         self.plan, self.shared, self.result = plan, shared, result
         self.workload = plan.workload
         self.padding = b"x" * (self.workload.body_size - MIN_BODY)
         self.deadline_ns: int | None = None
+        self._recording = threading.Lock()  # guards the result and the shared counters
 
-    async def main(self) -> None:
-        plan = self.plan
-        connections = [open_connection(plan.endpoint) for _ in plan.connections]
-        idle = [open_connection(plan.endpoint) for _ in range(plan.idle_connections)]
-        try:
-            await asyncio.gather(*(c.open() for c in connections + idle))
-        except Exception as error:
-            self._fail(f"cannot connect to {plan.endpoint.kind}: {error!r}")
-        try:
-            self.shared.barrier.wait()
-            if self.result.errors:
-                return
-            if self.workload.duration is not None:
-                self.deadline_ns = now_ns() + int(self.workload.duration * 1e9)
-            if plan.role == "producer":
-                await self._produce_all(connections)
-            else:
-                await self._consume_all(connections, idle)
-        finally:
-            await asyncio.gather(*(c.close() for c in connections + idle), return_exceptions=True)
+    @property
+    def idle_queue(self) -> str:
+        return f"{self.plan.endpoint.namespace}.idle"
 
-    def _fail(self, message: str) -> None:
+    def start_clock(self) -> None:
+        """Call once every process is ready: a timed run's time starts now."""
+        if self.workload.duration is not None:
+            self.deadline_ns = now_ns() + int(self.workload.duration * 1e9)
+
+    def running(self) -> bool:
+        """False once the parent said stop or a connection failed."""
+        return not self.shared.stop.value and not self.shared.failed.value
+
+    def fail(self, message: str) -> None:
         self.result.errors.append(message)
         self.shared.failed.value = 1
 
-    async def _guard(self, name: str, work: Any) -> None:
-        """Run one connection's loop; a failure is recorded and flagged, not raised."""
-        try:
-            await work
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:
-            detail = traceback.format_exception_only(error)[-1].strip()
-            self._fail(f"{self.plan.role} {name}: {detail}")
+    def connection_failed(self, name: str, error: Exception) -> None:
+        detail = traceback.format_exception_only(error)[-1].strip()
+        self.fail(f"{self.plan.role} {name}: {detail}")
 
     # Producers ---------------------------------------------------------------------------
 
-    async def _produce_all(self, connections: list[Connection]) -> None:
-        loop = self._produce_closed if self.workload.rate is None else self._produce_open
-        await asyncio.gather(
-            *(
-                self._guard(f"slot {slot}", loop(connection, slot))
-                for connection, slot in zip(connections, self.plan.connections, strict=True)
-            )
-        )
+    def put_frames(self, slot: int) -> Iterator[PutFrame]:
+        """The put frames of producer connection ``slot``, in order, until its share is
+        put, the run's time is up, the parent says stop or a connection failed.
+
+        Closed loop: a frame is stamped as it is made, and the caller sends it at once.
+        Open loop (``rate``): frames are stamped with their schedule, one interval apart,
+        and the caller sends each at its time whether or not earlier ones were confirmed.
+        Latency counts from that time, so a server (or a client) that falls behind is
+        charged for the wait (no coordinated omission)."""
+        workload = self.workload
+        interval_ns = 0.0
+        if workload.rate is not None:
+            interval_ns = workload.batch * 1e9 * workload.producers / workload.rate
+        scheduled_ns = float(now_ns())
+        seq = frame = 0
+        while count := self._more(slot, seq):
+            queue, priority, delay = self._frame(slot, frame)
+            sent_ns = now_ns() if workload.rate is None else int(scheduled_ns)
+            bodies = self._bodies(slot, seq, count, sent_ns + int(delay * 1e9))
+            self.result.put_counts[slot] = seq + count
+            yield PutFrame(queue, bodies, priority, delay, sent_ns)
+            seq += count
+            frame += 1
+            scheduled_ns += interval_ns
 
     def _more(self, slot: int, seq: int) -> int:
         """How many messages the next frame of ``slot`` carries (0: the slot is done)."""
-        if self.shared.stop.value or self.shared.failed.value:
+        if not self.running():
             return 0
         share = self.workload.share(slot)
         if share is None:
@@ -207,105 +198,46 @@ class _Child:
         padding = self.padding
         return [make_body(due_ns, token(slot, seq + i), padding) for i in range(count)]
 
-    def _confirmed(self, slot: int, count: int, sent_ns: int) -> None:
-        result = self.result
+    def confirmed(self, frame: PutFrame) -> None:
+        """Record that the server confirmed every message of ``frame``."""
         done_ns = now_ns()
-        result.put_confirm_us.record((done_ns - sent_ns) // 1000)
-        if result.first_put_ns is None or sent_ns < result.first_put_ns:
-            result.first_put_ns = sent_ns
-        if result.last_put_ns is None or done_ns > result.last_put_ns:
-            result.last_put_ns = done_ns
-        self.shared.puts[self.plan.index] += count
-
-    async def _produce_closed(self, connection: Connection, slot: int) -> None:
-        """Put, wait for the confirmation, put again: as fast as the server allows."""
-        seq = frame = 0
-        while count := self._more(slot, seq):
-            queue, priority, delay = self._frame(slot, frame)
-            sent_ns = now_ns()
-            bodies = self._bodies(slot, seq, count, sent_ns + int(delay * 1e9))
-            self.result.put_counts[slot] = seq + count
-            await connection.put(queue, bodies, priority, delay)
-            self._confirmed(slot, count, sent_ns)
-            seq += count
-            frame += 1
-
-    async def _produce_open(self, connection: Connection, slot: int) -> None:
-        """Put on a fixed schedule whether or not earlier puts were confirmed. Latency is
-        measured from the scheduled time, so a server that falls behind is charged for
-        the wait (no coordinated omission)."""
-        assert self.workload.rate is not None
-        interval_ns = self.workload.batch * 1e9 * self.workload.producers / self.workload.rate
-        in_flight: set[asyncio.Task[None]] = set()
-        seq = frame = 0
-        scheduled_ns = float(now_ns())
-        while count := self._more(slot, seq):
-            wait_ns = scheduled_ns - now_ns()
-            if wait_ns > 0:
-                await asyncio.sleep(wait_ns / 1e9)
-            if len(in_flight) >= MAX_IN_FLIGHT:
-                await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
-            queue, priority, delay = self._frame(slot, frame)
-            sent_ns = int(scheduled_ns)
-            bodies = self._bodies(slot, seq, count, sent_ns + int(delay * 1e9))
-            self.result.put_counts[slot] = seq + count
-            put = self._put_confirmed(connection, slot, (queue, bodies, priority, delay), sent_ns)
-            task = asyncio.create_task(self._guard(f"slot {slot}", put))
-            in_flight.add(task)
-            task.add_done_callback(in_flight.discard)
-            seq += count
-            frame += 1
-            scheduled_ns += interval_ns
-        if in_flight:
-            await asyncio.wait(in_flight)
-
-    async def _put_confirmed(
-        self, connection: Connection, slot: int, frame: tuple[Any, ...], sent_ns: int
-    ) -> None:
-        queue, bodies, priority, delay = frame
-        await connection.put(queue, bodies, priority, delay)
-        self._confirmed(slot, len(bodies), sent_ns)
+        with self._recording:
+            result = self.result
+            result.put_confirm_us.record((done_ns - frame.sent_ns) // 1000)
+            if result.first_put_ns is None or frame.sent_ns < result.first_put_ns:
+                result.first_put_ns = frame.sent_ns
+            if result.last_put_ns is None or done_ns > result.last_put_ns:
+                result.last_put_ns = done_ns
+            self.shared.puts[self.plan.index] += len(frame.bodies)
 
     # Workers -----------------------------------------------------------------------------
 
-    async def _consume_all(self, connections: list[Connection], idle: list[Connection]) -> None:
-        namespace = self.plan.endpoint.namespace
-        loops = [
-            self._guard(f"{number}", self._work(connection, number))
-            for connection, number in zip(connections, self.plan.connections, strict=True)
-        ]
-        idlers = [
-            asyncio.create_task(self._guard("idle", self._idle(c, f"{namespace}.idle")))
-            for c in idle
-        ]
-        await asyncio.gather(*loops)
-        for task in idlers:
-            task.cancel()
-        await asyncio.gather(*idlers, return_exceptions=True)
+    def worker_queues(self, number: int) -> list[str]:
+        return self.workload.worker_queues(self.plan.endpoint.namespace, number)
 
-    async def _work(self, connection: Connection, number: int) -> None:
-        """Reserve, record, ack, until the parent says stop."""
-        queues = self.workload.worker_queues(self.plan.endpoint.namespace, number)
-        batch = self.workload.batch
-        result, shared, index = self.result, self.shared, self.plan.index
-        while not shared.stop.value and not shared.failed.value:
-            deliveries = await connection.reserve(queues, batch, RESERVE_WAIT)
-            if not deliveries:
-                continue
-            received_ns = now_ns()
-            tokens = []
+    def received(self, deliveries: list[Delivery]) -> list[int]:
+        """Record how long ``deliveries`` took to arrive; their tokens, for ``acked``."""
+        received_ns = now_ns()
+        tokens = []
+        with self._recording:
             for body, _ in deliveries:
                 due_ns, message_token = read_body(body)
-                result.deliver_us.record((received_ns - due_ns) // 1000)
+                self.result.deliver_us.record((received_ns - due_ns) // 1000)
                 tokens.append(message_token)
-            await connection.ack([handle for _, handle in deliveries])
-            result.last_ack_ns = now_ns()
-            result.acked_tokens.extend(tokens)
-            shared.acks[index] += len(tokens)
+        return tokens
 
-    async def _idle(self, connection: Connection, queue: str) -> None:
-        """Long-poll a queue nobody puts to, until cancelled."""
-        while True:
-            deliveries = await connection.reserve([queue], 1, IDLE_WAIT)
-            if deliveries:
-                raise RuntimeError("an idle worker received a message")
+    def acked(self, tokens: list[int]) -> None:
+        """Record that the server finished the deliveries these tokens came in."""
+        done_ns = now_ns()
+        with self._recording:
+            result = self.result
+            if result.last_ack_ns is None or done_ns > result.last_ack_ns:
+                result.last_ack_ns = done_ns
+            result.acked_tokens.extend(tokens)
+            self.shared.acks[self.plan.index] += len(tokens)
+
+    @staticmethod
+    def idle_received(deliveries: list[Delivery]) -> None:
+        """An idle worker's poll returned; raise if it brought a message."""
+        if deliveries:
+            raise RuntimeError("an idle worker received a message")
