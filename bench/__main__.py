@@ -19,7 +19,7 @@ import msgpack
 
 from ._accounting import MIN_BODY
 from ._harness import Progress
-from ._load import Workload
+from ._load import CLIENT_FORMS, Workload
 from ._output import (
     describe_workload,
     format_comparison,
@@ -33,8 +33,9 @@ from ._servers import Server
 from ._sluice import FSYNC_MODES, SluiceServer
 
 DESCRIPTION = """\
-Load-test Sluice: producer and worker processes (each running many connections on
-uvloop) against a broker the bench starts on a free port, or the one at --url.
+Load-test Sluice: producer and worker processes, each running many connections (asyncio
+tasks on uvloop, or with --client sync a thread each with a blocking client), against a
+broker the bench starts on a free port, or the one at --url.
 
 Reports jobs/s end to end (first put to last ack), put-confirm and put-to-deliver latency
 percentiles, the broker's CPU seconds and peak RSS, and checks that every message was
@@ -56,10 +57,18 @@ examples:
   python -m bench --scenario latency --rate 5000 --duration 20
   python -m bench --against beanstalkd,redis --json results.json
   python -m bench --against redis:always,beanstalkd:fsync
+  python -m bench --client sync --against beanstalkd,redis   # blocking clients in threads
 
 peers (--against): beanstalkd (modes off, binlog, fsync) and redis (off, everysec,
 always); a bare name runs every mode. They need the servers (apt-get install beanstalkd
 redis-server) and the clients (pip install -e '.[bench]'); a missing one is skipped.
+
+client forms (--client): async drives every server through an asyncio client: Sluice's
+AsyncClient, a pipelining beanstalkd client in the bench, redis.asyncio. sync gives each
+connection a thread and the usual blocking client: Sluice's Client, greenstalk (no
+pipelining: a batch is that many round trips), redis.Redis. The threads of one load
+process share its interpreter lock, so only one runs Python code at a time: that is what
+an application on a blocking client lives with, and what client CPU per job shows.
 """
 
 BASE_DEFAULTS: dict[str, Any] = {
@@ -139,6 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(default %(default)s)",
     )
     add(
+        "--client",
+        choices=list(CLIENT_FORMS),
+        default="async",
+        help="how each load process drives its connections: async, as asyncio tasks on "
+        "uvloop; sync, a thread per connection with a blocking client, the threads sharing "
+        "the process's interpreter lock (see below; default %(default)s)",
+    )
+    add(
         "--processes",
         type=int,
         metavar="N",
@@ -180,7 +197,9 @@ def build_workload(args: argparse.Namespace) -> Workload:
     }
     cores = os.cpu_count() or 2
     processes = args.processes or max(1, cores // 2)
-    return Workload(processes=processes, stall_timeout=args.stall_timeout, **values)
+    return Workload(
+        processes=processes, stall_timeout=args.stall_timeout, client=args.client, **values
+    )
 
 
 def check_workload(scenario: str, workload: Workload) -> str | None:

@@ -18,6 +18,7 @@ from ._accounting import now_ns
 from ._hist import Histogram
 from ._load import ChildPlan, ChildResult, Shared, Workload
 from ._load_async import run_async
+from ._load_sync import run_threads
 from ._proc import Usage, UsageMeter
 from ._servers import Endpoint
 
@@ -142,11 +143,13 @@ class _Watch:
 
 
 def run_child(plan: ChildPlan, shared: Shared) -> None:
-    """Process entry point: run the plan and always send back a result."""
+    """Process entry point: run the plan with the client form its workload names, and
+    always send back a result."""
     result = ChildResult(plan.role, plan.index)
+    run = run_threads if plan.workload.client == "sync" else run_async
     cpu_start = time.process_time()
     try:
-        run_async(plan, shared, result)
+        run(plan, shared, result)
     except BaseException as error:
         result.errors.append(f"{plan.role} process {plan.index}: {error!r}")
         shared.failed.value = 1

@@ -6,7 +6,8 @@ goes through shared counters the parent reads; the parent's stop flag ends the r
 
 This module holds what a load process does whichever client form drives its connections
 (``LoadProcess``): the put frames, their schedule, and what is recorded. The loops that
-drive the connections are in ``_load_async`` (asyncio tasks on uvloop).
+drive the connections are in ``_load_async`` (``--client async``: asyncio tasks on uvloop)
+and ``_load_sync`` (``--client sync``: a thread per connection with a blocking client).
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ from ._servers import Delivery, Endpoint
 
 RESERVE_WAIT = 0.25  # seconds a worker long-polls before it looks at the stop flag again
 IDLE_WAIT = 20.0  # seconds an idle worker's long poll lasts before it polls again
+CLIENT_FORMS = {
+    "async": "asyncio clients on uvloop",
+    "sync": "blocking clients in a thread per connection",
+}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -45,6 +50,7 @@ class Workload:
     queues: int = 1
     processes: int = 1  # client processes for each side (producers, workers)
     stall_timeout: float = 30.0  # give up when nothing is put or acked for this long
+    client: str = "async"  # how a load process drives its connections: see CLIENT_FORMS
 
     def queue_names(self, namespace: str) -> list[str]:
         return [f"{namespace}.{index}" for index in range(self.queues)]

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ._hist import PERCENTILES
+from ._load import CLIENT_FORMS
 from ._scenarios import RunReport
 
 LABEL_WIDTH = 20  # the column of labels in a run's block of figures
@@ -58,7 +59,8 @@ def describe_workload(scenario: str, workload: Any) -> str:
     text = (
         f"{scenario}: {amount}, {_count(workload.producers, 'producer')}, "
         f"{_count(workload.workers, 'worker')}, batch {workload.batch}, "
-        f"{workload.body_size}-byte bodies, {_count(workload.queues, 'queue')}, {loop}"
+        f"{workload.body_size}-byte bodies, {_count(workload.queues, 'queue')}, {loop}, "
+        f"{CLIENT_FORMS[workload.client]}"
     )
     if workload.idle_workers:
         text += f", {_count(workload.idle_workers, 'idle worker')}"

@@ -1,20 +1,23 @@
 """The peers Sluice is compared with: beanstalkd and a Redis reliable list queue.
 
 Each is started by the bench on 127.0.0.1 (a free port, a temporary directory) in each of
-its durability modes, and driven with the same workload shape as Sluice: the same
-processes, each running its connections as asyncio tasks on uvloop. A missing server
-binary, or a missing Python client (redis, an optional extra), makes that peer "skipped",
-never an error.
+its durability modes, and driven with the same workload shape as Sluice by the same load
+processes: with ``--client async`` each runs its connections as asyncio tasks on uvloop,
+with ``--client sync`` a thread per connection with the usual blocking client. A missing
+server binary, or a missing Python client (redis, greenstalk: the ``bench`` extra), makes
+that peer "skipped", never an error.
 
-- beanstalkd, over a small asyncio client of its text protocol in this module (the usual
-  Python client, greenstalk, is blocking: driven through threads it spent more CPU than
-  beanstalkd itself and measured the client, not the server). beanstalkd has no batch
-  commands, so a batch is that many commands pipelined in one write. Priorities map to
+- beanstalkd. async: a small asyncio client of its text protocol in this module.
+  beanstalkd has no batch commands, so a batch is that many commands pipelined in one
+  write. sync: greenstalk, the usual Python client, which waits for each reply, so a batch
+  is that many round trips (driven through threads it can spend more CPU than beanstalkd
+  itself: the async form is the one that measures the server). Priorities map to
   beanstalkd's (lower is more urgent); delays round up to whole seconds.
-- Redis, through redis.asyncio, as the usual reliable queue: LPUSH to put, BLMOVE from the
-  queue to a processing list to reserve, LREM from the processing list to ack. A batch
-  is one multi-value LPUSH, a BLMOVE plus pipelined LMOVEs, and pipelined LREMs. A list
-  has no priorities or delays, and BLMOVE watches one list, so such workloads skip Redis.
+- Redis, through redis.asyncio (async) or redis.Redis (sync), as the usual reliable queue:
+  LPUSH to put, BLMOVE from the queue to a processing list to reserve, LREM from the
+  processing list to ack. A batch is one multi-value LPUSH, a BLMOVE plus pipelined
+  LMOVEs, and pipelined LREMs. A list has no priorities or delays, and BLMOVE watches one
+  list, so such workloads skip Redis.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import shutil
 import socket
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from ._servers import (
     READY_TIMEOUT,
@@ -73,8 +76,8 @@ class _PeerServer:
     name = ""
     binary = ""
     package = ""
-    client_module = ""
-    client_distribution = ""
+    # client form -> the Python client it needs ("": none)
+    clients: ClassVar[dict[str, str]] = {}
     version_flag = "--version"
 
     def __init__(self, mode: str, label: str) -> None:
@@ -83,6 +86,7 @@ class _PeerServer:
         self.notes: list[str] = []
         self.owned = OwnedProcess()
         self.port = 0
+        self.client_module = ""  # as of check(): the client the workload's form uses
 
     @property
     def pid(self) -> int | None:
@@ -96,12 +100,13 @@ class _PeerServer:
         server = command_version([path, self.version_flag]) if path else "not installed"
         versions = {f"{self.name} server": server}
         if self.client_module:
-            client = _module_version(self.client_distribution)
-            versions[f"{self.client_distribution} python client"] = client
+            client = _module_version(self.client_module)
+            versions[f"{self.client_module} python client"] = client
         return versions
 
     def check(self, workload: Any) -> None:
         _require_binary(self.binary, self.package)
+        self.client_module = self.clients.get(workload.client, "")
         if self.client_module:
             _require_module(self.client_module)
 
@@ -169,8 +174,8 @@ class BeanstalkdServer(_PeerServer):
     name = "beanstalkd"
     binary = "beanstalkd"
     package = "beanstalkd"
-    client_module = ""  # its client is in this module
-    client_distribution = ""
+    # async: the client in this module; sync: greenstalk
+    clients: ClassVar[dict[str, str]] = {"async": "", "sync": "greenstalk"}
     version_flag = "-v"
 
     def __init__(self, mode: str, max_job_size: int = 65535) -> None:
@@ -181,6 +186,8 @@ class BeanstalkdServer(_PeerServer):
         super().check(workload)
         if workload.delay_fraction and workload.delay_seconds != math.ceil(workload.delay_seconds):
             self.notes.append("beanstalkd delays are whole seconds: rounded up")
+        if workload.client == "sync" and workload.batch > 1:
+            self.notes.append("greenstalk does not pipeline: a batch is that many round trips")
 
     def _answers(self) -> bool:
         return self._ask(b"list-tubes\r\n", b"\r\n").startswith(b"OK ")
@@ -207,8 +214,7 @@ class RedisServer(_PeerServer):
     name = "redis"
     binary = "redis-server"
     package = "redis-server"
-    client_module = "redis"
-    client_distribution = "redis"
+    clients: ClassVar[dict[str, str]] = {"async": "redis", "sync": "redis"}
 
     def __init__(self, mode: str) -> None:
         super().__init__(mode, REDIS_MODES[mode])
@@ -276,6 +282,17 @@ def parse_peers(spec: str, max_job_size: int) -> list[_PeerServer]:
     return servers
 
 
+def _urgency(priority: int) -> int:
+    """beanstalkd's priority for ours: lower is more urgent there, higher here."""
+    return 2**31 - priority
+
+
+def _changed_watch(watched: Sequence[str], tubes: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(tubes to watch, tubes to ignore after) to go from watching ``watched`` to ``tubes``:
+    beanstalkd refuses to ignore the last tube watched, so every watch comes first."""
+    return list(tubes), [tube for tube in watched if tube not in tubes]
+
+
 class BeanstalkdConnection:
     """One beanstalkd connection over asyncio, speaking the text protocol directly.
 
@@ -334,8 +351,7 @@ class BeanstalkdConnection:
     async def put(self, queue: str, bodies: list[bytes], priority: int, delay: float) -> None:
         tube = queue.encode()
         commands = [] if self.used == tube else [b"use %s\r\n" % tube]
-        urgency = 2**31 - priority  # beanstalkd: lower is more urgent
-        head = b"put %d %d %d " % (urgency, math.ceil(delay), BEANSTALKD_TTR)
+        head = b"put %d %d %d " % (_urgency(priority), math.ceil(delay), BEANSTALKD_TTR)
         commands += [b"%s%d\r\n%s\r\n" % (head, len(body), body) for body in bodies]
         self.used = tube  # as of this write: beanstalkd applies commands in order
         answers = await self._exchange(b"".join(commands), len(commands))
@@ -358,14 +374,25 @@ class BeanstalkdConnection:
     async def _watch(self, tubes: tuple[str, ...]) -> None:
         if self.watched == tubes:
             return
-        commands = [b"watch %s\r\n" % tube.encode() for tube in tubes]
-        commands += [b"ignore %s\r\n" % tube.encode() for tube in set(self.watched) - set(tubes)]
+        watch, ignore = _changed_watch(self.watched, tubes)
+        commands = [b"watch %s\r\n" % tube.encode() for tube in watch]
+        commands += [b"ignore %s\r\n" % tube.encode() for tube in ignore]
         self._expect(await self._exchange(b"".join(commands), len(commands)), b"WATCHING")
         self.watched = tubes
 
     async def ack(self, handles: list[Any]) -> None:
         commands = b"".join(b"delete %s\r\n" % job_id for job_id in handles)
         self._expect(await self._exchange(commands, len(handles)), b"DELETED")
+
+
+def _processing_list(queue: str) -> str:
+    """The list a reserved item waits in until its ack removes it."""
+    return f"{queue}:processing"
+
+
+def _check_removed(removed: list[int], handles: list[Any]) -> None:
+    if sum(removed) != len(handles):
+        raise RuntimeError(f"LREM removed {sum(removed)} of {len(handles)} items")
 
 
 class RedisConnection:
@@ -392,8 +419,7 @@ class RedisConnection:
     async def reserve(
         self, queues: Sequence[str], max_messages: int, wait: float
     ) -> list[Delivery]:
-        source = queues[0]
-        processing = f"{source}:processing"
+        source, processing = queues[0], _processing_list(queues[0])
         first = await self.redis.blmove(source, processing, wait, "RIGHT", "LEFT")
         if first is None:
             return []
@@ -414,5 +440,101 @@ class RedisConnection:
             for processing, item in handles:
                 pipe.lrem(processing, 1, item)
             removed = await pipe.execute()
-        if sum(removed) != len(handles):
-            raise RuntimeError(f"LREM removed {sum(removed)} of {len(handles)} items")
+        _check_removed(removed, handles)
+
+
+class GreenstalkConnection:
+    """One beanstalkd connection through greenstalk, the usual blocking Python client. It
+    sends a command and reads its reply before the next: a batch is that many round trips."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.module: Any = importlib.import_module("greenstalk")
+        self.address = (endpoint.host, endpoint.port)
+        self.client: Any = None
+        self.used = "default"
+        self.watched: tuple[str, ...] = ("default",)
+
+    def open(self) -> None:
+        self.client = self.module.Client(self.address, encoding=None)
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+
+    def put(self, queue: str, bodies: list[bytes], priority: int, delay: float) -> None:
+        if self.used != queue:
+            self.client.use(queue)
+            self.used = queue
+        for body in bodies:
+            self.client.put(body, _urgency(priority), math.ceil(delay), BEANSTALKD_TTR)
+
+    def reserve(self, queues: Sequence[str], max_messages: int, wait: float) -> list[Delivery]:
+        self._watch(tuple(queues))
+        jobs = []
+        try:
+            jobs.append(self.client.reserve(math.ceil(wait)))
+            while len(jobs) < max_messages:
+                jobs.append(self.client.reserve(0))
+        except self.module.TimedOutError:
+            pass
+        return [(job.body, job.id) for job in jobs]
+
+    def _watch(self, tubes: tuple[str, ...]) -> None:
+        if self.watched == tubes:
+            return
+        watch, ignore = _changed_watch(self.watched, tubes)
+        for tube in watch:
+            self.client.watch(tube)
+        for tube in ignore:
+            self.client.ignore(tube)
+        self.watched = tubes
+
+    def ack(self, handles: list[Any]) -> None:
+        for job_id in handles:
+            self.client.delete(job_id)  # raises NotFoundError for a job it did not delete
+
+
+class RedisBlockingConnection:
+    """One blocking redis.Redis connection driving the same reliable list queue."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.module: Any = importlib.import_module("redis")
+        self.endpoint = endpoint
+        self.redis: Any = None
+
+    def open(self) -> None:
+        self.redis = self.module.Redis(
+            host=self.endpoint.host, port=self.endpoint.port, single_connection_client=True
+        )
+        self.redis.ping()
+
+    def close(self) -> None:
+        if self.redis is not None:
+            self.redis.close()
+
+    def put(self, queue: str, bodies: list[bytes], priority: int, delay: float) -> None:
+        self.redis.lpush(queue, *bodies)
+
+    def reserve(self, queues: Sequence[str], max_messages: int, wait: float) -> list[Delivery]:
+        source, processing = queues[0], _processing_list(queues[0])
+        first = self.redis.blmove(source, processing, wait, "RIGHT", "LEFT")
+        if first is None:
+            return []
+        items: list[bytes] = [first]
+        if max_messages > 1:
+            pipe = self.redis.pipeline(transaction=False)
+            for _ in range(max_messages - 1):
+                pipe.lmove(source, processing, "RIGHT", "LEFT")
+            items += [item for item in pipe.execute() if item is not None]
+        return [(item, (processing, item)) for item in items]
+
+    def ack(self, handles: list[Any]) -> None:
+        if len(handles) == 1:
+            processing, item = handles[0]
+            removed = [self.redis.lrem(processing, 1, item)]
+        else:
+            pipe = self.redis.pipeline(transaction=False)
+            for processing, item in handles:
+                pipe.lrem(processing, 1, item)
+            removed = pipe.execute()
+        _check_removed(removed, handles)

@@ -1,5 +1,6 @@
 """What every benchmarked server shares: how the load processes reach it, the interface
-their connections offer, and starting and stopping a server process the bench owns.
+their connections offer (asyncio and blocking), and starting and stopping a server
+process the bench owns.
 
 A server the bench starts listens on 127.0.0.1 on a free port, keeps its files in a
 temporary directory, and is stopped by the PID the bench started (SIGTERM, then SIGKILL
@@ -53,6 +54,24 @@ class Connection(Protocol):
         """Lease up to ``max_messages``, waiting up to ``wait`` seconds for the first."""
 
     async def ack(self, handles: list[Any]) -> None:
+        """Finish the deliveries; raise if the server did not finish every one."""
+
+
+class BlockingConnection(Protocol):
+    """The same connection through a blocking client, for a load that gives each
+    connection a thread of its own: each call returns once the server has answered."""
+
+    def open(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def put(self, queue: str, bodies: list[bytes], priority: int, delay: float) -> None:
+        """Store every body (confirmed by the server) before returning."""
+
+    def reserve(self, queues: Sequence[str], max_messages: int, wait: float) -> list[Delivery]:
+        """Lease up to ``max_messages``, waiting up to ``wait`` seconds for the first."""
+
+    def ack(self, handles: list[Any]) -> None:
         """Finish the deliveries; raise if the server did not finish every one."""
 
 

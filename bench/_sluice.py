@@ -1,5 +1,5 @@
 """Sluice as a server under test: a broker process the bench starts (or one at ``--url``),
-and the load loops' connection over ``AsyncClient``."""
+and the load loops' connections over ``AsyncClient`` and over the blocking ``Client``."""
 
 from __future__ import annotations
 
@@ -48,16 +48,20 @@ def probe(host: str, port: int, timeout: float = 10.0) -> Client:
     return Client(host, port, timeout=timeout, client_name="sluice-bench", auth_token=auth_token())
 
 
+def _client_options() -> dict[str, Any]:
+    return {"client_name": "sluice-bench", "auth_token": auth_token()}
+
+
+def _check_acked(acked: int, messages: list[Message]) -> None:
+    if acked != len(messages):
+        raise RuntimeError(f"broker acked {acked} of {len(messages)} messages")
+
+
 class SluiceConnection:
     """The load loops' view of one ``AsyncClient`` connection."""
 
     def __init__(self, endpoint: Endpoint) -> None:
-        self.client = AsyncClient(
-            endpoint.host,
-            endpoint.port,
-            client_name="sluice-bench",
-            auth_token=auth_token(),
-        )
+        self.client = AsyncClient(endpoint.host, endpoint.port, **_client_options())
 
     async def open(self) -> None:
         await self.client.connect()
@@ -75,10 +79,30 @@ class SluiceConnection:
         return [(message.body, message) for message in messages]
 
     async def ack(self, handles: list[Any]) -> None:
-        messages: list[Message] = handles
-        acked = await self.client.ack(messages)
-        if acked != len(messages):
-            raise RuntimeError(f"broker acked {acked} of {len(messages)} messages")
+        _check_acked(await self.client.ack(handles), handles)
+
+
+class SluiceBlockingConnection:
+    """The thread loads' view of one blocking ``Client`` connection."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.client = Client(endpoint.host, endpoint.port, **_client_options())
+
+    def open(self) -> None:
+        self.client.connect()
+
+    def close(self) -> None:
+        self.client.close()
+
+    def put(self, queue: str, bodies: list[bytes], priority: int, delay: float) -> None:
+        self.client.put_many(queue, bodies, priority=priority, delay=delay)
+
+    def reserve(self, queues: Sequence[str], max_messages: int, wait: float) -> list[Delivery]:
+        messages = self.client.reserve(queues, max_messages=max_messages, wait=wait)
+        return [(message.body, message) for message in messages]
+
+    def ack(self, handles: list[Any]) -> None:
+        _check_acked(self.client.ack(handles), handles)
 
 
 class SluiceServer:

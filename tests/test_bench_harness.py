@@ -5,11 +5,15 @@ report's text."""
 from __future__ import annotations
 
 import array
+import itertools
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -17,12 +21,12 @@ from bench.__main__ import build_parser, build_workload, check_workload, exit_st
 from bench._accounting import MIN_BODY, account, make_body, read_body, token
 from bench._harness import PhaseResult, Progress, deal
 from bench._hist import Histogram
-from bench._load import Workload
-from bench._output import format_comparison, format_run
+from bench._load import ChildPlan, ChildResult, LoadProcess, Shared, Workload
+from bench._output import describe_workload, format_comparison, format_run
 from bench._peers import BeanstalkdServer, RedisServer, parse_peers
 from bench._proc import cpu_seconds, peak_rss_bytes, rss_bytes
 from bench._scenarios import RunReport, _Context
-from bench._servers import Unsupported
+from bench._servers import Endpoint, Unsupported
 from bench._sluice import SluiceServer
 
 # Histogram ---------------------------------------------------------------------------------
@@ -183,6 +187,54 @@ def test_shares_add_up_to_the_messages() -> None:
     assert Workload(duration=5.0).share(0) is None
 
 
+# What a load process puts ------------------------------------------------------------------
+
+
+def _producer(**workload: Any) -> LoadProcess:
+    """The load logic of one producer process with connection slot 0, outside a process."""
+    plan = ChildPlan(
+        role="producer",
+        index=0,
+        endpoint=Endpoint("sluice", "127.0.0.1", 0, "ns"),
+        workload=Workload(**workload),
+        connections=[0],
+    )
+    stop, failed = SimpleNamespace(value=0), SimpleNamespace(value=0)
+    shared = Shared(None, None, stop=stop, failed=failed, puts=[0], acks=[0], finished=[0])
+    return LoadProcess(plan, shared, ChildResult("producer", 0))
+
+
+def test_put_frames_carry_the_share_in_batches_over_queues_and_priorities() -> None:
+    load = _producer(messages=10, batch=3, priorities=2, queues=2)
+    frames = list(load.put_frames(0))
+    assert [len(frame.bodies) for frame in frames] == [3, 3, 3, 1]
+    assert [frame.priority for frame in frames] == [0, 1, 0, 1]
+    assert [frame.queue for frame in frames] == ["ns.0", "ns.1", "ns.0", "ns.1"]
+    tokens = [read_body(body)[1] for frame in frames for body in frame.bodies]
+    assert tokens == [token(0, seq) for seq in range(10)]
+    assert load.result.put_counts == {0: 10}
+
+
+def test_open_loop_frames_are_stamped_one_interval_apart() -> None:
+    load = _producer(messages=12, batch=3, rate=1000.0, delay_fraction=0.5, delay_seconds=2.0)
+    frames = list(load.put_frames(0))
+    gaps = [later.sent_ns - earlier.sent_ns for earlier, later in itertools.pairwise(frames)]
+    assert all(abs(gap - 3_000_000) <= 1 for gap in gaps)  # 3 messages at 1,000/s
+    assert [frame.delay for frame in frames] == [0.0, 2.0, 0.0, 2.0]
+    for frame in frames:
+        due_ns = frame.sent_ns + int(frame.delay * 1e9)
+        assert {read_body(body)[0] for body in frame.bodies} == {due_ns}
+
+
+def test_put_frames_end_when_the_parent_says_stop() -> None:
+    load = _producer(messages=100)
+    frames = load.put_frames(0)
+    next(frames)
+    load.shared.stop.value = 1
+    assert list(frames) == []
+    assert load.result.put_counts == {0: 1}
+
+
 # Options -----------------------------------------------------------------------------------
 
 
@@ -203,6 +255,17 @@ def test_scenario_defaults_and_flags() -> None:
     assert (backlog.messages, backlog.batch) == (1_000_000, 10)
     _, many = _workload("--scenario", "many-workers", "--idle-workers", "20")
     assert many.idle_workers == 20
+
+
+def test_client_form_defaults_to_async_and_is_described() -> None:
+    scenario, default = _workload()
+    assert default.client == "async"
+    assert describe_workload(scenario, default).endswith("closed loop, asyncio clients on uvloop")
+    _, sync = _workload("--client", "sync")
+    assert sync.client == "sync"
+    assert "blocking clients in a thread per connection" in describe_workload(scenario, sync)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--client", "gevent"])
 
 
 @pytest.mark.parametrize(
@@ -263,6 +326,21 @@ def test_beanstalkd_commands_per_mode() -> None:
     assert "-b" not in BeanstalkdServer("off").command("beanstalkd", "/d")
     assert BeanstalkdServer("binlog").command("beanstalkd", "/d")[-2:] == ["-b", "/d"]
     assert BeanstalkdServer("fsync").command("beanstalkd", "/d")[-4:] == ["-b", "/d", "-f", "0"]
+
+
+@pytest.mark.skipif(shutil.which("beanstalkd") is None, reason="beanstalkd is not installed")
+def test_beanstalkd_names_the_client_each_form_uses() -> None:
+    server = BeanstalkdServer("off")
+    server.check(Workload(batch=10))
+    assert server.client_module == "" and server.notes == []
+    try:
+        server.check(Workload(batch=10, client="sync"))
+    except Unsupported as why:
+        assert "greenstalk" in str(why)
+        return
+    assert server.client_module == "greenstalk"
+    assert "greenstalk python client" in server.versions()
+    assert server.notes == ["greenstalk does not pipeline: a batch is that many round trips"]
 
 
 def test_redis_skips_what_a_list_cannot_do() -> None:

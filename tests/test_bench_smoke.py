@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from bench._load import CLIENT_FORMS
 from bench._sluice import broker_has_durable_mode
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,6 +67,7 @@ def _assert_client_cpu(stdout: str, figures: dict[str, Any]) -> None:
     assert "client CPU per job" in stdout
 
 
+@pytest.mark.parametrize("client", list(CLIENT_FORMS))
 @pytest.mark.parametrize(
     "args",
     [
@@ -77,12 +79,16 @@ def _assert_client_cpu(stdout: str, figures: dict[str, Any]) -> None:
     ],
     ids=["unbatched", "batch-50-delayed"],
 )
-def test_throughput_reports_every_figure(tmp_path: Path, args: list[str]) -> None:
-    done, document = _bench(tmp_path, "--messages", "300", "--workers", "4", *args)
+def test_throughput_reports_every_figure(tmp_path: Path, args: list[str], client: str) -> None:
+    done, document = _bench(
+        tmp_path, "--messages", "300", "--workers", "4", "--client", client, *args
+    )
     assert EXACTLY_ONCE in done.stdout
+    assert CLIENT_FORMS[client] in done.stdout.splitlines()[0]
     assert document["scenario"] == "throughput" and document["ok"] is True
     workload = document["config"]["workload"]
     assert workload["messages"] == 300 and workload["workers"] == 4
+    assert workload["client"] == client
     assert "python" in document["versions"] and document["command"].startswith("python -m")
     run = _only_run(document)
     _assert_exactly_once(run, 300)
@@ -100,9 +106,12 @@ def test_throughput_reports_every_figure(tmp_path: Path, args: list[str]) -> Non
     assert figures["put_to_deliver_ms"]["count"] == 300
 
 
-def test_latency_runs_open_loop(tmp_path: Path) -> None:
+@pytest.mark.parametrize("client", list(CLIENT_FORMS))
+def test_latency_runs_open_loop(tmp_path: Path, client: str) -> None:
     done, document = _bench(
-        tmp_path, "--scenario", "latency", "--rate", "200", "--duration", "1", "--fsync", "memory"
+        tmp_path,
+        *("--scenario", "latency", "--rate", "200", "--duration", "1", "--fsync", "memory"),
+        *("--client", client),
     )
     assert EXACTLY_ONCE in done.stdout
     run = _only_run(document)
@@ -112,17 +121,12 @@ def test_latency_runs_open_loop(tmp_path: Path) -> None:
     assert run["figures"]["offered_per_s"] == 200
 
 
-def test_many_workers_keeps_idle_connections(tmp_path: Path) -> None:
+@pytest.mark.parametrize("client", list(CLIENT_FORMS))
+def test_many_workers_keeps_idle_connections(tmp_path: Path, client: str) -> None:
     done, document = _bench(
         tmp_path,
-        "--scenario",
-        "many-workers",
-        "--messages",
-        "300",
-        "--idle-workers",
-        "20",
-        "--fsync",
-        "memory",
+        *("--scenario", "many-workers", "--messages", "300", "--idle-workers", "20"),
+        *("--fsync", "memory", "--client", client),
     )
     assert EXACTLY_ONCE in done.stdout
     run = _only_run(document)
@@ -158,25 +162,35 @@ def test_recovery_restarts_a_killed_broker(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("scenario", "peers"),
-    [("throughput", "beanstalkd:off,redis:off"), ("recovery", "beanstalkd:binlog,redis:always")],
+    ("scenario", "peers", "client"),
+    [
+        ("throughput", "beanstalkd:off,redis:off", "async"),
+        ("throughput", "beanstalkd:off,redis:off", "sync"),
+        ("recovery", "beanstalkd:binlog,redis:always", "async"),
+        ("recovery", "beanstalkd:binlog,redis:always", "sync"),
+    ],
 )
-def test_peers_run_or_are_skipped(tmp_path: Path, scenario: str, peers: str) -> None:
+def test_peers_run_or_are_skipped(tmp_path: Path, scenario: str, peers: str, client: str) -> None:
     """Each peer either runs the same workload exactly once or says why it was skipped
     (server or client not installed): neither fails the bench."""
     done, document = _bench(
-        tmp_path, "--scenario", scenario, "--messages", "200", "--against", peers
+        tmp_path,
+        *("--scenario", scenario, "--messages", "200", "--against", peers, "--client", client),
     )
     runs = {run["server"]: run for run in document["runs"]}
     assert set(runs) == {"sluice", "beanstalkd", "redis"}
     for name, run in runs.items():
         if run["status"] == "skipped":
             assert name == "sluice" or "install" in run["reasons"][0]
-        else:
-            _assert_exactly_once(run, 200)
-        if scenario == "recovery" and run["status"] == "ok":
+            continue
+        _assert_exactly_once(run, 200)
+        assert run["figures"]["client_cpu_us_per_job"] > 0
+        if scenario == "recovery":
             assert run["figures"]["recovered"] == 200
-    assert "sluice/this" in done.stdout
+    if client == "sync" and runs["beanstalkd"]["status"] == "ok":
+        assert "greenstalk python client" in runs["beanstalkd"]["versions"]
+    header = next(line for line in done.stdout.splitlines() if "sluice/this" in line)
+    assert "client µs/job" in header
 
 
 def test_bad_options_are_refused_with_the_fix() -> None:
