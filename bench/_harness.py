@@ -147,13 +147,11 @@ def run_child(plan: ChildPlan, shared: Shared) -> None:
     always send back a result."""
     result = ChildResult(plan.role, plan.index)
     run = run_threads if plan.workload.client == "sync" else run_async
-    cpu_start = time.process_time()
     try:
         run(plan, shared, result)
     except BaseException as error:
         result.errors.append(f"{plan.role} process {plan.index}: {error!r}")
         shared.failed.value = 1
-    result.cpu_seconds = time.process_time() - cpu_start
     shared.finished[plan.index] = 1
     shared.results.put(result)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import array
 import math
 import threading
+import time
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -82,7 +83,7 @@ class ChildResult:
     first_put_ns: int | None = None
     last_put_ns: int | None = None
     last_ack_ns: int | None = None
-    cpu_seconds: float = 0.0
+    cpu_seconds: float = 0.0  # from start_clock to stop_clock, every thread of the process
     errors: list[str] = field(default_factory=list)
 
 
@@ -130,6 +131,7 @@ class LoadProcess:
         self.workload = plan.workload
         self.padding = b"x" * (self.workload.body_size - MIN_BODY)
         self.deadline_ns: int | None = None
+        self._cpu_start: float | None = None
         self._recording = threading.Lock()  # guards the result and the shared counters
 
     @property
@@ -137,9 +139,17 @@ class LoadProcess:
         return f"{self.plan.endpoint.namespace}.idle"
 
     def start_clock(self) -> None:
-        """Call once every process is ready: a timed run's time starts now."""
+        """Call once every process is ready. A timed run's time starts now, and so does the
+        CPU this process is charged with (not its imports, nor opening its connections)."""
+        self._cpu_start = time.process_time()
         if self.workload.duration is not None:
             self.deadline_ns = now_ns() + int(self.workload.duration * 1e9)
+
+    def stop_clock(self) -> None:
+        """Call when the load is over, before closing the connections: the CPU this process
+        (every thread of it) used since ``start_clock`` goes in the result."""
+        if self._cpu_start is not None:
+            self.result.cpu_seconds = time.process_time() - self._cpu_start
 
     def running(self) -> bool:
         """False once the parent said stop or a connection failed."""

@@ -53,6 +53,7 @@ class AsyncLoad(LoadProcess):
             else:
                 await self._consume_all(connections, idle)
         finally:
+            self.stop_clock()
             await asyncio.gather(*(c.close() for c in connections + idle), return_exceptions=True)
 
     async def _guard(self, name: str, work: Coroutine[Any, Any, None]) -> None:

@@ -58,6 +58,7 @@ class ThreadLoad(LoadProcess):
             for thread in threads:
                 thread.join()
         finally:
+            self.stop_clock()
             # Not the idle connections: their threads may still be in a long poll, and
             # the process's exit closes them.
             for connection in connections:
