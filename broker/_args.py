@@ -7,7 +7,7 @@ from typing import Any, Final
 
 import msgpack
 
-from protocol import BadRequest, require_queue_name, shown
+from protocol import BadRequest, require_queue_name, require_string_keys, shown
 
 from ._message import Headers, PutSpec
 from ._outcomes import NO_RESULT
@@ -34,9 +34,8 @@ class Args:
 
     def __init__(self, op: str, args: dict[str, Any], allowed: frozenset[str]) -> None:
         if not allowed.issuperset(args):
-            unknown = args.keys() - allowed
-            names = shown(sorted(unknown, key=repr))
-            raise BadRequest(f"{op}: unknown argument(s) {names}; allowed: {sorted(allowed)}")
+            require_string_keys(args)  # the request frame's keys were not checked yet
+            _refuse_unknown(op, args, allowed)
         self.op = op
         self._args = args
 
@@ -59,10 +58,12 @@ class Args:
         return [require_queue_name(item, self.op) for item in value]
 
     def integer(self, name: str, default: Any = _MISSING, *, low: int, high: int) -> Any:
-        value = self._get(name, default)
+        value = self._args.get(name, default)
         if value is None and default is None:
             return None
-        return integer_in_range(f"{self.op}: {name}", value, low=low, high=high)
+        if value is _MISSING:
+            raise BadRequest(f"{self.op}: argument {name!r} is required")
+        return integer_in_range(name, value, low=low, high=high, op=self.op)
 
     def seconds(
         self,
@@ -72,16 +73,18 @@ class Args:
         low_open: bool = False,
         high: float = MAX_DURATION,
     ) -> Any:
-        value = self._get(name, default)
+        value = self._args.get(name, default)
         if value is None and default is None:
             return None
-        return number_in_range(f"{self.op}: {name}", value, low=0, high=high, low_open=low_open)
+        if value is _MISSING:
+            raise BadRequest(f"{self.op}: argument {name!r} is required")
+        return number_in_range(name, value, low=0, high=high, low_open=low_open, op=self.op)
 
     def number(self, name: str, default: Any = _MISSING, *, low: float, high: float) -> Any:
         value = self._get(name, default)
         if value is None and default is None:
             return None
-        return number_in_range(f"{self.op}: {name}", value, low=low, high=high)
+        return number_in_range(name, value, low=low, high=high, op=self.op)
 
     def text(self, name: str, default: Any = _MISSING) -> Any:
         value = self._get(name, default)
@@ -100,9 +103,8 @@ class Args:
             return None
         if not isinstance(value, list) or len(value) > MAX_BATCH * 100:
             raise BadRequest(f"{self.op}: {name} must be a list of message ids")
-        return [
-            integer_in_range(f"{self.op}: {name}[]", v, low=1, high=INT64_RANGE[1]) for v in value
-        ]
+        high = INT64_RANGE[1]
+        return [integer_in_range(f"{name}[]", v, low=1, high=high, op=self.op) for v in value]
 
     def deliveries(self, name: str = "items") -> list[tuple[int, int]]:
         """A list of ``[id, lease]`` pairs, 1..MAX_BATCH of them."""
@@ -129,11 +131,15 @@ class Args:
         result_bytes = 0
         if not isinstance(value, list) or not 1 <= len(value) <= MAX_BATCH:
             raise BadRequest(f"{self.op}: {name} must be a list of 1-{MAX_BATCH} {shape} items")
+        longest = 3 if with_results else 2
         for item in value:
-            if (
-                not isinstance(item, list)
-                or len(item) not in ((2, 3) if with_results else (2,))
-                or not all(type(v) is int and v > 0 for v in item[:2])
+            if not (
+                isinstance(item, list)
+                and 2 <= len(item) <= longest
+                and type(item[0]) is int
+                and item[0] > 0
+                and type(item[1]) is int
+                and item[1] > 0
             ):
                 raise BadRequest(f"{self.op}: each of {name} must be {shape}, got {shown(item)}")
             if len(item) == 3:
@@ -153,7 +159,7 @@ class Args:
         value = self._get(name, _MISSING)
         if not isinstance(value, list) or not 1 <= len(value) <= MAX_BATCH:
             raise BadRequest(f"{self.op}: {name} must be a list of 1-{MAX_BATCH} messages")
-        return [put_spec(f"put: message {index}", item) for index, item in enumerate(value)]
+        return [put_spec(item, index) for index, item in enumerate(value)]
 
 
 _PUT_FIELDS: Final = frozenset(
@@ -161,23 +167,40 @@ _PUT_FIELDS: Final = frozenset(
 )
 
 
-def put_spec(where: str, item: Any) -> PutSpec:
-    """One message map of a put; ``where`` names it in errors ("put: message 3")."""
+def put_spec(item: Any, index: int | None = None) -> PutSpec:
+    """One message map of a put; errors name it as "put: message <index>" (or, without an
+    index, as put_and_wait's message). The accepting path reads each field once."""
     if not isinstance(item, dict):
-        raise BadRequest(f"{where} must be a map with at least 'body'")
-    args = Args(where, item, _PUT_FIELDS)
-    body = args._get("body", _MISSING)
-    if not isinstance(body, bytes):
-        raise BadRequest(f"{where}: body must be bytes (msgpack bin)")
+        raise BadRequest(f"{_message_name(index)} must be a map with at least 'body'")
+    if not _PUT_FIELDS.issuperset(item):
+        _refuse_unknown(_message_name(index), item, _PUT_FIELDS)
+    body = item.get("body", _MISSING)
+    if type(body) is not bytes:
+        if body is _MISSING:
+            raise BadRequest(f"{_message_name(index)}: argument 'body' is required")
+        raise BadRequest(f"{_message_name(index)}: body must be bytes (msgpack bin)")
+    if len(item) == 1:  # the common case: a body and every option left to the queue
+        return PutSpec(body=body)
+    args = Args(_message_name(index), item, _PUT_FIELDS)
     return PutSpec(
         body=body,
         priority=args.integer("priority", 0, low=PRIORITY_RANGE[0], high=PRIORITY_RANGE[1]),
         delay=args.seconds("delay", 0.0),
         max_attempts=args.integer("max_attempts", None, low=1, high=2**31 - 1),
         visibility_timeout=args.seconds("visibility_timeout", None, low_open=True),
-        headers=_headers(where, item.get("headers")),
-        key=_key(where, item.get("key")),
+        headers=_headers(args.op, item.get("headers")),
+        key=_key(args.op, item.get("key")),
     )
+
+
+def _refuse_unknown(op: str, args: dict[Any, Any], allowed: frozenset[str]) -> None:
+    unknown = args.keys() - allowed
+    names = shown(sorted(unknown, key=repr))
+    raise BadRequest(f"{op}: unknown argument(s) {names}; allowed: {sorted(allowed)}")
+
+
+def _message_name(index: int | None) -> str:
+    return "put_and_wait: message" if index is None else f"put: message {index}"
 
 
 def _key(where: str, value: Any) -> str | None:

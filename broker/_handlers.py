@@ -89,7 +89,7 @@ def _put_and_wait(call: Call, args: Args) -> Any:
     _check_wait(call, timeout)
     queue = args.queue()
     message = args.mapping("message")
-    specs = [put_spec("put_and_wait: message", message)]
+    specs = [put_spec(message)]
     if specs[0].delay:
         raise BadRequest("put_and_wait: a message cannot be delayed; use put and result")
     if call.space is not None:

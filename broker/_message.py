@@ -6,8 +6,7 @@ versioned records and rebuilds these on recovery.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from ._lifecycle import State
 
@@ -19,9 +18,10 @@ NOT_STORED: Final = -1  # ``Message.stored`` of a message the store has not writ
 RECOVERED: Final = 0  # ... of one read back by recovery (durable before this run began)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PutSpec:
-    """One message of a put, already type-checked. ``None`` means "the queue's setting"."""
+class PutSpec(NamedTuple):
+    """One message of a put, already type-checked. ``None`` means "the queue's setting".
+    (A named tuple: immutable, and built several times faster than a frozen dataclass,
+    once per message put.)"""
 
     body: bytes
     priority: int = 0

@@ -45,6 +45,7 @@ log = logging.getLogger("sluice.metrics")
 
 UNKNOWN_OP: Final = "unknown"  # an op this broker does not have (keeps the label bounded)
 INVALID: Final = "invalid"  # the frame was not a request at all
+OK: Final = "ok"  # the outcome of a request that succeeded (or is left waiting)
 OLDEST_SCAN_LIMIT: Final = 100_000  # above this many ready, the age is the next message's
 MAX_REQUEST_HEAD: Final = 8192
 READ_TIMEOUT: Final = 10.0
@@ -59,7 +60,8 @@ def outcome_of(error: SluiceError) -> str:
 
 class ServerMetrics:
     """What the server counts as it works, as plain data. ``request_done`` is the only
-    per-request cost: a dict increment and a histogram observation."""
+    per-request cost: a histogram observation (whose count is also the request count),
+    plus a dict increment for a request that failed."""
 
     __slots__ = (
         "commit_failures",
@@ -67,15 +69,15 @@ class ServerMetrics:
         "commit_seconds",
         "commits",
         "connections_opened",
+        "failed",
         "failing_commits",
         "handling",
         "last_commit_error",
         "recovered",
-        "requests",
     )
 
     def __init__(self) -> None:
-        self.requests: dict[tuple[str, str], int] = {}  # (op, outcome) -> count
+        self.failed: dict[tuple[str, str], int] = {}  # (op, error code) -> count
         self.handling = {op: Histogram(REQUEST_SECONDS) for op in (*OPS, UNKNOWN_OP, INVALID)}
         self.commit_records = Histogram(BATCH_RECORDS)
         self.commit_seconds = Histogram(COMMIT_SECONDS)
@@ -91,9 +93,19 @@ class ServerMetrics:
         histogram = self.handling.get(op)
         if histogram is None:
             op, histogram = UNKNOWN_OP, self.handling[UNKNOWN_OP]
-        key = (op, outcome)
-        self.requests[key] = self.requests.get(key, 0) + 1
         histogram.observe(seconds)
+        if outcome != OK:
+            key = (op, outcome)
+            self.failed[key] = self.failed.get(key, 0) + 1
+
+    def requests(self) -> dict[tuple[str, str], int]:
+        """Requests answered so far by ``(op, outcome)``; outcome "ok" or an error code."""
+        counts = dict(self.failed)
+        for op, histogram in self.handling.items():
+            ok = histogram.count - sum(n for (o, _), n in self.failed.items() if o == op)
+            if ok:
+                counts[(op, OK)] = ok
+        return counts
 
     def commit_done(self, records: int, seconds: float) -> None:
         self.commits += 1
@@ -222,7 +234,7 @@ def request_families(metrics: ServerMetrics) -> Iterator[Metric]:
     requests = CounterMetricFamily(
         "sluice_requests", "Requests answered, by op and outcome", labels=["op", "outcome"]
     )
-    for (op, outcome), count in sorted(metrics.requests.items()):
+    for (op, outcome), count in sorted(metrics.requests().items()):
         requests.add_metric([op, outcome], count)
     yield requests
     handling = HistogramMetricFamily(

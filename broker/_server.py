@@ -55,9 +55,10 @@ from protocol import (
     Unauthorized,
     UnsupportedVersion,
     encode_frame,
-    parse_request,
     request_id_of,
+    require_string_keys,
     shown,
+    split_request,
 )
 
 from . import __version__
@@ -66,7 +67,7 @@ from ._core import Core
 from ._handlers import PENDING, READ_ONLY_OPS, Call, deliveries, handle
 from ._logging import event
 from ._message import NOT_STORED, Message
-from ._metrics import INVALID, ServerMetrics, outcome_of
+from ._metrics import INVALID, OK, ServerMetrics, outcome_of
 from ._store import Batch, Store
 
 log = logging.getLogger("sluice.server")
@@ -219,44 +220,43 @@ class Connection(asyncio.Protocol):
         """Handle one request and queue its reply (a long-poll's comes later). Returns its
         op and outcome ("ok" or the error code) for the metrics."""
         try:
-            request = parse_request(frame)
+            request_id, op, args = split_request(frame)
         except SluiceError as error:
             self.reply_error(request_id_of(frame), error)
             return INVALID, outcome_of(error)
         need = 0
         try:
             result: Any
-            if request.op == "hello":
-                result = self._hello(request.args)
-            elif not self.greeted:
-                raise BadRequest('send hello first: [id, "hello", {"version": 1}]')
+            if self.greeted and op != "hello":
+                result, need = self.server.handle(self, request_id, op, args)
+            elif op == "hello":
+                result = self._hello(args)
             else:
-                result, need = self.server.handle(
-                    self, request.request_id, request.op, request.args
-                )
+                raise BadRequest('send hello first: [id, "hello", {"version": 1}]')
         except SluiceError as error:
-            self.reply_error(request.request_id, error, self.server.need_of_error(error))
+            self.reply_error(request_id, error, self.server.need_of_error(error))
             if isinstance(error, UnsupportedVersion | Unauthorized):
                 self.close_after_replies()
-            return request.op, outcome_of(error)
+            return op, outcome_of(error)
         except Exception:
             log.exception(
                 "internal error on %s %s",
-                request.op,
-                shown(request.args),
-                extra=event("internal_error", op=request.op, connection_id=self.id),
+                op,
+                shown(args),
+                extra=event("internal_error", op=op, connection_id=self.id),
             )
-            self.reply_error(request.request_id, InternalError(f"internal error in {request.op}"))
-            return request.op, "INTERNAL"
+            self.reply_error(request_id, InternalError(f"internal error in {op}"))
+            return op, "INTERNAL"
         if result is PENDING:
-            self.waiting.add(request.request_id)
+            self.waiting.add(request_id)
         else:
-            self.reply(request.request_id, result, need)
-        return request.op, "ok"
+            self.reply(request_id, result, need)
+        return op, OK
 
     def _hello(self, args: dict[str, Any]) -> dict[str, Any]:
         if self.greeted:
             raise BadRequest("hello was already sent on this connection")
+        require_string_keys(args)
         version = args.get("version")
         if type(version) is not int or version != PROTOCOL_VERSION:
             raise UnsupportedVersion(

@@ -14,20 +14,32 @@ MAX_DURATION: Final = 14 * 24 * 3600.0  # the longest delay, lease, ttl or windo
 MAX_BODY_LIMIT: Final = 64 * 1024 * 1024
 
 
-def _number(name: str, value: Any, *, low: float, high: float, low_open: bool = False) -> float:
+def _number(
+    name: str, value: Any, *, low: float, high: float, low_open: bool = False, op: str = ""
+) -> float:
+    """``value`` as a float if it is a finite number in range, else ``BadRequest`` naming
+    ``op: name`` (or ``name``) and the range. The accepting path builds no text."""
+    exact = type(value) is float or type(value) is int
+    if exact and low <= value <= high and not (low_open and value == low):
+        return float(value)
+    where = f"{op}: {name}" if op else name
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise BadRequest(f"{name} must be a number, got {shown(value)}")
+        raise BadRequest(f"{where} must be a number, got {shown(value)}")
     if value < low or (low_open and value == low) or value > high:
         bracket = "(" if low_open else "["
-        raise BadRequest(f"{name} must be in {bracket}{low}, {high}], got {shown(value)}")
+        raise BadRequest(f"{where} must be in {bracket}{low}, {high}], got {shown(value)}")
     return float(value)
 
 
-def _integer(name: str, value: Any, *, low: int, high: int) -> int:
+def _integer(name: str, value: Any, *, low: int, high: int, op: str = "") -> int:
+    """``value`` if it is an int (not a bool) in ``[low, high]``, else ``BadRequest``."""
+    if type(value) is int and low <= value <= high:
+        return value
+    where = f"{op}: {name}" if op else name
     if isinstance(value, bool) or not isinstance(value, int):
-        raise BadRequest(f"{name} must be an integer, got {shown(value)}")
+        raise BadRequest(f"{where} must be an integer, got {shown(value)}")
     if not low <= value <= high:
-        raise BadRequest(f"{name} must be in [{low}, {high}], got {shown(value)}")
+        raise BadRequest(f"{where} must be in [{low}, {high}], got {shown(value)}")
     return value
 
 

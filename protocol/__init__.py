@@ -42,6 +42,8 @@ from ._messages import (
     parse_reply,
     parse_request,
     request_id_of,
+    require_string_keys,
+    split_request,
 )
 from ._validate import QUEUE_NAME_PATTERN, is_queue_name, require_queue_name, shown
 
@@ -78,6 +80,8 @@ __all__ = [
     "pack",
     "parse_reply",
     "parse_request",
+    "require_string_keys",
+    "split_request",
     "request_id_of",
     "require_queue_name",
     "shown",
