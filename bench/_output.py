@@ -112,7 +112,7 @@ def format_comparison(scenario: str, reports: Sequence[RunReport]) -> str:
     base = _headline(scenario, reports[0])
     header = (
         f"{'server':<11}{'mode':<26}{title:>14}{'deliver p50':>12}{'deliver p99':>12}"
-        f"{'put p99':>9}{'CPU s':>7}{'RSS MiB':>9}{'client µs/job':>14}  sluice/this"
+        f"{'put p99':>9}{'CPU s':>7}{'RSS MiB':>9}{'client µs/job':>15}  sluice/this"
     )
     rows = [header, "-" * len(header)]
     for report in reports:
@@ -129,7 +129,7 @@ def format_comparison(scenario: str, reports: Sequence[RunReport]) -> str:
             f"{_cell(deliver.get('p99'), '{:.2f}'):>12}{_cell(confirm.get('p99'), '{:.2f}'):>9}"
             f"{_cell(report.figures.get('server_cpu_s'), '{:.1f}'):>7}"
             f"{_cell(report.figures.get('server_peak_rss_mib'), '{:.1f}'):>9}"
-            f"{_cell(report.figures.get('client_cpu_us_per_job'), '{:,.1f}'):>14}  {ratio}"
+            f"{_cell(report.figures.get('client_cpu_us_per_job'), '{:,.1f}'):>15}  {ratio}"
         )
     rows.append(
         "latencies in ms; CPU s and RSS MiB (peak) of the server process; client µs/job: "
