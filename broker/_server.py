@@ -145,7 +145,7 @@ class Connection(asyncio.Protocol):
                     break
                 if budget == 0:
                     self.turn_paused = True
-                    asyncio.get_running_loop().call_soon(self.read_frames)
+                    self.server.loop.call_soon(self.read_frames)
                     break
                 frame = self.decoder.next_frame()
                 if frame is NEED_DATA:
@@ -369,7 +369,16 @@ class BrokerServer:
         self._timer_deadline: float | None = None
         self._listener: asyncio.Server | None = None
         self._no_connections = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.metrics = ServerMetrics()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop this server runs on. Kept: ``asyncio.get_running_loop()`` costs a
+        getpid system call each time (its check against a fork)."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
@@ -453,7 +462,7 @@ class BrokerServer:
             self.end_turn()  # nothing to group: answer now, one hop sooner
         elif not self._turn_scheduled:
             self._turn_scheduled = True
-            asyncio.get_running_loop().call_soon(self.end_turn)
+            self.loop.call_soon(self.end_turn)
 
     def end_turn(self) -> None:
         """Deliver long-poll completions, write (or hold) queued replies, start a commit if
@@ -529,7 +538,7 @@ class BrokerServer:
                     extra=event("commit_failed", failures=failures, error=str(error)),
                 )
             self._stalled = True
-            asyncio.get_running_loop().call_later(_RETRY_COMMIT_AFTER, self._commit, batch)
+            self.loop.call_later(_RETRY_COMMIT_AFTER, self._commit, batch)
             return
         if failures := self.metrics.failing_commits:  # commit_done (below) resets it
             log.warning(
@@ -592,7 +601,7 @@ class BrokerServer:
         self._timer_deadline = deadline
         if deadline is not None:
             delay = max(0.0, deadline - self.clock())
-            self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+            self._timer = self.loop.call_later(delay, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import socket
 from collections.abc import Callable, Coroutine
-from typing import Any, Concatenate, ParamSpec, TypeVar, cast
+from typing import Any, Concatenate, NamedTuple, ParamSpec, TypeVar, cast
 
-from protocol import NEED_DATA, FrameDecoder, Reply, SluiceError, encode_frame
+from protocol import NEED_DATA, FrameDecoder, SluiceError, encode_frame
 
 from . import _calls
 from ._calls import Call
@@ -19,8 +20,8 @@ from ._common import (
     MAX_REPLY_FRAME,
     hello_args,
     parse_url,
-    reply_of,
     result_of,
+    split_reply_frame,
 )
 from .errors import ConnectionClosed, Timeout
 
@@ -39,14 +40,26 @@ def _awaiting(
     return method
 
 
+Answer = tuple[bool, Any]  # (ok, result or SluiceError) of one reply
+
+
+class _Pending(NamedTuple):
+    """A request sent and not yet answered."""
+
+    future: asyncio.Future[Answer]
+    deadline: float  # loop time after which the call times out
+    op: str
+    limit: float  # its timeout in seconds, for the error
+
+
 class _ReplyReader(asyncio.Protocol):
     """Routes each reply to the future of the request with its id."""
 
-    def __init__(self, pending: dict[int, asyncio.Future[Reply]]) -> None:
+    def __init__(self, pending: dict[int, _Pending], loop: asyncio.AbstractEventLoop) -> None:
         self.pending = pending
         self.decoder = FrameDecoder(MAX_REPLY_FRAME)
         self.transport: asyncio.Transport | None = None
-        self.closed = asyncio.get_running_loop().create_future()
+        self.closed = loop.create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -58,20 +71,21 @@ class _ReplyReader(asyncio.Protocol):
         try:
             self.decoder.feed(data)
             while (frame := self.decoder.next_frame()) is not NEED_DATA:
-                self._route(reply_of(frame))
+                self._route(*split_reply_frame(frame))
         except SluiceError as error:
             self._fail_all(error)
             if self.transport is not None:
                 self.transport.close()
 
-    def _route(self, reply: Reply) -> None:
-        if reply.request_id is None:
+    def _route(self, request_id: int | None, ok: bool, value: Any) -> None:
+        if request_id is None:
             # The broker could not tell which request failed: it is closing on us.
-            self._fail_all(reply.error or ConnectionClosed("broker sent an unaddressed reply"))
+            error = value if not ok else None
+            self._fail_all(error or ConnectionClosed("broker sent an unaddressed reply"))
             return
-        future = self.pending.pop(reply.request_id, None)
-        if future is not None and not future.done():
-            future.set_result(reply)
+        pending = self.pending.pop(request_id, None)
+        if pending is not None and not pending.future.done():
+            pending.future.set_result((ok, value))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail_all(ConnectionClosed(f"the broker closed the connection ({exc or 'EOF'})"))
@@ -81,9 +95,9 @@ class _ReplyReader(asyncio.Protocol):
     def _fail_all(self, error: Exception) -> None:
         pending = list(self.pending.values())
         self.pending.clear()
-        for future in pending:
-            if not future.done():
-                future.set_exception(error)
+        for call in pending:
+            if not call.future.done():
+                call.future.set_exception(error)
 
 
 class AsyncClient:
@@ -108,10 +122,14 @@ class AsyncClient:
         self.host, self.port, self.timeout = host, port, timeout
         self.client_name, self.auth_token = client_name, auth_token
         self.server_info: dict[str, Any] = {}
-        self._pending: dict[int, asyncio.Future[Reply]] = {}
+        self._pending: dict[int, _Pending] = {}
         self._reader: _ReplyReader | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._ids = itertools.count(1)
         self._connecting: asyncio.Lock | None = None
+        # One timer for every call's timeout, at the earliest deadline it has to catch.
+        self._expiry: asyncio.TimerHandle | None = None
+        self._expiry_at = math.inf
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> AsyncClient:
@@ -142,7 +160,8 @@ class AsyncClient:
         """Send one call and wait for its reply."""
         if not self._connected():
             await self.connect()
-        return result_of(call, await self._round_trip(call.op, call.args, call.wait))
+        ok, value = await self._round_trip(call.op, call.args, call.wait)
+        return result_of(call, ok, value)
 
     def _connected(self) -> bool:
         """False once the transport is closing, even before connection_lost has run."""
@@ -155,11 +174,13 @@ class AsyncClient:
         )
 
     async def _open(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._pending = {}
+        # Kept: asyncio.get_running_loop() costs a getpid system call each time.
+        loop = self._loop = asyncio.get_running_loop()
+        pending: dict[int, _Pending] = {}
+        self._pending = pending
         try:
             _, reader = await asyncio.wait_for(
-                loop.create_connection(lambda: _ReplyReader(self._pending), self.host, self.port),
+                loop.create_connection(lambda: _ReplyReader(pending, loop), self.host, self.port),
                 self.timeout,
             )
         except (OSError, TimeoutError) as error:
@@ -168,34 +189,53 @@ class AsyncClient:
                 "running? (python -m broker)"
             ) from None
         self._reader = reader
-        reply = await self._round_trip("hello", hello_args(self.client_name, self.auth_token), 0)
-        if reply.error is not None:
+        hello = hello_args(self.client_name, self.auth_token)
+        ok, value = await self._round_trip("hello", hello, 0)
+        if not ok:
             await self.close()
-            raise reply.error
-        self.server_info = reply.result
+            raise value
+        self.server_info = value
 
-    async def _round_trip(self, op: str, args: dict[str, Any], wait: float) -> Reply:
-        reader = self._reader
-        if reader is None or not self._connected():
+    def _round_trip(self, op: str, args: dict[str, Any], wait: float) -> asyncio.Future[Answer]:
+        """Send one request; the future gets its reply's ``(ok, value)``, or ``Timeout``
+        after ``timeout + wait`` seconds, or ``ConnectionClosed``."""
+        reader, loop = self._reader, self._loop
+        if reader is None or loop is None or not self._connected():
             raise ConnectionClosed(f"{op}: not connected to the broker")
         assert reader.transport is not None
         request_id = next(self._ids)
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Reply] = loop.create_future()
-        self._pending[request_id] = future
-        reader.transport.write(encode_frame([request_id, op, args]))
-        # A timer on the future, not asyncio.wait_for: that would cost a task per call.
+        future: asyncio.Future[Answer] = loop.create_future()
         limit = self.timeout + wait
-        timer = loop.call_later(limit, self._expire, request_id, op, limit)
-        try:
-            return await future
-        finally:
-            timer.cancel()
+        deadline = loop.time() + limit
+        self._pending[request_id] = _Pending(future, deadline, op, limit)
+        reader.transport.write(encode_frame([request_id, op, args]))
+        # Not a timer per call (nor asyncio.wait_for, a task per call): one timer, at the
+        # earliest deadline of the calls in flight.
+        if deadline < self._expiry_at:
+            self._expire_at(loop, deadline)
+        return future
 
-    def _expire(self, request_id: int, op: str, limit: float) -> None:
-        future = self._pending.pop(request_id, None)
-        if future is not None and not future.done():
-            future.set_exception(Timeout(f"{op}: no reply within {limit:.1f}s"))
+    def _expire_at(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+        self._expiry = loop.call_at(when, self._expire_due, loop)
+        self._expiry_at = when
+
+    def _expire_due(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Fail every call past its deadline with ``Timeout``; wait for the next one."""
+        self._expiry, self._expiry_at = None, math.inf
+        now, pending = loop.time(), self._pending
+        earliest = math.inf
+        for request_id, call in list(pending.items()):
+            if call.deadline <= now:
+                del pending[request_id]
+                if not call.future.done():
+                    message = f"{call.op}: no reply within {call.limit:.1f}s"
+                    call.future.set_exception(Timeout(message))
+            elif call.deadline < earliest:
+                earliest = call.deadline
+        if earliest < math.inf:
+            self._expire_at(loop, earliest)
 
     ping = _awaiting(_calls.ping)
     put = _awaiting(_calls.put)

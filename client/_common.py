@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit
 
-from protocol import PROTOCOL_VERSION, Reply, SluiceError, parse_reply
+from protocol import PROTOCOL_VERSION, SluiceError, split_reply
 
 from ._calls import Call
 
@@ -33,15 +33,20 @@ def hello_args(client_name: str, auth_token: str | None) -> dict[str, Any]:
     return args
 
 
-def reply_of(frame: Any) -> Reply:
+ReplyParts = tuple[int | None, bool, Any]  # (request id, ok, result or SluiceError)
+
+
+def split_reply_frame(frame: Any) -> ReplyParts:
+    """``(request_id, ok, result or SluiceError)`` of a reply frame; a frame that is not a
+    reply is a ``SluiceError`` (the stream from the broker cannot be trusted after it)."""
     try:
-        return parse_reply(frame)
+        return split_reply(frame)
     except SluiceError as error:
         raise SluiceError(f"broker sent a frame that is not a reply: {error}") from None
 
 
-def result_of(call: Call[T], reply: Reply) -> T:
+def result_of(call: Call[T], ok: bool, value: Any) -> T:
     """The parsed result, or the reply's error raised as its exception class."""
-    if reply.error is not None:
-        raise reply.error
-    return call.parse(reply.result)
+    if not ok:
+        raise value
+    return call.parse(value)

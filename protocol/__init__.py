@@ -43,6 +43,7 @@ from ._messages import (
     parse_request,
     request_id_of,
     require_string_keys,
+    split_reply,
     split_request,
 )
 from ._validate import QUEUE_NAME_PATTERN, is_queue_name, require_queue_name, shown
@@ -81,6 +82,7 @@ __all__ = [
     "parse_reply",
     "parse_request",
     "require_string_keys",
+    "split_reply",
     "split_request",
     "request_id_of",
     "require_queue_name",

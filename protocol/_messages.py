@@ -137,6 +137,20 @@ def request_id_of(obj: Any) -> int | None:
     return None
 
 
+def split_reply(obj: Any) -> tuple[int | None, bool, Any]:
+    """``(request_id, ok, result_or_error)`` of a decoded reply frame, checked as
+    ``parse_reply`` checks it; the error of a failed reply is its ``SluiceError``. For the
+    clients' hot path: a successful reply builds no object."""
+    if type(obj) is list and len(obj) == 3:
+        request_id, ok, payload = obj
+        if ok is True and type(request_id) is int and 0 <= request_id <= MAX_REQUEST_ID:
+            return request_id, True, payload
+    reply = parse_reply(obj)  # raises the error that says what is wrong
+    if reply.error is None:
+        return reply.request_id, True, reply.result
+    return reply.request_id, False, reply.error
+
+
 def parse_reply(obj: Any) -> Reply:
     """Validate a decoded frame as a reply. Raises ``BadRequest``."""
     if not isinstance(obj, list | tuple) or len(obj) != 3 or not isinstance(obj[1], bool):

@@ -11,9 +11,20 @@ from ._errors import BadRequest
 QUEUE_NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9._:-]{1,200}")
 
 
+_KNOWN_NAMES: Final[set[str]] = set()  # names that passed, so a name is matched once
+_KNOWN_NAMES_MAX: Final = 4096
+
+
 def is_queue_name(value: object) -> bool:
     """True for 1-200 characters of ``[A-Za-z0-9._:-]``."""
-    return isinstance(value, str) and QUEUE_NAME_PATTERN.fullmatch(value) is not None
+    if type(value) is str and value in _KNOWN_NAMES:
+        return True
+    if not isinstance(value, str) or QUEUE_NAME_PATTERN.fullmatch(value) is None:
+        return False
+    if len(_KNOWN_NAMES) >= _KNOWN_NAMES_MAX:
+        _KNOWN_NAMES.clear()
+    _KNOWN_NAMES.add(value)
+    return True
 
 
 def require_queue_name(value: Any, where: str) -> str:
