@@ -272,7 +272,7 @@ class Connection(asyncio.Protocol):
         name = args.get("client")
         self.client_name = name[:200] if isinstance(name, str) else "?"
         self.greeted = True
-        log.info(
+        log.debug(
             "connection %d from %s is %s",
             self.id,
             self.peer,
@@ -620,7 +620,7 @@ class BrokerServer:
         self.connections[connection.id] = connection
         self._no_connections.clear()
         self.metrics.connections_opened += 1
-        log.info(
+        log.debug(
             "connection %d opened from %s",
             connection.id,
             connection.peer,

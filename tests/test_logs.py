@@ -82,14 +82,12 @@ def test_json_log_has_every_event_with_its_fields(tmp_path: Path) -> None:
     listening = only(records, "listening")
     assert listening["port"] == broker.port and listening["metrics"] == "off"
 
-    opened = only(records, "connection_opened")
-    assert opened["peer"].startswith("127.0.0.1:") and opened["level"] == "info"
-    hello = only(records, "hello")
-    assert hello["client"] == "billing-worker-1"
-    assert hello["connection_id"] == opened["connection_id"]
+    # One line per connection at info, when it closes, with everything the others had.
+    assert events(records, "connection_opened") == events(records, "hello") == []
     closed = only(records, "connection_closed")
-    assert closed["client"] == "billing-worker-1" and closed["peer"] == opened["peer"]
+    assert closed["client"] == "billing-worker-1" and closed["peer"].startswith("127.0.0.1:")
     assert closed["requests"] == 6  # hello, two puts, reserve, bury, nack
+    assert closed["level"] == "info" and closed["connection_id"] > 0
 
     dead = {record["id"]: record for record in events(records, "dead_letter")}
     assert set(dead) == {buried, exhausted}
@@ -107,12 +105,25 @@ def test_json_log_has_every_event_with_its_fields(tmp_path: Path) -> None:
         "recovering",
         "recovered",
         "listening",
-        "connection_opened",
-        "hello",
         "connection_closed",
         "shutdown",
         "stopped",
     }, "no per-message lines at info level but dead letters"
+
+
+def test_debug_log_also_has_each_connection_opening_and_its_hello(tmp_path: Path) -> None:
+    broker = start_broker(tmp_path / "broker.log", "--log-format", "json", "--log-level", "debug")
+    with broker.client(client_name="mailer-2") as client:
+        client.ping()
+    stop_broker(broker)
+    records = json_lines(broker)
+    opened = only(records, "connection_opened")
+    assert opened["peer"].startswith("127.0.0.1:") and opened["level"] == "debug"
+    hello = only(records, "hello")
+    assert hello["client"] == "mailer-2" and hello["level"] == "debug"
+    assert hello["connection_id"] == opened["connection_id"]
+    closed = only(records, "connection_closed")
+    assert closed["connection_id"] == opened["connection_id"] and closed["peer"] == opened["peer"]
 
 
 def test_text_log_keeps_one_line_per_event(tmp_path: Path) -> None:
@@ -125,7 +136,7 @@ def test_text_log_keeps_one_line_per_event(tmp_path: Path) -> None:
     dead = [line for line in lines if "dead letter" in line]
     assert len(dead) == 2
     assert f"message {buried} of {QUEUE}" in dead[0] and "correlation id order-17" in dead[0]
-    assert any(r"is evil\nname" in line for line in lines), "client names stay on one line"
+    assert any(r"(evil\nname) closed after" in line for line in lines), "names stay on one line"
     assert any("listening on" in line for line in lines)
     assert sum("closed after" in line for line in lines) == 1
 
