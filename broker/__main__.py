@@ -63,6 +63,7 @@ def open_store(config: Config, core: Core) -> tuple[Store | None, Recovered | No
 
 
 GIL_SWITCH_INTERVAL: Final = 0.0005  # seconds; Python's default is 0.005
+GC_YOUNG_THRESHOLD: Final = 10_000  # allocations between young collections; default 700
 
 
 async def serve(config: Config) -> None:
@@ -71,6 +72,10 @@ async def serve(config: Config) -> None:
     # The checkpoint thread competes with the loop for the GIL: a waiting loop gets it
     # back after this long, not after Python's default 5 ms.
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+    # Each request allocates a few dozen objects, nearly all freed by reference counting:
+    # a young-generation collection every 700 allocations (the default) is mostly wasted
+    # work. (bench.micro_server: 26.0 -> 24.0 us per request.)
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     core = Core(
         max_delivery_bytes=config.max_frame // 2,
         track_changes=config.data_dir is not None,

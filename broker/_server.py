@@ -138,6 +138,7 @@ class Connection(asyncio.Protocol):
         them to be written). The socket is not read while frames wait here."""
         self.turn_paused = False
         budget = MAX_FRAMES_PER_TURN
+        next_frame = self.decoder.next_frame
         try:
             while not self.closing:
                 if self.unconfirmed + len(self.held) >= MAX_UNCONFIRMED:
@@ -147,7 +148,7 @@ class Connection(asyncio.Protocol):
                     self.turn_paused = True
                     self.server.loop.call_soon(self.read_frames)
                     break
-                frame = self.decoder.next_frame()
+                frame = next_frame()
                 if frame is NEED_DATA:
                     if self.eof:  # everything the peer sent is answered (or waiting)
                         self.server.cancel_waits(self)
@@ -157,7 +158,8 @@ class Connection(asyncio.Protocol):
                 budget -= 1
         except (BadFrame, TooLarge) as error:
             self.fail(error)
-        self._update_reading()
+        if not self.reading or self.turn_paused or self.read_paused or self.close_requested:
+            self._update_reading()  # (reading, and nothing to pause it: nothing to change)
         self.server.turn_ends_soon()
 
     def confirmed(self, frames: int) -> None:
