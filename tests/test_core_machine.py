@@ -521,6 +521,10 @@ put_specs = st.builds(
     delay=st.sampled_from([0.0, 0.0, 0.5, 2.0, 3.5]),
     max_attempts=st.sampled_from([None, None, 1, 4]),
     visibility_timeout=st.sampled_from([None, None, 2.0]),
+    # The model has no headers or dedup keys (those have tests of their own). Named, as
+    # st.builds infers every field of a named tuple it is not given.
+    headers=st.none(),
+    key=st.none(),
 )
 visibility_overrides = st.sampled_from([None, None, 1.0, 2.5])
 batch_sizes = st.sampled_from([1, 1, 1, 2, 3])
