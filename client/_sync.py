@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import itertools
 import socket
+import struct
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -105,6 +107,7 @@ class Client:
                 "running? (python -m broker)"
             ) from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._kernel_timeouts = _set_kernel_timeouts(sock, self.timeout)
         self._sock, self._decoder = sock, FrameDecoder(MAX_REPLY_FRAME)
         try:
             hello = hello_args(self.client_name, self.auth_token)
@@ -123,17 +126,19 @@ class Client:
         assert sock is not None
         request_id = next(self._ids)
         limit = self.timeout + wait
+        deadline = time.monotonic() + limit if wait else None
         try:
-            sock.settimeout(limit)
+            if not self._kernel_timeouts:
+                sock.settimeout(limit)
             sock.sendall(encode_frame([request_id, op, args]))
             while True:
-                reply_id, ok, value = self._read_reply(sock)
+                reply_id, ok, value = self._read_reply(sock, deadline)
                 if reply_id is None:
                     self.close()  # an unaddressed error: the broker is closing on us
                     return ok, value
                 if reply_id == request_id:
                     return ok, value
-        except TimeoutError:
+        except (TimeoutError, BlockingIOError):  # BlockingIOError: a kernel timeout
             self.close()
             raise Timeout(f"{op}: no reply within {limit:.1f}s") from None
         except OSError as error:
@@ -145,14 +150,35 @@ class Client:
             self.close()
             raise
 
-    def _read_reply(self, sock: socket.socket) -> ReplyParts:
+    def _read_reply(self, sock: socket.socket, deadline: float | None) -> ReplyParts:
         while (frame := self._decoder.next_frame()) is NEED_DATA:
-            data = sock.recv(1 << 16)
+            data = self._receive(sock, deadline)
             if not data:
                 self.close()
                 raise ConnectionClosed("the broker closed the connection")
             self._decoder.feed(data)
         return split_reply_frame(frame)
+
+    def _receive(self, sock: socket.socket, deadline: float | None) -> bytes:
+        """The next bytes from the broker. With kernel timeouts, a recv gives up after
+        ``timeout`` seconds (``BlockingIOError``); a call with a ``wait`` reads on until
+        its own ``deadline``, the last stretch with the kernel timeout cut to what is left."""
+        cut = False
+        while True:
+            try:
+                data = sock.recv(1 << 16)
+            except BlockingIOError:
+                remaining = deadline - time.monotonic() if deadline is not None else 0.0
+                if remaining <= 0:
+                    raise
+                if remaining < self.timeout:
+                    cut = _set_kernel_timeouts(sock, remaining)
+                continue
+            if cut:
+                _set_kernel_timeouts(sock, self.timeout)
+            return data
+
+    _kernel_timeouts = False  # True once SO_RCVTIMEO/SO_SNDTIMEO bound the socket's calls
 
     ping = _blocking(_calls.ping)
     put = _blocking(_calls.put)
@@ -177,3 +203,21 @@ class Client:
     progress = _blocking(_calls.progress)
     replay = _blocking(_calls.replay)
     purge_dead = _blocking(_calls.purge_dead)
+
+
+def _set_kernel_timeouts(sock: socket.socket, seconds: float) -> bool:
+    """Make ``sock`` blocking, with the kernel bounding each send and recv to ``seconds``
+    (SO_SNDTIMEO, SO_RCVTIMEO; a call that runs out fails with ``BlockingIOError``). A
+    Python socket timeout instead polls before every send and recv: twice the system
+    calls. False, and ``sock`` left as it was, where the platform refuses."""
+    if not seconds > 0:
+        return False
+    whole = int(seconds)
+    value = struct.pack("ll", whole, int((seconds - whole) * 1e6))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+    except OSError:
+        return False
+    sock.settimeout(None)
+    return True

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from client import AsyncClient
+from client import AsyncClient, Client
 from client.errors import Timeout
 
 from .conftest import BrokerProcess
@@ -120,3 +120,15 @@ def test_async_long_poll_answered_after_the_timeout_but_within_its_wait(
             assert await client.ack(message) == 1
 
     asyncio.run(scenario())
+
+
+def test_sync_client_without_kernel_timeouts_still_times_out(
+    broker: BrokerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Where the platform refuses SO_RCVTIMEO, the client falls back on socket timeouts.
+    monkeypatch.setattr("client._sync._set_kernel_timeouts", lambda sock, seconds: False)
+    with Client(broker.host, broker.port, timeout=SHORT) as client:
+        client.ping()
+        with stopped(broker), pytest.raises(Timeout):
+            client.reserve("q", wait=0.3)
+        assert client.ping() > 0
