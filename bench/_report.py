@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
 from collections.abc import Callable
 
@@ -13,3 +14,16 @@ def report_medians(title: str, run: Callable[[], dict[str, float]], repeat: int)
     width = max(len(key) for key in runs[0])
     for key in runs[0]:
         print(f"  {key:<{width}} {statistics.median(r[key] for r in runs):>12,.0f}")
+
+
+def jobs_main(doc: str, title: str, run: Callable[[int], dict[str, float]]) -> None:
+    """The command line of a micro-benchmark that runs ``--jobs`` jobs ``--repeat``
+    times: ``doc`` is its help, ``title`` names what one run measures (the count
+    follows), ``run(jobs)`` does one run."""
+    parser = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--jobs", type=int, default=50_000)
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+    report_medians(f"{title}, {args.jobs} jobs", lambda: run(args.jobs), args.repeat)

@@ -12,14 +12,13 @@ Python cost per call, without the system calls of a real connection.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import time
 from typing import Any
 
 import uvloop
 
-from bench._report import report_medians
+from bench._report import jobs_main
 from client import AsyncClient
 from client._async import _ReplyReader
 from protocol import NEED_DATA, FrameDecoder, encode_frame
@@ -89,16 +88,10 @@ async def one_run(jobs: int) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--jobs", type=int, default=50_000)
-    parser.add_argument("--repeat", type=int, default=5)
-    args = parser.parse_args()
-    report_medians(
-        f"asyncio client call path, {args.jobs} jobs (put, reserve, ack: 3 calls each)",
-        lambda: uvloop.run(one_run(args.jobs)),
-        args.repeat,
+    jobs_main(
+        __doc__ or "",
+        "asyncio client call path (put, reserve, ack: 3 calls per job)",
+        lambda jobs: uvloop.run(one_run(jobs)),
     )
 
 

@@ -11,12 +11,11 @@ Python cost per request, without the socket calls or the event loop's polling.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import time
 from typing import Any
 
-from bench._report import report_medians
+from bench._report import jobs_main
 from broker import Core
 from broker._server import BrokerServer, Connection, ServerLimits
 from protocol import NEED_DATA, FrameDecoder, encode_frame
@@ -99,16 +98,10 @@ async def one_run(jobs: int) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--jobs", type=int, default=50_000)
-    parser.add_argument("--repeat", type=int, default=5)
-    args = parser.parse_args()
-    report_medians(
-        f"server request path, {args.jobs} jobs (put, reserve, ack: 3 requests each)",
-        lambda: asyncio.run(one_run(args.jobs)),
-        args.repeat,
+    jobs_main(
+        __doc__ or "",
+        "server request path (put, reserve, ack: 3 requests per job)",
+        lambda jobs: asyncio.run(one_run(jobs)),
     )
 
 
