@@ -6,7 +6,7 @@ versioned records and rebuilds these on recovery.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Final, NamedTuple
+from typing import TYPE_CHECKING, Any, Final, Generic, NamedTuple, TypeVar, overload
 
 from ._lifecycle import State
 
@@ -32,48 +32,120 @@ class PutSpec(NamedTuple):
     key: str | None = None  # dedup key
 
 
+class Rare:
+    """What most messages never set, kept apart so that an ordinary message pays one slot
+    for all of it: its put's options, and what retries, dead letters and progress reports
+    note. Every field is None until set."""
+
+    __slots__ = (
+        "dead_at",
+        "dead_expires_at",
+        "dead_reason",
+        "headers",
+        "key",
+        "last_error",
+        "max_attempts",
+        "progress",
+        "visibility_timeout",
+    )
+
+    def __init__(self) -> None:
+        self.max_attempts: int | None = None
+        self.visibility_timeout: float | None = None
+        self.headers: Headers | None = None
+        self.key: str | None = None  # dedup key
+        self.last_error: str | None = None
+        self.dead_reason: str | None = None
+        self.dead_at: float | None = None
+        self.dead_expires_at: float | None = None  # None: kept until replayed or purged
+        self.progress: tuple[float, str] | None = None  # (percent, note) from the handler
+
+
+T = TypeVar("T")
+
+
+class _Rarely(Generic[T]):
+    """A ``Message`` attribute held in its ``rare`` record: reading it on a message
+    without one gives None, and setting None on such a message stores nothing."""
+
+    __slots__ = ("name",)
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, message: None, owner: type) -> _Rarely[T]: ...
+
+    @overload
+    def __get__(self, message: Message, owner: type) -> T: ...
+
+    def __get__(self, message: Message | None, owner: type) -> T | _Rarely[T]:
+        if message is None:
+            return self
+        rare = message.rare
+        return None if rare is None else getattr(rare, self.name)  # type: ignore[return-value]
+
+    def __set__(self, message: Message, value: T) -> None:
+        rare = message.rare
+        if rare is None:
+            if value is None:
+                return
+            rare = message.rare = Rare()
+        setattr(rare, self.name, value)
+
+
 class Message:
     """One message. ``seq`` is stamped from the core's counter each time the message enters
     a heap; a heap entry whose seq differs from the message's is stale. Among ready
-    messages of equal priority, the lower seq became ready first."""
+    messages of equal priority, the lower seq became ready first.
+
+    Fields most messages never set live in ``rare`` (None until one is): reading them
+    here works the same, and a plain message is 9 slots smaller (72 bytes)."""
 
     __slots__ = (
         "attempts",
         "body",
-        "dead_at",
-        "dead_expires_at",
-        "dead_reason",
         "due_at",
         "enqueued_at",
-        "headers",
         "id",
-        "key",
-        "last_error",
         "lease_deadline",
         "lease_duration",
         "lease_token",
-        "max_attempts",
         "priority",
-        "progress",
         "queue",
+        "rare",
         "ready_at",
         "reserved_at",
         "seq",
         "state",
         "stored",
-        "visibility_timeout",
     )
+
+    max_attempts: _Rarely[int | None] = _Rarely()
+    visibility_timeout: _Rarely[float | None] = _Rarely()
+    headers: _Rarely[Headers | None] = _Rarely()
+    key: _Rarely[str | None] = _Rarely()
+    last_error: _Rarely[str | None] = _Rarely()
+    dead_reason: _Rarely[str | None] = _Rarely()
+    dead_at: _Rarely[float | None] = _Rarely()
+    dead_expires_at: _Rarely[float | None] = _Rarely()
+    progress: _Rarely[tuple[float, str] | None] = _Rarely()
 
     def __init__(self, message_id: int, queue: Queue, spec: PutSpec, now: float) -> None:
         self.id = message_id
         self.queue = queue
         self.body = spec.body
         self.priority = spec.priority
-        self.headers = spec.headers
-        self.key = spec.key
-        self.progress: tuple[float, str] | None = None  # (percent, note) from the handler
-        self.max_attempts = spec.max_attempts
-        self.visibility_timeout = spec.visibility_timeout
+        self.rare: Rare | None = None
+        if (
+            spec.max_attempts is not None
+            or spec.visibility_timeout is not None
+            or spec.headers is not None
+            or spec.key is not None
+        ):
+            rare = self.rare = Rare()
+            rare.max_attempts, rare.visibility_timeout = spec.max_attempts, spec.visibility_timeout
+            rare.headers, rare.key = spec.headers, spec.key
         self.enqueued_at = now
         self.state = State.NEW
         self.seq = 0
@@ -82,10 +154,6 @@ class Message:
         self.lease_token: int | None = None
         self.lease_deadline: float | None = None
         self.lease_duration = 0.0
-        self.last_error: str | None = None
-        self.dead_reason: str | None = None
-        self.dead_at: float | None = None
-        self.dead_expires_at: float | None = None  # None: kept until replayed or purged
         # The number of the store batch that wrote its body (its put), or NOT_STORED.
         self.stored = NOT_STORED
         # In memory only, for metrics: when it last became ready, and was last reserved.
@@ -102,8 +170,9 @@ class Message:
 
     @property
     def effective_max_attempts(self) -> int | None:
-        if self.max_attempts is not None:
-            return self.max_attempts
+        rare = self.rare
+        if rare is not None and rare.max_attempts is not None:
+            return rare.max_attempts
         return self.queue.settings.max_attempts
 
     def delivery(self) -> dict[str, Any]:
@@ -119,8 +188,9 @@ class Message:
             "lease": self.lease_token,
             "lease_deadline": self.lease_deadline,
         }
-        if self.headers:
-            wire["headers"] = self.headers
+        rare = self.rare
+        if rare is not None and rare.headers:
+            wire["headers"] = rare.headers
         return wire
 
     def status(self) -> dict[str, Any]:

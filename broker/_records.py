@@ -33,7 +33,7 @@ from typing import Any, Final
 import msgpack
 
 from ._lifecycle import State
-from ._message import RECOVERED, Headers, Message
+from ._message import RECOVERED, Headers, Message, Rare
 from ._outcomes import DedupEntry, StoredResult
 from ._settings import QueueSettings
 
@@ -139,7 +139,11 @@ def estimate_size(body: bytes, headers: Headers | None) -> int:
     return size * 2
 
 
+_NO_RARE: Final = Rare()  # a message's rare fields when it has none
+
+
 def encode_message(message: Message) -> bytes:
+    rare = message.rare or _NO_RARE
     record: bytes = msgpack.packb(
         [
             RECORD_FORMAT,
@@ -148,23 +152,26 @@ def encode_message(message: Message) -> bytes:
             message.priority,
             message.seq,
             message.attempts,
-            message.max_attempts,
-            message.visibility_timeout,
+            rare.max_attempts,
+            rare.visibility_timeout,
             message.enqueued_at,
             message.due_at,
             message.lease_token,
             message.lease_deadline,
             message.lease_duration,
-            message.last_error,
-            message.dead_reason,
-            message.dead_at,
-            message.dead_expires_at,
-            message.headers,
-            message.key,
-            list(message.progress) if message.progress is not None else None,
+            rare.last_error,
+            rare.dead_reason,
+            rare.dead_at,
+            rare.dead_expires_at,
+            rare.headers,
+            rare.key,
+            list(rare.progress) if rare.progress is not None else None,
         ]
     )
     return record
+
+
+_NONE_AFTER_LEASE: Final = (None,) * 7  # last_error ... progress, all unset
 
 
 def decode_message(message_id: int, body: bytes, value: bytes) -> tuple[str, Message]:
@@ -202,20 +209,19 @@ def decode_message(message_id: int, body: bytes, value: bytes) -> tuple[str, Mes
     message.priority = priority
     message.seq = seq
     message.attempts = attempts
-    message.max_attempts = max_attempts
-    message.visibility_timeout = visibility_timeout
     message.enqueued_at = enqueued_at
     message.due_at = due_at
     message.lease_token = lease_token
     message.lease_deadline = lease_deadline
     message.lease_duration = lease_duration
-    message.last_error = last_error
-    message.dead_reason = dead_reason
-    message.dead_at = dead_at
-    message.dead_expires_at = dead_expires_at
-    message.headers = headers
-    message.key = key
-    message.progress = tuple(progress) if progress is not None else None
+    message.rare = None
+    if record[6:8] != (None, None) or record[13:] != _NONE_AFTER_LEASE:
+        rare = message.rare = Rare()
+        rare.max_attempts, rare.visibility_timeout = max_attempts, visibility_timeout
+        rare.last_error, rare.dead_reason = last_error, dead_reason
+        rare.dead_at, rare.dead_expires_at = dead_at, dead_expires_at
+        rare.headers, rare.key = headers, key
+        rare.progress = tuple(progress) if progress is not None else None
     message.stored = RECOVERED
     return queue_name, message
 
