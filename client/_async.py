@@ -12,14 +12,12 @@ from typing import Any, Concatenate, NamedTuple, ParamSpec, TypeVar, cast
 from protocol import NEED_DATA, FrameDecoder, SluiceError, encode_frame
 
 from . import _calls
-from ._calls import Call
+from ._calls import UNKNOWN, Call
 from ._common import (
-    DEFAULT_HOST,
-    DEFAULT_PORT,
     DEFAULT_TIMEOUT,
     MAX_REPLY_FRAME,
+    broker_address,
     hello_args,
-    parse_url,
     result_of,
     split_reply_frame,
 )
@@ -103,6 +101,9 @@ class _ReplyReader(asyncio.Protocol):
 class AsyncClient:
     """asyncio Sluice client; the same methods as ``Client``, as coroutines.
 
+    The broker is ``url`` (``sluice://host:port``), or ``host`` and ``port``, or else
+    the ``SLUICE_URL`` environment variable, or else sluice://127.0.0.1:7700.
+
     Concurrent calls share one connection: each waits only for its own reply, so a
     long-polling ``reserve`` does not hold up the others.
 
@@ -112,14 +113,16 @@ class AsyncClient:
 
     def __init__(
         self,
-        host: str = DEFAULT_HOST,
-        port: int = DEFAULT_PORT,
+        host: str | None = None,
+        port: int | None = None,
         *,
+        url: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         client_name: str = "sluice-python-async",
         auth_token: str | None = None,
     ) -> None:
-        self.host, self.port, self.timeout = host, port, timeout
+        self.host, self.port = broker_address(url, host, port)
+        self.timeout = timeout
         self.client_name, self.auth_token = client_name, auth_token
         self.server_info: dict[str, Any] = {}
         self._pending: dict[int, _Pending] = {}
@@ -133,8 +136,7 @@ class AsyncClient:
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> AsyncClient:
-        host, port = parse_url(url)
-        return cls(host, port, **options)
+        return cls(url=url, **options)
 
     async def __aenter__(self) -> AsyncClient:
         await self.connect()
@@ -157,7 +159,9 @@ class AsyncClient:
             await reader.closed
 
     async def run(self, call: Call[T]) -> T:
-        """Send one call and wait for its reply."""
+        """Send one call and wait for its reply (none for a call with nothing to send)."""
+        if call.known is not UNKNOWN:
+            return call.known  # type: ignore[no-any-return]
         if not self._connected():
             await self.connect()
         ok, value = await self._round_trip(call.op, call.args, call.wait)

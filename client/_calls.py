@@ -8,7 +8,7 @@ signatures and docs.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Generic, NamedTuple, TypeVar
+from typing import Any, Final, Generic, NamedTuple, TypeVar
 
 from protocol import BadRequest, require_queue_name
 
@@ -16,6 +16,7 @@ from ._message import Message
 from .errors import JobFailed, Timeout
 
 T = TypeVar("T")
+UNKNOWN: Final[Any] = object()  # Call.known of a call only the broker can answer
 Body = bytes | bytearray | memoryview | str
 Delivery = Message | tuple[int, int]
 
@@ -28,6 +29,7 @@ class Call(NamedTuple, Generic[T]):
     args: dict[str, Any]
     parse: Callable[[Any], T]
     wait: float = 0.0  # extra seconds the broker may legitimately hold the reply
+    known: Any = UNKNOWN  # the result, where it is known without asking (an empty batch)
 
 
 def _queue(name: str) -> str:
@@ -158,7 +160,8 @@ def put_many(
     """Enqueue many messages in one frame (all or nothing); returns their ids in order.
     The keyword options apply to every message."""
     specs = [_spec(b, priority, delay, max_attempts, visibility_timeout, headers) for b in bodies]
-    return Call("put", {"queue": _queue(queue), "messages": specs}, _ids)
+    known = [] if not specs else UNKNOWN  # nothing to put: no round trip
+    return Call("put", {"queue": _queue(queue), "messages": specs}, _ids, known=known)
 
 
 def put_and_wait(
@@ -233,7 +236,7 @@ def ack(deliveries: Delivery | Iterable[Delivery], *, result: Any = _NO_RESULT) 
     items: list[list[Any]] = list(_pairs(deliveries))
     if result is not _NO_RESULT:
         items = [[*item, result] for item in items]
-    return Call("ack", {"items": items}, _field("acked"))
+    return Call("ack", {"items": items}, _field("acked"), known=0 if not items else UNKNOWN)
 
 
 def nack(
@@ -250,7 +253,7 @@ def nack(
         args["delay"] = delay
     if error is not None:
         args["error"] = error
-    return Call("nack", args, _field("nacked"))
+    return Call("nack", args, _field("nacked"), known=0 if not args["items"] else UNKNOWN)
 
 
 def touch(message: Message, *, seconds: float | None = None) -> Call[float]:

@@ -9,9 +9,8 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from ._cli_commands import COMMANDS
-from ._common import DEFAULT_HOST, DEFAULT_PORT
+from ._common import DEFAULT_URL
 
-DEFAULT_URL: Final = f"sluice://{DEFAULT_HOST}:{DEFAULT_PORT}"
 DEFAULT_TIMEOUT: Final = 10.0
 
 DESCRIPTION = """\

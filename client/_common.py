@@ -1,7 +1,8 @@
-"""What both clients share: URL parsing, the hello request, reading a reply."""
+"""What both clients share: where the broker is, the hello request, reading a reply."""
 
 from __future__ import annotations
 
+import os
 from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit
 
@@ -11,6 +12,8 @@ from ._calls import Call
 
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 7700
+DEFAULT_URL: Final = f"sluice://{DEFAULT_HOST}:{DEFAULT_PORT}"
+URL_VARIABLE: Final = "SLUICE_URL"  # the environment variable that names the broker
 DEFAULT_TIMEOUT: Final = 30.0
 # Replies are not bound by the broker's max_frame (that limits requests); the broker keeps
 # reserve replies near it, and this cap only guards against a corrupt length prefix.
@@ -24,6 +27,26 @@ def parse_url(url: str) -> tuple[str, int]:
     if parts.scheme != "sluice" or not parts.hostname:
         raise ValueError(f"expected a URL like sluice://127.0.0.1:7700, got {url!r}")
     return parts.hostname, parts.port or DEFAULT_PORT
+
+
+def broker_address(
+    url: str | None = None, host: str | None = None, port: int | None = None
+) -> tuple[str, int]:
+    """Where the broker is, the one rule for every client, worker and command: ``url``
+    (``sluice://host:port``), else ``host`` and ``port`` (each defaulting to 127.0.0.1 and
+    7700), else the ``SLUICE_URL`` environment variable, else sluice://127.0.0.1:7700."""
+    if url is not None:
+        if host is not None or port is not None:
+            raise ValueError("name the broker with url= or with host=/port=, not both")
+        return parse_url(url)
+    if host is not None or port is not None:
+        return host or DEFAULT_HOST, DEFAULT_PORT if port is None else port
+    return parse_url(os.environ.get(URL_VARIABLE) or DEFAULT_URL)
+
+
+def format_url(host: str, port: int) -> str:
+    """The ``sluice://`` URL of ``host`` and ``port`` (an IPv6 host in brackets)."""
+    return f"sluice://[{host}]:{port}" if ":" in host else f"sluice://{host}:{port}"
 
 
 def hello_args(client_name: str, auth_token: str | None) -> dict[str, Any]:

@@ -13,15 +13,13 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from protocol import NEED_DATA, FrameDecoder, SluiceError, encode_frame
 
 from . import _calls
-from ._calls import Call
+from ._calls import UNKNOWN, Call
 from ._common import (
-    DEFAULT_HOST,
-    DEFAULT_PORT,
     DEFAULT_TIMEOUT,
     MAX_REPLY_FRAME,
     ReplyParts,
+    broker_address,
     hello_args,
-    parse_url,
     result_of,
     split_reply_frame,
 )
@@ -43,6 +41,9 @@ def _blocking(build: Callable[P, Call[T]]) -> Callable[Concatenate[Client, P], T
 class Client:
     """Blocking Sluice client.
 
+    The broker is ``url`` (``sluice://host:port``), or ``host`` and ``port``, or else
+    the ``SLUICE_URL`` environment variable, or else sluice://127.0.0.1:7700.
+
     Connects on first use (or ``connect()``), says hello, and reconnects on the next call
     after the connection was lost. A call that times out closes the connection, so a late
     reply can never be mistaken for another's; the broker then cancels any wait of it.
@@ -53,14 +54,16 @@ class Client:
 
     def __init__(
         self,
-        host: str = DEFAULT_HOST,
-        port: int = DEFAULT_PORT,
+        host: str | None = None,
+        port: int | None = None,
         *,
+        url: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         client_name: str = "sluice-python",
         auth_token: str | None = None,
     ) -> None:
-        self.host, self.port, self.timeout = host, port, timeout
+        self.host, self.port = broker_address(url, host, port)
+        self.timeout = timeout
         self.client_name, self.auth_token = client_name, auth_token
         self.server_info: dict[str, Any] = {}
         self._sock: socket.socket | None = None
@@ -70,8 +73,7 @@ class Client:
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> Client:
-        host, port = parse_url(url)
-        return cls(host, port, **options)
+        return cls(url=url, **options)
 
     def __enter__(self) -> Client:
         self.connect()
@@ -90,7 +92,9 @@ class Client:
             self._sock = None
 
     def run(self, call: Call[T]) -> T:
-        """Send one call and wait for its reply."""
+        """Send one call and wait for its reply (none for a call with nothing to send)."""
+        if call.known is not UNKNOWN:
+            return call.known  # type: ignore[no-any-return]
         with self._lock:
             self._ensure_connected()
             ok, value = self._round_trip(call.op, call.args, call.wait)

@@ -17,9 +17,9 @@ from typing import Any, cast
 from protocol import LeaseLost, SluiceError
 
 from ._async import AsyncClient
+from ._common import broker_address, format_url
 from ._message import Message
 from ._worker_common import (
-    DEFAULT_URL,
     HAND_BACK_TRIES,
     HANDED_BACK_ERROR,
     MAX_BATCH,
@@ -75,7 +75,9 @@ class AsyncWorker:
         handler: Callable[[AsyncJob], Awaitable[Any]],
         *,
         concurrency: int = 1,
-        url: str = DEFAULT_URL,
+        url: str | None = None,
+        host: str | None = None,
+        port: int | None = None,
         auth_token: str | None = None,
         timeout: float | None = None,
         grace: float = 30.0,
@@ -87,7 +89,7 @@ class AsyncWorker:
         self.settings = WorkerSettings(
             queues=queue_names(queues),
             concurrency=concurrency,
-            url=url,
+            url=format_url(*broker_address(url, host, port)),
             auth_token=auth_token,
             timeout=timeout,
             grace=grace,
@@ -109,7 +111,7 @@ class AsyncWorker:
         self._hurry = asyncio.Event()  # the grace period is over
         self._loop: asyncio.AbstractEventLoop | None = None
         self._clock_offset: float | None = None  # broker clock minus ours, once measured
-        self._outage = Outage(url)
+        self._outage = Outage(self.settings.url)
 
     def stop(self) -> None:
         """Ask ``run()`` to finish: stop reserving, let running handlers finish for up to

@@ -17,10 +17,9 @@ from typing import Any, Final
 from protocol import LeaseLost, ShuttingDown, require_queue_name
 
 from . import _calls
-from ._common import parse_url
+from ._common import DEFAULT_URL, parse_url
 from ._message import Message
 
-DEFAULT_URL: Final = "sluice://127.0.0.1:7700"
 MAX_BATCH: Final = 1000  # the broker's limit on reserve max and nack items
 TOUCH_FRACTION: Final = 1 / 3  # touch when this share of the lease has passed
 MIN_TOUCH_INTERVAL: Final = 0.01  # seconds; guards against a lease that looks already over

@@ -20,10 +20,10 @@ from typing import Any, TypeVar, cast
 
 from protocol import LeaseLost, SluiceError
 
+from ._common import broker_address, format_url
 from ._message import Message
 from ._sync import Client
 from ._worker_common import (
-    DEFAULT_URL,
     HAND_BACK_TRIES,
     HANDED_BACK_ERROR,
     MAX_BATCH,
@@ -83,8 +83,10 @@ class Worker:
     - When the broker goes away, every call is retried with backoff (0.1 s doubling to
       5 s); the outage is logged once when it starts and once when it ends.
 
-    ``visibility_timeout`` overrides the lease length asked for at reserve (None: the
-    message's or queue's own). ``counts`` tallies what happened to each message.
+    The broker is ``url``, or ``host`` and ``port``, or ``SLUICE_URL``, or else
+    sluice://127.0.0.1:7700, as for ``Client``. ``visibility_timeout`` overrides the lease
+    length asked for at reserve (None: the message's or queue's own). ``counts`` tallies
+    what happened to each message.
     """
 
     def __init__(
@@ -93,7 +95,9 @@ class Worker:
         handler: Callable[[Job], Any],
         *,
         concurrency: int = 1,
-        url: str = DEFAULT_URL,
+        url: str | None = None,
+        host: str | None = None,
+        port: int | None = None,
         auth_token: str | None = None,
         timeout: float | None = None,
         grace: float = 30.0,
@@ -107,7 +111,7 @@ class Worker:
         self.settings = WorkerSettings(
             queues=queue_names(queues),
             concurrency=concurrency,
-            url=url,
+            url=format_url(*broker_address(url, host, port)),
             auth_token=auth_token,
             timeout=timeout,
             grace=grace,
@@ -130,7 +134,7 @@ class Worker:
         self._closed = False
         self._started = False
         self._clock_offset: float | None = None  # broker clock minus ours, once measured
-        self._outage = Outage(url)
+        self._outage = Outage(self.settings.url)
         self._keeper: threading.Thread | None = None
 
     def _new_client(self) -> Client:

@@ -23,8 +23,9 @@ import uvloop
 
 from protocol import SluiceError
 
+from ._common import DEFAULT_URL
 from ._worker_async import AsyncWorker
-from ._worker_common import DEFAULT_URL, WorkerCounts
+from ._worker_common import WorkerCounts
 from ._worker_job import AsyncJob, Fail, Job, Retry, is_async
 from ._worker_sync import Worker
 
