@@ -12,8 +12,9 @@ from typing import Any, Concatenate, NamedTuple, ParamSpec, TypeVar, cast
 from protocol import NEED_DATA, FrameDecoder, SluiceError, encode_frame
 
 from . import _calls
-from ._calls import UNKNOWN, Call
+from ._calls import UNKNOWN, Call, merge_answers, split_call
 from ._common import (
+    DEFAULT_MAX_BATCH,
     DEFAULT_TIMEOUT,
     MAX_REPLY_FRAME,
     broker_address,
@@ -164,8 +165,17 @@ class AsyncClient:
             return call.known  # type: ignore[no-any-return]
         if not self._connected():
             await self.connect()
-        ok, value = await self._round_trip(call.op, call.args, call.wait)
-        return result_of(call, ok, value)
+        parts = split_call(call, self.server_info.get("max_batch", DEFAULT_MAX_BATCH))
+        if parts is None:
+            ok, value = await self._round_trip(call.op, call.args, call.wait)
+            return result_of(call, ok, value)
+        # Every frame is written before the first reply is awaited: pipelined.
+        sent = [self._round_trip(part.op, part.args, part.wait) for part in parts]
+        answers = await asyncio.gather(*sent, return_exceptions=True)
+        for answer in answers:
+            if isinstance(answer, BaseException):
+                raise answer  # the connection failed or timed out: nothing is known
+        return merge_answers(call, parts, cast(list[Answer], answers))
 
     def _connected(self) -> bool:
         """False once the transport is closing, even before connection_lost has run."""

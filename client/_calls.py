@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, Generic, NamedTuple, TypeVar
 
-from protocol import BadRequest, require_queue_name
+from protocol import BadRequest, SluiceError, require_queue_name
 
 from ._message import Message
 from .errors import JobFailed, Timeout
@@ -30,6 +30,69 @@ class Call(NamedTuple, Generic[T]):
     parse: Callable[[Any], T]
     wait: float = 0.0  # extra seconds the broker may legitimately hold the reply
     known: Any = UNKNOWN  # the result, where it is known without asking (an empty batch)
+    split: Split | None = None  # how to send a list argument longer than one frame takes
+
+
+class Split(NamedTuple):
+    """How a call whose list argument ``key`` is longer than the broker's ``max_batch``
+    goes as several frames: ``merge`` joins their parsed results in order; ``failed``
+    makes the error to raise from the first frame that failed, given the parsed results
+    of the frames that did not (they did what they did: nothing is undone)."""
+
+    key: str
+    merge: Callable[[list[Any]], Any]
+    failed: Callable[[SluiceError, list[Any], int], SluiceError]
+
+
+def split_call(call: Call[T], max_batch: int) -> list[Call[T]] | None:
+    """The calls to send instead of ``call``, one frame each, when its list argument does
+    not fit in one; None when it does."""
+    if call.split is None:
+        return None
+    items = call.args[call.split.key]
+    if len(items) <= max_batch:
+        return None
+    return [
+        call._replace(args={**call.args, call.split.key: items[start : start + max_batch]})
+        for start in range(0, len(items), max_batch)
+    ]
+
+
+def merge_answers(call: Call[T], parts: list[Call[T]], answers: list[tuple[bool, Any]]) -> T:
+    """The result of a call sent as ``parts``, from their ``(ok, value)`` answers in order;
+    if any failed, the first failure's error, told what the other frames did."""
+    assert call.split is not None
+    done = [part.parse(value) for part, (ok, value) in zip(parts, answers, strict=True) if ok]
+    errors = [value for ok, value in answers if not ok]
+    if errors:
+        raise call.split.failed(errors[0], done, len(errors))
+    return call.split.merge(done)  # type: ignore[no-any-return]
+
+
+def _ids_stored(error: SluiceError, stored: list[list[MessageId]], frames: int) -> SluiceError:
+    ids = [message_id for part in stored for message_id in part]
+    error.details = {**error.details, "stored": len(ids), "ids": ids}
+    error.message += (
+        f" ({frames} of the frames this put was cut into failed; {len(ids)} messages of the "
+        "others were stored: their ids are in details['ids'])"
+    )
+    error.args = (error.message,)
+    return error
+
+
+def _settled(error: SluiceError, counts: list[int], frames: int) -> SluiceError:
+    error.details = {**error.details, "done": int(error.details.get("done", 0)) + sum(counts)}
+    error.message += f" ({frames} of the frames this call was cut into failed)"
+    error.args = (error.message,)
+    return error
+
+
+def _all_ids(parts: list[list[MessageId]]) -> list[MessageId]:
+    return [message_id for part in parts for message_id in part]
+
+
+PUT_SPLIT: Final = Split("messages", _all_ids, _ids_stored)
+SETTLE_SPLIT: Final = Split("items", sum, _settled)
 
 
 def _queue(name: str) -> str:
@@ -157,11 +220,16 @@ def put_many(
     visibility_timeout: float | None = None,
     headers: Mapping[str, str | int] | None = None,
 ) -> Call[list[MessageId]]:
-    """Enqueue many messages in one frame (all or nothing); returns their ids in order.
-    The keyword options apply to every message."""
+    """Enqueue many messages; returns their ids in order. The keyword options apply to
+    every message. Up to the broker's ``max_batch`` (1,000) go in one frame, all or
+    nothing; more are cut into frames of that size, sent pipelined, each all or nothing:
+    if one fails, its error says how many of the others were stored and carries their
+    ids (``details["stored"]``, ``details["ids"]``), so a retry with dedup keys stores
+    nothing twice. An empty list returns at once."""
     specs = [_spec(b, priority, delay, max_attempts, visibility_timeout, headers) for b in bodies]
     known = [] if not specs else UNKNOWN  # nothing to put: no round trip
-    return Call("put", {"queue": _queue(queue), "messages": specs}, _ids, known=known)
+    args = {"queue": _queue(queue), "messages": specs}
+    return Call("put", args, _ids, known=known, split=PUT_SPLIT)
 
 
 def put_and_wait(
@@ -236,7 +304,8 @@ def ack(deliveries: Delivery | Iterable[Delivery], *, result: Any = _NO_RESULT) 
     items: list[list[Any]] = list(_pairs(deliveries))
     if result is not _NO_RESULT:
         items = [[*item, result] for item in items]
-    return Call("ack", {"items": items}, _field("acked"), known=0 if not items else UNKNOWN)
+    known = 0 if not items else UNKNOWN
+    return Call("ack", {"items": items}, _field("acked"), known=known, split=SETTLE_SPLIT)
 
 
 def nack(
@@ -253,7 +322,8 @@ def nack(
         args["delay"] = delay
     if error is not None:
         args["error"] = error
-    return Call("nack", args, _field("nacked"), known=0 if not args["items"] else UNKNOWN)
+    known = 0 if not args["items"] else UNKNOWN
+    return Call("nack", args, _field("nacked"), known=known, split=SETTLE_SPLIT)
 
 
 def touch(message: Message, *, seconds: float | None = None) -> Call[float]:

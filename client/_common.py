@@ -15,6 +15,7 @@ DEFAULT_PORT: Final = 7700
 DEFAULT_URL: Final = f"sluice://{DEFAULT_HOST}:{DEFAULT_PORT}"
 URL_VARIABLE: Final = "SLUICE_URL"  # the environment variable that names the broker
 DEFAULT_TIMEOUT: Final = 30.0
+DEFAULT_MAX_BATCH: Final = 1000  # messages per frame, where the broker's hello says none
 # Replies are not bound by the broker's max_frame (that limits requests); the broker keeps
 # reserve replies near it, and this cap only guards against a corrupt length prefix.
 MAX_REPLY_FRAME: Final = 1024**3

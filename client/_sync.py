@@ -13,8 +13,9 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from protocol import NEED_DATA, FrameDecoder, SluiceError, encode_frame
 
 from . import _calls
-from ._calls import UNKNOWN, Call
+from ._calls import UNKNOWN, Call, merge_answers, split_call
 from ._common import (
+    DEFAULT_MAX_BATCH,
     DEFAULT_TIMEOUT,
     MAX_REPLY_FRAME,
     ReplyParts,
@@ -97,8 +98,14 @@ class Client:
             return call.known  # type: ignore[no-any-return]
         with self._lock:
             self._ensure_connected()
-            ok, value = self._round_trip(call.op, call.args, call.wait)
-        return result_of(call, ok, value)
+            parts = split_call(call, self.server_info.get("max_batch", DEFAULT_MAX_BATCH))
+            if parts is None:
+                ((ok, value),) = self._round_trips([call], call.wait)
+            else:
+                answers = self._round_trips(parts, call.wait)
+        if parts is None:
+            return result_of(call, ok, value)
+        return merge_answers(call, parts, answers)
 
     def _ensure_connected(self) -> None:
         if self._sock is not None:
@@ -114,8 +121,8 @@ class Client:
         self._kernel_timeouts = _set_kernel_timeouts(sock, self.timeout)
         self._sock, self._decoder = sock, FrameDecoder(MAX_REPLY_FRAME)
         try:
-            hello = hello_args(self.client_name, self.auth_token)
-            ok, value = self._round_trip("hello", hello, 0)
+            hello = Call("hello", hello_args(self.client_name, self.auth_token), dict)
+            ((ok, value),) = self._round_trips([hello], 0)
             if not ok:
                 raise value
         except SluiceError:
@@ -123,25 +130,38 @@ class Client:
             raise
         self.server_info = value
 
-    def _round_trip(self, op: str, args: dict[str, Any], wait: float) -> tuple[bool, Any]:
-        """Send one request and read replies up to its own: ``(ok, result or error)``.
-        No reply within ``timeout + wait`` seconds is ``Timeout``."""
+    def _round_trips(self, calls: list[Call[Any]], wait: float) -> list[tuple[bool, Any]]:
+        """Send the requests of ``calls`` in one write (pipelined) and read replies until
+        each has its own: their ``(ok, result or error)`` in order. No reply within
+        ``timeout + wait`` seconds is ``Timeout``."""
         sock = self._sock
         assert sock is not None
-        request_id = next(self._ids)
+        op = calls[0].op
+        first = next(self._ids)  # the requests' ids are first, first + 1, ...
+        for _ in range(len(calls) - 1):
+            next(self._ids)
+        answers: list[tuple[bool, Any] | None] = [None] * len(calls)
+        missing = len(calls)
         limit = self.timeout + wait
         deadline = time.monotonic() + limit if wait else None
         try:
             if not self._kernel_timeouts:
                 sock.settimeout(limit)
-            sock.sendall(encode_frame([request_id, op, args]))
-            while True:
+            if missing == 1:
+                sock.sendall(encode_frame([first, op, calls[0].args]))
+            else:
+                requests = [[first + n, c.op, c.args] for n, c in enumerate(calls)]
+                sock.sendall(b"".join(encode_frame(request) for request in requests))
+            while missing:
                 reply_id, ok, value = self._read_reply(sock, deadline)
                 if reply_id is None:
                     self.close()  # an unaddressed error: the broker is closing on us
-                    return ok, value
-                if reply_id == request_id:
-                    return ok, value
+                    return [answer or (ok, value) for answer in answers]
+                index = reply_id - first
+                if 0 <= index < len(answers) and answers[index] is None:
+                    answers[index] = (ok, value)
+                    missing -= 1
+            return answers  # type: ignore[return-value]
         except (TimeoutError, BlockingIOError):  # BlockingIOError: a kernel timeout
             self.close()
             raise Timeout(f"{op}: no reply within {limit:.1f}s") from None

@@ -88,3 +88,71 @@ def test_clients_reach_a_real_broker_by_url_and_by_environment(
             return int(stats["ready"])
 
     assert asyncio.run(scenario()) == 1
+
+
+def test_put_many_of_25000_comes_back_as_25000_ids_in_order(broker: BrokerProcess) -> None:
+    bodies = [b"%05d" % n for n in range(25_000)]
+    with Client(url=broker.url) as producer:
+        ids = producer.put_many("many", bodies)
+        assert len(ids) == 25_000 and ids == sorted(ids) and len(set(ids)) == 25_000
+        assert producer.stats("many")["ready"] == 25_000
+        leased = []
+        while len(leased) < 2_500:
+            leased += producer.reserve("many", max_messages=min(1000, 2_500 - len(leased)))
+        assert [m.body for m in leased] == bodies[:2_500]  # the order they were put in
+        assert producer.ack(leased) == 2_500  # three frames
+        assert producer.stats("many")["totals"]["acked"] == 2_500
+
+    async def scenario() -> list[int]:
+        async with AsyncClient(url=broker.url) as other:
+            return await other.put_many("many", bodies)
+
+    again = asyncio.run(scenario())
+    assert len(again) == 25_000 and again == sorted(again) and again[0] > ids[-1]
+
+
+@pytest.mark.parametrize("form", ["sync", "async"])
+def test_a_failed_frame_of_a_long_put_many_names_what_the_others_stored(
+    broker: BrokerProcess, form: str
+) -> None:
+    queue = f"picky-{form}"
+    bodies = [b"ok"] * 2_500
+    bodies[1_500] = b"far too long"  # the second frame (1,000-1,999) is refused whole
+    with Client(url=broker.url) as admin:
+        admin.configure(queue, max_body=5)
+
+    def put() -> list[int]:
+        if form == "sync":
+            with Client(url=broker.url) as producer:
+                return producer.put_many(queue, bodies)
+
+        async def scenario() -> list[int]:
+            async with AsyncClient(url=broker.url) as producer:
+                return await producer.put_many(queue, bodies)
+
+        return asyncio.run(scenario())
+
+    with pytest.raises(client.errors.TooLarge) as refused:
+        put()
+    details = refused.value.details
+    assert details["stored"] == 1_500 and len(details["ids"]) == 1_500
+    assert details["ids"] == sorted(details["ids"])
+    assert "1500 messages of the others were stored" in str(refused.value)
+    with Client(url=broker.url) as check:
+        assert check.stats(queue)["ready"] == 1_500
+        first = check.reserve(queue, max_messages=1)[0]
+        assert first.id == details["ids"][0]
+
+
+def test_a_long_ack_with_a_stale_lease_counts_what_every_frame_did(broker: BrokerProcess) -> None:
+    with Client(url=broker.url) as worker:
+        worker.put_many("settle", [b"s"] * 1_200)
+        leased = worker.reserve("settle", max_messages=1000)
+        leased += worker.reserve("settle", max_messages=1000)
+        assert len(leased) == 1_200
+        worker.ack(leased[1_100])  # its lease is gone before the long ack
+        with pytest.raises(client.errors.LeaseLost) as lost:
+            worker.ack(leased)
+        assert lost.value.details["done"] == 1_199
+        assert lost.value.details["failed"] == [leased[1_100].id]
+        assert worker.stats("settle")["totals"]["acked"] == 1_200
