@@ -38,7 +38,7 @@ Run a handler over the messages of one or more Sluice queues until SIGTERM or SI
 
 The handler is a function taking one job (job.body, job.id, job.queue, job.attempts,
 job.headers, job.progress(percent, note)). Returning acks the message; raising
-client.worker.Retry(delay=...) retries it after that delay; raising client.worker.Fail(reason)
+sluice.Retry(delay=...) retries it after that delay; raising sluice.Fail(reason)
 dead-letters it at once; any other exception retries it after the queue's backoff, with the
 error and a traceback summary kept as its last error. An async def handler runs on asyncio
 tasks, a plain one on threads.
@@ -51,7 +51,7 @@ carries on when it returns."""
 EPILOG = """\
 example:
   # tasks.py, in the current directory
-  from client.worker import Fail
+  from sluice import Fail
 
   def send_email(job):
       address = job.body.decode()

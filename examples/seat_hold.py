@@ -21,8 +21,7 @@ import asyncio
 import sys
 from typing import Any
 
-from client import AsyncClient, AsyncWorker
-from client.worker import AsyncJob
+from sluice import AsyncClient, AsyncJob, AsyncWorker
 
 from ._broker import running_broker
 

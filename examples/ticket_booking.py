@@ -24,9 +24,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from client import AsyncClient, AsyncWorker
-from client.errors import JobFailed, Timeout
-from client.worker import AsyncJob
+from sluice import AsyncClient, AsyncJob, AsyncWorker
+from sluice.errors import JobFailed, Timeout
 
 from ._broker import running_broker
 

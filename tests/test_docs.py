@@ -35,8 +35,8 @@ def run_example(code: str, broker: BrokerProcess) -> str:
 def test_readme_has_both_examples() -> None:
     blocks = readme_python_blocks()
     assert len(blocks) == 2
-    assert "from client import Client" in blocks[0]
-    assert "from client import AsyncClient" in blocks[1]
+    assert "from sluice import Client" in blocks[0]
+    assert "from sluice import AsyncClient" in blocks[1]
 
 
 def test_readme_sync_example_runs_as_written(broker: BrokerProcess) -> None:
