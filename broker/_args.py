@@ -7,14 +7,19 @@ from typing import Any, Final
 
 import msgpack
 
-from protocol import BadRequest, require_queue_name, require_string_keys, shown
+from protocol import (
+    PRIORITY_RANGE,
+    BadRequest,
+    require_queue_name,
+    require_string_keys,
+    shown,
+)
 
 from ._message import Headers, PutSpec
 from ._outcomes import NO_RESULT
 from ._settings import MAX_DURATION, integer_in_range, number_in_range
 
 MAX_BATCH: Final = 1000
-MAX_WAIT: Final = 3600.0
 MAX_WAITS_PER_CONNECTION: Final = 1000  # long-poll reserves one connection may have waiting
 MAX_HEADERS: Final = 64
 MAX_HEADER_KEY: Final = 256
@@ -22,7 +27,6 @@ MAX_HEADER_VALUE: Final = 4096
 MAX_TEXT: Final = 64 * 1024  # error texts and bury reasons are cut to this many chars
 MAX_KEY: Final = 256  # dedup key length
 MAX_RESULT: Final = 1024 * 1024  # encoded size of one job result
-PRIORITY_RANGE: Final = (-(2**31), 2**31 - 1)
 INT64_RANGE: Final = (-(2**63), 2**63 - 1)
 _MISSING: Final = object()
 

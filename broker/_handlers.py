@@ -11,9 +11,9 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
-from protocol import BadRequest, UnknownOp
+from protocol import MAX_WAIT, BadRequest, UnknownOp
 
-from ._args import MAX_BATCH, MAX_WAIT, MAX_WAITS_PER_CONNECTION, Args, put_spec
+from ._args import MAX_BATCH, MAX_WAITS_PER_CONNECTION, Args, put_spec
 from ._core import Core
 from ._lifecycle import State
 from ._message import Message, PutSpec

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import Any, Final, cast
 
 from protocol import (
+    MAX_WAIT,
     NEED_DATA,
     OPS,
     PROTOCOL_VERSION,
@@ -62,7 +63,7 @@ from protocol import (
 )
 
 from . import __version__
-from ._args import MAX_BATCH, MAX_WAIT, MAX_WAITS_PER_CONNECTION
+from ._args import MAX_BATCH, MAX_WAITS_PER_CONNECTION
 from ._core import Core
 from ._handlers import PENDING, READ_ONLY_OPS, Call, deliveries, handle
 from ._logging import event

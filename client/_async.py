@@ -9,7 +9,7 @@ import socket
 from collections.abc import Callable, Coroutine
 from typing import Any, Concatenate, NamedTuple, ParamSpec, TypeVar, cast
 
-from protocol import NEED_DATA, FrameDecoder, SluiceError, encode_frame
+from protocol import MAX_REQUEST_ID, NEED_DATA, FrameDecoder, SluiceError, encode_frame
 
 from . import _calls
 from ._calls import UNKNOWN, Call, merge_answers, split_call
@@ -17,12 +17,14 @@ from ._common import (
     DEFAULT_MAX_BATCH,
     DEFAULT_TIMEOUT,
     MAX_REPLY_FRAME,
+    as_method,
     broker_address,
     hello_args,
+    refuse_oversized,
     result_of,
     split_reply_frame,
 )
-from .errors import ConnectionClosed, Timeout
+from .errors import BrokerUnavailable, ConnectionClosed, Timeout
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -34,8 +36,7 @@ def _awaiting(
     async def method(self: AsyncClient, /, *args: P.args, **kwargs: P.kwargs) -> T:
         return await self.run(build(*args, **kwargs))
 
-    method.__name__ = build.__name__
-    method.__doc__ = build.__doc__
+    as_method(method, build)
     return method
 
 
@@ -169,6 +170,9 @@ class AsyncClient:
         if parts is None:
             ok, value = await self._round_trip(call.op, call.args, call.wait)
             return result_of(call, ok, value)
+        for part in parts:  # refuse an oversized frame before any is sent
+            largest = encode_frame([MAX_REQUEST_ID, part.op, part.args])
+            refuse_oversized(largest, part.op, self.server_info)
         # Every frame is written before the first reply is awaited: pipelined.
         sent = [self._round_trip(part.op, part.args, part.wait) for part in parts]
         answers = await asyncio.gather(*sent, return_exceptions=True)
@@ -198,7 +202,7 @@ class AsyncClient:
                 self.timeout,
             )
         except (OSError, TimeoutError) as error:
-            raise ConnectionClosed(
+            raise BrokerUnavailable(
                 f"cannot connect to sluice://{self.host}:{self.port}: {error}; is the broker "
                 "running? (python -m broker)"
             ) from None
@@ -218,11 +222,13 @@ class AsyncClient:
             raise ConnectionClosed(f"{op}: not connected to the broker")
         assert reader.transport is not None
         request_id = next(self._ids)
+        frame = encode_frame([request_id, op, args])
+        refuse_oversized(frame, op, self.server_info)
         future: asyncio.Future[Answer] = loop.create_future()
         limit = self.timeout + wait
         deadline = loop.time() + limit
         self._pending[request_id] = _Pending(future, deadline, op, limit)
-        reader.transport.write(encode_frame([request_id, op, args]))
+        reader.transport.write(frame)
         # Not a timer per call (nor asyncio.wait_for, a task per call): one timer, at the
         # earliest deadline of the calls in flight.
         if deadline < self._expiry_at:

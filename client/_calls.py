@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, Generic, NamedTuple, TypeVar
 
-from protocol import BadRequest, SluiceError, require_queue_name
+from protocol import MAX_WAIT, PRIORITY_RANGE, BadRequest, SluiceError, require_queue_name, shown
 
 from ._message import Message
 from .errors import JobFailed, Timeout
@@ -99,6 +99,27 @@ def _queue(name: str) -> str:
     return require_queue_name(name, "client")
 
 
+def _seconds(where: str, value: float, *, low_open: bool = False) -> float:
+    """A number of seconds a long-poll may wait: 0 (or above, if ``low_open``) to the
+    protocol's MAX_WAIT. Refused here, before sending, as the broker would refuse it."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0 <= value <= MAX_WAIT
+        or (low_open and value == 0)
+    ):
+        low = "more than 0" if low_open else "0"
+        raise BadRequest(f"{where} must be {low} to {MAX_WAIT:g} seconds, got {shown(value)}")
+    return float(value)
+
+
+def _priority(value: int) -> int:
+    low, high = PRIORITY_RANGE
+    if type(value) is not int or not low <= value <= high:
+        raise BadRequest(f"priority must be an integer in [{low}, {high}], got {shown(value)}")
+    return value
+
+
 def _body(body: Body) -> bytes:
     if isinstance(body, str):
         return body.encode()
@@ -117,7 +138,7 @@ def _spec(
 ) -> dict[str, Any]:
     spec: dict[str, Any] = {"body": _body(body)}
     if priority:
-        spec["priority"] = priority
+        spec["priority"] = _priority(priority)
     if delay:
         spec["delay"] = delay
     if max_attempts is not None:
@@ -250,8 +271,9 @@ def put_and_wait(
     spec = _spec(body, priority, 0, max_attempts, visibility_timeout, headers)
     if key is not None:
         spec["key"] = key
+    timeout = _seconds("put_and_wait: timeout", timeout, low_open=True)
     args = {"queue": _queue(queue), "message": spec, "timeout": timeout}
-    return Call("put_and_wait", args, _outcome, wait=float(timeout))
+    return Call("put_and_wait", args, _outcome, wait=timeout)
 
 
 def result(message_id: int, *, wait: float = 0) -> Call[Any]:
@@ -260,7 +282,7 @@ def result(message_id: int, *, wait: float = 0) -> Call[Any]:
     it is still pending, ``NotFound`` if the broker has no record (unknown id, or acked
     without a result, or the result outlived the queue's ``result_ttl``)."""
     args: dict[str, Any] = {"id": message_id}
-    if wait:
+    if _seconds("result: wait", wait):
         args["wait"] = wait
     return Call("result", args, _outcome, wait=float(wait))
 
@@ -279,7 +301,7 @@ def reserve(
     touched before its ``lease_deadline``, or it is delivered again."""
     names = [queue_or_queues] if isinstance(queue_or_queues, str) else list(queue_or_queues)
     args: dict[str, Any] = {"queues": [_queue(n) for n in names], "max": max_messages}
-    if wait:
+    if wait and _seconds("reserve: wait", wait):
         args["wait"] = wait
     if visibility_timeout is not None:
         args["visibility_timeout"] = visibility_timeout
@@ -291,7 +313,12 @@ def reserve(
     )
 
 
-_NO_RESULT: Any = object()
+class _NoResult:
+    def __repr__(self) -> str:
+        return "<no result>"
+
+
+_NO_RESULT: Any = _NoResult()  # ack without a result (None is a result)
 
 
 def ack(deliveries: Delivery | Iterable[Delivery], *, result: Any = _NO_RESULT) -> Call[int]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import os
+from collections.abc import Callable
 from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit
 
-from protocol import PROTOCOL_VERSION, SluiceError, split_reply
+from protocol import HEADER_SIZE, PROTOCOL_VERSION, SluiceError, TooLarge, split_reply
 
 from ._calls import Call
 
@@ -74,3 +76,30 @@ def result_of(call: Call[T], ok: bool, value: Any) -> T:
     if not ok:
         raise value
     return call.parse(value)
+
+
+def as_method(method: Callable[..., Any], build: Callable[..., Call[Any]]) -> None:
+    """Give the client ``method`` that runs ``build``'s call the name, docs and signature
+    of ``build`` (with ``self`` first, returning what the call's result is), so that
+    ``help(Client.put)`` and editors show the real parameters."""
+    method.__name__ = method.__qualname__ = build.__name__
+    method.__doc__ = build.__doc__
+    signature = inspect.signature(build)
+    returns = signature.return_annotation
+    if isinstance(returns, str) and returns.startswith("Call[") and returns.endswith("]"):
+        returns = returns[len("Call[") : -1]
+    this = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
+    method.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[this, *signature.parameters.values()], return_annotation=returns
+    )
+
+
+def refuse_oversized(frame: bytes, op: str, server_info: dict[str, Any]) -> None:
+    """Raise ``TooLarge`` naming the limit for a request frame over the broker's
+    ``max_frame`` (from its hello): sent, it would make the broker close the connection."""
+    limit = server_info.get("max_frame")
+    if limit is not None and len(frame) - HEADER_SIZE > limit:
+        raise TooLarge(
+            f"{op}: this request is {len(frame) - HEADER_SIZE} bytes, over the broker's "
+            f"max_frame of {limit}; send fewer or smaller messages per call"
+        )

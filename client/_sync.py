@@ -19,12 +19,14 @@ from ._common import (
     DEFAULT_TIMEOUT,
     MAX_REPLY_FRAME,
     ReplyParts,
+    as_method,
     broker_address,
     hello_args,
+    refuse_oversized,
     result_of,
     split_reply_frame,
 )
-from .errors import ConnectionClosed, Timeout
+from .errors import BrokerUnavailable, ConnectionClosed, Timeout
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -34,8 +36,7 @@ def _blocking(build: Callable[P, Call[T]]) -> Callable[Concatenate[Client, P], T
     def method(self: Client, /, *args: P.args, **kwargs: P.kwargs) -> T:
         return self.run(build(*args, **kwargs))
 
-    method.__name__ = build.__name__
-    method.__doc__ = build.__doc__
+    as_method(method, build)
     return method
 
 
@@ -113,7 +114,7 @@ class Client:
         try:
             sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
         except OSError as error:
-            raise ConnectionClosed(
+            raise BrokerUnavailable(
                 f"cannot connect to sluice://{self.host}:{self.port}: {error}; is the broker "
                 "running? (python -m broker)"
             ) from None
@@ -140,6 +141,9 @@ class Client:
         first = next(self._ids)  # the requests' ids are first, first + 1, ...
         for _ in range(len(calls) - 1):
             next(self._ids)
+        frames = [encode_frame([first + n, c.op, c.args]) for n, c in enumerate(calls)]
+        for frame in frames:
+            refuse_oversized(frame, op, self.server_info)  # before anything is sent
         answers: list[tuple[bool, Any] | None] = [None] * len(calls)
         missing = len(calls)
         limit = self.timeout + wait
@@ -147,11 +151,7 @@ class Client:
         try:
             if not self._kernel_timeouts:
                 sock.settimeout(limit)
-            if missing == 1:
-                sock.sendall(encode_frame([first, op, calls[0].args]))
-            else:
-                requests = [[first + n, c.op, c.args] for n, c in enumerate(calls)]
-                sock.sendall(b"".join(encode_frame(request) for request in requests))
+            sock.sendall(frames[0] if missing == 1 else b"".join(frames))
             while missing:
                 reply_id, ok, value = self._read_reply(sock, deadline)
                 if reply_id is None:

@@ -37,6 +37,11 @@ class ConnectionClosed(ClientError, ConnectionError):
     may or may not have been applied by the broker."""
 
 
+class BrokerUnavailable(ConnectionClosed):
+    """No broker answered at the address: the connection was refused or could not be
+    opened (nothing was sent). A ``ConnectionClosed``, so code catching that still works."""
+
+
 class Timeout(ClientError, TimeoutError):
     """No reply within the client's timeout (the request may still be applied), or no
     job result within the time asked for (the job stays queued)."""
@@ -61,6 +66,7 @@ class JobFailed(ClientError):
 
 
 __all__ = [
+    "BrokerUnavailable",
     "ERROR_CLASSES",
     "BadFrame",
     "BadRequest",

@@ -46,7 +46,14 @@ from ._messages import (
     split_reply,
     split_request,
 )
-from ._validate import QUEUE_NAME_PATTERN, is_queue_name, require_queue_name, shown
+from ._validate import (
+    MAX_WAIT,
+    PRIORITY_RANGE,
+    QUEUE_NAME_PATTERN,
+    is_queue_name,
+    require_queue_name,
+    shown,
+)
 
 __all__ = [
     "DEFAULT_MAX_FRAME",
@@ -56,6 +63,8 @@ __all__ = [
     "NEED_DATA",
     "OPS",
     "PROTOCOL_VERSION",
+    "MAX_WAIT",
+    "PRIORITY_RANGE",
     "QUEUE_NAME_PATTERN",
     "BadFrame",
     "BadRequest",

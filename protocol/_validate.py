@@ -9,6 +9,8 @@ from typing import Any, Final
 from ._errors import BadRequest
 
 QUEUE_NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9._:-]{1,200}")
+MAX_WAIT: Final = 3600.0  # seconds a long-poll (reserve, result, put_and_wait) may wait
+PRIORITY_RANGE: Final = (-(2**31), 2**31 - 1)  # a message's priority, inclusive
 
 
 _KNOWN_NAMES: Final[set[str]] = set()  # names that passed, so a name is matched once

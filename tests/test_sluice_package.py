@@ -4,6 +4,8 @@ nothing to send."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,7 +15,7 @@ import sluice
 import sluice.errors
 from sluice import AsyncClient, AsyncWorker, Client, Fail, Job, Message, Retry, Worker
 
-from .conftest import BrokerProcess
+from .conftest import BrokerProcess, start_broker, stop_broker
 
 UNREACHABLE_PORT = 1  # nothing listens there: a call that tried to connect would fail
 
@@ -156,3 +158,79 @@ def test_a_long_ack_with_a_stale_lease_counts_what_every_frame_did(broker: Broke
         assert lost.value.details["done"] == 1_199
         assert lost.value.details["failed"] == [leased[1_100].id]
         assert worker.stats("settle")["totals"]["acked"] == 1_200
+
+
+def test_client_methods_show_their_real_parameters_and_docs() -> None:
+    import inspect
+
+    for cls in (Client, AsyncClient):
+        put = inspect.signature(cls.put)
+        assert list(put.parameters)[:3] == ["self", "queue", "body"]
+        assert put.parameters["priority"].default == 0 and put.return_annotation == "MessageId"
+        reserve = inspect.signature(cls.reserve)
+        assert "max_messages" in reserve.parameters and "wait" in reserve.parameters
+        assert cls.put.__doc__ and "dedup key" in cls.put.__doc__
+        assert "result" in str(inspect.signature(cls.ack))
+    bound = inspect.signature(Client().ack)
+    assert list(bound.parameters) == ["deliveries", "result"]
+
+
+@pytest.mark.parametrize(
+    ("call", "words"),
+    [
+        (lambda c: c.reserve("jobs", wait=1e12), "0 to 3600 seconds"),
+        (lambda c: c.reserve("jobs", wait=float("nan")), "0 to 3600 seconds"),
+        (lambda c: c.result(7, wait=-1), "0 to 3600 seconds"),
+        (lambda c: c.put_and_wait("jobs", b"x", timeout=0), "more than 0 to 3600"),
+        (lambda c: c.put("jobs", b"x", priority=2**64), "[-2147483648, 2147483647]"),
+        (lambda c: c.put_many("jobs", [b"x"], priority=True), "priority must be an integer"),
+    ],
+)
+def test_values_the_broker_would_refuse_are_refused_before_connecting(
+    call: Any, words: str
+) -> None:
+    with pytest.raises(client.errors.BadRequest) as refused:
+        call(Client(port=UNREACHABLE_PORT))
+    assert words in str(refused.value)
+
+
+def test_a_refused_connection_is_broker_unavailable() -> None:
+    with pytest.raises(client.errors.BrokerUnavailable) as refused:
+        Client(port=UNREACHABLE_PORT).ping()
+    assert isinstance(refused.value, client.errors.ConnectionClosed)
+    assert "is the broker running" in str(refused.value)
+
+    async def scenario() -> None:
+        with pytest.raises(client.errors.BrokerUnavailable):
+            await AsyncClient(port=UNREACHABLE_PORT).ping()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("form", ["sync", "async"])
+def test_a_request_over_the_broker_frame_limit_is_refused_before_it_is_sent(
+    tmp_path: Path, form: str
+) -> None:
+    broker = start_broker(tmp_path / "broker.log", "--in-memory", "--max-frame", "1048576")
+    try:
+        bodies = [b"m" * 100_000] * 20  # 2 MB in one frame: over the 1 MiB limit
+
+        async def scenario() -> None:
+            async with AsyncClient(url=broker.url) as producer:
+                with pytest.raises(client.errors.TooLarge, match="max_frame of 1048576"):
+                    await producer.put_many("big", bodies)
+                assert await producer.ping() > 0  # the same connection carries on
+                assert await producer.put_many("big", bodies[:5])  # under the limit
+
+        if form == "async":
+            asyncio.run(scenario())
+        else:
+            with Client(url=broker.url) as producer:
+                with pytest.raises(client.errors.TooLarge, match="max_frame of 1048576"):
+                    producer.put_many("big", bodies)
+                assert producer.ping() > 0
+                assert producer.put_many("big", bodies[:5])
+        with Client(url=broker.url) as check:
+            assert check.stats("big")["ready"] == 5  # nothing of the refused call stored
+    finally:
+        stop_broker(broker)
