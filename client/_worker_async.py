@@ -25,6 +25,7 @@ from ._worker_common import (
     MAX_BATCH,
     OUTAGE_ERRORS,
     Backoff,
+    Breaker,
     Delivery,
     LeaseClock,
     Outage,
@@ -32,6 +33,7 @@ from ._worker_common import (
     WorkerCounts,
     WorkerSettings,
     batches,
+    breaker_changed,
     can_report_progress,
     can_send_result,
     dropped_result_warning,
@@ -83,6 +85,7 @@ class AsyncWorker:
         grace: float = 30.0,
         visibility_timeout: float | None = None,
         poll_wait: float = 1.0,
+        breaker: tuple[int, float] | None = None,
     ) -> None:
         if not is_async(handler):
             raise TypeError(f"{handler!r} is not an async def function: run it with Worker")
@@ -98,6 +101,7 @@ class AsyncWorker:
         )
         self.handler = handler
         self.counts = WorkerCounts()
+        self._breaker = Breaker.of(breaker)
         self._client = AsyncClient(
             self.settings.host,
             self.settings.port,
@@ -185,6 +189,14 @@ class AsyncWorker:
             if free <= 0:
                 await self._changed.wait()
                 continue
+            trial = False
+            if self._breaker is not None:
+                allowed, wait = self._breaker.quota(time.monotonic())
+                if allowed == 0:  # a trial's outcome sets _changed, as any settle does
+                    await _wait(self._changed, wait)
+                    continue
+                trial = allowed == 1
+                free = 1 if trial else free
             try:
                 messages, received_at, broker_now = await self._reserve(free)
             except OUTAGE_ERRORS as error:
@@ -194,6 +206,8 @@ class AsyncWorker:
                 continue
             self._outage.recovered(time.monotonic())
             backoff.reset()
+            if trial and messages and self._breaker is not None:
+                self._breaker.trying()
             await self._dispatch(messages, received_at, broker_now)
 
     async def _reserve(self, free: int) -> tuple[list[Message], float, float]:
@@ -296,6 +310,9 @@ class AsyncWorker:
     async def _settle(self, delivery: Delivery, outcome: Outcome, *, patient: bool) -> None:
         """Send ``outcome`` unless the lease is known lost, retrying as ``SettleAttempts``
         says."""
+        if self._breaker is not None:
+            change = self._breaker.record(outcome, time.monotonic())
+            breaker_changed(self._breaker, change, self.counts)
         attempts = SettleAttempts(delivery, outcome.action, self._outage, self._count, patient)
         while not attempts.lease_already_lost():
             try:

@@ -19,6 +19,7 @@ from protocol import LeaseLost, ShuttingDown, require_queue_name
 from . import _calls
 from ._common import DEFAULT_URL, parse_url
 from ._message import Message
+from ._worker_job import Outcome
 
 MAX_BATCH: Final = 1000  # the broker's limit on reserve max and nack items
 TOUCH_FRACTION: Final = 1 / 3  # touch when this share of the lease has passed
@@ -195,6 +196,7 @@ class WorkerCounts:
     lease_lost: int = 0  # the lease was gone when the outcome was due; nothing was sent
     handed_back: int = 0  # unfinished at shutdown, nacked for immediate redelivery
     unsettled: int = 0  # the broker could not be told in time; the lease will run out
+    breaker_opened: int = 0  # times the circuit breaker stopped reserving
 
     def summary(self) -> str:
         return ", ".join(
@@ -333,3 +335,80 @@ def dropped_result_warning(message: Message, value: object) -> None:
         message.id,
         type(value).__name__,
     )
+
+
+class Breaker:
+    """A circuit breaker over handler outcomes, without I/O (the caller passes the time).
+
+    Closed, it lets the worker reserve freely. After ``failures`` failures in a row (a
+    handler raised something other than ``Retry`` or ``Fail``, or ran past its timeout)
+    it opens: for ``cooldown`` seconds nothing is reserved, so no message spends an
+    attempt on a handler that is failing. Then it is half-open: one job may be reserved;
+    if it succeeds the breaker closes, if it fails it opens again. ``Retry`` and ``Fail``
+    are the handler's own decisions and count as neither. Thread-safe."""
+
+    def __init__(self, failures: int, cooldown: float) -> None:
+        if isinstance(failures, bool) or not isinstance(failures, int) or failures < 1:
+            raise ValueError(f"breaker failures must be an int of at least 1, got {failures!r}")
+        _check_seconds("breaker cooldown", cooldown, allow_zero=False)
+        self.failures, self.cooldown = failures, float(cooldown)
+        self._lock = threading.Lock()
+        self._in_a_row = 0
+        self._opened_at: float | None = None  # None: closed
+        self._trying = False  # half-open, and the one trial job is out
+
+    def quota(self, now: float) -> tuple[int | None, float]:
+        """How many jobs may be reserved now (None: any number), and when none may, how
+        many seconds until that may change."""
+        with self._lock:
+            if self._opened_at is None:
+                return None, 0.0
+            left = self._opened_at + self.cooldown - now
+            if left > 0:
+                return 0, left
+            if self._trying:
+                return 0, self.cooldown  # the trial's outcome decides; it wakes the loop
+            return 1, 0.0
+
+    def trying(self) -> None:
+        """The half-open trial job was reserved."""
+        with self._lock:
+            if self._opened_at is not None:
+                self._trying = True
+
+    def record(self, outcome: Outcome, now: float) -> str | None:
+        """Note how a job ended; returns "opened" or "closed" when that changed the state."""
+        with self._lock:
+            if outcome.failure:
+                self._in_a_row += 1
+                if self._opened_at is not None or self._in_a_row >= self.failures:
+                    self._opened_at, self._trying = now, False
+                    return "opened"
+            elif outcome.action == "ack":
+                self._in_a_row = 0
+                if self._opened_at is not None:
+                    self._opened_at, self._trying = None, False
+                    return "closed"
+            return None
+
+    @classmethod
+    def of(cls, setting: tuple[int, float] | None) -> Breaker | None:
+        """The breaker a worker's ``breaker=(failures, cooldown)`` asks for (None: off)."""
+        if setting is None:
+            return None
+        if not isinstance(setting, tuple) or len(setting) != 2:
+            raise ValueError(f"breaker must be (failures, cooldown seconds), got {setting!r}")
+        return cls(*setting)
+
+
+def breaker_changed(breaker: Breaker, change: str | None, counts: WorkerCounts) -> None:
+    """Log (and count) the breaker opening or closing."""
+    if change == "opened":
+        counts.breaker_opened += 1
+        log.warning(
+            "circuit breaker open: %d handler failures in a row; not reserving for %gs",
+            breaker.failures,
+            breaker.cooldown,
+        )
+    elif change == "closed":
+        log.info("circuit breaker closed: a trial job succeeded; reserving again")

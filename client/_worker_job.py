@@ -144,12 +144,14 @@ class Outcome:
 
     ``ack``: done, with ``result`` (None: no result). ``nack``: retry after ``delay`` seconds
     (None: the queue's backoff), keeping ``text`` as the last error. ``bury``: dead-letter
-    now with ``text`` as the reason."""
+    now with ``text`` as the reason. ``failure``: the handler failed (raised something
+    other than ``Retry`` or ``Fail``, or ran past its timeout), for the circuit breaker."""
 
     action: Literal["ack", "nack", "bury"]
     result: Any = None
     delay: float | None = None
     text: str | None = None
+    failure: bool = False
 
 
 def returned(value: Any) -> Outcome:
@@ -164,12 +166,12 @@ def raised(error: BaseException) -> Outcome:
         return Outcome("bury", text=error.reason or "Fail")
     if isinstance(error, Retry):
         return Outcome("nack", delay=error.delay, text=f"Retry: {error.reason or 'requested'}")
-    return Outcome("nack", text=error_text(error))
+    return Outcome("nack", text=error_text(error), failure=True)
 
 
 def timed_out(limit: float) -> Outcome:
     """The handler ran past its ``limit`` seconds: nack (the queue's backoff applies)."""
-    return Outcome("nack", text=f"timeout after {limit:g}s")
+    return Outcome("nack", text=f"timeout after {limit:g}s", failure=True)
 
 
 def error_text(error: BaseException, limit: int = MAX_ERROR_TEXT) -> str:

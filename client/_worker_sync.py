@@ -29,6 +29,7 @@ from ._worker_common import (
     MAX_BATCH,
     OUTAGE_ERRORS,
     Backoff,
+    Breaker,
     Delivery,
     LeaseClock,
     Outage,
@@ -36,6 +37,7 @@ from ._worker_common import (
     WorkerCounts,
     WorkerSettings,
     batches,
+    breaker_changed,
     can_report_progress,
     can_send_result,
     dropped_result_warning,
@@ -87,6 +89,13 @@ class Worker:
     sluice://127.0.0.1:7700, as for ``Client``. ``visibility_timeout`` overrides the lease
     length asked for at reserve (None: the message's or queue's own). ``counts`` tallies
     what happened to each message.
+
+    ``breaker=(failures, cooldown)`` turns on a circuit breaker (off by default): after
+    that many handler failures in a row (exceptions other than ``Retry`` and ``Fail``,
+    and timeouts) nothing is reserved for ``cooldown`` seconds, so no message spends an
+    attempt on a handler that keeps failing; then one trial job runs, and its success
+    closes the breaker (its failure opens it again). Logged, and counted in
+    ``counts.breaker_opened``.
     """
 
     def __init__(
@@ -103,6 +112,7 @@ class Worker:
         grace: float = 30.0,
         visibility_timeout: float | None = None,
         poll_wait: float = 1.0,
+        breaker: tuple[int, float] | None = None,
     ) -> None:
         if is_async(handler):
             raise TypeError(f"{handler!r} is a coroutine function: run it with AsyncWorker")
@@ -120,6 +130,7 @@ class Worker:
         )
         self.handler = handler
         self.counts = WorkerCounts()
+        self._breaker = Breaker.of(breaker)
         self._reserver = self._new_client()
         self._control = self._new_client()  # the keeper's touches, and the hand-back
         self._own = threading.local()  # .client: a handler thread's own connection
@@ -231,6 +242,15 @@ class Worker:
     def _reserve_loop(self) -> None:
         backoff = Backoff()
         while (free := self._wait_for_free_slots()) > 0:
+            trial = False
+            if self._breaker is not None:
+                allowed, wait = self._breaker.quota(time.monotonic())
+                if allowed == 0:
+                    with self._lock:  # a trial's outcome notifies, as any settle does
+                        self._slots_changed.wait(wait)
+                    continue
+                trial = allowed == 1
+                free = 1 if trial else free
             try:
                 messages, received_at, broker_now = self._reserve(free)
             except OUTAGE_ERRORS as error:
@@ -240,6 +260,8 @@ class Worker:
                 continue
             self._outage.recovered(time.monotonic())
             backoff.reset()
+            if trial and messages and self._breaker is not None:
+                self._breaker.trying()
             self._dispatch(messages, received_at, broker_now)
 
     def _wait_for_free_slots(self) -> int:
@@ -354,6 +376,10 @@ class Worker:
     def _settle(self, delivery: Delivery, outcome: Outcome, *, patient: bool) -> None:
         """Send ``outcome`` unless the lease is known lost, retrying as ``SettleAttempts``
         says, and forget the delivery."""
+        if self._breaker is not None:
+            change = self._breaker.record(outcome, time.monotonic())
+            with self._lock:
+                breaker_changed(self._breaker, change, self.counts)
         attempts = SettleAttempts(delivery, outcome.action, self._outage, self._count, patient)
         try:
             while not attempts.lease_already_lost():
