@@ -78,6 +78,7 @@ async def serve(config: Config) -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     core = Core(
         max_delivery_bytes=config.max_frame // 2,
+        max_body_limit=config.max_frame,
         track_changes=config.data_dir is not None,
         on_dead=log_dead_letter,
     )

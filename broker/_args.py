@@ -17,7 +17,7 @@ from protocol import (
 
 from ._message import Headers, PutSpec
 from ._outcomes import NO_RESULT
-from ._settings import MAX_DURATION, integer_in_range, number_in_range
+from ._settings import MAX_DURATION, MIN_LEASE, integer_in_range, number_in_range
 
 MAX_BATCH: Final = 1000
 MAX_WAITS_PER_CONNECTION: Final = 1000  # long-poll reserves one connection may have waiting
@@ -74,6 +74,7 @@ class Args:
         name: str,
         default: Any = _MISSING,
         *,
+        low: float = 0,
         low_open: bool = False,
         high: float = MAX_DURATION,
     ) -> Any:
@@ -82,7 +83,7 @@ class Args:
             return None
         if value is _MISSING:
             raise BadRequest(f"{self.op}: argument {name!r} is required")
-        return number_in_range(name, value, low=0, high=high, low_open=low_open, op=self.op)
+        return number_in_range(name, value, low=low, high=high, low_open=low_open, op=self.op)
 
     def number(self, name: str, default: Any = _MISSING, *, low: float, high: float) -> Any:
         value = self._get(name, default)
@@ -106,7 +107,7 @@ class Args:
         if value is None and default is None:
             return None
         if not isinstance(value, list) or len(value) > MAX_BATCH * 100:
-            raise BadRequest(f"{self.op}: {name} must be a list of message ids")
+            raise BadRequest(f"{self.op}: {name} must be a list of at most {MAX_BATCH * 100} ids")
         high = INT64_RANGE[1]
         return [integer_in_range(f"{name}[]", v, low=1, high=high, op=self.op) for v in value]
 
@@ -191,7 +192,7 @@ def put_spec(item: Any, index: int | None = None) -> PutSpec:
         priority=args.integer("priority", 0, low=PRIORITY_RANGE[0], high=PRIORITY_RANGE[1]),
         delay=args.seconds("delay", 0.0),
         max_attempts=args.integer("max_attempts", None, low=1, high=2**31 - 1),
-        visibility_timeout=args.seconds("visibility_timeout", None, low_open=True),
+        visibility_timeout=args.seconds("visibility_timeout", None, low=MIN_LEASE),
         headers=_headers(args.op, item.get("headers")),
         key=_key(args.op, item.get("key")),
     )

@@ -20,7 +20,7 @@ from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from protocol import LeaseLost, NotFound, TooLarge, shown
+from protocol import BadRequest, LeaseLost, NotFound, TooLarge, shown
 
 from ._lazyheap import Entry, LazyHeap
 from ._lifecycle import Event, State, advance_state
@@ -66,6 +66,7 @@ class Core:
         *,
         random: Callable[[], float] = _random.random,
         max_delivery_bytes: int | None = None,
+        max_body_limit: int | None = None,
         track_changes: bool = False,
         on_dead: Callable[[Message, str], None] | None = None,
     ) -> None:
@@ -73,10 +74,13 @@ class Core:
         bodies handed out by one reserve (at least one message is always handed out).
         ``track_changes`` keeps the set of changed messages and queues for a store to take
         with ``take_changes()``; without a store, leave it off. ``on_dead(message,
-        reason)`` is called as each message is dead-lettered; it must not raise."""
+        reason)`` is called as each message is dead-lettered; it must not raise.
+        ``max_body_limit``: configure refuses a larger ``max_body`` (None: the settings'
+        own limit only)."""
         self.messages: dict[int, Message] = {}
         self.on_dead = on_dead
         self.max_delivery_bytes = max_delivery_bytes
+        self.max_body_limit = max_body_limit  # the largest max_body configure may set
         self.queues: dict[str, Queue] = {}
         self._random = random
         self._next_id = 1
@@ -506,6 +510,12 @@ class Core:
         self.tick(now)
         existing = self.queues.get(queue_name)
         settings = (existing.settings if existing else QueueSettings()).updated(changes)
+        limit = self.max_body_limit
+        if "max_body" in changes and limit is not None and settings.max_body > limit:
+            raise BadRequest(
+                f"max_body must be at most {limit} bytes here: a put of a larger body could "
+                "never fit in a frame (the broker's --max-frame)"
+            )
         queue = existing or self._queue(queue_name)  # created only once the changes are valid
         queue.settings = settings
         if self._changed is not None:

@@ -17,6 +17,7 @@ from ._args import MAX_BATCH, MAX_WAITS_PER_CONNECTION, Args, put_spec
 from ._core import Core
 from ._lifecycle import State
 from ._message import Message, PutSpec
+from ._settings import MIN_LEASE
 
 PEEKABLE: Final = (State.READY, State.DELAYED, State.RESERVED, State.DEAD)
 
@@ -119,7 +120,7 @@ def _reserve(call: Call, args: Args) -> Any:
         call.now,
         args.queues(),
         args.integer("max", 1, low=1, high=MAX_BATCH),
-        visibility_timeout=args.seconds("visibility_timeout", None, low_open=True),
+        visibility_timeout=args.seconds("visibility_timeout", None, low=MIN_LEASE),
         wait=wait,
         waiter_key=call.waiter_key,
     )
@@ -155,7 +156,7 @@ def _touch(call: Call, args: Args) -> Any:
         call.now,
         args.message_id(),
         args.integer("lease", low=1, high=2**63 - 1),
-        args.seconds("seconds", None, low_open=True),
+        args.seconds("seconds", None, low=MIN_LEASE),
     )
     return {"lease_deadline": deadline}
 

@@ -12,6 +12,7 @@ from protocol import BadRequest, shown
 
 MAX_DURATION: Final = 14 * 24 * 3600.0  # the longest delay, lease, ttl or window accepted
 MAX_BODY_LIMIT: Final = 64 * 1024 * 1024
+MIN_LEASE: Final = 0.001  # seconds: the shortest visibility timeout (or touch) accepted
 
 
 def _number(
@@ -164,7 +165,7 @@ def _bool(name: str) -> Any:
 
 _SETTING_PARSERS: Final[dict[str, Any]] = {
     "visibility_timeout": lambda v: _number(
-        "visibility_timeout", v, low=0, high=MAX_DURATION, low_open=True
+        "visibility_timeout", v, low=MIN_LEASE, high=MAX_DURATION
     ),
     "max_attempts": _optional(lambda v: _integer("max_attempts", v, low=1, high=2**31 - 1)),
     "backoff": Backoff.from_wire,
