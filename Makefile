@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/python -m broker --host 127.0.0.1 --port 7700 --data-dir ./data
+	$(BIN)/python -m broker --host 127.0.0.1 --port 7700 --data-dir ./sluice-data
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -35,4 +35,4 @@ slow: $(STAMP)
 	$(BIN)/pytest -q -m slow
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache data
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache sluice-data

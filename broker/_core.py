@@ -462,7 +462,15 @@ class Core:
             return message.status()
         result = self.results.get(message_id, now)
         if result is None:
-            raise NotFound(f"no message {message_id}: it was acked, cancelled or purged")
+            if message_id >= self._next_id:
+                raise NotFound(
+                    f"no message {message_id}: no put has made it yet (the ids so far go up "
+                    f"to {self._next_id - 1})"
+                )
+            raise NotFound(
+                f"no message {message_id}: it was acked (its result, if any, is past the "
+                "queue's result_ttl), cancelled or purged"
+            )
         return _done(message_id, result)
 
     def stats(self, now: float, queue_name: str) -> dict[str, Any]:

@@ -5,6 +5,7 @@ parsed arguments, prints its result (JSON with ``--json``) and returns the exit 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -33,7 +34,7 @@ PEEK_TIME_COLUMN: Final = {
     "reserved": ("lease ends", "lease_deadline"),
     "dead": ("dead since", "dead_at"),
 }
-TIME_FIELDS: Final = ("enqueued_at", "due_at", "lease_deadline", "dead_at")
+TIME_FIELDS: Final = ("enqueued_at", "due_at", "lease_deadline", "dead_at", "done_at")
 NO_QUEUES: Final = "no queues yet (a put, reserve or configure creates one)"
 
 Args = argparse.Namespace
@@ -182,6 +183,8 @@ def cmd_status(client: Client, args: Args) -> int:
             return absolute(value, now)
         if key == "headers":
             return ", ".join(f"{k}={v}" for k, v in value.items()) or "-"
+        if key == "result":
+            return readable_result(value)
         return value
 
     return _show(args, status, lambda: fields((k, shown(k, v)) for k, v in status.items()))
@@ -233,3 +236,17 @@ COMMANDS: Final = {
     "status": Command(cmd_status),
     "watch": Command(cmd_watch),
 }
+
+
+def readable_result(value: Any) -> str:
+    """A job's result for a person: UTF-8 text as itself, other bytes as hex, anything
+    else (maps, lists, numbers) as JSON."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode()
+        except UnicodeDecodeError:
+            return f"{len(value)} bytes: {value.hex()}"
+    try:
+        return json.dumps(value, default=repr)
+    except (TypeError, ValueError):
+        return repr(value)

@@ -472,3 +472,28 @@ def test_body_preview_and_table() -> None:
         "a     1",
         "bb    -",
     ]
+
+
+def test_status_of_a_done_message_shows_its_time_and_result_for_people(
+    shared_broker: BrokerProcess,
+) -> None:
+    with shared_broker.client() as client:
+        message_id = client.put("cli-done", b"job")
+        (message,) = client.reserve("cli-done")
+        client.ack(message, result={"sent_to": "ada@example.com"})
+        (binary,) = [client.put("cli-done", b"other")]
+        (leased,) = client.reserve("cli-done")
+        client.ack(leased, result=b"\xff\x00")
+        never = message_id + 10_000_000
+    done = rows(ok(shared_broker, "status", str(message_id)).out)
+    assert done["state"] == ["state", "done"]
+    assert done["result"] == ["result", '{"sent_to":', '"ada@example.com"}']
+    assert "ago" in " ".join(done["done_at"]) or "UTC" in " ".join(done["done_at"])
+    assert rows(ok(shared_broker, "status", str(binary)).out)["result"] == [
+        "result",
+        "2",
+        "bytes:",
+        "ff00",
+    ]
+    gone = sluice(shared_broker, "status", str(never))
+    failed(gone, 1, f"sluice: NOT_FOUND: no message {never}: no put has made it yet")
