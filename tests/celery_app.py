@@ -53,3 +53,11 @@ def slow(n: int) -> int:
     time.sleep(0.5)
     _ran("slow-done", n)
     return n
+
+
+@app.task(bind=True, autoretry_for=(ConnectionError,), retry_kwargs={"countdown": 0.1})
+def shaky(self: object, n: int) -> int:
+    _ran("shaky", n)
+    if self.request.retries < 2:  # type: ignore[attr-defined]
+        raise ConnectionError("the network blinked")
+    return n

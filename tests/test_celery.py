@@ -24,7 +24,7 @@ celery = pytest.importorskip("celery")
 
 RESULT_TIMEOUT = 60.0
 # No worker-to-worker chatter: it needs broadcast, which the transport does not have.
-QUIET = ("--without-mingle", "--without-gossip", "--without-heartbeat", "-l", "info")
+QUIET = ("-c", "2", "--without-mingle", "--without-gossip", "--without-heartbeat", "-l", "info")
 
 
 class CeleryRun:
@@ -45,10 +45,10 @@ class CeleryRun:
         self.workers: list[subprocess.Popen[bytes]] = []
         self.root = root
 
-    def start_worker(self) -> subprocess.Popen[bytes]:
+    def start_worker(self, *options: str) -> subprocess.Popen[bytes]:
         log = open(self.root / f"worker-{len(self.workers)}.log", "wb")  # noqa: SIM115
         worker = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "celery_app", "worker", "-c", "2", *QUIET],
+            [sys.executable, "-m", "celery", "-A", "celery_app", "worker", *QUIET, *options],
             env=self.env,
             cwd=self.root,
             stdout=log,
@@ -90,15 +90,10 @@ class CeleryRun:
         return times
 
     def stop(self) -> None:
+        """The tests are done with the workers: kill them (a shutdown is not under test)."""
         for worker in self.workers:
             if worker.poll() is None:
-                worker.send_signal(signal.SIGQUIT)  # a cold shutdown: the tests are done
-        for worker in self.workers:
-            try:
-                worker.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(worker.pid, signal.SIGKILL)
-                worker.wait(10)
+                self.kill(worker)
 
 
 def settled(run: CeleryRun, done: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
@@ -119,8 +114,10 @@ def celery_run(tmp_path: Path) -> Iterator[CeleryRun]:
         yield run
     finally:
         run.stop()
+        producer = sys.modules.pop("celery_app", None)
+        if producer is not None:
+            producer.app.close()  # the test's own broker connections
         stop_broker(broker)
-        sys.modules.pop("celery_app", None)
 
 
 def test_500_tasks_run_once_each_with_their_results(celery_run: CeleryRun) -> None:
@@ -141,6 +138,19 @@ def test_a_task_that_retries_twice_then_succeeds(celery_run: CeleryRun) -> None:
     result = app.flaky.delay(7)
     assert result.get(timeout=RESULT_TIMEOUT) == "ok after 2 retries"
     assert celery_run.runs_of("flaky") == {7: 3}
+
+
+def test_autoretry_for_and_routing_to_another_queue(celery_run: CeleryRun) -> None:
+    app = celery_run.app()
+    celery_run.start_worker()  # the default queue only
+    shaky = app.shaky.delay(3)
+    assert shaky.get(timeout=RESULT_TIMEOUT) == 3
+    assert celery_run.runs_of("shaky") == {3: 3}  # two automatic retries, then done
+    routed = app.echo.apply_async((41,), queue="reports")
+    with Client(url=celery_run.broker.url) as client:
+        assert client.stats("reports")["totals"]["put"] == 1  # its own Sluice queue
+    celery_run.start_worker("-Q", "reports")
+    assert routed.get(timeout=RESULT_TIMEOUT) == 41
 
 
 def test_countdown_tasks_wait_in_the_broker_and_run_no_earlier_than_due(

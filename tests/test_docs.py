@@ -51,7 +51,11 @@ def test_readme_sync_example_runs_as_written(broker: BrokerProcess) -> None:
 
 
 def test_readme_async_example_runs_as_written(broker: BrokerProcess) -> None:
-    run_example(readme_python_blocks()[1], broker)
+    out = run_example(readme_python_blocks()[1], broker)
+    assert out.splitlines() == [
+        "made a thumbnail of img-1.png",
+        "made a thumbnail of img-2.png",
+    ]
     with broker.client() as client:
         stats = client.stats("thumbnails")
     assert stats["totals"]["put"] == 2 and stats["totals"]["acked"] == 2

@@ -715,3 +715,14 @@ def test_readme_worker_examples_run_as_written(
         "2 acked, 1 nacked, 1 buried",
         "dead: not an email address: 'nobody'",
     ]
+    # Run again on the same broker: it waits on its own counts, not the queue's totals.
+    again = subprocess.run(
+        [sys.executable, "-c", embedded],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO_ROOT)])},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.splitlines()[0] == "2 acked, 1 nacked, 1 buried"
