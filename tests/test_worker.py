@@ -695,14 +695,18 @@ def test_readme_worker_examples_run_as_written(
     embedded = embedded.replace(
         '"127.0.0.1", 7700', f'"{shared_broker.host}", {shared_broker.port}'
     )
-    done = subprocess.run(
-        [sys.executable, "-c", embedded],
-        cwd=REPO_ROOT,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO_ROOT)])},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+
+    def run_example() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", embedded],
+            cwd=REPO_ROOT,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO_ROOT)])},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    done = run_example()
     assert done.returncode == 0, done.stderr
     sent = sorted(line for line in done.stderr.splitlines() if line.startswith("tasks: "))
     assert sent == [
@@ -716,13 +720,6 @@ def test_readme_worker_examples_run_as_written(
         "dead: not an email address: 'nobody'",
     ]
     # Run again on the same broker: it waits on its own counts, not the queue's totals.
-    again = subprocess.run(
-        [sys.executable, "-c", embedded],
-        cwd=REPO_ROOT,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO_ROOT)])},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    again = run_example()
     assert again.returncode == 0, again.stderr
     assert again.stdout.splitlines()[0] == "2 acked, 1 nacked, 1 buried"
