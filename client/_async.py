@@ -14,15 +14,15 @@ from protocol import MAX_REQUEST_ID, NEED_DATA, FrameDecoder, SluiceError, encod
 from . import _calls
 from ._calls import UNKNOWN, Call, merge_answers, split_call
 from ._common import (
-    DEFAULT_MAX_BATCH,
     DEFAULT_TIMEOUT,
     MAX_REPLY_FRAME,
+    Limits,
     as_method,
     broker_address,
     hello_args,
-    refuse_oversized,
     result_of,
     split_reply_frame,
+    too_large,
 )
 from .errors import BrokerUnavailable, ConnectionClosed, Timeout
 
@@ -127,6 +127,7 @@ class AsyncClient:
         self.timeout = timeout
         self.client_name, self.auth_token = client_name, auth_token
         self.server_info: dict[str, Any] = {}
+        self._limits = Limits()
         self._pending: dict[int, _Pending] = {}
         self._reader: _ReplyReader | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -166,13 +167,15 @@ class AsyncClient:
             return call.known  # type: ignore[no-any-return]
         if not self._connected():
             await self.connect()
-        parts = split_call(call, self.server_info.get("max_batch", DEFAULT_MAX_BATCH))
-        if parts is None:
+        split, limits = call.split, self._limits
+        if split is None or len(call.args[split.key]) <= limits.max_batch:
             ok, value = await self._round_trip(call.op, call.args, call.wait)
             return result_of(call, ok, value)
+        parts = split_call(call, limits.max_batch) or [call]
         for part in parts:  # refuse an oversized frame before any is sent
             largest = encode_frame([MAX_REQUEST_ID, part.op, part.args])
-            refuse_oversized(largest, part.op, self.server_info)
+            if len(largest) > limits.frame_bytes:
+                raise too_large(largest, part.op, limits)
         # Every frame is written before the first reply is awaited: pipelined.
         sent = [self._round_trip(part.op, part.args, part.wait) for part in parts]
         answers = await asyncio.gather(*sent, return_exceptions=True)
@@ -212,7 +215,7 @@ class AsyncClient:
         if not ok:
             await self.close()
             raise value
-        self.server_info = value
+        self.server_info, self._limits = value, Limits.of(value)
 
     def _round_trip(self, op: str, args: dict[str, Any], wait: float) -> asyncio.Future[Answer]:
         """Send one request; the future gets its reply's ``(ok, value)``, or ``Timeout``
@@ -223,7 +226,8 @@ class AsyncClient:
         assert reader.transport is not None
         request_id = next(self._ids)
         frame = encode_frame([request_id, op, args])
-        refuse_oversized(frame, op, self.server_info)
+        if len(frame) > self._limits.frame_bytes:
+            raise too_large(frame, op, self._limits)
         future: asyncio.Future[Answer] = loop.create_future()
         limit = self.timeout + wait
         deadline = loop.time() + limit

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import inspect
+import math
 import os
 from collections.abc import Callable
-from typing import Any, Final, TypeVar
+from typing import Any, Final, NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
 from protocol import HEADER_SIZE, PROTOCOL_VERSION, SluiceError, TooLarge, split_reply
@@ -94,12 +95,24 @@ def as_method(method: Callable[..., Any], build: Callable[..., Call[Any]]) -> No
     )
 
 
-def refuse_oversized(frame: bytes, op: str, server_info: dict[str, Any]) -> None:
-    """Raise ``TooLarge`` naming the limit for a request frame over the broker's
-    ``max_frame`` (from its hello): sent, it would make the broker close the connection."""
-    limit = server_info.get("max_frame")
-    if limit is not None and len(frame) - HEADER_SIZE > limit:
-        raise TooLarge(
-            f"{op}: this request is {len(frame) - HEADER_SIZE} bytes, over the broker's "
-            f"max_frame of {limit}; send fewer or smaller messages per call"
-        )
+class Limits(NamedTuple):
+    """What one request may hold, from the broker's hello (until then, no limit)."""
+
+    max_batch: int = DEFAULT_MAX_BATCH  # messages or items in one frame
+    frame_bytes: float = math.inf  # bytes of one frame, its length prefix included
+
+    @classmethod
+    def of(cls, server_info: dict[str, Any]) -> Limits:
+        max_frame = server_info.get("max_frame")
+        frame_bytes = math.inf if max_frame is None else max_frame + HEADER_SIZE
+        return cls(server_info.get("max_batch", DEFAULT_MAX_BATCH), frame_bytes)
+
+
+def too_large(frame: bytes, op: str, limits: Limits) -> TooLarge:
+    """The error for a request frame over the broker's ``max_frame``: sent, it would make
+    the broker close the connection, so it is refused before sending."""
+    size, limit = len(frame) - HEADER_SIZE, int(limits.frame_bytes) - HEADER_SIZE
+    return TooLarge(
+        f"{op}: this request is {size} bytes, over the broker's max_frame of {limit}; "
+        "send fewer or smaller messages per call"
+    )

@@ -15,16 +15,16 @@ from protocol import NEED_DATA, FrameDecoder, SluiceError, encode_frame
 from . import _calls
 from ._calls import UNKNOWN, Call, merge_answers, split_call
 from ._common import (
-    DEFAULT_MAX_BATCH,
     DEFAULT_TIMEOUT,
     MAX_REPLY_FRAME,
+    Limits,
     ReplyParts,
     as_method,
     broker_address,
     hello_args,
-    refuse_oversized,
     result_of,
     split_reply_frame,
+    too_large,
 )
 from .errors import BrokerUnavailable, ConnectionClosed, Timeout
 
@@ -68,6 +68,7 @@ class Client:
         self.timeout = timeout
         self.client_name, self.auth_token = client_name, auth_token
         self.server_info: dict[str, Any] = {}
+        self._limits = Limits()
         self._sock: socket.socket | None = None
         self._decoder = FrameDecoder(MAX_REPLY_FRAME)
         self._ids = itertools.count(1)
@@ -99,7 +100,10 @@ class Client:
             return call.known  # type: ignore[no-any-return]
         with self._lock:
             self._ensure_connected()
-            parts = split_call(call, self.server_info.get("max_batch", DEFAULT_MAX_BATCH))
+            split, limits = call.split, self._limits
+            parts = None
+            if split is not None and len(call.args[split.key]) > limits.max_batch:
+                parts = split_call(call, limits.max_batch)
             if parts is None:
                 ((ok, value),) = self._round_trips([call], call.wait)
             else:
@@ -129,7 +133,7 @@ class Client:
         except SluiceError:
             self.close()
             raise
-        self.server_info = value
+        self.server_info, self._limits = value, Limits.of(value)
 
     def _round_trips(self, calls: list[Call[Any]], wait: float) -> list[tuple[bool, Any]]:
         """Send the requests of ``calls`` in one write (pipelined) and read replies until
@@ -143,7 +147,8 @@ class Client:
             next(self._ids)
         frames = [encode_frame([first + n, c.op, c.args]) for n, c in enumerate(calls)]
         for frame in frames:
-            refuse_oversized(frame, op, self.server_info)  # before anything is sent
+            if len(frame) > self._limits.frame_bytes:
+                raise too_large(frame, op, self._limits)  # before anything is sent
         answers: list[tuple[bool, Any] | None] = [None] * len(calls)
         missing = len(calls)
         limit = self.timeout + wait
