@@ -2,12 +2,13 @@
 
     import sluice.celery  # registers the sluice:// scheme with kombu
 
-    app = Celery("tasks", broker="sluice://127.0.0.1:7700")
+    app = Celery("tasks", broker="sluice://127.0.0.1:7700")  # a token: sluice://:TOKEN@...
 
 Built on kombu's virtual transport, but the broker keeps the truth:
 
 - a task message is a Sluice message in the queue of the same name (characters a queue
-  name may not have become ``_``); its priority is the Sluice priority, and a task with
+  name may not have become ``_``); its priority is the Sluice priority (higher first, as
+  in AMQP; not Redis's 0-is-highest), and a task with
   an ETA or countdown is put with that delay, so a worker never holds future tasks;
 - a delivered task is a Sluice lease: ``basic_ack`` acks it with its lease, a reject
   with requeue nacks it (ready again at once), a reject without buries it (a dead letter

@@ -227,3 +227,15 @@ def test_the_readme_celery_app_runs_as_written(celery_run: CeleryRun) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "5"
+
+
+def test_the_url_password_is_the_brokers_auth_token() -> None:
+    from kombu import Connection
+
+    connection = Connection("sluice://:s3cret@127.0.0.1:1")  # nothing listens: never used
+    channel = connection.channel()
+    try:
+        assert channel.client.auth_token == "s3cret" and channel.client.port == 1
+    finally:
+        channel.close()
+        connection.release()
