@@ -25,7 +25,7 @@ from protocol import SluiceError
 
 from ._common import DEFAULT_URL
 from ._worker_async import AsyncWorker
-from ._worker_common import WorkerCounts
+from ._worker_common import Breaker, WorkerCounts
 from ._worker_job import AsyncJob, Fail, Job, Retry, is_async
 from ._worker_sync import Worker
 
@@ -127,10 +127,23 @@ def _make_worker(handler: Callable[..., Any], args: argparse.Namespace) -> Worke
         "grace": args.grace,
         "visibility_timeout": args.visibility_timeout,
         "poll_wait": args.poll_wait,
+        "breaker": args.breaker,
     }
     if is_async(handler):
         return AsyncWorker(args.queue, handler, **options)
     return Worker(args.queue, handler, **options)
+
+
+def _breaker(text: str) -> tuple[int, float]:
+    """``--breaker FAILURES,SECONDS``, checked as the worker checks it."""
+    failures, comma, seconds = text.partition(",")
+    try:
+        setting = (int(failures), float(seconds))
+        Breaker.of(setting)
+    except ValueError as error:
+        reason = str(error) if comma else "give it as FAILURES,SECONDS"
+        raise argparse.ArgumentTypeError(f"{text!r}: {reason} (for example 5,30)") from None
+    return setting
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -193,6 +206,13 @@ def _parser() -> argparse.ArgumentParser:
         default=1.0,
         metavar="SECONDS",
         help="long-poll of each reserve; also the longest a stop waits on one; default 1",
+    )
+    add(
+        "--breaker",
+        type=_breaker,
+        metavar="FAILURES,SECONDS",
+        help="circuit breaker: after FAILURES handler failures in a row, reserve nothing for "
+        "SECONDS, then try one job; e.g. 5,30; default off",
     )
     add(
         "--async",

@@ -93,3 +93,18 @@ def test_an_open_breaker_spends_no_attempts_and_a_trial_closes_it(
         assert worker.counts.breaker_opened == 1
         assert (worker.counts.acked, worker.counts.nacked) == (10, 3)
         assert sorted(set(calls)) == sorted(ids) and len(calls) == 13
+
+
+def test_the_worker_command_takes_a_breaker(capsys: pytest.CaptureFixture[str]) -> None:
+    from client.worker import _make_worker, _parser
+
+    args = _parser().parse_args(["tasks:send", "-q", "emails", "--breaker", "5,30"])
+    assert args.breaker == (5, 30.0)
+    worker = _make_worker(lambda job: None, args)
+    assert worker._breaker is not None and worker._breaker.failures == 5
+    assert _parser().parse_args(["tasks:send", "-q", "emails"]).breaker is None
+    for bad in ("0,30", "5,0", "five,30", "5"):
+        with pytest.raises(SystemExit) as exited:
+            _parser().parse_args(["tasks:send", "-q", "emails", "--breaker", bad])
+        assert exited.value.code == 2
+        assert "for example 5,30" in capsys.readouterr().err
