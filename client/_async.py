@@ -9,7 +9,7 @@ import socket
 from collections.abc import Callable, Coroutine
 from typing import Any, Concatenate, NamedTuple, ParamSpec, TypeVar, cast
 
-from protocol import MAX_REQUEST_ID, NEED_DATA, FrameDecoder, SluiceError, encode_frame
+from protocol import NEED_DATA, FrameDecoder, SluiceError, encode_frame
 
 from . import _calls
 from ._calls import UNKNOWN, Call, merge_answers, split_call
@@ -171,13 +171,13 @@ class AsyncClient:
         if split is None or len(call.args[split.key]) <= limits.max_batch:
             ok, value = await self._round_trip(call.op, call.args, call.wait)
             return result_of(call, ok, value)
-        parts = split_call(call, limits.max_batch) or [call]
-        for part in parts:  # refuse an oversized frame before any is sent
-            largest = encode_frame([MAX_REQUEST_ID, part.op, part.args])
-            if len(largest) > limits.frame_bytes:
-                raise too_large(largest, part.op, limits)
-        # Every frame is written before the first reply is awaited: pipelined.
-        sent = [self._round_trip(part.op, part.args, part.wait) for part in parts]
+        parts = cast(list[Call[T]], split_call(call, limits.max_batch))
+        # Every frame is encoded (and an oversized one refused) before any is sent, and
+        # every one is written before the first reply is awaited: pipelined.
+        frames = [self._encode(part.op, part.args) for part in parts]
+        sent = [
+            self._send(frame, part.op, part.wait) for frame, part in zip(frames, parts, strict=True)
+        ]
         answers = await asyncio.gather(*sent, return_exceptions=True)
         for answer in answers:
             if isinstance(answer, BaseException):
@@ -220,14 +220,22 @@ class AsyncClient:
     def _round_trip(self, op: str, args: dict[str, Any], wait: float) -> asyncio.Future[Answer]:
         """Send one request; the future gets its reply's ``(ok, value)``, or ``Timeout``
         after ``timeout + wait`` seconds, or ``ConnectionClosed``."""
-        reader, loop = self._reader, self._loop
-        if reader is None or loop is None or not self._connected():
-            raise ConnectionClosed(f"{op}: not connected to the broker")
-        assert reader.transport is not None
+        return self._send(self._encode(op, args), op, wait)
+
+    def _encode(self, op: str, args: dict[str, Any]) -> tuple[int, bytes]:
+        """A new request id and the request's frame; ``TooLarge`` over the broker's limit."""
         request_id = next(self._ids)
         frame = encode_frame([request_id, op, args])
         if len(frame) > self._limits.frame_bytes:
             raise too_large(frame, op, self._limits)
+        return request_id, frame
+
+    def _send(self, encoded: tuple[int, bytes], op: str, wait: float) -> asyncio.Future[Answer]:
+        reader, loop = self._reader, self._loop
+        if reader is None or loop is None or not self._connected():
+            raise ConnectionClosed(f"{op}: not connected to the broker")
+        assert reader.transport is not None
+        request_id, frame = encoded
         future: asyncio.Future[Answer] = loop.create_future()
         limit = self.timeout + wait
         deadline = loop.time() + limit

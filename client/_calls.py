@@ -36,12 +36,13 @@ class Call(NamedTuple, Generic[T]):
 class Split(NamedTuple):
     """How a call whose list argument ``key`` is longer than the broker's ``max_batch``
     goes as several frames: ``merge`` joins their parsed results in order; ``failed``
-    makes the error to raise from the first frame that failed, given the parsed results
-    of the frames that did not (they did what they did: nothing is undone)."""
+    makes the error to raise from the errors of the frames that failed (the first is
+    raised, told of the others) and the parsed results of those that did not (they did
+    what they did: nothing is undone)."""
 
     key: str
     merge: Callable[[list[Any]], Any]
-    failed: Callable[[SluiceError, list[Any], int], SluiceError]
+    failed: Callable[[list[SluiceError], list[Any]], SluiceError]
 
 
 def split_call(call: Call[T], max_batch: int) -> list[Call[T]] | None:
@@ -65,24 +66,31 @@ def merge_answers(call: Call[T], parts: list[Call[T]], answers: list[tuple[bool,
     done = [part.parse(value) for part, (ok, value) in zip(parts, answers, strict=True) if ok]
     errors = [value for ok, value in answers if not ok]
     if errors:
-        raise call.split.failed(errors[0], done, len(errors))
+        raise call.split.failed(errors, done)
     return call.split.merge(done)  # type: ignore[no-any-return]
 
 
-def _ids_stored(error: SluiceError, stored: list[list[MessageId]], frames: int) -> SluiceError:
-    ids = [message_id for part in stored for message_id in part]
-    error.details = {**error.details, "stored": len(ids), "ids": ids}
-    error.message += (
-        f" ({frames} of the frames this put was cut into failed; {len(ids)} messages of the "
-        "others were stored: their ids are in details['ids'])"
-    )
-    error.args = (error.message,)
-    return error
+def _ids_stored(errors: list[SluiceError], stored: list[list[MessageId]]) -> SluiceError:
+    """A put frame is all or nothing: the ids stored are those of the frames that
+    succeeded."""
+    ids = _all_ids(stored)
+    note = f"{len(ids)} messages of the others were stored: their ids are in details['ids']"
+    return _told(errors, {"stored": len(ids), "ids": ids}, note)
 
 
-def _settled(error: SluiceError, counts: list[int], frames: int) -> SluiceError:
-    error.details = {**error.details, "done": int(error.details.get("done", 0)) + sum(counts)}
-    error.message += f" ({frames} of the frames this call was cut into failed)"
+def _settled(errors: list[SluiceError], counts: list[int]) -> SluiceError:
+    """An ack or nack frame that fails may have settled some of its items (``done``) and
+    names the rest (``failed``): summed and joined over every frame."""
+    done = sum(counts) + sum(int(error.details.get("done", 0)) for error in errors)
+    failed = [item for error in errors for item in error.details.get("failed", ())]
+    return _told(errors, {"done": done, "failed": failed}, f"{done} items were settled")
+
+
+def _told(errors: list[SluiceError], details: dict[str, Any], note: str) -> SluiceError:
+    """The first frame's error, with ``details`` and a note on what the frames did."""
+    error = errors[0]
+    error.details = {**error.details, **details}
+    error.message += f" ({len(errors)} of the frames this call was cut into failed; {note})"
     error.args = (error.message,)
     return error
 

@@ -234,3 +234,17 @@ def test_a_request_over_the_broker_frame_limit_is_refused_before_it_is_sent(
             assert check.stats("big")["ready"] == 5  # nothing of the refused call stored
     finally:
         stop_broker(broker)
+
+
+def test_stale_leases_in_two_frames_of_one_ack_are_all_named(broker: BrokerProcess) -> None:
+    with Client(url=broker.url) as worker:
+        worker.put_many("settle-two", [b"s"] * 1_200)
+        leased = worker.reserve("settle-two", max_messages=1000)
+        leased += worker.reserve("settle-two", max_messages=1000)
+        stale = [leased[10], leased[1_100]]  # one in each frame of the long ack
+        worker.ack(stale)
+        with pytest.raises(client.errors.LeaseLost) as lost:
+            worker.ack(leased)
+        assert lost.value.details["done"] == 1_198
+        assert sorted(lost.value.details["failed"]) == sorted(m.id for m in stale)
+        assert "2 of the frames this call was cut into failed" in str(lost.value)
