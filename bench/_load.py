@@ -13,6 +13,7 @@ and ``_load_sync`` (``--client sync``: a thread per connection with a blocking c
 from __future__ import annotations
 
 import array
+import importlib
 import math
 import threading
 import time
@@ -145,6 +146,18 @@ class LoadProcess:
         if self.workload.duration is not None:
             self.deadline_ns = now_ns() + int(self.workload.duration * 1e9)
 
+    def begin(self) -> bool:
+        """Meet every other process at the barrier (connections open), then start the
+        clock; False, and no clock, if this process already failed to connect."""
+        self.shared.barrier.wait()
+        if self.result.errors:
+            return False
+        self.start_clock()
+        return True
+
+    def cannot_connect(self, error: Exception) -> None:
+        self.fail(f"cannot connect to {self.plan.endpoint.kind}: {error!r}")
+
     def stop_clock(self) -> None:
         """Call when the load is over, before closing the connections: the CPU this process
         (every thread of it) used since ``start_clock`` goes in the result."""
@@ -257,3 +270,21 @@ class LoadProcess:
         """An idle worker's poll returned; raise if it brought a message."""
         if deliveries:
             raise RuntimeError("an idle worker received a message")
+
+
+# Which client class drives each server, by client form; imported only when used, so a
+# run needs only its own peers' client libraries.
+CONNECTION_CLASSES: dict[tuple[str, bool], tuple[str, str]] = {
+    ("sluice", False): ("._sluice", "SluiceConnection"),
+    ("sluice", True): ("._sluice", "SluiceBlockingConnection"),
+    ("beanstalkd", False): ("._peers", "BeanstalkdConnection"),
+    ("beanstalkd", True): ("._peers", "GreenstalkConnection"),
+    ("redis", False): ("._peers", "RedisConnection"),
+    ("redis", True): ("._peers", "RedisBlockingConnection"),
+}
+
+
+def connection_for(endpoint: Endpoint, *, blocking: bool) -> Any:
+    """A new (unopened) connection to ``endpoint`` in the asked-for client form."""
+    module, name = CONNECTION_CLASSES[(endpoint.kind, blocking)]
+    return getattr(importlib.import_module(module, __package__), name)(endpoint)

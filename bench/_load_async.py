@@ -5,28 +5,28 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, cast
 
 import uvloop
 
 from ._accounting import now_ns
-from ._load import IDLE_WAIT, RESERVE_WAIT, ChildPlan, ChildResult, LoadProcess, PutFrame, Shared
+from ._load import (
+    IDLE_WAIT,
+    RESERVE_WAIT,
+    ChildPlan,
+    ChildResult,
+    LoadProcess,
+    PutFrame,
+    Shared,
+    connection_for,
+)
 from ._servers import Connection, Endpoint
 
 MAX_IN_FLIGHT = 10_000  # open loop: puts one producer connection may have unconfirmed
 
 
 def open_connection(endpoint: Endpoint) -> Connection:
-    """A connection of the kind the endpoint names (peer clients imported only here)."""
-    if endpoint.kind == "sluice":
-        from ._sluice import SluiceConnection
-
-        return SluiceConnection(endpoint)
-    from ._peers import BeanstalkdConnection, RedisConnection
-
-    if endpoint.kind == "beanstalkd":
-        return BeanstalkdConnection(endpoint)
-    return RedisConnection(endpoint)
+    return cast(Connection, connection_for(endpoint, blocking=False))
 
 
 def run_async(plan: ChildPlan, shared: Shared, result: ChildResult) -> None:
@@ -42,12 +42,10 @@ class AsyncLoad(LoadProcess):
         try:
             await asyncio.gather(*(c.open() for c in connections + idle))
         except Exception as error:
-            self.fail(f"cannot connect to {plan.endpoint.kind}: {error!r}")
+            self.cannot_connect(error)
         try:
-            self.shared.barrier.wait()
-            if self.result.errors:
+            if not self.begin():
                 return
-            self.start_clock()
             if plan.role == "producer":
                 await self._produce_all(connections)
             else:

@@ -9,25 +9,23 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from ._accounting import now_ns
-from ._load import IDLE_WAIT, RESERVE_WAIT, ChildPlan, ChildResult, LoadProcess, Shared
+from ._load import (
+    IDLE_WAIT,
+    RESERVE_WAIT,
+    ChildPlan,
+    ChildResult,
+    LoadProcess,
+    Shared,
+    connection_for,
+)
 from ._servers import BlockingConnection, Endpoint
 
 
 def open_blocking_connection(endpoint: Endpoint) -> BlockingConnection:
-    """A blocking connection of the kind the endpoint names (peer clients imported only
-    here)."""
-    if endpoint.kind == "sluice":
-        from ._sluice import SluiceBlockingConnection
-
-        return SluiceBlockingConnection(endpoint)
-    from ._peers import GreenstalkConnection, RedisBlockingConnection
-
-    if endpoint.kind == "beanstalkd":
-        return GreenstalkConnection(endpoint)
-    return RedisBlockingConnection(endpoint)
+    return cast(BlockingConnection, connection_for(endpoint, blocking=True))
 
 
 def run_threads(plan: ChildPlan, shared: Shared, result: ChildResult) -> None:
@@ -44,12 +42,10 @@ class ThreadLoad(LoadProcess):
             for connection in connections + idle:
                 connection.open()
         except Exception as error:
-            self.fail(f"cannot connect to {plan.endpoint.kind}: {error!r}")
+            self.cannot_connect(error)
         try:
-            self.shared.barrier.wait()
-            if self.result.errors:
+            if not self.begin():
                 return
-            self.start_clock()
             threads = self._threads(connections)
             for connection in idle:
                 threading.Thread(target=self._idle, args=(connection,), daemon=True).start()
