@@ -659,9 +659,10 @@ class Core:
         message.attempts += 1
         message.lease_token = self._next_token
         self._next_token += 1
+        rare = message.rare  # (its fields read here directly: this is every delivery)
         message.lease_duration = (
             visibility_timeout
-            or message.visibility_timeout
+            or (rare.visibility_timeout if rare is not None else None)
             or message.queue.settings.visibility_timeout
         )
         self._push_lease(message, now + message.lease_duration)
@@ -709,8 +710,8 @@ class Core:
         """The message is done, dead or removed: answer the waits for its outcome, and
         start its dedup key's window. ``outcome_of`` is only called if either exists, so
         plain messages cost no outcome map on the hot path."""
-        if message.key is None and message.id not in self._result_waiters:
-            return
+        if message.rare is None and message.id not in self._result_waiters:
+            return  # no dedup key (nor any other rare field) and nobody waiting
         outcome = outcome_of()
         if message.key is not None:
             window = message.queue.settings.dedup_window
