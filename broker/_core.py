@@ -91,6 +91,8 @@ class Core:
         self._dead_expiry = LazyHeap(self._live_checker(State.DEAD))  # (expires_at, seq, id)
         self._waiters: dict[Hashable, Waiter] = {}
         self._waiter_deadlines = LazyHeap(self._waiter_live)  # (deadline, seq, key)
+        # When a rate-limited queue with waiters gets its next token: (time, seq, queue).
+        self._throttle_wakes = LazyHeap(self._wake_live)
         self._completions: list[Completion] = []
         self._changed: dict[int, Message] | None = {} if track_changes else None
         self.results = Results(track_changes)
@@ -125,7 +127,13 @@ class Core:
     def next_deadline(self) -> float | None:
         """The earliest time at which ``tick`` has something to do, or None."""
         earliest = math.inf
-        for heap in (self._delayed, self._leases, self._dead_expiry, self._waiter_deadlines):
+        for heap in (
+            self._delayed,
+            self._leases,
+            self._dead_expiry,
+            self._waiter_deadlines,
+            self._throttle_wakes,
+        ):
             top = heap.peek()
             if top is not None and top[0] < earliest:
                 earliest = top[0]
@@ -197,7 +205,7 @@ class Core:
             raise RuntimeError("recover() needs an empty core")
         for name, settings, totals in queues:
             queue = self._queue(name)
-            queue.settings = settings
+            queue.apply(settings, now)
             queue.totals.update(totals)
         entries: dict[LazyHeap, list[Entry]] = {}
         highest_seq = highest_token = 0
@@ -327,6 +335,10 @@ class Core:
         messages = self._take_best(queues, max_messages, now, visibility_timeout)
         if not messages and wait > 0:
             self._add_waiter(waiter_key, queues, max_messages, visibility_timeout, now + wait)
+            for queue in queues:
+                if queue.limits is not None and queue.counts[State.READY] > 0:
+                    queue.limits.parked += 1  # (a paused queue holds nothing back here)
+                    self._arm_throttle(queue, now)
         return messages
 
     def cancel_wait(self, waiter_key: Hashable) -> None:
@@ -379,6 +391,7 @@ class Core:
             self._finish(message, now, by_id.get(message.id, NO_RESULT))
 
         done, failed = self._settle(deliveries, finish)
+        self._serve_capped({m.queue.name: m.queue for m in done}.values(), now)
         _raise_if_failed(failed, len(done))
         return len(done)
 
@@ -452,6 +465,7 @@ class Core:
         message = self._require_lease(message_id, lease)
         self._end_lease(message)
         self._kill(message, Event.BURY, now, reason)
+        self._serve_capped((message.queue,), now)
 
     # ------------------------------------------------------------ inspecting
 
@@ -475,7 +489,7 @@ class Core:
 
     def stats(self, now: float, queue_name: str) -> dict[str, Any]:
         self.tick(now)
-        return self._existing(queue_name).stats()
+        return self._existing(queue_name).stats(now)
 
     def list_queues(self, now: float) -> list[dict[str, Any]]:
         self.tick(now)
@@ -525,7 +539,10 @@ class Core:
                 "never fit in a frame (the broker's --max-frame)"
             )
         queue = existing or self._queue(queue_name)  # created only once the changes are valid
-        queue.settings = settings
+        old_limits = queue.limits
+        queue.apply(settings, now)
+        if old_limits not in (None, queue.limits) and old_limits.wake_at is not None:
+            self._throttle_wakes.discard()  # the old bucket's wake goes stale
         if self._changed is not None:
             self._changed_queues[queue.name] = queue
         self._serve_waiters(queue, now)
@@ -744,9 +761,12 @@ class Core:
     ) -> list[Message]:
         taken: list[Message] = []
         budget = self.max_delivery_bytes
+        quotas = _quotas(queues, now)  # None: no queue here is limited
         while len(taken) < limit:
             best_queue, best_entry = None, None
             for queue in queues:
+                if quotas is not None and quotas.get(queue, 1) <= 0:
+                    continue  # out of tokens or at its cap: the others still serve
                 entry = queue.best_ready()
                 if entry is not None and (best_entry is None or entry < best_entry):
                     best_queue, best_entry = queue, entry
@@ -760,6 +780,10 @@ class Core:
             best_queue.ready.pop()
             self._lease(message, now, visibility_timeout)
             taken.append(message)
+            if quotas is not None and best_queue in quotas:
+                quotas[best_queue] -= 1
+        if quotas is not None:
+            _charge(quotas, taken, len(taken) < limit, now)
         return taken
 
     def _retry(self, message: Message, now: float, delay: float | None, error: str | None) -> None:
@@ -816,8 +840,9 @@ class Core:
     def _apply_due_events(self, now: float) -> None:
         """Delayed messages coming due, leases running out and long-polls timing out,
         merged in time order and each applied at its own time. At one instant a due
-        message goes before a lease expiry, and both before a long-poll timeout."""
-        heaps = (self._delayed, self._leases, self._waiter_deadlines)
+        message goes before a lease expiry, then a rate-limited queue's next token, and
+        all of them before a long-poll timeout."""
+        heaps = (self._delayed, self._leases, self._throttle_wakes, self._waiter_deadlines)
         while True:
             earliest, source = None, None
             for heap in heaps:
@@ -832,6 +857,8 @@ class Core:
                 self._come_due(self.messages[earliest[-1]], now)
             elif source is self._leases:
                 self._expire_lease(self.messages[earliest[-1]], earliest[0], now)
+            elif source is self._throttle_wakes:
+                self._wake_throttled(self.queues[earliest[-1]], now)
             else:
                 key = earliest[-1]
                 if key in self._waiters:
@@ -856,6 +883,60 @@ class Core:
             message = self.messages[top[-1]]
             del message.queue.dead[message.id]
             self._forget(message, Event.EXPIRE_DEAD)
+
+    # -------------------------------------------------------------- limits
+
+    @staticmethod
+    def _waits_for_token(queue: Queue) -> bool:
+        """True if the queue has waiters and ready messages that only its rate limit holds
+        back (not a pause, not its cap: a lease ending serves those)."""
+        limits = queue.limits
+        if limits is None or limits.bucket is None or not queue.waiters:
+            return False
+        if queue.counts[State.READY] == 0 or queue.settings.paused:
+            return False
+        cap = limits.max_in_flight
+        return cap is None or queue.counts[State.RESERVED] < cap
+
+    def _arm_throttle(self, queue: Queue, now: float) -> None:
+        """If waiters of ``queue`` wait for its next token, make sure the timer wakes
+        then: one live entry per queue, in the heap exactly while it is wanted."""
+        if not self._waits_for_token(queue):
+            return
+        limits = queue.limits
+        assert limits is not None and limits.bucket is not None
+        due = limits.bucket.next_token_at(now)
+        if limits.wake_at == due:
+            return  # its entry is in the heap
+        if limits.wake_at is not None:
+            self._throttle_wakes.discard()
+        limits.wake_at, limits.wake_seq = due, self._next_seq()
+        self._schedule(self._throttle_wakes, (due, limits.wake_seq, queue.name))
+
+    def _wake_throttled(self, queue: Queue, now: float) -> None:
+        """The queue's next token came due: serve its waiters."""
+        assert queue.limits is not None
+        queue.limits.wake_at = None
+        self._serve_waiters(queue, now)
+
+    def _serve_capped(self, queues: Iterable[Queue], now: float) -> None:
+        """Leases ended on ``queues``: waiters held back by a cap may go on."""
+        for queue in queues:
+            if queue.limits is not None and queue.limits.max_in_flight is not None:
+                self._serve_waiters(queue, now)
+
+    def _wake_live(self, entry: Entry) -> bool:
+        """A wake entry is live while it is its queue's and still wanted. The heap drops
+        an entry it finds not live, so one found unwanted is noted as gone (``wake_at``
+        None) and the next ``_arm_throttle`` pushes a fresh one."""
+        queue = self.queues.get(entry[-1])
+        limits = queue.limits if queue is not None else None
+        if limits is None or limits.wake_seq != entry[-2]:
+            return False
+        if self._waits_for_token(queue):  # type: ignore[arg-type]
+            return True
+        limits.wake_at = None
+        return False
 
     # ------------------------------------------------------------- waiters
 
@@ -888,9 +969,12 @@ class Core:
             heads = [
                 next(iter(queue.waiters.values()))
                 for queue in serving
-                if queue.waiters and queue.can_deliver()
+                if queue.waiters and queue.can_deliver(now)
             ]
             if not heads:
+                for queue in serving:
+                    if queue.limits is not None:
+                        self._arm_throttle(queue, now)
                 return
             waiter = min(heads, key=lambda head: head.seq)
             self.cancel_wait(waiter.key)
@@ -947,6 +1031,34 @@ class Core:
         del self._waiters[waiter.key]
         for queue in waiter.queues:
             queue.waiters.pop(waiter.seq, None)
+
+
+def _quotas(queues: list[Queue], now: float) -> dict[Queue, int] | None:
+    """What each limited queue among ``queues`` may deliver now; None if none is."""
+    quotas = None
+    for queue in queues:
+        if queue.limits is not None:
+            if quotas is None:
+                quotas = {}
+            quotas[queue] = queue.limits.quota(now, queue.counts[State.RESERVED])
+    return quotas
+
+
+def _charge(quotas: dict[Queue, int], taken: list[Message], wanted_more: bool, now: float) -> None:
+    """Spend the tokens of what limited queues delivered; note a queue whose ready
+    messages a limit held back from a reserve that wanted more."""
+    sent: dict[Queue, int] = {}
+    for message in taken:
+        if message.queue in quotas:
+            sent[message.queue] = sent.get(message.queue, 0) + 1
+    for queue in quotas:
+        limits = queue.limits
+        assert limits is not None
+        if queue in sent:
+            limits.delivered(sent[queue], now)
+        held_back = quotas[queue] <= 0 and queue.counts[State.READY] > 0
+        if wanted_more and held_back and not queue.settings.paused:
+            limits.blocked(now)
 
 
 def _raise_if_failed(failed: list[int], done: int) -> None:

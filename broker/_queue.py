@@ -11,6 +11,7 @@ from sortedcontainers import SortedDict
 from ._histogram import PROCESSING_SECONDS, Histogram
 from ._lazyheap import LazyHeap
 from ._lifecycle import State
+from ._limits import Limits
 from ._message import Message
 from ._settings import QueueSettings
 
@@ -50,7 +51,17 @@ class Queue:
     letters are kept by id (for paging) until replayed, purged or expired. ``processing``
     is the reserve-to-ack time of each ack (in memory only, for metrics)."""
 
-    __slots__ = ("counts", "dead", "name", "processing", "ready", "settings", "totals", "waiters")
+    __slots__ = (
+        "counts",
+        "dead",
+        "limits",
+        "name",
+        "processing",
+        "ready",
+        "settings",
+        "totals",
+        "waiters",
+    )
 
     def __init__(self, name: str, is_ready_live: Any) -> None:
         self.name = name
@@ -61,9 +72,24 @@ class Queue:
         self.dead: SortedDict = SortedDict()  # message id -> Message
         self.waiters: OrderedDict[int, Waiter] = OrderedDict()  # waiter seq -> Waiter
         self.processing = Histogram(PROCESSING_SECONDS)
+        self.limits: Limits | None = None  # set while a rate limit or cap is configured
 
-    def can_deliver(self) -> bool:
-        return self.counts[State.READY] > 0 and not self.settings.paused
+    def apply(self, settings: QueueSettings, now: float) -> None:
+        """Take new settings. A changed rate limit starts a new, full bucket; the cap
+        alone changing keeps the bucket."""
+        old = self.limits
+        if not settings.limited:
+            self.limits = None
+        elif old is None or old.rate_limit != settings.rate_limit:
+            self.limits = Limits(settings.rate_limit, settings.max_in_flight, now)
+        else:
+            old.max_in_flight = settings.max_in_flight
+        self.settings = settings
+
+    def can_deliver(self, now: float) -> bool:
+        if self.counts[State.READY] == 0 or self.settings.paused:
+            return False
+        return self.limits is None or self.limits.quota(now, self.counts[State.RESERVED]) > 0
 
     def best_ready(self) -> tuple[Any, ...] | None:
         """The heap entry of the next message this queue would deliver, or None."""
@@ -71,8 +97,8 @@ class Queue:
             return None
         return self.ready.peek()
 
-    def stats(self) -> dict[str, Any]:
-        return {
+    def stats(self, now: float) -> dict[str, Any]:
+        stats = {
             "queue": self.name,
             "ready": self.counts[State.READY],
             "delayed": self.counts[State.DELAYED],
@@ -82,6 +108,9 @@ class Queue:
             "waiting": len(self.waiters),
             "totals": dict(self.totals),
         }
+        if self.limits is not None:
+            stats["limits"] = self.limits.stats(now, self.counts[State.RESERVED])
+        return stats
 
     def summary(self) -> dict[str, Any]:
         return {

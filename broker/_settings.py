@@ -10,6 +10,8 @@ from typing import Any, Final
 
 from protocol import BadRequest, shown
 
+from ._limits import RateLimit
+
 MAX_DURATION: Final = 14 * 24 * 3600.0  # the longest delay, lease, ttl or window accepted
 MAX_BODY_LIMIT: Final = 64 * 1024 * 1024
 MIN_LEASE: Final = 0.001  # seconds: the shortest visibility timeout (or touch) accepted
@@ -129,10 +131,17 @@ class QueueSettings:
     dead_letter_ttl: float | None = 7 * 24 * 3600.0  # None: keep dead letters until purged
     result_ttl: float = 3600.0
     dedup_window: float = 300.0
+    rate_limit: RateLimit | None = None  # a token bucket over every consumer (_limits)
+    max_in_flight: int | None = None  # at most this many of the queue's messages reserved
+
+    @property
+    def limited(self) -> bool:
+        return self.rate_limit is not None or self.max_in_flight is not None
 
     def to_wire(self) -> dict[str, Any]:
         wire = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
         wire["backoff"] = self.backoff.to_wire()
+        wire["rate_limit"] = self.rate_limit.to_wire() if self.rate_limit is not None else None
         return wire
 
     def updated(self, changes: Any) -> QueueSettings:
@@ -176,6 +185,8 @@ _SETTING_PARSERS: Final[dict[str, Any]] = {
     ),
     "result_ttl": lambda v: _number("result_ttl", v, low=0, high=MAX_DURATION),
     "dedup_window": lambda v: _number("dedup_window", v, low=0, high=MAX_DURATION),
+    "rate_limit": _optional(RateLimit.from_wire),
+    "max_in_flight": _optional(lambda v: _integer("max_in_flight", v, low=1, high=2**31 - 1)),
 }
 
 number_in_range = _number

@@ -8,14 +8,22 @@ The model follows the contract in DESIGN.md and the core's docstrings:
   timeout; equal times within one kind go in the order they were scheduled;
 - a lease expiry is a nack with no delay applied at the lease deadline (backoff from the
   deadline, or a dead letter if attempts are used up), then waiters are served at ``now``;
-- waiters are served first come first served, with messages leased at the call's ``now``.
+- waiters are served first come first served, with messages leased at the call's ``now``;
+- a rate limit is a token bucket (exact fractions here) that starts full and is new when the
+  limit changes; a queue out of tokens, or at ``max_in_flight``, delivers nothing and a
+  multi-queue reserve takes from the others; a token coming due serves waiters held back
+  by it (at one instant after lease expiries, before long-poll timeouts); any lease
+  ending serves waiters held back by the cap. Only queue ``a`` is ever limited, with
+  token intervals that floats hold exactly.
 
 Lease tokens are opaque: the model numbers its own and the test maps them to the core's.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 from hypothesis import settings
@@ -71,6 +79,43 @@ CONFIG_CHANGES: list[dict[str, Any]] = [
     {"visibility_timeout": 8.0},
 ]
 
+# Limits for queue "a": token intervals of 0.5, 2 and 0.25 s (exact in floats, as are the
+# machine's times), caps of one and two.
+LIMIT_CHANGES: list[dict[str, Any]] = [
+    {"rate_limit": {"rate": 2, "per": 1, "burst": 2}},
+    {"rate_limit": {"rate": 1, "per": 2, "burst": 1}},
+    {"rate_limit": {"rate": 4, "per": 1, "burst": 3}},
+    {"rate_limit": None},
+    {"max_in_flight": 1},
+    {"max_in_flight": 2},
+    {"max_in_flight": None},
+    {"rate_limit": {"rate": 1, "per": 2, "burst": 1}, "max_in_flight": 1},
+    {"rate_limit": None, "max_in_flight": None},
+]
+
+
+@dataclass
+class ModelBucket:
+    """A token bucket in exact fractions: full at the start, one token per interval."""
+
+    interval: Fraction
+    burst: int
+    tokens: Fraction
+    at: Fraction
+
+    def refill(self, now: float) -> None:
+        elapsed = Fraction(now) - self.at
+        if elapsed > 0:
+            self.tokens = min(Fraction(self.burst), self.tokens + elapsed / self.interval)
+            self.at = Fraction(now)
+
+    def available(self, now: float) -> int:
+        self.refill(now)
+        return math.floor(self.tokens)
+
+    def next_token(self) -> float:
+        return float(self.at + (1 - self.tokens) * self.interval)
+
 
 # ---------------------------------------------------------------------- model
 
@@ -84,15 +129,28 @@ class ModelQueue:
     max_body: int = 1024 * 1024
     paused: bool = False
     totals: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TOTALS, 0))
+    rate_limit: tuple[float, float, int] | None = None
+    max_in_flight: int | None = None
+    bucket: ModelBucket | None = None
 
-    def configure(self, changes: dict[str, Any]) -> None:
+    def configure(self, changes: dict[str, Any], now: float) -> None:
         for name, value in changes.items():
-            if name == "backoff" and value["type"] == "fixed":
+            if name == "rate_limit":
+                limit = None if value is None else (value["rate"], value["per"], value["burst"])
+                if limit != self.rate_limit:
+                    self.rate_limit = limit
+                    self.bucket = None if limit is None else self.full_bucket(limit, now)
+            elif name == "backoff" and value["type"] == "fixed":
                 self.backoff = ("fixed", float(value["delay"]))
             elif name == "backoff":
                 self.backoff = ("exponential", float(value.get("base", 1.0)))
             else:
                 setattr(self, name, value)
+
+    @staticmethod
+    def full_bucket(limit: tuple[float, float, int], now: float) -> ModelBucket:
+        rate, per, burst = limit
+        return ModelBucket(Fraction(per) / Fraction(rate), burst, Fraction(burst), Fraction(now))
 
     def backoff_delay(self, attempts: int) -> float:
         """With a jitter draw of 0.5 the jitter factor is exactly 1."""
@@ -161,6 +219,8 @@ class Model:
                 self.queues[subject.queue].totals["expired"] += 1
                 self._retry(subject, time, None, "lease expired")
                 self._serve([subject.queue], now)
+            elif kind == 2:
+                self._serve([subject], now)  # a token came due
             else:
                 self.waiters.remove(subject)
                 self.completions.append((subject.key, []))
@@ -176,12 +236,39 @@ class Model:
                 events.append((message.due_at, 0, message.order, message))
             elif message.state == "reserved" and message.lease_deadline is not None:
                 events.append((message.lease_deadline, 1, message.order, message))
-        events += [(waiter.deadline, 2, waiter.order, waiter) for waiter in self.waiters]
+        events += [(due, 2, 0, name) for name, due in self._token_times().items()]
+        events += [(waiter.deadline, 3, waiter.order, waiter) for waiter in self.waiters]
         due = [event for event in events if event[0] <= now]
         return min(due, key=lambda event: event[:3]) if due else None
 
+    def _token_times(self) -> dict[str, float]:
+        """When each queue whose waiters only its rate limit holds back gets a token."""
+        times = {}
+        for name, queue in self.queues.items():
+            waited_on = any(name in w.queues for w in self.waiters)
+            if queue.bucket is None or not waited_on or queue.paused:
+                continue
+            if self.count(name, "ready") == 0 or self._at_cap(name):
+                continue
+            assert queue.bucket.tokens < 1  # else the waiters would have been served
+            times[name] = queue.bucket.next_token()
+        return times
+
+    def _at_cap(self, name: str) -> bool:
+        cap = self.queues[name].max_in_flight
+        return cap is not None and self.count(name, "reserved") >= cap
+
+    def _quota(self, name: str, now: float) -> int:
+        queue = self.queues[name]
+        quota = 10**9
+        if queue.max_in_flight is not None:
+            quota = max(0, queue.max_in_flight - self.count(name, "reserved"))
+        if queue.bucket is not None:
+            quota = min(quota, queue.bucket.available(now))
+        return quota
+
     def next_deadline(self) -> float | None:
-        times = [w.deadline for w in self.waiters]
+        times = [w.deadline for w in self.waiters] + list(self._token_times().values())
         for message in self.messages.values():
             times += [
                 time
@@ -253,8 +340,8 @@ class Model:
             return message.max_attempts
         return self.queues[message.queue].max_attempts
 
-    def _deliverable(self, name: str) -> bool:
-        if self.queues[name].paused:
+    def _deliverable(self, name: str, now: float) -> bool:
+        if self.queues[name].paused or self._quota(name, now) == 0:
             return False
         return any(m.state == "ready" and m.queue == name for m in self.messages.values())
 
@@ -267,8 +354,17 @@ class Model:
             if m.state == "ready" and m.queue in names and not self.queues[m.queue].paused
         ]
         ready.sort(key=lambda m: (-m.priority, m.order))
+        quotas = {name: self._quota(name, now) for name in names}
         taken = []
-        for message in ready[:limit]:
+        for message in ready:
+            if len(taken) == limit:
+                break
+            if quotas[message.queue] == 0:
+                continue
+            quotas[message.queue] -= 1
+            bucket = self.queues[message.queue].bucket
+            if bucket is not None:
+                bucket.tokens -= 1
             self._lease(message, now, visibility)
             assert message.token is not None
             taken.append((message.id, message.token))
@@ -277,7 +373,7 @@ class Model:
     def _serve(self, names: list[str], now: float) -> None:
         """Serve waiters on ``names`` in the order they started waiting."""
         while True:
-            open_queues = {name for name in names if self._deliverable(name)}
+            open_queues = {name for name in names if self._deliverable(name, now)}
             waiter = next((w for w in self.waiters if open_queues & set(w.queues)), None)
             if waiter is None:
                 return
@@ -345,7 +441,7 @@ class Model:
 
     def ack(self, now: float, deliveries: list[tuple[int, int]]) -> int:
         self.tick(now)
-        done, failed = 0, []
+        done, failed, touched = 0, [], []
         for message_id, token in deliveries:
             message = self._leased(message_id, token)
             if message is None:
@@ -353,7 +449,9 @@ class Model:
                 continue
             self.queues[message.queue].totals["acked"] += 1
             del self.messages[message_id]
+            touched.append(message.queue)
             done += 1
+        self._serve(touched, now)  # a lease ended: a capped queue may deliver again
         _raise_if_failed(failed, done)
         return done
 
@@ -392,6 +490,7 @@ class Model:
         message = self._require_lease(message_id, token)
         self._clear_lease(message)
         self._kill(message, now, reason)
+        self._serve([message.queue], now)
 
     def _require_lease(self, message_id: int, token: int) -> ModelMessage:
         message = self._leased(message_id, token)
@@ -409,7 +508,7 @@ class Model:
 
     def configure(self, now: float, name: str, changes: dict[str, Any]) -> None:
         self.tick(now)
-        self.queues[name].configure(changes)
+        self.queues[name].configure(changes, now)
         self._serve([name], now)
 
     def purge(self, now: float, name: str) -> int:
@@ -461,15 +560,23 @@ class Model:
             "paused": self.queues[name].paused,
         }
 
-    def stats(self, name: str) -> dict[str, Any]:
+    def stats(self, name: str, now: float) -> dict[str, Any]:
         summary = self.summary(name)
         del summary["name"]
-        return {
+        stats = {
             "queue": name,
             **summary,
             "waiting": sum(1 for w in self.waiters if name in w.queues),
             "totals": dict(self.queues[name].totals),
         }
+        queue = self.queues[name]
+        if queue.bucket is not None or queue.max_in_flight is not None:
+            stats["limits"] = {
+                "tokens": queue.bucket.available(now) if queue.bucket is not None else None,
+                "in_flight": self.count(name, "reserved"),
+                "max_in_flight": queue.max_in_flight,
+            }
+        return stats
 
     def status(self, message: ModelMessage) -> dict[str, Any]:
         return {
@@ -501,6 +608,15 @@ def outcome(call: Any) -> tuple[str, Any]:
         return "ok", call()
     except (LeaseLost, NotFound, TooLarge) as error:
         return type(error).__name__, error.details
+
+
+def core_stats(core: Core, now: float, name: str) -> dict[str, Any]:
+    """A queue's stats, less the limit figures the model does not keep (the time
+    throttled and the reserves parked: tested on their own)."""
+    stats = core.stats(now, name)
+    if "limits" in stats:
+        del stats["limits"]["throttled_seconds"], stats["limits"]["parked_by_limit"]
+    return stats
 
 
 def heap_counts(heap: LazyHeap) -> tuple[int, int]:
@@ -750,6 +866,11 @@ class CoreMachine(RuleBasedStateMachine):
         self.model.configure(self.now, name, changes)
         self.core.configure(self.now, name, changes)
 
+    @rule(changes=st.sampled_from(LIMIT_CHANGES))
+    def limit(self, changes: dict[str, Any]) -> None:
+        self.model.configure(self.now, "a", changes)
+        self.core.configure(self.now, "a", changes)
+
     @rule(name=queue_names, data=st.data())
     def replay(self, name: str, data: st.DataObject) -> None:
         known = [*range(1, self.model.next_id), UNKNOWN_ID]
@@ -796,7 +917,7 @@ class CoreMachine(RuleBasedStateMachine):
 
         assert self.core.list_queues(now) == [self.model.summary(name) for name in QUEUES]
         for name in QUEUES:
-            assert self.core.stats(now, name) == self.model.stats(name)
+            assert core_stats(self.core, now, name) == self.model.stats(name, now)
             dead = [m.id for m in self.core.dead_letters(now, name, 1_000)]
             assert dead == [m.id for m in self.model.dead(name)]
 
