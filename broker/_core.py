@@ -27,11 +27,15 @@ from ._lifecycle import Event, State, advance_state
 from ._message import Message, PutSpec
 from ._outcomes import NO_RESULT, DedupEntry, DedupKeys, Results, StoredResult
 from ._queue import Queue, Waiter
+from ._schedules import Schedule, ScheduleSpec, fire_spec
 from ._settings import QueueSettings
 
 # A long-poll's answer: the messages a reserve got, or the outcome map of a result wait.
 Completion = tuple[Hashable, "list[Message] | dict[str, Any]"]
 FINAL_STATES = frozenset({"done", "dead", "gone"})
+MAX_SCHEDULES = 10_000  # per broker
+LATE = 1.0  # seconds: a slot fired later than this counts as missed
+ScheduleKey = tuple[str, str]  # (queue, schedule name)
 
 
 class PutIds(list[int]):
@@ -55,6 +59,7 @@ class Changes:
     next_token: int
     results: dict[int, StoredResult | None]  # None: delete
     dedup: dict[tuple[str, str], DedupEntry | None]  # ended keys only; None: delete
+    schedules: dict[ScheduleKey, Schedule | None]  # None: delete
 
 
 LEASE_EXPIRED = "lease expired"
@@ -93,6 +98,9 @@ class Core:
         self._waiter_deadlines = LazyHeap(self._waiter_live)  # (deadline, seq, key)
         # When a rate-limited queue with waiters gets its next token: (time, seq, queue).
         self._throttle_wakes = LazyHeap(self._wake_live)
+        self.schedules: dict[ScheduleKey, Schedule] = {}
+        self._schedule_due = LazyHeap(self._schedule_live)  # (next_at, seq, key)
+        self._changed_schedules: dict[ScheduleKey, Schedule | None] = {}
         self._completions: list[Completion] = []
         self._changed: dict[int, Message] | None = {} if track_changes else None
         self.results = Results(track_changes)
@@ -133,6 +141,7 @@ class Core:
             self._dead_expiry,
             self._waiter_deadlines,
             self._throttle_wakes,
+            self._schedule_due,
         ):
             top = heap.peek()
             if top is not None and top[0] < earliest:
@@ -156,6 +165,7 @@ class Core:
             or bool(self._changed_queues)
             or bool(self.results.changed)
             or bool(self.dedup.changed)
+            or bool(self._changed_schedules)
         )
 
     def take_changes(self) -> Changes:
@@ -171,8 +181,15 @@ class Core:
         self._changed, self._changed_queues = {}, {}
         results, self.results.changed = self.results.changed or {}, {}
         dedup, self.dedup.changed = self.dedup.changed or {}, {}
+        schedules, self._changed_schedules = self._changed_schedules, {}
         return Changes(
-            messages, list(queues.values()), self._next_id, self._next_token, results, dedup
+            messages,
+            list(queues.values()),
+            self._next_id,
+            self._next_token,
+            results,
+            dedup,
+            schedules,
         )
 
     @property
@@ -196,11 +213,13 @@ class Core:
         next_token: int,
         results: Iterable[tuple[int, StoredResult]] = (),
         dedup: Iterable[tuple[str, str, DedupEntry]] = (),
+        schedules: Iterable[Schedule] = (),
     ) -> None:
         """Rebuild every index from stored records, on an empty core. Each message comes
         with its queue's name and its state, ordering ``seq`` and deadlines already set
         (``Message.queue`` is filled in here). Then applies what fell due while the broker
-        was down: a lease whose deadline passed expires now, its attempt counted."""
+        was down: a lease whose deadline passed expires now, its attempt counted, and a
+        schedule whose slots came due catches up as its ``catchup`` says."""
         if self.messages or self.queues:
             raise RuntimeError("recover() needs an empty core")
         for name, settings, totals in queues:
@@ -245,6 +264,12 @@ class Core:
         self.results.changed = {} if self._changed is not None else None
         self.dedup.changed = {} if self._changed is not None else None
         self._seq = highest_seq
+        for schedule in schedules:
+            self._queue(schedule.queue)
+            self.schedules[schedule.key] = schedule
+            schedule.seq = self._next_seq()
+            if schedule.next_at is not None:
+                self._schedule_due.push((schedule.next_at, schedule.seq, schedule.key))
         self._next_id = max(next_id, highest_id + 1)
         self._next_token = max(next_token, highest_token + 1)
         self._due_hint = -math.inf  # recompute from the loaded heaps
@@ -285,24 +310,30 @@ class Core:
                 )
         ids = PutIds()
         for index, spec in enumerate(specs):
-            if spec.key is not None:
-                existing = self.dedup.find(queue.name, spec.key, now)
-                if existing is not None:
-                    ids.append(existing)
-                    ids.duplicates.append(index)
-                    continue
-                self.dedup.live(queue.name, spec.key, self._next_id)
-            message = Message(self._next_id, queue, spec, now)
-            self._next_id += 1
-            self.messages[message.id] = message
-            if spec.delay > 0:
-                self._make_delayed(message, Event.PUT_DELAYED, now + spec.delay)
-            else:
-                self._make_ready(message, Event.PUT_READY, now)
-            ids.append(message.id)
-        queue.totals["put"] += len(specs) - len(ids.duplicates)
+            message_id, duplicate = self._put_one(queue, spec, now)
+            ids.append(message_id)
+            if duplicate:
+                ids.duplicates.append(index)
         self._serve_waiters(queue, now)
         return ids
+
+    def _put_one(self, queue: Queue, spec: PutSpec, now: float) -> tuple[int, bool]:
+        """Store one message; returns its id and False, or, if its dedup key is taken,
+        the existing message's id and True (nothing is stored then)."""
+        if spec.key is not None:
+            existing = self.dedup.find(queue.name, spec.key, now)
+            if existing is not None:
+                return existing, True
+            self.dedup.live(queue.name, spec.key, self._next_id)
+        message = Message(self._next_id, queue, spec, now)
+        self._next_id += 1
+        self.messages[message.id] = message
+        if spec.delay > 0:
+            self._make_delayed(message, Event.PUT_DELAYED, now + spec.delay)
+        else:
+            self._make_ready(message, Event.PUT_READY, now)
+        queue.totals["put"] += 1
+        return message.id, False
 
     def cancel(self, now: float, message_id: int) -> bool:
         """Remove a ready or delayed message. False if it is reserved, dead or unknown."""
@@ -840,9 +871,15 @@ class Core:
     def _apply_due_events(self, now: float) -> None:
         """Delayed messages coming due, leases running out and long-polls timing out,
         merged in time order and each applied at its own time. At one instant a due
-        message goes before a lease expiry, then a rate-limited queue's next token, and
-        all of them before a long-poll timeout."""
-        heaps = (self._delayed, self._leases, self._throttle_wakes, self._waiter_deadlines)
+        message goes before a lease expiry, then a rate-limited queue's next token, then
+        a schedule's slot, and all of them before a long-poll timeout."""
+        heaps = (
+            self._delayed,
+            self._leases,
+            self._throttle_wakes,
+            self._schedule_due,
+            self._waiter_deadlines,
+        )
         while True:
             earliest, source = None, None
             for heap in heaps:
@@ -859,6 +896,8 @@ class Core:
                 self._expire_lease(self.messages[earliest[-1]], earliest[0], now)
             elif source is self._throttle_wakes:
                 self._wake_throttled(self.queues[earliest[-1]], now)
+            elif source is self._schedule_due:
+                self._come_due_schedule(self.schedules[earliest[-1]], now)
             else:
                 key = earliest[-1]
                 if key in self._waiters:
@@ -883,6 +922,134 @@ class Core:
             message = self.messages[top[-1]]
             del message.queue.dead[message.id]
             self._forget(message, Event.EXPIRE_DEAD)
+
+    # ----------------------------------------------------------- schedules
+
+    def set_schedule(
+        self, now: float, queue_name: str, name: str, spec: ScheduleSpec
+    ) -> dict[str, Any]:
+        """Create or replace a schedule. A replaced one keeps its counters and its last
+        slot: no slot it fired fires again. Its first slot is the first after ``now``
+        (a past ``start_at`` does not catch up)."""
+        self.tick(now)
+        key = (queue_name, name)
+        old = self.schedules.get(key)
+        if old is None and len(self.schedules) >= MAX_SCHEDULES:
+            raise BadRequest(
+                f"schedule: this broker already has {MAX_SCHEDULES} schedules; remove some "
+                "with unschedule"
+            )
+        queue = self._queue(queue_name)
+        if len(spec.body) > queue.settings.max_body:
+            raise TooLarge(
+                f"schedule: body of {len(spec.body)} bytes exceeds {queue_name}'s max_body "
+                f"of {queue.settings.max_body}"
+            )
+        schedule = Schedule(queue_name, name, spec, now)
+        if old is not None:
+            self._drop_schedule_entry(old)
+            schedule.last_slot, schedule.last_message_id = old.last_slot, old.last_message_id
+            schedule.runs, schedule.triggered = old.runs, old.triggered
+            schedule.missed, schedule.skipped = old.missed, old.skipped
+        self.schedules[key] = schedule
+        schedule.plan_after(now)
+        self._plan(schedule)
+        return schedule.to_wire()
+
+    def unschedule(self, now: float, queue_name: str, name: str) -> bool:
+        """Remove a schedule; False if there is none. Messages it put stay."""
+        self.tick(now)
+        schedule = self.schedules.pop((queue_name, name), None)
+        if schedule is None:
+            return False
+        self._drop_schedule_entry(schedule)
+        if self._changed is not None:
+            self._changed_schedules[schedule.key] = None
+        return True
+
+    def list_schedules(self, now: float, queue_name: str | None = None) -> list[dict[str, Any]]:
+        """Every schedule (of one queue, if named), by queue then name."""
+        self.tick(now)
+        chosen = [s for s in self.schedules.values() if queue_name in (None, s.queue)]
+        return [s.to_wire() for s in sorted(chosen, key=lambda s: s.key)]
+
+    def trigger(self, now: float, queue_name: str, name: str) -> int:
+        """Fire a schedule now, outside its slots (and whatever its overlap): its message's
+        slot is ``now``. Returns the message's id. Counted in ``triggered``."""
+        self.tick(now)
+        schedule = self.schedules.get((queue_name, name))
+        if schedule is None:
+            raise NotFound(f"no schedule {shown(name)} on queue {shown(queue_name)}")
+        message_id = self._fire(schedule, now, now)
+        schedule.triggered += 1
+        self._changed_schedule(schedule)
+        return message_id
+
+    def _come_due_schedule(self, schedule: Schedule, now: float) -> None:
+        """A schedule's next slot came due. One slot fires; if more than one came due by
+        ``now`` (the broker was down or stalled), its ``catchup`` chooses which fire:
+        ``latest`` the newest, ``skip`` none, ``all`` each (the newest MAX_CATCHUP)."""
+        first = schedule.next_at
+        assert first is not None
+        count, recent = schedule.recurrence.missed(first, now)
+        mode = schedule.spec.catchup
+        if count == 1:
+            chosen = recent
+        else:
+            chosen = [] if mode == "skip" else recent[-1:] if mode == "latest" else recent
+        if count > 1 or now - first > LATE:
+            schedule.missed += count
+        fired = 0
+        for slot in chosen:
+            if schedule.finished():
+                break
+            if self._overlaps(schedule):
+                schedule.skipped += 1
+            else:
+                self._fire(schedule, slot, now)
+                schedule.runs += 1
+            fired += 1
+        schedule.skipped += count - fired
+        schedule.last_slot = recent[-1] if recent else first
+        schedule.plan_after(max(now, schedule.last_slot))
+        self._plan(schedule)
+
+    def _overlaps(self, schedule: Schedule) -> bool:
+        """True if the schedule skips overlapping fires and its last message is still
+        ready, delayed or reserved."""
+        if schedule.spec.overlap != "skip" or schedule.last_message_id is None:
+            return False
+        message = self.messages.get(schedule.last_message_id)
+        return message is not None and message.state is not State.DEAD
+
+    def _fire(self, schedule: Schedule, slot: float, now: float) -> int:
+        """Put the schedule's message for ``slot`` (its dedup key makes a slot put at most
+        one message); returns its id."""
+        queue = self._queue(schedule.queue)
+        message_id, _ = self._put_one(queue, fire_spec(schedule.spec, schedule.name, slot), now)
+        schedule.last_message_id = message_id
+        self._serve_waiters(queue, now)
+        return message_id
+
+    def _plan(self, schedule: Schedule) -> None:
+        """Put the schedule's next slot on the timer (a fresh entry), and note the change."""
+        schedule.seq = self._next_seq()
+        if schedule.next_at is not None:
+            self._schedule(self._schedule_due, (schedule.next_at, schedule.seq, schedule.key))
+        self._changed_schedule(schedule)
+
+    def _drop_schedule_entry(self, schedule: Schedule) -> None:
+        if schedule.next_at is not None:
+            schedule.seq = self._next_seq()  # its entry goes stale
+            self._schedule_due.discard()
+
+    def _changed_schedule(self, schedule: Schedule) -> None:
+        if self._changed is not None:
+            self._changed_schedules[schedule.key] = schedule
+
+    def _schedule_live(self, entry: Entry) -> bool:
+        schedule = self.schedules.get(entry[-1])
+        return schedule is not None and schedule.seq == entry[-2]
 
     # -------------------------------------------------------------- limits
 
