@@ -17,6 +17,8 @@ from protocol import (
 
 from ._message import Headers, PutSpec
 from ._outcomes import NO_RESULT
+from ._schedules import FIELDS as SCHEDULE_FIELDS
+from ._schedules import ScheduleSpec, parse_spec
 from ._settings import MAX_DURATION, MIN_LEASE, integer_in_range, number_in_range
 
 MAX_BATCH: Final = 1000
@@ -52,6 +54,13 @@ class Args:
     def queue(self, name: str = "queue") -> str:
         value = self._get(name, _MISSING)
         return require_queue_name(value, self.op)
+
+    def schedule_name(self) -> str:
+        return require_queue_name(self._get("name", _MISSING), self.op, "schedule")
+
+    def given(self, name: str) -> bool:
+        """True if the request has ``name`` and it is not nil."""
+        return self._args.get(name) is not None
 
     def queues(self, name: str = "queues") -> list[str]:
         value = self._get(name, _MISSING)
@@ -159,6 +168,16 @@ class Args:
         if not isinstance(value, dict):
             raise BadRequest(f"{self.op}: {name} must be a map")
         return value
+
+    def schedule_spec(self) -> ScheduleSpec:
+        """The schedule fields of this request (``body`` required, bytes)."""
+        fields = {name: self._args[name] for name in SCHEDULE_FIELDS if name in self._args}
+        fields = {name: value for name, value in fields.items() if value is not None}
+        if type(fields.get("body")) is not bytes:
+            raise BadRequest(f"{self.op}: body (bytes, msgpack bin) is required")
+        if "headers" in fields:
+            fields["headers"] = _headers(self.op, fields["headers"])
+        return parse_spec(fields, self.op)
 
     def put_specs(self, name: str = "messages") -> list[PutSpec]:
         value = self._get(name, _MISSING)

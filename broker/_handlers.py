@@ -17,6 +17,7 @@ from ._args import MAX_BATCH, MAX_WAITS_PER_CONNECTION, Args, put_spec
 from ._core import Core
 from ._lifecycle import State
 from ._message import Message, PutSpec
+from ._schedules import FIELDS as SCHEDULE_FIELDS
 from ._settings import MIN_LEASE
 
 PEEKABLE: Final = (State.READY, State.DELAYED, State.RESERVED, State.DEAD)
@@ -31,7 +32,7 @@ PENDING: Final = _Pending()
 # Ops whose replies promise nothing durable: they go out without waiting for a commit.
 # (A reserve's reply waits only for the puts of what it delivers; see the server.)
 READ_ONLY_OPS: Final = frozenset(
-    {"ping", "status", "queues", "stats", "dead_letters", "peek", "reserve"}
+    {"ping", "status", "queues", "stats", "dead_letters", "peek", "reserve", "schedules"}
 )
 MAX_NOTE: Final = 200  # characters of a progress note
 
@@ -245,6 +246,25 @@ def _purge_dead(call: Call, args: Args) -> Any:
     return {"purged": call.core.purge_dead(call.now, args.queue())}
 
 
+def _schedule(call: Call, args: Args) -> Any:
+    name = args.schedule_name()
+    spec = args.schedule_spec()
+    return {"schedule": call.core.set_schedule(call.now, args.queue(), name, spec)}
+
+
+def _unschedule(call: Call, args: Args) -> Any:
+    return {"removed": call.core.unschedule(call.now, args.queue(), args.schedule_name())}
+
+
+def _schedules(call: Call, args: Args) -> Any:
+    queue = args.queue() if args.given("queue") else None
+    return {"schedules": call.core.list_schedules(call.now, queue)}
+
+
+def _trigger(call: Call, args: Args) -> Any:
+    return {"id": call.core.trigger(call.now, args.queue(), args.schedule_name())}
+
+
 def _table(
     *rows: tuple[str, Handler, tuple[str, ...]],
 ) -> dict[str, tuple[frozenset[str], Handler]]:
@@ -274,6 +294,10 @@ HANDLERS: Final = _table(
     ("peek", _peek, ("queue", "state", "limit")),
     ("replay", _replay, ("queue", "ids")),
     ("purge_dead", _purge_dead, ("queue",)),
+    ("schedule", _schedule, ("queue", "name", *sorted(SCHEDULE_FIELDS))),
+    ("unschedule", _unschedule, ("queue", "name")),
+    ("schedules", _schedules, ("queue",)),
+    ("trigger", _trigger, ("queue", "name")),
 )
 
 

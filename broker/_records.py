@@ -17,6 +17,8 @@ Message ids are 8-byte big-endian keys, so the message databases are in id order
 - ``dedup``: queue + NUL + key -> msgpack ``[RECORD_FORMAT, message id, expires_at,
   ended_as]``: dedup keys whose message has ended (``ended_as``: done, dead or gone), until
   the queue's dedup window runs out. (Keys of live messages are in their records.)
+- ``schedules``: queue + NUL + name -> msgpack ``[RECORD_FORMAT, spec map, created_at,
+  [next_at, last_slot, last_message_id, runs, triggered, missed, skipped]]``.
 - ``meta``: ``b"format"`` -> the store's layout version; ``b"counters"`` -> msgpack
   ``[RECORD_FORMAT, id_ceiling, token_ceiling]``: no id or lease token at or above these has
   been handed out, so a recovered broker starts from them and never reuses one.
@@ -35,11 +37,13 @@ import msgpack
 from ._lifecycle import State
 from ._message import RECOVERED, Headers, Message, Rare
 from ._outcomes import DedupEntry, StoredResult
+from ._schedules import FIELDS as SCHEDULE_FIELDS
+from ._schedules import Schedule, parse_spec
 from ._settings import QueueSettings
 
 RECORD_FORMAT: Final = 2
 READABLE: Final = (1, 2)  # record formats this version reads
-BATCH_FORMAT: Final = 1  # the layout of a log record (``Batch.pack``)
+BATCH_FORMAT: Final = 2  # the layout of a log record (``Batch.pack``); 1 had no schedules
 BODY_PREFIX: Final = bytes([RECORD_FORMAT])
 _STATES: Final = {state.value: state for state in State}
 
@@ -74,9 +78,10 @@ class Batch:
     admitted: int = 0
     freed: int = 0  # the estimated size of the stored messages it deletes
     ceilings: tuple[int, int] | None = None
+    schedules: Optional = field(default_factory=list)
 
     def __len__(self) -> int:
-        return len(self.states) + len(self.deletes) + len(self.queues)
+        return len(self.states) + len(self.deletes) + len(self.queues) + len(self.schedules)
 
     def pack(self) -> bytes:
         """The batch as one log record's payload."""
@@ -89,6 +94,7 @@ class Batch:
             self.results,
             self.dedup,
             self.counters,
+            self.schedules,
         ]
         packed: bytes = msgpack.packb(fields)
         return packed
@@ -96,10 +102,12 @@ class Batch:
 
 def unpack_batch(payload: bytes) -> Batch:
     fields = msgpack.unpackb(payload, use_list=False)
-    if not fields or fields[0] != BATCH_FORMAT or len(fields) != 8:
+    if fields and fields[0] == 1 and len(fields) == 8:
+        fields = (*fields, ())  # format 1: no schedules
+    elif not fields or fields[0] != BATCH_FORMAT or len(fields) != 9:
         raise StoreCorrupt(f"log record format {fields[:1]} unknown")
-    _, bodies, states, deletes, queues, results, dedup, counters = fields
-    return Batch(0, bodies, states, deletes, queues, results, dedup, counters)
+    _, bodies, states, deletes, queues, results, dedup, counters, schedules = fields
+    return Batch(0, bodies, states, deletes, queues, results, dedup, counters, schedules=schedules)
 
 
 def message_key(message_id: int) -> bytes:
@@ -234,8 +242,27 @@ def decode_queue(key: bytes, value: bytes) -> tuple[str, QueueSettings, dict[str
     return key.decode(), QueueSettings().updated(settings), totals
 
 
-def dedup_key(queue_name: str, key: str) -> bytes:
-    return queue_name.encode() + b"\x00" + key.encode()
+def named_key(queue_name: str, name: str) -> bytes:
+    """The LMDB key of something named within a queue: a dedup key, a schedule."""
+    return queue_name.encode() + b"\x00" + name.encode()
+
+
+def encode_schedule(schedule: Schedule) -> bytes:
+    fields = [RECORD_FORMAT, schedule.spec.to_wire(), schedule.created_at, schedule.state()]
+    value: bytes = msgpack.packb(fields)
+    return value
+
+
+def decode_schedule(key: bytes, value: bytes) -> Schedule:
+    record = msgpack.unpackb(value)
+    if not record or record[0] != RECORD_FORMAT or len(record) != 4:
+        raise StoreCorrupt(f"schedule {key!r}: record format {record[:1]} unknown")
+    _, wire, created_at, state = record
+    queue_name, _, name = key.partition(b"\x00")
+    fields = {field: value for field, value in wire.items() if field in SCHEDULE_FIELDS}
+    fields = {field: value for field, value in fields.items() if value is not None}
+    spec = parse_spec(fields, f"stored schedule {name.decode()!r}")
+    return Schedule.restored(queue_name.decode(), name.decode(), spec, created_at, state)
 
 
 def decode_result(key: bytes, value: bytes) -> tuple[int, StoredResult]:

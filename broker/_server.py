@@ -389,6 +389,9 @@ class BrokerServer:
             lambda: Connection(self, next(self._ids)), host, port, reuse_address=True
         )
         bound = self._listener.sockets[0].getsockname()
+        # Arm the timer (schedules fire with nobody connected) and commit what recovery
+        # changed (leases that expired, slots that fired while the broker was down).
+        loop.call_soon(self.end_turn)
         if self.store is not None and self.store.fsync == "interval":
             self._sync_timer = loop.call_later(self.limits.fsync_interval, self._sync)
         return bound[0], bound[1]

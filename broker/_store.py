@@ -71,15 +71,17 @@ from ._records import (
     decode_message,
     decode_queue,
     decode_result,
-    dedup_key,
+    decode_schedule,
     encode_counters,
     encode_dedup,
     encode_message,
     encode_queue,
     encode_result,
+    encode_schedule,
     estimate_size,
     key_id,
     message_key,
+    named_key,
     unpack_batch,
 )
 from ._settings import QueueSettings
@@ -130,6 +132,7 @@ class Coalesced:
     queues: dict[bytes, bytes] = field(default_factory=dict)
     results: dict[bytes, bytes | None] = field(default_factory=dict)
     dedup: dict[bytes, bytes | None] = field(default_factory=dict)
+    schedules: dict[bytes, bytes | None] = field(default_factory=dict)
     counters: bytes | None = None
     log_bytes: int = 0
     admitted: int = 0  # admitted less freed: what `Store.unmeasured` counts for these
@@ -140,6 +143,7 @@ class Coalesced:
         self._fold(batch.deletes, batch.bodies, batch.states, batch.queues, batch)
         self.results.update(batch.results)
         self.dedup.update(batch.dedup)
+        self.schedules.update(batch.schedules)
         self.log_bytes += log_bytes
         self.admitted += batch.admitted - batch.freed
         self.batches += 1
@@ -150,6 +154,7 @@ class Coalesced:
         self.queues.update(later.queues)
         self.results.update(later.results)
         self.dedup.update(later.dedup)
+        self.schedules.update(later.schedules)
         self.log_bytes += later.log_bytes
         self.admitted += later.admitted
         self.batches += later.batches
@@ -182,6 +187,7 @@ class Coalesced:
             list(self.results.items()),
             list(self.dedup.items()),
             self.counters,
+            schedules=list(self.schedules.items()),
         )
 
 
@@ -248,7 +254,7 @@ class Store:
         self.env = lmdb.open(
             path,
             map_size=max(min(_MIN_MAP, self._cap), existing),
-            max_dbs=6,
+            max_dbs=7,
             sync=True,
             metasync=True,
             readahead=False,
@@ -266,6 +272,7 @@ class Store:
         self._meta = self.env.open_db(b"meta")
         self._results = self.env.open_db(b"results")
         self._dedup = self.env.open_db(b"dedup")
+        self._schedules = self.env.open_db(b"schedules")
         self.upgraded_from = self._check_format()
         # Batches: `encoded` numbered on the loop thread, `durable` the last committed.
         self.encoded = 0
@@ -423,6 +430,7 @@ class Store:
             queues = [decode_queue(key, value) for key, value in txn.cursor(self._queues)]
             results = [decode_result(k, v) for k, v in txn.cursor(self._results)]
             dedup = [decode_dedup(k, v) for k, v in txn.cursor(self._dedup)]
+            schedules = [decode_schedule(k, v) for k, v in txn.cursor(self._schedules)]
         # Nothing writes while recovering, so a second read transaction sees the same data.
         # The cyclic GC is paused meanwhile: a million new objects would start a full
         # collection over all of them again and again (no cycles are made here).
@@ -436,6 +444,7 @@ class Store:
                 next_token=next_token,
                 results=results,
                 dedup=dedup,
+                schedules=schedules,
             )
         # The ceilings the core started from were written by `_apply_log`.
         self._id_ceiling = self.durable_id_ceiling = next_id + COUNTER_BLOCK
@@ -597,7 +606,10 @@ class Store:
             batch.results.append((message_key(message_id), stored))
         for (queue_name, name), entry in changes.dedup.items():
             stored = None if entry is None else encode_dedup(entry)
-            batch.dedup.append((dedup_key(queue_name, name), stored))
+            batch.dedup.append((named_key(queue_name, name), stored))
+        for (queue_name, name), schedule in changes.schedules.items():
+            stored = None if schedule is None else encode_schedule(schedule)
+            batch.schedules.append((named_key(queue_name, name), stored))
         half = COUNTER_BLOCK // 2
         if changes.next_id + half > self._id_ceiling or changes.next_token + half > (
             self._token_ceiling
@@ -801,7 +813,11 @@ class Store:
                 cursor.putmulti(pairs[start : start + _PUT_CHUNK])
         for key, value in batch.queues:
             txn.put(key, value, db=self._queues)
-        for db, records in ((self._results, batch.results), (self._dedup, batch.dedup)):
+        for db, records in (
+            (self._results, batch.results),
+            (self._dedup, batch.dedup),
+            (self._schedules, batch.schedules),
+        ):
             for key, record in records:
                 if record is None:
                     txn.delete(key, db=db)
@@ -840,6 +856,7 @@ class Store:
                     txn.stat(self._meta),
                     txn.stat(self._results),
                     txn.stat(self._dedup),
+                    txn.stat(self._schedules),
                 )
             )
         psize: int = self.env.stat()["psize"]

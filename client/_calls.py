@@ -414,7 +414,10 @@ def queues() -> Call[list[dict[str, Any]]]:
 
 def configure(queue: str, **settings: Any) -> Call[dict[str, Any]]:
     """Change queue settings (visibility_timeout, max_attempts, backoff, paused, max_body,
-    dead_letter_ttl, result_ttl, dedup_window); returns all of the queue's settings."""
+    dead_letter_ttl, result_ttl, dedup_window, rate_limit, max_in_flight); returns all of
+    the queue's settings. ``rate_limit={"rate": 10, "per": 1, "burst": 10}`` caps
+    deliveries across every consumer with a token bucket; ``max_in_flight=N`` caps the
+    messages reserved at once; None turns either off."""
     return Call("configure", {"queue": _queue(queue), "settings": settings}, _field("settings"))
 
 
@@ -464,3 +467,71 @@ def replay(queue: str, ids: Iterable[int] | None = None) -> Call[int]:
 def purge_dead(queue: str) -> Call[int]:
     """Delete every dead letter of ``queue``; returns how many."""
     return Call("purge_dead", {"queue": _queue(queue)}, _field("purged"))
+
+
+def schedule(
+    queue: str,
+    name: str,
+    body: Body,
+    *,
+    cron: str | None = None,
+    every: float | None = None,
+    tz: str = "UTC",
+    priority: int = 0,
+    headers: Mapping[str, str | int] | None = None,
+    max_attempts: int | None = None,
+    start_at: float | None = None,
+    end_at: float | None = None,
+    limit: int | None = None,
+    catchup: str = "latest",
+    overlap: str = "allow",
+) -> Call[dict[str, Any]]:
+    """Create or replace the recurring schedule ``name`` of ``queue``: the broker puts
+    ``body`` on each slot of ``cron`` (5 fields or ``@hourly``, ``@daily``, ``@weekly``,
+    ``@monthly``, ``@yearly``, in the IANA time zone ``tz``) or ``every`` seconds (at least
+    0.1), exactly one of the two. Each message has the dedup key
+    ``schedule:<name>:<slot>`` and headers ``schedule`` and ``scheduled_for``, so a slot
+    never fires twice. ``start_at``/``end_at`` (epoch seconds) bound the slots, ``limit``
+    the number of fires. ``catchup`` after downtime: ``latest`` (fire the newest missed
+    slot once), ``skip`` or ``all`` (each, at most 1,000). ``overlap="skip"``: no fire
+    while the previous fire's message is still ready, delayed or reserved. Returns the
+    schedule with its ``next_at``."""
+    args: dict[str, Any] = {
+        "queue": _queue(queue),
+        "name": require_queue_name(name, "client", "schedule"),
+        "body": _body(body),
+        "tz": tz,
+        "priority": _priority(priority),
+        "catchup": catchup,
+        "overlap": overlap,
+    }
+    optional = {
+        "cron": cron,
+        "every": every,
+        "headers": dict(headers) if headers else None,
+        "max_attempts": max_attempts,
+        "start_at": start_at,
+        "end_at": end_at,
+        "limit": limit,
+    }
+    args.update({key: value for key, value in optional.items() if value is not None})
+    return Call("schedule", args, _field("schedule"))
+
+
+def unschedule(queue: str, name: str) -> Call[bool]:
+    """Remove a schedule (the messages it put stay); False if there was none."""
+    args = {"queue": _queue(queue), "name": require_queue_name(name, "client", "schedule")}
+    return Call("unschedule", args, _field("removed"))
+
+
+def schedules(queue: str | None = None) -> Call[list[dict[str, Any]]]:
+    """Every schedule (of ``queue``, if given), by queue and name, each with its
+    ``next_at``, ``last_slot``, ``runs``, ``last_message_id``, ``missed`` and ``skipped``."""
+    args = {} if queue is None else {"queue": _queue(queue)}
+    return Call("schedules", args, _field("schedules"))
+
+
+def trigger(queue: str, name: str) -> Call[int]:
+    """Fire a schedule now, outside its slots; returns the id of the message it put."""
+    args = {"queue": _queue(queue), "name": require_queue_name(name, "client", "schedule")}
+    return Call("trigger", args, _field("id"))

@@ -232,6 +232,10 @@ class Client:
     progress = _blocking(_calls.progress)
     replay = _blocking(_calls.replay)
     purge_dead = _blocking(_calls.purge_dead)
+    schedule = _blocking(_calls.schedule)
+    unschedule = _blocking(_calls.unschedule)
+    schedules = _blocking(_calls.schedules)
+    trigger = _blocking(_calls.trigger)
 
 
 def _set_kernel_timeouts(sock: socket.socket, seconds: float) -> bool:

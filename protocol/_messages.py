@@ -43,6 +43,10 @@ OPS: Final = frozenset(
         "progress",
         "replay",
         "purge_dead",
+        "schedule",
+        "unschedule",
+        "schedules",
+        "trigger",
     }
 )
 

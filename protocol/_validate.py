@@ -29,11 +29,12 @@ def is_queue_name(value: object) -> bool:
     return True
 
 
-def require_queue_name(value: Any, where: str) -> str:
-    """``value`` if it is a valid queue name, else ``BadRequest`` saying what is allowed."""
+def require_queue_name(value: Any, where: str, kind: str = "queue") -> str:
+    """``value`` if it is a valid queue name, else ``BadRequest`` saying what is allowed.
+    Schedule names follow the same rules (``kind="schedule"``)."""
     if not is_queue_name(value):
         raise BadRequest(
-            f"{where}: invalid queue name {shown(value)}: use 1-200 characters of "
+            f"{where}: invalid {kind} name {shown(value)}: use 1-200 characters of "
             "A-Z a-z 0-9 . _ : -"
         )
     return value  # type: ignore[no-any-return]
