@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.metadata
+import math
 import os
 import platform
 import resource
@@ -19,7 +20,7 @@ import msgpack
 
 from ._accounting import MIN_BODY
 from ._harness import Progress
-from ._load import CLIENT_FORMS, Workload
+from ._load import CLIENT_FORMS, QueueLimit, Workload
 from ._output import (
     describe_workload,
     format_comparison,
@@ -48,6 +49,9 @@ scenarios:
   backlog        enqueue 1,000,000 with no workers, then drain: fill/drain rates, RSS
   recovery       fill a durable broker with 1,000,000, kill -9, restart: time to ready,
                  then check and drain every message (needs a broker with --fsync)
+  limited        a queue rate-limited to 200/s (burst 20): fill it with 10 s worth, drain
+                 it with greedy workers; delivered rate against the limit, the busiest
+                 second against burst + rate, the broker's throttle counters (Sluice only)
 """
 
 EPILOG = """\
@@ -58,6 +62,7 @@ examples:
   python -m bench --against beanstalkd,redis --json results.json
   python -m bench --against redis:always,beanstalkd:fsync
   python -m bench --client sync --against beanstalkd,redis   # blocking clients in threads
+  python -m bench --scenario limited --limit-rate 50 --limit-burst 5 --max-in-flight 4
 
 peers (--against): beanstalkd (modes off, binlog, fsync) and redis (off, everysec,
 always); a bare name runs every mode. They need the servers (apt-get install beanstalkd
@@ -70,6 +75,8 @@ pipelining: a batch is that many round trips), redis.Redis. The threads of one l
 process share its interpreter lock, so only one runs Python code at a time: that is what
 an application on a blocking client lives with, and what client CPU per job shows.
 """
+
+DEFAULT_LIMIT_RATE = 200.0  # messages/s the limited scenario's queue is limited to
 
 BASE_DEFAULTS: dict[str, Any] = {
     "producers": 1,
@@ -139,6 +146,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="open loop: offered messages/s in all (latency runs)",
     )
     add("--queues", type=int, metavar="N", help="spread the load over this many queues (default 1)")
+    limits = parser.add_argument_group("limited scenario")
+    limits.add_argument(
+        "--limit-rate",
+        type=float,
+        metavar="N",
+        help=f"the queue's rate limit: N messages per --limit-per seconds (default "
+        f"{DEFAULT_LIMIT_RATE:g})",
+    )
+    limits.add_argument(
+        "--limit-per", type=float, metavar="SECONDS", help="the rate's period (default 1)"
+    )
+    limits.add_argument(
+        "--limit-burst",
+        type=int,
+        metavar="B",
+        help="messages the full bucket lets out at once (default: a tenth of a second's "
+        "worth, at least 1: 20 at 200/s)",
+    )
+    limits.add_argument(
+        "--max-in-flight",
+        type=int,
+        metavar="N",
+        help="also cap the queue's messages reserved at once (default: no cap)",
+    )
     add(
         "--fsync",
         choices=FSYNC_MODES,
@@ -198,8 +229,47 @@ def build_workload(args: argparse.Namespace) -> Workload:
     cores = os.cpu_count() or 2
     processes = args.processes or max(1, cores // 2)
     return Workload(
-        processes=processes, stall_timeout=args.stall_timeout, client=args.client, **values
+        processes=processes,
+        stall_timeout=args.stall_timeout,
+        client=args.client,
+        limit=build_limit(args),
+        **values,
     )
+
+
+def build_limit(args: argparse.Namespace) -> QueueLimit | None:
+    """The limited scenario's queue limits (also built when another scenario is given a
+    limit flag, so that ``check_workload`` refuses it)."""
+    flags = (args.limit_rate, args.limit_per, args.limit_burst, args.max_in_flight)
+    if args.scenario != "limited" and all(flag is None for flag in flags):
+        return None
+    rate = DEFAULT_LIMIT_RATE if args.limit_rate is None else args.limit_rate
+    per = 1.0 if args.limit_per is None else args.limit_per
+    burst = args.limit_burst
+    if burst is None:
+        burst = max(1, math.ceil(rate / per / 10)) if rate > 0 and per > 0 else 1
+    return QueueLimit(rate=rate, per=per, burst=burst, max_in_flight=args.max_in_flight)
+
+
+def _limit_problems(
+    scenario: str, limit: QueueLimit | None, stall_timeout: float
+) -> list[tuple[bool, str]]:
+    if limit is None:
+        return []
+    return [
+        (scenario != "limited", "--limit-* and --max-in-flight apply to --scenario limited"),
+        (limit.rate <= 0, "--limit-rate must be above 0"),
+        (limit.per <= 0, "--limit-per must be above 0"),
+        (limit.burst < 1, "--limit-burst must be at least 1"),
+        (
+            limit.max_in_flight is not None and limit.max_in_flight < 1,
+            "--max-in-flight must be at least 1",
+        ),
+        (
+            limit.rate > 0 and limit.per / limit.rate >= stall_timeout,
+            "the limit lets out a message less often than --stall-timeout: raise it",
+        ),
+    ]
 
 
 def check_workload(scenario: str, workload: Workload) -> str | None:
@@ -225,6 +295,16 @@ def check_workload(scenario: str, workload: Workload) -> str | None:
         (
             -(-workload.queues // max(1, min(workload.workers, workload.queues))) > 100,
             "a worker reserves from at most 100 queues: raise --workers or lower --queues",
+        ),
+        *_limit_problems(scenario, workload.limit, workload.stall_timeout),
+        (
+            scenario == "limited" and workload.queues != 1,
+            "limited runs one queue (a rate limit is per queue): leave out --queues",
+        ),
+        (
+            scenario == "limited" and workload.rate is not None,
+            "limited fills the queue, then the limit paces the workers: leave out --rate "
+            "(the limit is --limit-rate)",
         ),
     ]
     return next((message for wrong, message in problems if wrong), None)

@@ -56,6 +56,8 @@ class PhaseResult:
     acked_tokens: list[array.array[int]] = field(default_factory=list)
     put_confirm_us: Histogram = field(default_factory=Histogram)
     deliver_us: Histogram = field(default_factory=Histogram)
+    lease_deadlines: list[array.array[float]] = field(default_factory=list)
+    received_ns: list[array.array[int]] = field(default_factory=list)
     first_put_ns: int | None = None
     last_put_ns: int | None = None
     last_ack_ns: int | None = None
@@ -78,6 +80,8 @@ class PhaseResult:
         self.acked_tokens.append(child.acked_tokens)
         self.put_confirm_us.merge(child.put_confirm_us)
         self.deliver_us.merge(child.deliver_us)
+        self.lease_deadlines.append(child.lease_deadlines)
+        self.received_ns.append(child.received_ns)
         self.first_put_ns = _earliest(self.first_put_ns, child.first_put_ns)
         self.last_put_ns = _latest(self.last_put_ns, child.last_put_ns)
         self.last_ack_ns = _latest(self.last_ack_ns, child.last_ack_ns)

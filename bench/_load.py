@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import array
 import importlib
+import itertools
 import math
 import threading
 import time
@@ -35,6 +36,35 @@ CLIENT_FORMS = {
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class QueueLimit:
+    """The limits the ``limited`` scenario sets on its queue: a token bucket shared by every
+    consumer (``burst`` messages at once, ``rate`` more every ``per`` seconds) and, if set,
+    a cap on the messages reserved at once."""
+
+    rate: float
+    per: float = 1.0
+    burst: int
+    max_in_flight: int | None = None
+
+    @property
+    def per_second(self) -> float:
+        return self.rate / self.per
+
+    def bound(self, seconds: float) -> float:
+        """The most the bucket lets through in any window of ``seconds``."""
+        return self.burst + self.per_second * seconds
+
+    def allowance(self, seconds: float) -> int:
+        """Messages a full bucket lets through in ``seconds`` from the first delivery."""
+        return self.burst + math.ceil(self.per_second * seconds)
+
+    def settings(self) -> dict[str, Any]:
+        """The queue settings, as ``configure`` takes them."""
+        rate_limit = {"rate": self.rate, "per": self.per, "burst": self.burst}
+        return {"rate_limit": rate_limit, "max_in_flight": self.max_in_flight}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Workload:
     """The shape of one run, the same whichever server it runs against."""
 
@@ -53,6 +83,9 @@ class Workload:
     processes: int = 1  # client processes for each side (producers, workers)
     stall_timeout: float = 30.0  # give up when nothing is put or acked for this long
     client: str = "async"  # how a load process drives its connections: see CLIENT_FORMS
+    # The limited scenario's queue limits. Set, workers also record when each delivery
+    # was made (Sluice only: peers refuse a limited workload).
+    limit: QueueLimit | None = None
 
     def queue_names(self, namespace: str) -> list[str]:
         return [f"{namespace}.{index}" for index in range(self.queues)]
@@ -81,6 +114,11 @@ class ChildResult:
     acked_tokens: array.array[int] = field(default_factory=lambda: array.array("Q"))
     put_confirm_us: Histogram = field(default_factory=Histogram)
     deliver_us: Histogram = field(default_factory=Histogram)
+    # With a limit: when the broker leased each delivery (its lease deadline, epoch seconds:
+    # the reserve time plus the queue's lease, the same for every delivery of a run), and
+    # when a worker received it (CLOCK_MONOTONIC ns).
+    lease_deadlines: array.array[float] = field(default_factory=lambda: array.array("d"))
+    received_ns: array.array[int] = field(default_factory=lambda: array.array("Q"))
     first_put_ns: int | None = None
     last_put_ns: int | None = None
     last_ack_ns: int | None = None
@@ -253,6 +291,9 @@ class LoadProcess:
                 due_ns, message_token = read_body(body)
                 self.result.deliver_us.record((received_ns - due_ns) // 1000)
                 tokens.append(message_token)
+            if self.workload.limit is not None:  # handles are Sluice client Messages
+                self.result.lease_deadlines.extend(m.lease_deadline for _, m in deliveries)
+                self.result.received_ns.extend(itertools.repeat(received_ns, len(deliveries)))
         return tokens
 
     def acked(self, tokens: list[int]) -> None:

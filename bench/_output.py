@@ -27,6 +27,21 @@ _LINES: list[tuple[str, str, str]] = [
     ("recovered", "recovered", "{:,} messages queued after the restart"),
     ("RSS restarted", "restart_rss_mib", "{:,.1f} MiB"),
     ("drain", "drain_per_s", "{:,.0f} messages/s"),
+    ("limit", "limit_per_s", "{:,.0f} messages/s (the queue's rate limit)"),
+    ("burst", "limit_burst", "{:,} messages"),
+    ("max in flight", "limit_max_in_flight", "{:,} messages reserved at once"),
+    ("delivered", "delivered_per_s", "{:,.0f} messages/s (median whole 1-s window)"),
+    ("of the limit", "delivered_ratio", "{:.2f} (delivered / limit)"),
+    ("overall", "overall_ratio", "{:.2f} of the limit (drain rate, first burst included)"),
+    ("busiest 1 s", "busiest_window", "{:,} messages (by the broker's lease times)"),
+    ("bound", "window_bound", "{:,.0f} messages in any 1 s (burst + 1 s at the limit)"),
+    (
+        "received busiest",
+        "busiest_window_received",
+        "{:,} messages in 1 s (as the workers got them)",
+    ),
+    ("throttled", "throttled_s", "{:.2f} s (broker: ready messages held back by the limit)"),
+    ("parked by limit", "parked_by_limit", "{:,} long-polls (broker)"),
     ("idle workers", "idle_workers", "{:,} connections long-polling an empty queue"),
     ("fill CPU", "fill_server_cpu_s", "{:.2f} s (server, while filling)"),
     ("server CPU", "server_cpu_s", "{:.2f} s"),
@@ -42,6 +57,7 @@ _HEADLINES = {
     "latency": ("put_to_deliver_ms", "p99", "p99 deliver ms", "{:,.2f}"),
     "backlog": ("drain_per_s", None, "drain/s", "{:,.0f}"),
     "recovery": ("restart_ready_s", None, "ready s", "{:,.2f}"),
+    "limited": ("delivered_per_s", None, "delivered/s", "{:,.0f}"),
 }
 
 
@@ -68,6 +84,11 @@ def describe_workload(scenario: str, workload: Any) -> str:
         text += f", {workload.priorities} priorities"
     if workload.delay_fraction:
         text += f", {workload.delay_fraction:.0%} delayed {workload.delay_seconds:g} s"
+    if workload.limit is not None:
+        limit = workload.limit
+        text += f", rate limit {limit.rate:g} per {limit.per:g} s, burst {limit.burst:,}"
+        if limit.max_in_flight is not None:
+            text += f", max {limit.max_in_flight:,} in flight"
     return text
 
 

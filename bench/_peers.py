@@ -105,6 +105,11 @@ class _PeerServer:
         return versions
 
     def check(self, workload: Any) -> None:
+        if workload.limit is not None:
+            raise Unsupported(
+                f"{self.name} has no rate limit kept by the server across consumers "
+                "(the limited scenario runs against Sluice only)"
+            )
         _require_binary(self.binary, self.package)
         self.client_module = self.clients.get(workload.client, "")
         if self.client_module:

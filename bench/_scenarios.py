@@ -11,10 +11,17 @@
 - ``recovery``: fill a durable server, SIGKILL it, restart it on the same data directory:
   time until it listens and answers, then a check that every message is still there and a
   drain that acks each exactly once. Modes that keep nothing on disk are skipped.
+- ``limited``: give the queue a rate limit (``--limit-rate``/``--limit-per``/
+  ``--limit-burst``, optionally ``--max-in-flight``), fill it with what the limit lets
+  through in ``--duration`` (or ``--messages``), then drain it with greedy workers: the
+  delivered rate against the limit, the busiest second against the bucket's bound, and
+  the broker's throttle counters. Sluice only: the peers have no such limit.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,12 +29,14 @@ from typing import Any
 
 from ._accounting import Accounting, account
 from ._harness import PhaseResult, Progress, namespaced, run_phase
-from ._load import Workload
+from ._load import QueueLimit, Workload
 from ._proc import rss_bytes
 from ._servers import Server, Unsupported
 from ._sluice import SluiceServer, broker_has_durable_mode
+from ._windows import busiest, median_rate, whole_windows
 
 MIB = 1024 * 1024
+WINDOW = 1.0  # seconds: the limited scenario counts deliveries in windows this long
 
 
 @dataclass
@@ -153,9 +162,9 @@ def _fill(context: _Context) -> PhaseResult:
     return fill
 
 
-def _drain(context: _Context, fill: PhaseResult) -> None:
+def _drain(context: _Context, fill: PhaseResult) -> PhaseResult | None:
     if context.report.status == "failed":
-        return
+        return None
     drain = context.phase("drain", produce=False, consume=True, drain_target=fill.puts)
     seconds = _seconds(drain.started_ns, drain.last_ack_ns)
     context.report.figures.update(
@@ -168,6 +177,7 @@ def _drain(context: _Context, fill: PhaseResult) -> None:
         }
     )
     context.check_exactly_once(fill, drain)
+    return drain
 
 
 def _backlog(context: _Context) -> None:
@@ -199,6 +209,57 @@ def _recovery(context: _Context) -> None:
     _drain(context, fill)
 
 
+def _limited(context: _Context) -> None:
+    server, workload, limit = context.server, context.workload, context.workload.limit
+    if not isinstance(server, SluiceServer) or limit is None:
+        raise Unsupported(f"{server.name} has no rate limit kept by the server")
+    [queue] = workload.queue_names(context.namespace)
+    server.limit(queue, limit)
+    if workload.messages is None:
+        assert workload.duration is not None
+        messages = limit.allowance(workload.duration)
+        filled = dataclasses.replace(workload, messages=messages, duration=None)
+        context = dataclasses.replace(context, workload=filled)
+    drain = _drain(context, _fill(context))
+    if drain is None:
+        return
+    figures = context.report.figures
+    figures.update(_window_figures(drain, limit, figures.get("drain_per_s")))
+    if figures["busiest_window"] > figures["window_bound"]:
+        context.report.fail(
+            f"the broker delivered {figures['busiest_window']:,} messages within one second, "
+            f"more than its bucket allows (burst + 1 s at the limit: "
+            f"{figures['window_bound']:,.0f})"
+        )
+    broker = server.limits(queue)
+    figures["broker_limits"] = broker
+    figures["throttled_s"] = broker.get("throttled_seconds")
+    figures["parked_by_limit"] = broker.get("parked_by_limit")
+
+
+def _window_figures(
+    drain: PhaseResult, limit: QueueLimit, overall_per_s: float | None
+) -> dict[str, Any]:
+    """The limited scenario's figures: what was delivered in 1-s windows, by the broker's
+    lease times (what its bucket bounds) and as the workers received them."""
+    leased = sorted(itertools.chain.from_iterable(drain.lease_deadlines))
+    received = sorted(ns / 1e9 for ns in itertools.chain.from_iterable(drain.received_ns))
+    delivered = median_rate(leased, WINDOW)
+    per_second = limit.per_second
+    return {
+        "limit_per_s": per_second,
+        "limit_burst": limit.burst,
+        "limit_max_in_flight": limit.max_in_flight,
+        "delivered_per_s": delivered,
+        "delivered_windows": len(whole_windows(leased, WINDOW)),
+        "delivered_ratio": None if delivered is None else delivered / per_second,
+        "overall_ratio": None if overall_per_s is None else overall_per_s / per_second,
+        "busiest_window": busiest(leased, WINDOW),
+        "busiest_window_received": busiest(received, WINDOW),
+        "window_bound": limit.bound(WINDOW),
+    }
+
+
 @dataclass(frozen=True)
 class Scenario:
     run: Callable[[_Context], None]
@@ -223,6 +284,9 @@ SCENARIOS: dict[str, Scenario] = {
         _recovery,
         {"messages": 1_000_000, "batch": 100},
         "fill a durable broker, kill -9, restart, drain",
+    ),
+    "limited": Scenario(
+        _limited, {"duration": 10.0}, "drain a rate-limited queue with greedy workers"
     ),
 }
 

@@ -15,7 +15,8 @@ from typing import Any
 
 from client import AsyncClient, Client, Message
 
-from ._servers import READY_TIMEOUT, Delivery, Endpoint, OwnedProcess
+from ._load import QueueLimit
+from ._servers import READY_TIMEOUT, Delivery, Endpoint, OwnedProcess, Unsupported
 
 LISTENING = "sluice listening on "
 FSYNC_MODES = ("always", "interval", "never", "memory")
@@ -204,6 +205,19 @@ class SluiceServer:
         """Ready messages over ``queues``, by the broker's own stats."""
         with probe(self.host, self.port) as client:
             return sum(int(client.stats(queue)["ready"]) for queue in queues)
+
+    def limit(self, queue: str, limit: QueueLimit) -> None:
+        """Set ``limit`` on ``queue``; Unsupported if this broker has no rate limits."""
+        with probe(self.host, self.port) as client:
+            if "rate_limit" not in client.configure(queue):
+                raise Unsupported("this broker has no rate_limit queue setting")
+            client.configure(queue, **limit.settings())
+
+    def limits(self, queue: str) -> dict[str, Any]:
+        """The ``limits`` map of ``queue``'s stats: tokens, in_flight, max_in_flight,
+        throttled_seconds and parked_by_limit."""
+        with probe(self.host, self.port) as client:
+            return dict(client.stats(queue).get("limits") or {})
 
     def stop(self) -> None:
         self.owned.stop()

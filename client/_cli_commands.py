@@ -13,20 +13,26 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from ._cli_text import (
+    UsageError,
     absolute,
     body_preview,
+    cell,
     fields,
     flatten,
     parse_headers,
     parse_settings,
+    parse_time,
     plural,
     relative,
     shorten,
     table,
     to_json,
+    utc_time,
+    zoned_time,
 )
 from ._cli_watch import WatchOptions, all_queue_stats, stats_table, sum_stats, watch
 from ._sync import Client
+from .errors import NotFound
 
 PEEK_TIME_COLUMN: Final = {
     "ready": ("enqueued", "enqueued_at"),
@@ -36,6 +42,20 @@ PEEK_TIME_COLUMN: Final = {
 }
 TIME_FIELDS: Final = ("enqueued_at", "due_at", "lease_deadline", "dead_at", "done_at")
 NO_QUEUES: Final = "no queues yet (a put, reserve or configure creates one)"
+NEW_SCHEDULE: Final = "sluice schedule QUEUE NAME --cron '0 * * * *' BODY creates one"
+SCHEDULE_COLUMNS: Final = (
+    "queue",
+    "name",
+    "cron or every",
+    "tz",
+    "next (local)",
+    "next (UTC)",
+    "last slot (UTC)",
+    "runs",
+    "missed",
+    "skipped",
+    "last id",
+)
 
 Args = argparse.Namespace
 
@@ -174,6 +194,122 @@ def cmd_configure(client: Client, args: Args) -> int:
     return _show(args, settings, lambda: fields(flatten(settings)))
 
 
+def _recurrence(schedule: dict[str, Any]) -> str:
+    if schedule["cron"] is not None:
+        return str(schedule["cron"])
+    return f"every {cell(schedule['every'])}s"
+
+
+def _schedule_row(schedule: dict[str, Any]) -> list[Any]:
+    next_at, zone = schedule["next_at"], schedule["tz"]
+    return [
+        schedule["queue"],
+        schedule["name"],
+        _recurrence(schedule),
+        zone,
+        zoned_time(next_at, zone),
+        utc_time(next_at),
+        utc_time(schedule["last_slot"]),
+        schedule["runs"],
+        schedule["missed"],
+        schedule["skipped"],
+        schedule["last_message_id"],
+    ]
+
+
+def _schedule_fields(schedule: dict[str, Any], now: float) -> list[tuple[str, Any]]:
+    """A schedule for people: when it fires next (its zone's wall clock and UTC), what it
+    puts, and how it has gone so far."""
+    next_at, zone = schedule["next_at"], schedule["tz"]
+    headers = schedule["headers"] or {}
+    upcoming = zoned_time(next_at, zone) if next_at is not None else "- (no slot left)"
+    return [
+        ("queue", schedule["queue"]),
+        ("name", schedule["name"]),
+        ("cron" if schedule["cron"] is not None else "every", _recurrence(schedule)),
+        ("tz", zone),
+        ("next (local)", upcoming),
+        ("next (UTC)", absolute(next_at, now)),
+        ("start_at", absolute(schedule["start_at"], now)),
+        ("end_at", absolute(schedule["end_at"], now)),
+        ("limit", schedule["limit"]),
+        ("catchup", schedule["catchup"]),
+        ("overlap", schedule["overlap"]),
+        ("body", body_preview(schedule["body"])),
+        ("priority", schedule["priority"]),
+        ("headers", ", ".join(f"{k}={v}" for k, v in headers.items()) or "-"),
+        ("max_attempts", schedule["max_attempts"]),
+        ("runs", schedule["runs"]),
+        ("triggered", schedule["triggered"]),
+        ("missed", schedule["missed"]),
+        ("skipped", schedule["skipped"]),
+        ("last slot", absolute(schedule["last_slot"], now)),
+        ("last message id", schedule["last_message_id"]),
+    ]
+
+
+def _time_option(option: str, text: str | None, zone: str) -> float | None:
+    if text is None:
+        return None
+    try:
+        return parse_time(text, zone)
+    except UsageError as error:
+        raise UsageError(f"{option}: {error}") from None
+
+
+def cmd_schedules(client: Client, args: Args) -> int:
+    items = client.schedules(args.queue)
+    rows = [_schedule_row(schedule) for schedule in items]
+    where = "yet" if args.queue is None else f"on {args.queue!r}"
+    empty = f"no schedules {where} ({NEW_SCHEDULE})"
+    return _show(args, items, lambda: table(SCHEDULE_COLUMNS, rows) if rows else empty)
+
+
+def cmd_schedule(client: Client, args: Args) -> int:
+    start_at = _time_option("--start-at", args.start_at, args.tz)
+    end_at = _time_option("--end-at", args.end_at, args.tz)
+    headers = parse_headers(args.header)
+    body = sys.stdin.buffer.read() if args.body == "-" else args.body.encode()
+    schedule = client.schedule(
+        args.queue,
+        args.name,
+        body,
+        cron=args.cron,
+        every=args.every,
+        tz=args.tz,
+        priority=args.priority,
+        headers=headers or None,
+        max_attempts=args.max_attempts,
+        start_at=start_at,
+        end_at=end_at,
+        limit=args.limit,
+        catchup=args.catchup,
+        overlap=args.overlap,
+    )
+    now = time.time()
+
+    def human() -> str:
+        title = f"scheduled {args.name!r} on {args.queue!r}: {_recurrence(schedule)}"
+        return f"{title}\n{fields(_schedule_fields(schedule, now))}"
+
+    return _show(args, schedule, human)
+
+
+def cmd_unschedule(client: Client, args: Args) -> int:
+    if not client.unschedule(args.queue, args.name):
+        raise NotFound(
+            f"no schedule {args.name!r} on queue {args.queue!r}: nothing removed "
+            f"(`sluice schedules {args.queue}` lists its schedules)"
+        )
+    text = f"removed schedule {args.name!r} of {args.queue!r}: no more fires (its messages stay)"
+    return _show(args, {"removed": True}, lambda: text)
+
+
+def cmd_trigger(client: Client, args: Args) -> int:
+    message_id = client.trigger(args.queue, args.name)
+    return _show(args, {"id": message_id}, lambda: str(message_id))
+
+
 def cmd_status(client: Client, args: Args) -> int:
     status = client.status(args.id)
     now = time.time()
@@ -233,6 +369,10 @@ COMMANDS: Final = {
     "purge": Command(cmd_purge, destructive=True),
     "purge-dead": Command(cmd_purge_dead, destructive=True),
     "configure": Command(cmd_configure),
+    "schedules": Command(cmd_schedules),
+    "schedule": Command(cmd_schedule),
+    "unschedule": Command(cmd_unschedule),
+    "trigger": Command(cmd_trigger),
     "status": Command(cmd_status),
     "watch": Command(cmd_watch),
 }

@@ -31,6 +31,7 @@ examples:
   sluice stats emails --json
   sluice put emails 'welcome mail for user 42' --priority 5
   sluice dead emails && sluice replay emails
+  sluice schedule reports nightly --cron '30 2 * * *' --tz Europe/Berlin 'build it'
   SLUICE_URL=sluice://queue-host:7700 sluice watch
 """
 
@@ -60,6 +61,12 @@ def _seconds(text: str) -> float:
     value: float = _number(text, float, "a number of seconds")
     if not 0 < value < 86400:
         raise argparse.ArgumentTypeError(f"must be more than 0 and under a day, got {text}")
+    return value
+
+
+def _interval(text: str) -> float:
+    """A number of seconds; its range is the broker's to check (it says what it allows)."""
+    value: float = _number(text, float, "a number of seconds")
     return value
 
 
@@ -192,6 +199,61 @@ def _configure_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _schedule_name_arguments(parser: argparse.ArgumentParser) -> None:
+    _queue_argument(parser)
+    parser.add_argument(
+        "name", metavar="NAME", help="schedule name (1-200 characters of A-Z a-z 0-9 . _ : -)"
+    )
+
+
+def _schedules_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("queue", metavar="QUEUE", nargs="?", help="one queue (default: all)")
+
+
+def _schedule_arguments(parser: argparse.ArgumentParser) -> None:
+    _schedule_name_arguments(parser)
+    add = parser.add_argument
+    add("body", metavar="BODY", help="body of each message it puts (UTF-8), or - to read stdin")
+    when = parser.add_mutually_exclusive_group(required=True)
+    when.add_argument(
+        "--cron", metavar="EXPR", help="a 5-field cron expression or @hourly, @daily... (below)"
+    )
+    when.add_argument(
+        "--every", type=_interval, metavar="SECONDS", help="a slot every SECONDS (0.1 or more)"
+    )
+    add(
+        "--tz",
+        default="UTC",
+        metavar="TZ",
+        help="IANA time zone --cron is read in, like Europe/Berlin (default UTC)",
+    )
+    add("--priority", type=int, default=0, metavar="N", help="of each message (default 0)")
+    add(
+        "--header",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        type=_assignment,
+        help="a header of each message (string value); repeat for more",
+    )
+    add("--max-attempts", type=_positive_int, metavar="N", help="of each message")
+    add("--start-at", metavar="TIME", help="no slot before this time (epoch seconds or ISO 8601)")
+    add("--end-at", metavar="TIME", help="no slot after this time (epoch seconds or ISO 8601)")
+    add("--limit", type=_positive_int, metavar="N", help="fire at most N times")
+    add(
+        "--catchup",
+        choices=["latest", "skip", "all"],
+        default="latest",
+        help="slots missed while the broker was down (default latest; below)",
+    )
+    add(
+        "--overlap",
+        choices=["allow", "skip"],
+        default="allow",
+        help="fire while the last fire's message is not done? (default allow; below)",
+    )
+
+
 def _status_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("id", metavar="ID", type=_message_id, help="message id")
 
@@ -217,7 +279,11 @@ HELP: Final[dict[str, tuple[str, str, Arguments]]] = {
         """\
 Without QUEUE: one row per queue (ready, delayed, reserved, dead, waiting consumers,
 paused, and the totals put, delivered, acked, nacked, expired, dead_lettered), and a last
-row "(all)" adding them up. With QUEUE: every field of its stats.
+row "(all)" adding them up. With QUEUE: every field of its stats. A queue with a
+rate_limit or max_in_flight (see `sluice configure --help`) also shows limits.tokens (in
+its bucket now; - without a rate limit), limits.in_flight (reserved now),
+limits.max_in_flight, limits.throttled_seconds (how long its ready messages were held
+back by a limit) and limits.parked_by_limit (long-polls that had to wait for one).
 
 examples:
   sluice stats
@@ -313,19 +379,108 @@ examples:
         "change queue settings, or show them",
         """\
 Settings: visibility_timeout, max_attempts, backoff, paused, max_body, dead_letter_ttl,
-result_ttl, dedup_window (durations in seconds). Values: none/null, true/false, numbers,
-JSON when they start with { [ or ", else text. A dotted key sets a field of a map: a
-backoff given this way or as JSON replaces the whole backoff (fields left out take their
-defaults). Prints every setting after the change, in the same dotted form. With no
-KEY=VALUE, only shows the settings (NOT_FOUND for a queue that does not exist).
+result_ttl, dedup_window (durations in seconds), rate_limit, max_in_flight. Values:
+none/null, true/false, numbers, JSON when they start with { [ or ", else text. A dotted
+key sets a field of a map: a backoff or rate_limit given this way or as JSON replaces the
+whole map (fields left out take their defaults). Prints every setting after the change,
+in the same dotted form. With no KEY=VALUE, only shows the settings (NOT_FOUND for a
+queue that does not exist).
+
+Limits hold across every consumer of the queue, enforced by the broker at reserve:
+rate_limit.rate messages per rate_limit.per seconds (default 1), at most
+rate_limit.burst at once (default: the rate rounded up): a token bucket, which starts
+full when the broker starts. max_in_flight: at most N of the queue's messages reserved at
+once. A long-poll held back by either waits, served first come first served. none turns
+either off (the default). `sluice stats QUEUE` shows them at work.
 
 examples:
   sluice configure emails max_attempts=10 visibility_timeout=120
   sluice configure emails max_attempts=none dead_letter_ttl=none
   sluice configure emails backoff.type=fixed backoff.delay=5
   sluice configure emails 'backoff={"type": "exponential", "base": 2, "cap": 300}'
+  sluice configure webhooks rate_limit.rate=10 rate_limit.per=1 max_in_flight=5
+  sluice configure webhooks rate_limit=none max_in_flight=none
   sluice configure emails""",
         _configure_arguments,
+    ),
+    "schedules": (
+        "list recurring schedules with their next fire times",
+        """\
+One row per schedule (of QUEUE, or of every queue), by queue and name: its cron
+expression (aliases shown expanded) or interval; its time zone; the next fire time on
+the wall clock of that zone (local) and in UTC ("-": no slot left, its --limit or
+--end-at is reached); the last slot fired (UTC); runs (slots fired); missed (slots that
+came due while the broker was down); skipped (slots not fired, by --catchup or
+--overlap); and the id of the last message it put. --json gives every field, times as
+epoch seconds, and triggered (fires by `sluice trigger`, not counted in runs).
+
+examples:
+  sluice schedules
+  sluice schedules reports
+  sluice schedules --json | jq '.[] | {name, next_at}'""",
+        _schedules_arguments,
+    ),
+    "schedule": (
+        "create or replace a recurring schedule and show its next fire time",
+        """\
+The broker keeps the schedule and fires it from its own clock, with or without anyone
+connected: one authority, so no two schedulers race and a restart fires no slot twice.
+Each fire puts BODY with the dedup key schedule:NAME:SLOT (SLOT: the due time in UTC, to
+the millisecond) and the headers schedule=NAME and scheduled_for=SLOT. The same QUEUE and
+NAME again replaces the schedule; it keeps its counts and last slot, so no slot it fired
+fires again. A paused queue still gets its fires (they wait until it is resumed).
+
+--cron EXPR: minute hour day-of-month month day-of-week (0-59, 0-23, 1-31, 1-12 or
+  jan-dec, 0-7 or sun-sat with 0 and 7 Sunday), each *, N, a range N-M, a list N,M or a
+  step */N or N-M/N; when both day fields are restricted, either may match. Aliases:
+  @hourly, @daily (@midnight), @weekly, @monthly, @yearly (@annually). Read in --tz.
+--every SECONDS: at least 0.1; the slots are --start-at (or the moment it is created)
+  plus whole intervals.
+DST, for --cron in a zone that changes its clocks: a fixed local time that does not
+  exist (spring forward) fires at the first valid minute after it (02:30 fires at 03:00
+  that day); one that happens twice (fall back) fires once, the first time. An
+  expression whose minute or hour field starts with * (@hourly, */15 * * * *) follows the
+  clock instead: it fires in each hour that happens, so not in the skipped hour and
+  twice in the repeated one.
+--catchup, for slots that came due while the broker was down: latest (the default)
+  fires once, for the newest of them; skip fires none and goes on from now; all fires
+  each of them, oldest first (at most the newest 1,000). They count as missed, those not
+  fired as skipped.
+--overlap: allow (the default) fires on every slot; skip fires nothing while the
+  message of the last fire is still ready, delayed or reserved (counted as skipped).
+--start-at, --end-at: epoch seconds or ISO 8601 (2030-01-15, 2030-01-15T09:00,
+  2030-01-15T09:00+01:00, ...Z), read in --tz when there is no offset; no slot before the
+  start or after the end. --limit N: at most N fires, then it stays listed, finished.
+
+examples:
+  sluice schedule reports nightly --cron '30 2 * * *' --tz Europe/Berlin 'build the report'
+  sluice schedule reports hourly --cron @hourly --overlap skip - < job.json
+  sluice schedule health ping --every 30 --limit 100 --header source=cli ping
+  sluice schedule billing close --cron '0 0 1 * *' --start-at 2030-01-01 --catchup all x""",
+        _schedule_arguments,
+    ),
+    "unschedule": (
+        "remove a schedule (the messages it put stay)",
+        """\
+No more fires; messages it already put are not touched. Exits 1 (NOT_FOUND) when QUEUE
+has no schedule NAME.
+
+examples:
+  sluice unschedule reports nightly""",
+        _schedule_name_arguments,
+    ),
+    "trigger": (
+        "fire a schedule now and print the id of the message it put",
+        """\
+Puts the schedule's message now, outside its slots and whatever its --overlap and
+--limit; its scheduled_for header and dedup key carry the current time. Counted as
+triggered, not in runs; the next slot stays as it was. NOT_FOUND if there is no such
+schedule.
+
+examples:
+  sluice trigger reports nightly
+  sluice trigger reports nightly --json""",
+        _schedule_name_arguments,
     ),
     "status": (
         "state, attempts, times and errors of one message",

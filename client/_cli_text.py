@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import base64
 import json
+import math
+import zoneinfo
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 from typing import Any, Final
 
 PREVIEW_WIDTH: Final = 40  # characters of a body, reason or error shown in a table cell
@@ -134,8 +136,64 @@ def absolute(timestamp: float | None, now: float) -> str:
     """An epoch time in UTC with its distance from ``now``: ``2025-01-02 12:00:03Z (3m ago)``."""
     if timestamp is None:
         return "-"
-    when = datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
-    return f"{when} ({relative(timestamp, now)})"
+    return f"{utc_time(timestamp)} ({relative(timestamp, now)})"
+
+
+def utc_time(timestamp: float | None) -> str:
+    """An epoch time in UTC, to the second: ``2025-01-02 12:00:03Z``; None as ``-``."""
+    if timestamp is None:
+        return "-"
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _zone(name: str) -> tzinfo | None:
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        return None
+
+
+def zoned_time(timestamp: float | None, zone_name: str) -> str:
+    """An epoch time as the wall clock of the IANA zone ``zone_name`` reads it, with the
+    zone's abbreviation: ``2025-03-30 03:00:00 CEST``. A zone this machine does not know
+    gives the UTC time; None gives ``-``."""
+    if timestamp is None:
+        return "-"
+    zone = _zone(zone_name)
+    if zone is None:
+        return utc_time(timestamp)
+    return datetime.fromtimestamp(timestamp, zone).strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+def parse_time(text: str, zone_name: str) -> float:
+    """A time typed on the command line, as epoch seconds: a number is epoch seconds; else
+    an ISO 8601 date or date and time (``2030-01-15``, ``2030-01-15T09:00``,
+    ``2030-01-15T09:00+01:00``, ``...Z``). One without an offset is read in the IANA zone
+    ``zone_name``. Raises ``UsageError``."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        pass
+    else:
+        if not math.isfinite(seconds):
+            raise UsageError(f"{text!r} is not a time")
+        return seconds
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise UsageError(
+            f"{text!r} is neither epoch seconds nor an ISO 8601 time like "
+            "2030-01-15T09:00 or 2030-01-15T09:00+01:00"
+        ) from None
+    if moment.tzinfo is None:
+        zone = _zone(zone_name)
+        if zone is None:
+            raise UsageError(
+                f"{text!r} has no UTC offset and the time zone {zone_name!r} to read it in "
+                "is unknown here: add an offset (+01:00) or Z"
+            )
+        moment = moment.replace(tzinfo=zone)
+    return moment.timestamp()
 
 
 # --------------------------------------------------------------------------- JSON

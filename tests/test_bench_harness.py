@@ -1,6 +1,6 @@
 """Unit tests of the bench harness's parts: the histogram, the exactly-once accounting,
-how work is dealt out, the workload checks, the /proc readers, the peer list and the
-report's text."""
+the limited scenario's windows, how work is dealt out, the workload checks, the /proc
+readers, the peer list and the report's text."""
 
 from __future__ import annotations
 
@@ -21,13 +21,14 @@ from bench.__main__ import build_parser, build_workload, check_workload, exit_st
 from bench._accounting import MIN_BODY, account, make_body, read_body, token
 from bench._harness import PhaseResult, Progress, deal
 from bench._hist import Histogram
-from bench._load import ChildPlan, ChildResult, LoadProcess, Shared, Workload
+from bench._load import ChildPlan, ChildResult, LoadProcess, QueueLimit, Shared, Workload
 from bench._output import describe_workload, format_comparison, format_run
 from bench._peers import BeanstalkdServer, RedisServer, parse_peers
 from bench._proc import cpu_seconds, peak_rss_bytes, rss_bytes
 from bench._scenarios import RunReport, _Context
 from bench._servers import Endpoint, Unsupported
 from bench._sluice import SluiceServer
+from bench._windows import busiest, median_rate, whole_windows
 
 # Histogram ---------------------------------------------------------------------------------
 
@@ -164,6 +165,39 @@ def test_a_failed_accounting_fails_the_run() -> None:
     assert exit_status([report, skipped]) == 1
 
 
+# Windows of the limited scenario -----------------------------------------------------------
+
+
+def test_the_busiest_window_is_half_open() -> None:
+    assert busiest([], 1.0) == 0
+    assert busiest([0.0, 0.5, 0.999, 1.0], 1.0) == 3  # [0, 1) leaves out 1.0
+    assert busiest([5.0] * 4 + [6.5], 1.0) == 4
+
+
+def test_the_busiest_window_counts_what_a_brute_force_finds() -> None:
+    rng = random.Random(12)
+    for _ in range(50):
+        times = sorted(rng.uniform(0, 5) for _ in range(rng.randrange(1, 60)))
+        brute = max(sum(start <= t < start + 1 for t in times) for start in times)
+        assert busiest(times, 1.0) == brute
+
+
+def test_whole_windows_leave_out_the_last_partial_one() -> None:
+    times = [0.0, 0.1, 0.2, 1.0, 1.5, 2.9, 3.2]
+    assert whole_windows(times, 1.0) == [3, 2, 1]
+    assert median_rate(times, 1.0) == 2
+    assert median_rate([0.0, 0.3], 1.0) is None and whole_windows([], 1.0) == []
+    assert median_rate(times, 0.5) == 2.0  # counts per half second, per second
+
+
+def test_a_token_bucket_drain_stays_within_its_bound() -> None:
+    limit = QueueLimit(rate=200.0, burst=20)
+    times = [0.0] * 20 + [(k + 1) / 200 for k in range(limit.allowance(3.0) - 20)]
+    assert len(times) == 620 and limit.bound(1.0) == 220
+    assert busiest(times, 1.0) <= limit.bound(1.0)
+    assert median_rate(times, 1.0) == 200
+
+
 # Dealing out work --------------------------------------------------------------------------
 
 
@@ -283,6 +317,49 @@ def test_bad_workloads_say_what_to_change(argv: list[str], complaint: str) -> No
     scenario, workload = _workload(*argv)
     problem = check_workload(scenario, workload)
     assert problem is not None and complaint in problem
+
+
+def test_limited_defaults_and_flags() -> None:
+    _, limited = _workload("--scenario", "limited")
+    assert (limited.duration, limited.messages, limited.workers) == (10.0, None, 8)
+    assert limited.limit == QueueLimit(rate=200.0, per=1.0, burst=20, max_in_flight=None)
+    _, fast = _workload("--scenario", "limited", "--limit-rate", "5000", "--limit-per", "2")
+    assert fast.limit == QueueLimit(rate=5000.0, per=2.0, burst=250)  # 0.1 s worth
+    _, capped = _workload("--scenario", "limited", "--limit-burst", "3", "--max-in-flight", "4")
+    assert capped.limit is not None and (capped.limit.burst, capped.limit.max_in_flight) == (3, 4)
+    assert capped.limit.settings() == {
+        "rate_limit": {"rate": 200.0, "per": 1.0, "burst": 3},
+        "max_in_flight": 4,
+    }
+    _, throughput = _workload()
+    assert throughput.limit is None
+    assert "rate limit 200 per 1 s, burst 20" in describe_workload("limited", limited)
+
+
+@pytest.mark.parametrize(
+    ("argv", "complaint"),
+    [
+        (["--max-in-flight", "3"], "apply to --scenario limited"),
+        (["--scenario", "latency", "--limit-rate", "10"], "apply to --scenario limited"),
+        (["--scenario", "limited", "--queues", "2"], "one queue"),
+        (["--scenario", "limited", "--rate", "100"], "leave out --rate"),
+        (["--scenario", "limited", "--limit-rate", "0"], "--limit-rate"),
+        (["--scenario", "limited", "--limit-burst", "0"], "--limit-burst"),
+        (["--scenario", "limited", "--max-in-flight", "0"], "--max-in-flight"),
+        (["--scenario", "limited", "--limit-rate", "1", "--limit-per", "60"], "--stall-timeout"),
+    ],
+)
+def test_bad_limited_workloads_say_what_to_change(argv: list[str], complaint: str) -> None:
+    scenario, workload = _workload(*argv)
+    problem = check_workload(scenario, workload)
+    assert problem is not None and complaint in problem
+
+
+def test_peers_refuse_a_limited_workload() -> None:
+    limited = Workload(limit=QueueLimit(rate=200.0, burst=20))
+    for server in (BeanstalkdServer("off"), RedisServer("off")):
+        with pytest.raises(Unsupported, match="no rate limit"):
+            server.check(limited)
 
 
 def test_a_good_workload_passes() -> None:

@@ -163,6 +163,42 @@ def test_recovery_restarts_a_killed_broker(tmp_path: Path) -> None:
     assert 0 < figures["restart_listening_s"] <= figures["restart_ready_s"]
 
 
+def test_limited_keeps_every_second_within_the_bucket(tmp_path: Path) -> None:
+    """300 messages through a queue limited to 200/s, burst 20, 2 in flight: about 1.4 s
+    of draining. The peers have no such limit: each is skipped before it is started."""
+    done, document = _bench(
+        tmp_path,
+        *("--scenario", "limited", "--messages", "300", "--workers", "4", "--fsync", "memory"),
+        *("--limit-rate", "200", "--limit-burst", "20", "--max-in-flight", "2"),
+        *("--against", "beanstalkd,redis"),
+    )
+    assert EXACTLY_ONCE in done.stdout
+    sluice, *peers = document["runs"]
+    assert sluice["server"] == "sluice"
+    _assert_exactly_once(sluice, 300)
+    assert document["config"]["workload"]["limit"] == {
+        "rate": 200.0,
+        "per": 1.0,
+        "burst": 20,
+        "max_in_flight": 2,
+    }
+    figures = sluice["figures"]
+    assert figures["limit_per_s"] == 200 and figures["limit_burst"] == 20
+    assert figures["window_bound"] == 220
+    assert 0 < figures["busiest_window"] <= figures["window_bound"]
+    assert figures["busiest_window_received"] > 0
+    assert figures["delivered_windows"] >= 1
+    assert figures["delivered_per_s"] > 0 and figures["delivered_ratio"] > 0
+    assert figures["overall_ratio"] > 0
+    assert figures["throttled_s"] > 0 and figures["parked_by_limit"] >= 0
+    assert figures["broker_limits"]["max_in_flight"] == figures["limit_max_in_flight"] == 2
+    assert {"tokens", "in_flight"} <= set(figures["broker_limits"])
+    for line in ("delivered", "of the limit", "busiest 1 s", "bound", "throttled"):
+        assert f"\n  {line} " in done.stdout, line
+    assert [run["status"] for run in peers] == ["skipped"] * 6
+    assert all("no rate limit" in run["reasons"][0] for run in peers)
+
+
 @pytest.mark.parametrize(
     ("scenario", "peers", "client"),
     [

@@ -9,6 +9,7 @@ import json
 import os
 import pty
 import queue
+import re
 import select
 import signal
 import socket
@@ -17,15 +18,25 @@ import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
+from zoneinfo import ZoneInfo
 
 import pytest
 
 from client._cli_commands import COMMANDS
-from client._cli_text import UsageError, body_preview, parse_settings, parse_value, table
+from client._cli_text import (
+    UsageError,
+    body_preview,
+    parse_settings,
+    parse_time,
+    parse_value,
+    table,
+    zoned_time,
+)
 from client.cli import main
-from tests.conftest import REPO_ROOT, BrokerProcess, start_broker, stop_broker
+from tests.conftest import REPO_ROOT, BrokerProcess, start_broker, stop_broker, wait_for_state
 
 RUN_TIMEOUT = 30.0  # seconds one CLI run may take before the test fails
 LINE_TIMEOUT = 10.0  # seconds to wait for the next line of `watch`
@@ -77,6 +88,30 @@ def failed(run: Run, code: int, start: str) -> None:
 def rows(text: str) -> dict[str, list[str]]:
     """A table's rows keyed by their first cell (header row included)."""
     return {line.split()[0]: line.split() for line in text.splitlines() if line.strip()}
+
+
+def cells(line: str) -> list[str]:
+    """The cells of a table line whose cells may hold single spaces (cron fields, times):
+    cells are at least two spaces apart."""
+    return re.split(r"\s{2,}", line.strip())
+
+
+def named_rows(text: str) -> dict[str, dict[str, str]]:
+    """A table's rows as header -> cell maps, keyed by their "name" cell."""
+    header, *lines = text.splitlines()
+    table_rows = [dict(zip(cells(header), cells(line), strict=True)) for line in lines]
+    return {row["name"]: row for row in table_rows}
+
+
+def listing(lines: list[str]) -> dict[str, str]:
+    """``key  value`` lines as a map (keys and values may hold single spaces)."""
+    pairs = [cells(line) for line in lines]
+    assert all(len(pair) == 2 for pair in pairs), pairs
+    return {key: value for key, value in pairs}
+
+
+def local(zone: str, year: int, month: int, day: int, hour: int, minute: int) -> float:
+    return datetime(year, month, day, hour, minute, tzinfo=ZoneInfo(zone)).timestamp()
 
 
 @pytest.fixture
@@ -214,6 +249,199 @@ def test_configure(shared_broker: BrokerProcess) -> None:
     failed(sluice(shared_broker, "configure", "cli-conf", "colour=blue"), 1, "sluice: BAD_REQ")
     twice = sluice(shared_broker, "configure", "cli-conf", "paused=true", "paused=false")
     failed(twice, 2, "sluice configure: error: 'paused' is given twice")
+
+
+# ------------------------------------------------------------------- schedules
+
+
+def test_schedule_and_schedules_show_the_next_fire_in_local_time_and_utc(
+    shared_broker: BrokerProcess,
+) -> None:
+    empty = ok(shared_broker, "schedules", "cli-sched").out
+    assert empty.startswith("no schedules on 'cli-sched'") and "sluice schedule QUEUE" in empty
+    nightly = ["schedule", "cli-sched", "nightly", "--cron", "30 2 * * *", "--tz", "Europe/Berlin"]
+    options = "--start-at 2030-01-15 --header team=ops --priority 3 --max-attempts 2 --limit 5"
+    made = ok(
+        shared_broker, *nightly, *options.split(), "--catchup", "all", "--overlap", "skip", "report"
+    )
+    title, *lines = made.out.splitlines()
+    assert title == "scheduled 'nightly' on 'cli-sched': 30 2 * * *"
+    shown = listing(lines)
+    assert shown["next (local)"] == "2030-01-15 02:30:00 CET"  # --start-at read in --tz
+    assert shown["next (UTC)"].startswith("2030-01-15 01:30:00Z (in ")
+    assert shown["start_at"].startswith("2030-01-14 23:00:00Z")
+    assert (shown["headers"], shown["priority"], shown["max_attempts"]) == ("team=ops", "3", "2")
+    assert (shown["limit"], shown["catchup"], shown["overlap"]) == ("5", "all", "skip")
+    assert (shown["body"], shown["runs"], shown["last message id"]) == ("report", "0", "-")
+
+    # 02:30 does not exist in Berlin on 2030-03-31 (spring forward): it fires at 03:00.
+    spring = ["schedule", "cli-sched", "spring", "--cron", "30 2 * * *", "--tz", "Europe/Berlin"]
+    binary = b"\x00\xffraw"
+    made_json = ok(shared_broker, *spring, "--start-at", "2030-03-31", "-", "--json", stdin=binary)
+    spring_json = made_json.json()
+    assert spring_json["next_at"] == local("Europe/Berlin", 2030, 3, 31, 3, 0)
+    assert base64.b64decode(spring_json["body"]) == binary
+    new_york = ["--cron", "@daily", "--tz", "America/New_York", "--start-at", "2030-07-01T12:00Z"]
+    ok(shared_broker, "schedule", "cli-sched", "ny", *new_york, "x")
+    every = ["--every", "3600", "--start-at", "1900000000", "--end-at", "2031-01-01T00:00+00:00"]
+    tick = ok(shared_broker, "schedule", "cli-sched", "tick", *every, "tick", "--json").json()
+    assert (tick["next_at"], tick["every"], tick["end_at"]) == (1900000000, 3600, 1924992000)
+
+    table_rows = named_rows(ok(shared_broker, "schedules", "cli-sched").out)
+    assert list(table_rows) == ["nightly", "ny", "spring", "tick"]
+    assert table_rows["nightly"] == {
+        "queue": "cli-sched",
+        "name": "nightly",
+        "cron or every": "30 2 * * *",
+        "tz": "Europe/Berlin",
+        "next (local)": "2030-01-15 02:30:00 CET",
+        "next (UTC)": "2030-01-15 01:30:00Z",
+        "last slot (UTC)": "-",
+        "runs": "0",
+        "missed": "0",
+        "skipped": "0",
+        "last id": "-",
+    }
+    assert table_rows["spring"]["next (local)"] == "2030-03-31 03:00:00 CEST"
+    assert table_rows["spring"]["next (UTC)"] == "2030-03-31 01:00:00Z"
+    ny_row = table_rows["ny"]  # @daily is shown as what it stands for
+    assert (ny_row["cron or every"], ny_row["next (local)"]) == (
+        "0 0 * * *",
+        "2030-07-02 00:00:00 EDT",
+    )
+    assert ny_row["next (UTC)"] == "2030-07-02 04:00:00Z"
+    assert table_rows["tick"]["cron or every"] == "every 3600s"
+    assert table_rows["tick"]["next (local)"] == "2030-03-17 17:46:40 UTC"
+    every_queue = ok(shared_broker, "schedules").out
+    assert "cli-sched  nightly" in every_queue and "cli-sched  tick" in every_queue
+
+    message_id = int(ok(shared_broker, "trigger", "cli-sched", "nightly").out)
+    with shared_broker.client() as client:
+        [message] = client.reserve("cli-sched")
+        client.ack(message)
+    assert (message.id, message.body, message.priority) == (message_id, b"report", 3)
+    assert message.headers["schedule"] == "nightly" and message.headers["team"] == "ops"
+    listed = {s["name"]: s for s in ok(shared_broker, "schedules", "cli-sched", "--json").json()}
+    assert listed["nightly"]["triggered"] == 1 and listed["nightly"]["runs"] == 0
+    assert listed["nightly"]["last_message_id"] == message_id
+    assert ok(shared_broker, "trigger", "cli-sched", "ny", "--json").json()["id"] > message_id
+
+    removed = ok(shared_broker, "unschedule", "cli-sched", "spring").out
+    assert removed.startswith("removed schedule 'spring' of 'cli-sched'")
+    assert ok(shared_broker, "unschedule", "cli-sched", "tick", "--json").json() == {
+        "removed": True
+    }
+    again = sluice(shared_broker, "unschedule", "cli-sched", "spring")
+    failed(again, 1, "sluice: NOT_FOUND: no schedule 'spring' on queue 'cli-sched': nothing")
+    missing = sluice(shared_broker, "trigger", "cli-sched", "spring")
+    failed(missing, 1, "sluice: NOT_FOUND: no schedule 'spring' on queue 'cli-sched'")
+    with shared_broker.client() as client:
+        assert [s["name"] for s in client.schedules("cli-sched")] == ["nightly", "ny"]
+
+
+def test_a_schedule_made_on_the_command_line_fires_and_its_row_counts_the_fires(
+    shared_broker: BrokerProcess,
+) -> None:
+    ok(shared_broker, "schedule", "cli-fire", "tick", "--every", "0.2", "--limit", "2", "tick")
+    with shared_broker.client() as client:
+        wait_for_state(
+            lambda: client.schedules("cli-fire")[0]["next_at"] is None,
+            "the schedule did not finish its two fires",
+        )
+        fired = client.peek("cli-fire", limit=10)
+    [row] = named_rows(ok(shared_broker, "schedules", "cli-fire").out).values()
+    assert (row["runs"], row["next (local)"], row["next (UTC)"]) == ("2", "-", "-")
+    assert row["last id"] == str(fired[-1]["id"]) and len(fired) == 2
+    slots = [message["headers"]["scheduled_for"] for message in fired]
+    assert [message["key"] for message in fired] == [f"schedule:tick:{slot}" for slot in slots]
+    assert row["last slot (UTC)"] == slots[-1][:19].replace("T", " ") + "Z"
+
+
+SCHEDULE_USAGE_ERRORS: tuple[tuple[list[str], str], ...] = (
+    ([], "one of the arguments --cron --every is required"),
+    (["--cron", "@daily", "--every", "5"], "argument --every: not allowed with argument --cron"),
+    (["--every", "soon"], "argument --every: expected a number of seconds, got 'soon'"),
+    (["--every", "5", "--catchup", "most"], "argument --catchup: invalid choice: 'most'"),
+    (["--every", "5", "--overlap", "never"], "argument --overlap: invalid choice: 'never'"),
+    (["--every", "5", "--limit", "0"], "argument --limit: must be 1 or more, got 0"),
+    (["--every", "5", "--start-at", "tomorrow"], "--start-at: 'tomorrow' is neither epoch"),
+    (["--every", "5", "--tz", "No/Where", "--end-at", "2030-01-01"], "--end-at: '2030-01-01'"),
+    (["--every", "5", "--header", "a=1", "--header", "a=2"], "header 'a' is given twice"),
+)
+SCHEDULE_REFUSALS: tuple[tuple[list[str], str], ...] = (
+    (["--cron", "* * *"], "cron must have 5 fields (minute hour day-of-month"),
+    (["--cron", "61 * * * *"], "cron '61 * * * *': bad minute"),
+    (["--cron", "0 0 * * 8"], "cron '0 0 * * 8': bad day-of-week"),
+    (["--cron", "@fortnightly"], "cron: unknown alias '@fortnightly'"),
+    (["--cron", "@daily", "--tz", "Nowhere/City"], "tz: unknown time zone 'Nowhere/City'"),
+    (["--every", "0.05"], "every must be in [0.1, "),
+    (["--every", "5", "--start-at", "2030-01-02", "--end-at", "2030-01-01"], "is before start_at"),
+)
+
+
+def test_bad_schedules_say_what_is_wrong_and_create_nothing(shared_broker: BrokerProcess) -> None:
+    command = ["schedule", "cli-bad", "s"]
+    for options, says in SCHEDULE_USAGE_ERRORS:
+        run = sluice(shared_broker, *command, *options, "body")
+        assert run.code == 2, (options, run)
+        assert run.err.splitlines()[-1].startswith(f"sluice schedule: error: {says}"), run.err
+    for options, says in SCHEDULE_REFUSALS:  # the broker's checks, in its words
+        run = sluice(shared_broker, *command, *options, "body")
+        failed(run, 1, "sluice: BAD_REQUEST: schedule: ")
+        assert says in run.err, (options, run.err)
+    bad_name = sluice(shared_broker, "schedule", "cli-bad", "no spaces", "--every", "5", "x")
+    failed(bad_name, 1, "sluice: BAD_REQUEST: client: invalid schedule name 'no spaces'")
+    for usage in (["unschedule", "cli-bad"], ["trigger"], ["schedules", "a", "b"]):
+        run = sluice(shared_broker, *usage)
+        assert run.code == 2 and "usage: sluice" in run.err, (usage, run)
+    with shared_broker.client() as client:
+        assert client.schedules("cli-bad") == []
+
+
+def test_configure_rate_limit_and_cap_with_dotted_keys_and_stats_shows_them(
+    shared_broker: BrokerProcess,
+) -> None:
+    limited = ok(shared_broker, "configure", "cli-lim", "rate_limit.rate=10", "rate_limit.per=1")
+    shown = rows(limited.out)
+    assert [shown[f"rate_limit.{key}"][1] for key in ("rate", "per", "burst")] == ["10", "1", "10"]
+    assert shown["max_in_flight"] == ["max_in_flight", "-"]
+    # Two an hour: once the burst is taken, the next token is half an hour away.
+    changes = ["rate_limit.rate=2", "rate_limit.per=3600", "max_in_flight=3", "--json"]
+    settings = ok(shared_broker, "configure", "cli-lim", *changes).json()
+    assert settings["rate_limit"] == {"rate": 2.0, "per": 3600.0, "burst": 2}
+    assert settings["max_in_flight"] == 3
+    with shared_broker.client() as client:
+        client.put_many("cli-lim", [b"a", b"b", b"c", b"d"])
+        assert len(client.reserve("cli-lim", max_messages=4)) == 2  # the burst
+        assert client.reserve("cli-lim", max_messages=4, wait=0.05) == []  # parked, timed out
+    stats = rows(ok(shared_broker, "stats", "cli-lim").out)
+    assert stats["limits.tokens"][1:] == ["0"] and stats["limits.in_flight"][1:] == ["2"]
+    assert stats["limits.max_in_flight"][1:] == ["3"] and stats["limits.parked_by_limit"][1:] == [
+        "1"
+    ]
+    assert float(stats["limits.throttled_seconds"][1]) > 0
+    limits = ok(shared_broker, "stats", "cli-lim", "--json").json()["limits"]
+    assert limits["tokens"] == 0 and limits["in_flight"] == 2 and limits["parked_by_limit"] == 1
+
+    off = ok(shared_broker, "configure", "cli-lim", "rate_limit=null", "max_in_flight=none")
+    assert rows(off.out)["rate_limit"] == ["rate_limit", "-"]
+    assert rows(off.out)["max_in_flight"] == ["max_in_flight", "-"]
+    assert "limits" not in ok(shared_broker, "stats", "cli-lim", "--json").json()
+    assert "limits." not in ok(shared_broker, "stats", "cli-lim").out
+    with shared_broker.client() as client:
+        assert len(client.reserve("cli-lim", max_messages=4)) == 2  # no limit holds them now
+
+    for change, says in (
+        ("rate_limit.rate=0", "rate_limit.rate must be in (0, "),
+        ("rate_limit.burst=5", "rate_limit needs a rate"),
+        ("rate_limit=fast", "rate_limit must be a map"),
+        ("max_in_flight=0", "max_in_flight"),
+    ):
+        failed(
+            sluice(shared_broker, "configure", "cli-lim", change), 1, f"sluice: BAD_REQUEST: {says}"
+        )
+    with shared_broker.client() as client:
+        assert client.configure("cli-lim")["rate_limit"] is None
 
 
 USAGE_ERRORS = (
@@ -460,6 +688,27 @@ def test_setting_values_and_nested_keys() -> None:
     for bad in (["x"], ["=1"], ["a..b=1"], ["backoff=1", "backoff.delay=2"], ["j={oops"]):
         with pytest.raises(UsageError):
             parse_settings(bad)
+
+
+def test_times_typed_for_a_schedule_and_shown_in_its_zone() -> None:
+    berlin = "Europe/Berlin"
+    assert parse_time("1900000000.5", berlin) == 1900000000.5
+    assert parse_time("2030-01-15", berlin) == local(berlin, 2030, 1, 15, 0, 0)
+    assert parse_time("2030-07-01T09:30", berlin) == local(berlin, 2030, 7, 1, 9, 30)
+    assert parse_time("2030-07-01T09:30Z", berlin) == local("UTC", 2030, 7, 1, 9, 30)
+    assert parse_time("2030-07-01T09:30-04:00", "UTC") == local("UTC", 2030, 7, 1, 13, 30)
+    assert parse_time("2030-07-01T09:30Z", "No/Where") == local("UTC", 2030, 7, 1, 9, 30)
+    for bad, zone in (
+        ("soon", "UTC"),
+        ("inf", "UTC"),
+        ("2030-13-01", "UTC"),
+        ("2030-01-01", "No/Where"),
+    ):
+        with pytest.raises(UsageError):
+            parse_time(bad, zone)
+    assert zoned_time(local("UTC", 2030, 10, 27, 0, 30), berlin) == "2030-10-27 02:30:00 CEST"
+    assert zoned_time(local("UTC", 2030, 10, 27, 1, 30), berlin) == "2030-10-27 02:30:00 CET"
+    assert zoned_time(0, "No/Where") == "1970-01-01 00:00:00Z" and zoned_time(None, "UTC") == "-"
 
 
 def test_body_preview_and_table() -> None:
