@@ -369,7 +369,7 @@ class Core:
             for queue in queues:
                 if queue.limits is not None and queue.counts[State.READY] > 0:
                     queue.limits.parked += 1  # (a paused queue holds nothing back here)
-                    self._arm_throttle(queue, now)
+                    self._note_held_back(queue, now)
         return messages
 
     def cancel_wait(self, waiter_key: Hashable) -> None:
@@ -1080,6 +1080,14 @@ class Core:
         limits.wake_at, limits.wake_seq = due, self._next_seq()
         self._schedule(self._throttle_wakes, (due, limits.wake_seq, queue.name))
 
+    def _note_held_back(self, queue: Queue, now: float) -> None:
+        """After serving: waiters still there with ready messages mean a limit holds
+        them back (the time counts as throttled); wake them at the next token."""
+        assert queue.limits is not None
+        if queue.waiters and queue.counts[State.READY] > 0 and not queue.settings.paused:
+            queue.limits.blocked(now)
+            self._arm_throttle(queue, now)
+
     def _wake_throttled(self, queue: Queue, now: float) -> None:
         """The queue's next token came due: serve its waiters."""
         assert queue.limits is not None
@@ -1141,7 +1149,7 @@ class Core:
             if not heads:
                 for queue in serving:
                     if queue.limits is not None:
-                        self._arm_throttle(queue, now)
+                        self._note_held_back(queue, now)
                 return
             waiter = min(heads, key=lambda head: head.seq)
             self.cancel_wait(waiter.key)

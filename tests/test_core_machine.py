@@ -14,7 +14,13 @@ The model follows the contract in DESIGN.md and the core's docstrings:
   multi-queue reserve takes from the others; a token coming due serves waiters held back
   by it (at one instant after lease expiries, before long-poll timeouts); any lease
   ending serves waiters held back by the cap. Only queue ``a`` is ever limited, with
-  token intervals that floats hold exactly.
+  token intervals that floats hold exactly;
+- a schedule every N seconds fires on ``created + k * N`` (k >= 1), each slot once: its
+  message is put as any other, in time order with the other events (after token wakes,
+  before long-poll timeouts); when more than one slot came due its ``catchup`` picks
+  which fire; ``overlap="skip"`` skips a slot while the last message is not done or
+  dead; a replaced schedule keeps its counters and last slot; ``trigger`` fires now.
+  The machine never triggers on a slot, so no two fires share a dedup key.
 
 Lease tokens are opaque: the model numbers its own and the test maps them to the core's.
 """
@@ -38,6 +44,7 @@ from hypothesis.stateful import (
 
 from broker import Core, PutSpec
 from broker._lazyheap import LazyHeap
+from broker._schedules import parse_spec, slot_text
 from protocol import LeaseLost, NotFound, TooLarge
 
 QUEUES = ("a", "b", "c")
@@ -180,6 +187,51 @@ class ModelMessage:
     dead_reason: str | None = None
     dead_at: float | None = None
     dead_expires_at: float | None = None
+    headers: dict[str, Any] = field(default_factory=dict)
+    key: str | None = None
+
+
+@dataclass
+class ModelSchedule:
+    queue: str
+    name: str
+    every: float
+    catchup: str
+    overlap: str
+    limit: int | None
+    created_at: float
+    next_at: float | None = None
+    last_slot: float | None = None
+    last_message_id: int | None = None
+    runs: int = 0
+    triggered: int = 0
+    missed: int = 0
+    skipped: int = 0
+    order: int = 0
+
+    def plan_after(self, t: float) -> None:
+        if self.last_slot is not None and self.last_slot > t:
+            t = self.last_slot
+        if self.limit is not None and self.runs >= self.limit:
+            self.next_at = None
+            return
+        k = 1
+        while self.created_at + k * self.every <= t:
+            k += 1
+        self.next_at = self.created_at + k * self.every
+
+    def listed(self) -> tuple[Any, ...]:
+        return (
+            self.queue,
+            self.name,
+            self.next_at,
+            self.last_slot,
+            self.last_message_id,
+            self.runs,
+            self.triggered,
+            self.missed,
+            self.skipped,
+        )
 
 
 @dataclass
@@ -201,6 +253,7 @@ class Model:
         self.next_id = 1
         self.next_token = 1
         self.counter = 0
+        self.schedules: dict[tuple[str, str], ModelSchedule] = {}
 
     def _next_order(self) -> int:
         self.counter += 1
@@ -221,6 +274,8 @@ class Model:
                 self._serve([subject.queue], now)
             elif kind == 2:
                 self._serve([subject], now)  # a token came due
+            elif kind == 3:
+                self._come_due(subject, now)
             else:
                 self.waiters.remove(subject)
                 self.completions.append((subject.key, []))
@@ -237,7 +292,12 @@ class Model:
             elif message.state == "reserved" and message.lease_deadline is not None:
                 events.append((message.lease_deadline, 1, message.order, message))
         events += [(due, 2, 0, name) for name, due in self._token_times().items()]
-        events += [(waiter.deadline, 3, waiter.order, waiter) for waiter in self.waiters]
+        events += [
+            (schedule.next_at, 3, schedule.order, schedule)
+            for schedule in self.schedules.values()
+            if schedule.next_at is not None
+        ]
+        events += [(waiter.deadline, 4, waiter.order, waiter) for waiter in self.waiters]
         due = [event for event in events if event[0] <= now]
         return min(due, key=lambda event: event[:3]) if due else None
 
@@ -269,6 +329,7 @@ class Model:
 
     def next_deadline(self) -> float | None:
         times = [w.deadline for w in self.waiters] + list(self._token_times().values())
+        times += [s.next_at for s in self.schedules.values() if s.next_at is not None]
         for message in self.messages.values():
             times += [
                 time
@@ -539,6 +600,81 @@ class Model:
         self._serve([name], now)
         return len(chosen)
 
+    # -------------------------------------------------------- schedules
+
+    def set_schedule(self, now: float, schedule: ModelSchedule) -> None:
+        self.tick(now)
+        old = self.schedules.get((schedule.queue, schedule.name))
+        if old is not None:
+            schedule.last_slot, schedule.last_message_id = old.last_slot, old.last_message_id
+            schedule.runs, schedule.triggered = old.runs, old.triggered
+            schedule.missed, schedule.skipped = old.missed, old.skipped
+        self.schedules[(schedule.queue, schedule.name)] = schedule
+        schedule.plan_after(now)
+        schedule.order = self._next_order()
+
+    def unschedule(self, now: float, queue: str, name: str) -> bool:
+        self.tick(now)
+        return self.schedules.pop((queue, name), None) is not None
+
+    def trigger(self, now: float, queue: str, name: str) -> int:
+        self.tick(now)
+        schedule = self.schedules[(queue, name)]
+        message_id = self._fire(schedule, now, now)
+        schedule.triggered += 1
+        return message_id
+
+    def _come_due(self, schedule: ModelSchedule, now: float) -> None:
+        first = schedule.next_at
+        assert first is not None
+        slots = []
+        slot: float | None = first
+        while slot is not None and slot <= now:
+            slots.append(slot)
+            slot = slot + schedule.every
+        if len(slots) == 1:
+            chosen = slots
+        else:
+            chosen = {"skip": [], "latest": slots[-1:], "all": slots}[schedule.catchup]
+        if len(slots) > 1 or now - first > 1.0:
+            schedule.missed += len(slots)
+        attempted = 0
+        for slot in chosen:
+            if schedule.limit is not None and schedule.runs >= schedule.limit:
+                break
+            last = self.messages.get(schedule.last_message_id or 0)
+            if schedule.overlap == "skip" and last is not None and last.state != "dead":
+                schedule.skipped += 1
+            else:
+                self._fire(schedule, slot, now)
+                schedule.runs += 1
+            attempted += 1
+        schedule.skipped += len(slots) - attempted
+        schedule.last_slot = slots[-1]
+        schedule.plan_after(max(now, schedule.last_slot))
+        schedule.order = self._next_order()
+
+    def _fire(self, schedule: ModelSchedule, slot: float, now: float) -> int:
+        when = slot_text(slot)
+        message = ModelMessage(
+            id=self.next_id,
+            queue=schedule.queue,
+            priority=0,
+            max_attempts=None,
+            visibility_timeout=None,
+            enqueued_at=now,
+            body_size=len(SCHEDULE_BODY),
+            headers={"schedule": schedule.name, "scheduled_for": when},
+            key=f"schedule:{schedule.name}:{when}",
+        )
+        self.next_id += 1
+        self.messages[message.id] = message
+        self._make_ready(message)
+        self.queues[schedule.queue].totals["put"] += 1
+        schedule.last_message_id = message.id
+        self._serve([schedule.queue], now)
+        return message.id
+
     # ------------------------------------------------------- inspecting
 
     def dead(self, name: str) -> list[ModelMessage]:
@@ -592,9 +728,9 @@ class Model:
             "last_error": message.last_error,
             "dead_reason": message.dead_reason,
             "dead_at": message.dead_at,
-            "headers": {},
+            "headers": message.headers,
             "body_size": message.body_size,
-        }
+        } | ({"key": message.key} if message.key is not None else {})
 
 
 def _raise_if_failed(failed: list[int], done: int) -> None:
@@ -608,6 +744,19 @@ def outcome(call: Any) -> tuple[str, Any]:
         return "ok", call()
     except (LeaseLost, NotFound, TooLarge) as error:
         return type(error).__name__, error.details
+
+
+SCHEDULE_FIELDS = (
+    "queue",
+    "name",
+    "next_at",
+    "last_slot",
+    "last_message_id",
+    "runs",
+    "triggered",
+    "missed",
+    "skipped",
+)
 
 
 def core_stats(core: Core, now: float, name: str) -> dict[str, Any]:
@@ -644,6 +793,8 @@ put_specs = st.builds(
 )
 visibility_overrides = st.sampled_from([None, None, 1.0, 2.5])
 batch_sizes = st.sampled_from([1, 1, 1, 2, 3])
+SCHEDULE_BODY = b"tick"
+schedule_names = st.sampled_from(["s1", "s2"])
 
 
 class CoreMachine(RuleBasedStateMachine):
@@ -866,6 +1017,50 @@ class CoreMachine(RuleBasedStateMachine):
         self.model.configure(self.now, name, changes)
         self.core.configure(self.now, name, changes)
 
+    @rule(
+        name=queue_names,
+        schedule=schedule_names,
+        every=st.sampled_from([1.0, 2.5]),
+        catchup=st.sampled_from(["latest", "skip", "all"]),
+        overlap=st.sampled_from(["allow", "skip"]),
+        limit=st.sampled_from([None, None, 2]),
+    )
+    def set_schedule(
+        self,
+        name: str,
+        schedule: str,
+        every: float,
+        catchup: str,
+        overlap: str,
+        limit: int | None,
+    ) -> None:
+        fields = {"every": every, "catchup": catchup, "overlap": overlap, "limit": limit}
+        spec = parse_spec({"body": SCHEDULE_BODY, **{k: v for k, v in fields.items() if v}})
+        self.core.set_schedule(self.now, name, schedule, spec)
+        model = ModelSchedule(name, schedule, every, catchup, overlap, limit, self.now)
+        self.model.set_schedule(self.now, model)
+
+    @rule(name=queue_names, schedule=schedule_names)
+    def unschedule(self, name: str, schedule: str) -> None:
+        removed = self.core.unschedule(self.now, name, schedule)
+        assert removed == self.model.unschedule(self.now, name, schedule)
+
+    @precondition(lambda self: self.model.schedules)
+    @rule(data=st.data(), step=small_steps)
+    def trigger(self, data: st.DataObject, step: float) -> None:
+        now = self._later(step)
+        self.model.tick(now)  # (the slots due by now fire first, in both)
+        key = data.draw(st.sampled_from(sorted(self.model.schedules)))
+        schedule = self.model.schedules[key]
+        offset = (now - schedule.created_at) / schedule.every
+        triggered_here = any(
+            m.headers.get("scheduled_for") == slot_text(now) and m.queue == key[0]
+            for m in self.model.messages.values()
+        )
+        if offset == int(offset) or triggered_here:
+            return  # on a slot, or twice at one time: one dedup key for two fires
+        assert self.core.trigger(now, *key) == self.model.trigger(now, *key)
+
     @rule(changes=st.sampled_from(LIMIT_CHANGES))
     def limit(self, changes: dict[str, Any]) -> None:
         self.model.configure(self.now, "a", changes)
@@ -930,6 +1125,12 @@ class CoreMachine(RuleBasedStateMachine):
             assert outcome(lambda: self.core.status(now, gone))[0] == "NotFound"
 
         assert self.core.next_deadline() == self.model.next_deadline()
+        listed = [
+            tuple(s[field] for field in SCHEDULE_FIELDS) for s in self.core.list_schedules(now)
+        ]
+        assert listed == [
+            self.model.schedules[key].listed() for key in sorted(self.model.schedules)
+        ]
 
     @invariant()
     def heap_counts_are_exact(self) -> None:

@@ -258,6 +258,18 @@ def test_stats_show_tokens_in_flight_throttled_time_and_parked_reserves() -> Non
     assert core.stats(START + 12, "q")["limits"]["throttled_seconds"] == 10.0
 
 
+def test_throttled_time_counts_while_any_waiter_stays_parked() -> None:
+    core = limited_core(rate_limit={"rate": 1, "per": 1, "burst": 1})
+    put(core, START, 10)
+    core.reserve(START, ["q"], 1)  # the only token
+    core.reserve(START, ["q"], 1, wait=60.0, waiter_key="w0")
+    core.reserve(START, ["q"], 1, wait=60.0, waiter_key="w1")
+    core.tick(START + 1)  # w0 served, w1 still held back
+    assert core.stats(START + 1.5, "q")["limits"]["throttled_seconds"] == 1.5
+    core.tick(START + 2)  # w1 served: nobody is held back any more
+    assert core.stats(START + 5, "q")["limits"]["throttled_seconds"] == 2.0
+
+
 # --------------------------------------------------------------- settings
 
 
