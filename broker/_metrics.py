@@ -261,6 +261,70 @@ def connection_families(server: BrokerServer) -> Iterator[Metric]:
     )
 
 
+def limit_families(core: Core, now: float) -> Iterator[Metric]:
+    """Series of the queues that have a rate limit or a concurrency cap (only those)."""
+    labels = ["queue"]
+    tokens = GaugeMetricFamily(
+        "sluice_queue_rate_limit_tokens", "Tokens available in the queue's bucket", labels=labels
+    )
+    in_flight = GaugeMetricFamily(
+        "sluice_queue_in_flight", "Reserved messages of a limited queue", labels=labels
+    )
+    cap = GaugeMetricFamily("sluice_queue_max_in_flight", "The queue's cap", labels=labels)
+    throttled = CounterMetricFamily(
+        "sluice_queue_throttled_seconds",
+        "Time ready messages were held back from consumers by a limit",
+        labels=labels,
+    )
+    parked = CounterMetricFamily(
+        "sluice_queue_reserves_parked_by_limit",
+        "Long-poll reserves that had to wait because of a limit",
+        labels=labels,
+    )
+    for name in sorted(core.queues):
+        queue = core.queues[name]
+        if queue.limits is None:
+            continue
+        stats = queue.limits.stats(now, queue.counts[State.RESERVED])
+        if stats["tokens"] is not None:
+            tokens.add_metric([name], stats["tokens"])
+        if stats["max_in_flight"] is not None:
+            cap.add_metric([name], stats["max_in_flight"])
+        in_flight.add_metric([name], stats["in_flight"])
+        throttled.add_metric([name], stats["throttled_seconds"])
+        parked.add_metric([name], stats["parked_by_limit"])
+    yield from (tokens, in_flight, cap, throttled, parked)
+
+
+_SCHEDULE_COUNTS: Final = {
+    "runs": ("sluice_schedule_fires", "Slots a schedule fired"),
+    "triggered": ("sluice_schedule_triggers", "Fires asked for by trigger"),
+    "missed": ("sluice_schedule_missed_slots", "Slots due while the broker was down or late"),
+    "skipped": ("sluice_schedule_skipped_slots", "Slots not fired (catch-up or overlap)"),
+}
+
+
+def schedule_families(core: Core) -> Iterator[Metric]:
+    labels = ["queue", "schedule"]
+    families = {
+        key: CounterMetricFamily(name, text, labels=labels)
+        for key, (name, text) in _SCHEDULE_COUNTS.items()
+    }
+    upcoming = GaugeMetricFamily(
+        "sluice_schedule_next_fire_timestamp_seconds",
+        "When the schedule fires next (absent once it is finished)",
+        labels=labels,
+    )
+    for key in sorted(core.schedules):
+        schedule = core.schedules[key]
+        for field, family in families.items():
+            family.add_metric(list(key), getattr(schedule, field))
+        if schedule.next_at is not None:
+            upcoming.add_metric(list(key), schedule.next_at)
+    yield from families.values()
+    yield upcoming
+
+
 def store_families(store: Store, metrics: ServerMetrics) -> Iterator[Metric]:
     yield CounterMetricFamily("sluice_commits", "Group commits written", metrics.commits)
     yield CounterMetricFamily(
@@ -316,6 +380,8 @@ class BrokerCollector:
         for name in sorted(core.queues):
             queues.add(core, core.queues[name], now)
         yield from queues.families()
+        yield from limit_families(core, now)
+        yield from schedule_families(core)
         yield from request_families(server.metrics)
         yield from connection_families(server)
         if store is not None:

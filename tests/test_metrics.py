@@ -273,6 +273,33 @@ def check_commits(samples: Samples) -> None:
     assert value(samples, "sluice_recovered_messages") == 0
 
 
+def test_limit_and_schedule_series_agree_with_the_broker(
+    metered: tuple[BrokerProcess, str],
+) -> None:
+    broker, base = metered
+    queue = "metrics.limited"
+    with broker.client() as client:
+        client.put_many(queue, [b"x"] * 5)
+        client.configure(queue, rate_limit={"rate": 1, "per": 60, "burst": 2}, max_in_flight=4)
+        held = client.reserve(queue, max_messages=5)
+        client.schedule(queue, "hourly", b"tick", every=3600)
+        client.trigger(queue, "hourly")
+        limits = client.stats(queue)["limits"]
+        [schedule] = client.schedules(queue)
+        samples = scrape(base)
+    assert len(held) == 2 and limits["tokens"] == 0
+    assert value(samples, "sluice_queue_rate_limit_tokens", queue=queue) == 0
+    assert value(samples, "sluice_queue_in_flight", queue=queue) == 2
+    assert value(samples, "sluice_queue_max_in_flight", queue=queue) == 4
+    assert value(samples, "sluice_queue_throttled_seconds_total", queue=queue) >= 0
+    labels = {"queue": queue, "schedule": "hourly"}
+    assert value(samples, "sluice_schedule_triggers_total", **labels) == 1
+    assert value(samples, "sluice_schedule_fires_total", **labels) == 0
+    upcoming = value(samples, "sluice_schedule_next_fire_timestamp_seconds", **labels)
+    assert upcoming == schedule["next_at"]
+    assert ("sluice_queue_rate_limit_tokens", frozenset({("queue", IDLE)})) not in samples
+
+
 # ------------------------------------------------------------- the HTTP endpoint
 
 
