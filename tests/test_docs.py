@@ -16,8 +16,14 @@ from tests.conftest import BrokerProcess
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def readme_python_blocks() -> list[str]:
+def readme_python_blocks(section: str | None = None) -> list[str]:
+    """The README's ```python blocks, in order; with ``section``, only those under the
+    ``## section`` heading (up to the next ``## ``)."""
     text = (ROOT / "README.md").read_text()
+    if section is not None:
+        start = text.index(f"\n## {section}\n")
+        end = text.find("\n## ", start + 1)
+        text = text[start : end if end != -1 else len(text)]
     return re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
 
 
@@ -32,11 +38,14 @@ def run_example(code: str, broker: BrokerProcess) -> str:
     return done.stdout
 
 
-def test_readme_has_both_examples() -> None:
+def test_readme_has_every_example() -> None:
     blocks = readme_python_blocks()
-    assert len(blocks) == 2
+    assert len(blocks) == 4  # each is run by a test below
     assert "from sluice import Client" in blocks[0]
     assert "from sluice import AsyncClient" in blocks[1]
+    assert readme_python_blocks("Use it") == blocks[:2]
+    assert readme_python_blocks("Recurring schedules") == [blocks[2]]
+    assert readme_python_blocks("Rate limits and concurrency caps") == [blocks[3]]
 
 
 def test_readme_sync_example_runs_as_written(broker: BrokerProcess) -> None:
@@ -59,6 +68,37 @@ def test_readme_async_example_runs_as_written(broker: BrokerProcess) -> None:
     with broker.client() as client:
         stats = client.stats("thumbnails")
     assert stats["totals"]["put"] == 2 and stats["totals"]["acked"] == 2
+
+
+def test_readme_schedules_example_runs_as_written(broker: BrokerProcess) -> None:
+    [code] = readme_python_blocks("Recurring schedules")
+    out = run_example(code, broker)
+    assert out.splitlines() == [
+        "next digest at 09:00 New York time",
+        "True digest",
+        "3 pings, one per slot",
+        "True",
+    ]
+    with broker.client() as client:
+        [ping] = client.schedules()  # the digest was removed
+        health = client.stats("health")["totals"]
+    assert (ping["name"], ping["runs"], ping["next_at"]) == ("ping", 3, None)
+    assert health["put"] == health["acked"] == 3
+
+
+def test_readme_rate_limit_example_runs_as_written(broker: BrokerProcess) -> None:
+    [code] = readme_python_blocks("Rate limits and concurrency caps")
+    first, timed = run_example(code, broker).splitlines()
+    assert first == "3 reserved, then 0"  # the cap, whatever the time
+    took = re.fullmatch(r"the other 17 took (\d+\.\d) s", timed)
+    assert took is not None, timed
+    # 7 tokens were left of the burst of 10; the other 10 come one every 0.2 s.
+    assert 1.8 <= float(took.group(1)) <= 5.0
+    with broker.client() as client:
+        stats = client.stats("webhooks")
+        settings = client.configure("webhooks")
+    assert stats["totals"]["delivered"] == stats["totals"]["acked"] == 20
+    assert settings["rate_limit"] is None and settings["max_in_flight"] is None
 
 
 def test_help_names_every_flag_and_its_environment_variable() -> None:
