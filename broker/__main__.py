@@ -83,6 +83,8 @@ async def serve(config: Config) -> None:
         on_dead=log_dead_letter,
     )
     store, recovered = open_store(config, core)
+    if store is not None:
+        core.admit_fire = store.admits  # a full store skips schedules' fires, as it refuses puts
     limits = ServerLimits(
         max_frame=config.max_frame,
         auth_token=config.auth_token,

@@ -18,7 +18,7 @@ from protocol import (
 from ._message import Headers, PutSpec
 from ._outcomes import NO_RESULT
 from ._schedules import FIELDS as SCHEDULE_FIELDS
-from ._schedules import ScheduleSpec, parse_spec
+from ._schedules import FIRE_HEADERS, ScheduleSpec, parse_spec
 from ._settings import MAX_DURATION, MIN_LEASE, integer_in_range, number_in_range
 
 MAX_BATCH: Final = 1000
@@ -177,6 +177,11 @@ class Args:
             raise BadRequest(f"{self.op}: body (bytes, msgpack bin) is required")
         if "headers" in fields:
             fields["headers"] = _headers(self.op, fields["headers"])
+            if fields["headers"] and len(fields["headers"]) > MAX_HEADERS - len(FIRE_HEADERS):
+                raise BadRequest(
+                    f"{self.op}: headers: at most {MAX_HEADERS - len(FIRE_HEADERS)} entries "
+                    f"(each fire adds {', '.join(FIRE_HEADERS)})"
+                )
         return parse_spec(fields, self.op)
 
     def put_specs(self, name: str = "messages") -> list[PutSpec]:

@@ -74,6 +74,7 @@ class Core:
         max_body_limit: int | None = None,
         track_changes: bool = False,
         on_dead: Callable[[Message, str], None] | None = None,
+        admit_fire: Callable[[PutSpec], bool] | None = None,
     ) -> None:
         """``random`` draws backoff jitter from [0, 1). ``max_delivery_bytes`` bounds the
         bodies handed out by one reserve (at least one message is always handed out).
@@ -81,9 +82,11 @@ class Core:
         with ``take_changes()``; without a store, leave it off. ``on_dead(message,
         reason)`` is called as each message is dead-lettered; it must not raise.
         ``max_body_limit``: configure refuses a larger ``max_body`` (None: the settings'
-        own limit only)."""
+        own limit only). ``admit_fire(spec)``: whether a schedule's fire may store its
+        message (False: the store is full; the slot is skipped); None admits all."""
         self.messages: dict[int, Message] = {}
         self.on_dead = on_dead
+        self.admit_fire = admit_fire
         self.max_delivery_bytes = max_delivery_bytes
         self.max_body_limit = max_body_limit  # the largest max_body configure may set
         self.queues: dict[str, Queue] = {}
@@ -980,33 +983,35 @@ class Core:
         schedule = self.schedules.get((queue_name, name))
         if schedule is None:
             raise NotFound(f"no schedule {shown(name)} on queue {shown(queue_name)}")
-        message_id = self._fire(schedule, now, now)
+        message_id = self._fire(schedule, fire_spec(schedule.spec, name, now), now)
         schedule.triggered += 1
         self._changed_schedule(schedule)
         return message_id
 
     def _come_due_schedule(self, schedule: Schedule, now: float) -> None:
-        """A schedule's next slot came due. One slot fires; if more than one came due by
-        ``now`` (the broker was down or stalled), its ``catchup`` chooses which fire:
-        ``latest`` the newest, ``skip`` none, ``all`` each (the newest MAX_CATCHUP)."""
+        """A schedule's next slot came due. Fired on time (within ``LATE``), it fires;
+        slots missed (more than one due by ``now``, or one due for longer: the broker was
+        down or stalled) are counted, and its ``catchup`` chooses which fire: ``latest``
+        the newest, ``skip`` none, ``all`` each (the newest MAX_CATCHUP)."""
         first = schedule.next_at
         assert first is not None
         count, recent = schedule.recurrence.missed(first, now)
         mode = schedule.spec.catchup
-        if count == 1:
+        if count == 1 and now - first <= LATE:
             chosen = recent
         else:
-            chosen = [] if mode == "skip" else recent[-1:] if mode == "latest" else recent
-        if count > 1 or now - first > LATE:
             schedule.missed += count
+            chosen = [] if mode == "skip" else recent[-1:] if mode == "latest" else recent
         fired = 0
         for slot in chosen:
             if schedule.finished():
                 break
-            if self._overlaps(schedule):
+            spec = fire_spec(schedule.spec, schedule.name, slot)
+            admitted = self.admit_fire is None or self.admit_fire(spec)
+            if self._overlaps(schedule) or not admitted:
                 schedule.skipped += 1
             else:
-                self._fire(schedule, slot, now)
+                self._fire(schedule, spec, now)
                 schedule.runs += 1
             fired += 1
         schedule.skipped += count - fired
@@ -1022,11 +1027,11 @@ class Core:
         message = self.messages.get(schedule.last_message_id)
         return message is not None and message.state is not State.DEAD
 
-    def _fire(self, schedule: Schedule, slot: float, now: float) -> int:
-        """Put the schedule's message for ``slot`` (its dedup key makes a slot put at most
-        one message); returns its id."""
+    def _fire(self, schedule: Schedule, spec: PutSpec, now: float) -> int:
+        """Put the schedule's message for a slot (``spec``, whose dedup key makes a slot
+        put at most one message); returns its id."""
         queue = self._queue(schedule.queue)
-        message_id, _ = self._put_one(queue, fire_spec(schedule.spec, schedule.name, slot), now)
+        message_id, _ = self._put_one(queue, spec, now)
         schedule.last_message_id = message_id
         self._serve_waiters(queue, now)
         return message_id

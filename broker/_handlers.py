@@ -18,6 +18,7 @@ from ._core import Core
 from ._lifecycle import State
 from ._message import Message, PutSpec
 from ._schedules import FIELDS as SCHEDULE_FIELDS
+from ._schedules import fire_spec
 from ._settings import MIN_LEASE
 
 PEEKABLE: Final = (State.READY, State.DELAYED, State.RESERVED, State.DEAD)
@@ -249,6 +250,8 @@ def _purge_dead(call: Call, args: Args) -> Any:
 def _schedule(call: Call, args: Args) -> Any:
     name = args.schedule_name()
     spec = args.schedule_spec()
+    if call.space is not None:  # its record holds the body
+        call.space.admit_put([PutSpec(body=spec.body, headers=spec.headers)])
     return {"schedule": call.core.set_schedule(call.now, args.queue(), name, spec)}
 
 
@@ -262,7 +265,11 @@ def _schedules(call: Call, args: Args) -> Any:
 
 
 def _trigger(call: Call, args: Args) -> Any:
-    return {"id": call.core.trigger(call.now, args.queue(), args.schedule_name())}
+    queue, name = args.queue(), args.schedule_name()
+    schedule = call.core.schedules.get((queue, name))
+    if schedule is not None and call.space is not None:  # a put like any other
+        call.space.admit_put([fire_spec(schedule.spec, name, call.now)])
+    return {"id": call.core.trigger(call.now, queue, name)}
 
 
 def _table(

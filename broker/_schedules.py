@@ -27,6 +27,7 @@ from protocol import PRIORITY_RANGE, BadRequest, shown
 
 from ._message import Headers, PutSpec
 
+FIRE_HEADERS: Final = ("schedule", "scheduled_for")  # the headers each fire adds
 MIN_EVERY: Final = 0.1  # seconds
 MAX_EVERY: Final = 366 * 24 * 3600.0
 MAX_CATCHUP: Final = 1000  # slots fired at most by catchup="all"
@@ -205,7 +206,7 @@ def slot_text(slot: float) -> str:
 def fire_spec(spec: ScheduleSpec, name: str, slot: float) -> PutSpec:
     """The message a fire for ``slot`` puts."""
     when = slot_text(slot)
-    headers = {**(spec.headers or {}), "schedule": name, "scheduled_for": when}
+    headers = {**(spec.headers or {}), FIRE_HEADERS[0]: name, FIRE_HEADERS[1]: when}
     return PutSpec(
         body=spec.body,
         priority=spec.priority,

@@ -520,6 +520,14 @@ class Store:
         """Count the space ``specs`` will take, or raise ``StorageFull`` (nothing counted)."""
         self._admit(sum(estimate_size(spec.body, spec.headers) for spec in specs), "")
 
+    def admits(self, spec: PutSpec) -> bool:
+        """``admit_put`` for one message, as a yes or no (a schedule's fire asks)."""
+        try:
+            self.admit_put([spec])
+        except StorageFull:
+            return False
+        return True
+
     def admit_results(self, size: int, count: int) -> None:
         """The same for ``count`` ack results of ``size`` encoded bytes in all: results are
         new data, so they need room like puts (an ack without one never does)."""

@@ -442,10 +442,10 @@ DST, for --cron in a zone that changes its clocks: a fixed local time that does 
   expression whose minute or hour field starts with * (@hourly, */15 * * * *) follows the
   clock instead: it fires in each hour that happens, so not in the skipped hour and
   twice in the repeated one.
---catchup, when several slots came due while the broker was down: latest (the
-  default) fires once, for the newest of them; skip fires none and goes on from now; all
-  fires each of them, oldest first (at most the newest 1,000). They count as missed,
-  those not fired as skipped. A single slot that came due fires late, whatever --catchup.
+--catchup, for slots that came due while the broker was down (or stalled over 1 s):
+  latest (the default) fires once, for the newest of them; skip fires none and goes on
+  from now; all fires each of them, oldest first (at most the newest 1,000). They count
+  as missed, those not fired as skipped.
 --overlap: allow (the default) fires on every slot; skip fires nothing while the
   message of the last fire is still ready, delayed or reserved (counted as skipped).
 --start-at, --end-at: epoch seconds or ISO 8601 (2030-01-15, 2030-01-15T09:00,

@@ -219,6 +219,15 @@ def test_catchup_counts_a_dense_cron_down_for_months_without_stalling() -> None:
     assert core.list_schedules(now)[0]["missed"] == 100_000  # counted up to the bound
 
 
+@pytest.mark.parametrize(("catchup", "fires"), [("skip", []), ("latest", [10]), ("all", [10])])
+def test_one_slot_missed_while_down_is_caught_up_as_configured(
+    catchup: str, fires: list[int]
+) -> None:
+    core, listed = down_for(catchup, 15)  # the slot at 10 s came due while down
+    assert fired(core) == [START + k for k in fires]
+    assert (listed["missed"], listed["skipped"]) == (1, 1 - len(fires))
+
+
 def test_catchup_respects_the_limit() -> None:
     core, listed = down_for("all", 55, limit=2)
     assert len(fired(core)) == 2 and listed["next_at"] is None

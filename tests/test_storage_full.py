@@ -170,3 +170,29 @@ def test_ack_results_cannot_fill_the_store_but_plain_acks_always_work(
         assert client.ack(message) == 1
         assert counts(client) == (len(stored) - 1, 0, 0, 0)
     stop_broker(brokers[-1])
+
+
+def test_a_full_store_refuses_triggers_and_skips_schedule_fires(
+    tmp_path: Path, brokers: list[BrokerProcess]
+) -> None:
+    args = ("--data-dir", str(tmp_path / "data"), "--max-storage", "4M")
+    brokers.append(start_broker(tmp_path / "broker.log", *args))
+    with brokers[-1].client() as client:
+        client.schedule(QUEUE, "big", body(0), every=0.2)
+        fill(client, 1)
+        with pytest.raises(StorageFull):
+            client.trigger(QUEUE, "big")
+        with pytest.raises(StorageFull):
+            client.schedule(QUEUE, "another", body(1), every=60)
+        ready = counts(client)[0]
+        [before] = client.schedules(QUEUE)
+        wait_for_state(
+            lambda: client.schedules(QUEUE)[0]["skipped"] >= before["skipped"] + 3,
+            "a full store did not skip the schedule's fires",
+        )
+        [after] = client.schedules(QUEUE)
+        assert counts(client)[0] == ready  # nothing stored by the fires
+        assert after["runs"] == before["runs"] and [s["name"] for s in client.schedules()] == [
+            "big"
+        ]
+    stop_broker(brokers[-1])

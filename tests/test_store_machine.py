@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import rule
 
 from broker import Core
-from broker._store import Store
+from broker._store import COUNTER_BLOCK, Store
 from tests.test_core_machine import QUEUES, START, CoreMachine
 
 
@@ -99,8 +99,14 @@ class StoreMachine(CoreMachine):
         self.model = copy.deepcopy(self.committed["model"])
         self.model.waiters = []
         self.model.completions = []
+        for queue in self.model.queues.values():  # buckets are not stored: full again
+            if queue.rate_limit is not None:
+                queue.bucket = queue.full_bucket(queue.rate_limit, self.now)
+        for key in sorted(self.model.schedules):  # recovered in key order
+            self.model.schedules[key].order = self.model._next_order()
+        # Ids jump to the recovered ceiling, before anything recovery fires takes one.
+        self.model.next_id = self.store._id_ceiling - COUNTER_BLOCK
         self.model.tick(self.now)
-        self.model.next_id = self.core._next_id  # ids jump to the recovered ceiling
         self.tokens = dict(self.committed["tokens"])
         self.handed_out = list(self.committed["handed_out"])
         for name, expected in self.committed["settings"].items():
