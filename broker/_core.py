@@ -495,20 +495,33 @@ class Core:
             page.append(queue.dead[message_id])
         return page
 
-    def peek(self, now: float, queue_name: str, state: State, limit: int) -> list[Message]:
+    def peek(
+        self, now: float, queue_name: str, state: State, limit: int, after: int | None = None
+    ) -> list[Message]:
         """Up to ``limit`` messages of the queue in ``state``, without changing anything:
         ready in delivery order, delayed by due time, reserved by lease deadline, dead by
-        id. O(n log limit) over the queue's ready messages or the broker's delayed or
-        reserved ones: an admin look, not a hot path."""
+        id; with ``after``, those that come after that message (which must still be in
+        ``state`` in this queue). O(n log limit) over the queue's ready messages or the
+        broker's delayed or reserved ones: an admin look, not a hot path."""
         self.tick(now)
         queue = self._existing(queue_name)
         if state is State.DEAD:
-            return list(itertools.islice(queue.dead.values(), limit))
+            ids = queue.dead.irange(minimum=after, inclusive=(False, True))
+            return [queue.dead[message_id] for message_id in itertools.islice(ids, limit)]
         if state is State.READY:
             entries = queue.ready.live_entries()
         else:
             heap = self._delayed if state is State.DELAYED else self._leases
             entries = [e for e in heap.live_entries() if self.messages[e[-1]].queue is queue]
+        if after is not None:
+            cursor = self.messages.get(after)
+            if cursor is None or cursor.queue is not queue or cursor.state is not state:
+                raise BadRequest(
+                    f"peek: message {after} is no longer {state.value} in {queue_name}; "
+                    "start again from the first page"
+                )
+            start = self._index_of(cursor)[1]
+            entries = [entry for entry in entries if entry > start]
         return [self.messages[entry[-1]] for entry in heapq.nsmallest(limit, entries)]
 
     # -------------------------------------------------------------- admin
