@@ -379,6 +379,7 @@ class BrokerServer:
         self.metrics = ServerMetrics()
         # Answers of views without a connection waiting for a batch: (need, seq, future).
         self._durable_waits: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._local_ids = itertools.count(1)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -447,11 +448,11 @@ class BrokerServer:
         """Run an op for a view without a connection (the HTTP API) and return its result
         once the batch it needs is durable: an answer promises what a wire reply to the
         same request would. Never long-polls (no waits are allowed)."""
-        result, need, _ = self.run(op, args, ("local", next(self._ids)), 0)
+        result, need, _ = self.run(op, args, ("local", next(self._local_ids)), 0)
         self.turn_ends_soon()  # commit, serve waiters and re-arm the timer as a turn does
         if need > self.durable:
             done = self.loop.create_future()
-            heapq.heappush(self._durable_waits, (need, next(self._ids), done))
+            heapq.heappush(self._durable_waits, (need, next(self._local_ids), done))
             await done
         return result
 
