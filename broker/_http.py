@@ -1,8 +1,8 @@
 """The broker's HTTP server (aiohttp), on the broker's own event loop.
 
-It serves ``/metrics`` (Prometheus) and ``/healthz`` as they always were.
-Every handler runs on the loop thread, so it reads the core without locks; a scrape or a
-page that walks many queues yields to the loop as it goes.
+It serves ``/metrics`` (Prometheus) and ``/healthz`` as they always were, and the JSON
+admin API under ``/api/v1`` (``_api``). Every handler runs on the loop thread, so it reads
+the core without locks; a scrape that walks many queues yields to the loop as it goes.
 
 ``/metrics`` and ``/healthz`` answer ``GET`` and ``HEAD`` (405 otherwise) and close the
 connection after each answer, as the hand-written endpoint before this one did.
@@ -17,8 +17,10 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from ._api import MAX_BODY, add_api_routes
 from ._logging import event
 from ._metrics import exposition, health
+from ._rates import RateSampler
 
 if TYPE_CHECKING:
     from ._server import BrokerServer
@@ -50,14 +52,17 @@ class HttpUnavailable(Exception):
 
 
 class HttpServer:
-    """The app and its listener. ``top_queues`` bounds the per-queue series of a scrape."""
+    """The app and its listener. ``top_queues`` bounds the per-queue series of a scrape;
+    ``auth_token`` (None: none) guards the API's mutating routes."""
 
     def __init__(self, server: BrokerServer, *, top_queues: int, auth_token: str | None) -> None:
         self.server = server
         self.top_queues = top_queues
-        self.app = web.Application()
+        self.rates = RateSampler(server)
+        self.app = web.Application(client_max_size=MAX_BODY)
         self.app.router.add_route("*", "/metrics", self._metrics)
         self.app.router.add_route("*", "/healthz", self._healthz)
+        add_api_routes(self.app, server, self.rates, auth_token)
         self._runner: web.AppRunner | None = None
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
@@ -87,6 +92,7 @@ class HttpServer:
         return bound[0], bound[1]
 
     async def close(self) -> None:
+        self.rates.stop()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

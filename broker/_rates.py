@@ -1,0 +1,85 @@
+"""Broker-wide rates (put/s, delivered/s, acked/s) for the overview, sampled only while
+someone looks.
+
+The core keeps per-queue totals and nothing broker-wide, so a sample sums them over every
+queue: O(queues) once a second. Nobody pays for that until an overview is asked for; the
+sampler then runs once a second and stops by itself ``IDLE_AFTER`` seconds after the last
+look. So the history is of the last ``HISTORY`` seconds someone was looking.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    from ._server import BrokerServer
+
+RATED: Final = ("put", "delivered", "acked")
+INTERVAL: Final = 1.0  # seconds between samples
+HISTORY: Final = 300  # samples kept: five minutes
+IDLE_AFTER: Final = 60.0  # seconds without a look before sampling stops
+RATE_WINDOW: Final = 5  # samples the current rate is averaged over
+
+
+class RateSampler:
+    def __init__(self, server: BrokerServer) -> None:
+        self.server = server
+        self.samples: collections.deque[tuple[float, dict[str, int]]] = collections.deque(
+            maxlen=HISTORY
+        )
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_look = 0.0
+
+    def totals(self) -> dict[str, int]:
+        """Each rated total summed over every queue, as of now."""
+        sums = dict.fromkeys(RATED, 0)
+        for queue in self.server.core.queues.values():
+            totals = queue.totals
+            for key in RATED:
+                sums[key] += totals[key]
+        return sums
+
+    def look(self) -> None:
+        """Someone looks: sample now if not sampling yet, and keep sampling."""
+        self._last_look = self.server.loop.time()
+        if self._timer is None:
+            self.samples.clear()  # a gap would read as one long, slow second
+            self._sample()
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _sample(self) -> None:
+        loop = self.server.loop
+        self.samples.append((self.server.clock(), self.totals()))
+        if loop.time() - self._last_look > IDLE_AFTER:
+            self._timer = None
+        else:
+            self._timer = loop.call_later(INTERVAL, self._sample)
+
+    def rates(self) -> dict[str, float | None]:
+        """``<total>_per_s`` over the last ``RATE_WINDOW`` samples (None: too few yet)."""
+        samples = list(self.samples)[-RATE_WINDOW - 1 :]
+        if len(samples) < 2:
+            return {f"{key}_per_s": None for key in RATED}
+        (t0, first), (t1, last) = samples[0], samples[-1]
+        span = max(t1 - t0, 1e-9)
+        return {f"{key}_per_s": round((last[key] - first[key]) / span, 3) for key in RATED}
+
+    def history(self) -> list[dict[str, Any]]:
+        """One point per sample after the first: its time and each rate since the one
+        before."""
+        points = []
+        samples = list(self.samples)
+        for (t0, before), (t1, after) in itertools.pairwise(samples):
+            span = max(t1 - t0, 1e-9)
+            point: dict[str, Any] = {"time": t1}
+            for key in RATED:
+                point[f"{key}_per_s"] = round((after[key] - before[key]) / span, 3)
+            points.append(point)
+        return points
