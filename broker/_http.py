@@ -1,8 +1,10 @@
 """The broker's HTTP server (aiohttp), on the broker's own event loop.
 
-It serves ``/metrics`` (Prometheus) and ``/healthz`` as they always were, and the JSON
-admin API under ``/api/v1`` (``_api``). Every handler runs on the loop thread, so it reads
-the core without locks; a scrape that walks many queues yields to the loop as it goes.
+It serves ``/metrics`` (Prometheus) and ``/healthz`` as they always were, the JSON admin
+API under ``/api/v1`` (``_api``), and the dashboard at ``/``: three files of the package
+(``broker/dashboard``), read once at start, that only talk to the API. Every handler runs
+on the loop thread, so it reads the core without locks; a scrape that walks many queues
+yields to the loop as it goes.
 
 ``/metrics`` and ``/healthz`` answer ``GET`` and ``HEAD`` (405 otherwise) and close the
 connection after each answer, as the hand-written endpoint before this one did.
@@ -11,6 +13,7 @@ connection after each answer, as the hand-written endpoint before this one did.
 from __future__ import annotations
 
 import logging
+from importlib import resources
 from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
@@ -29,6 +32,16 @@ log = logging.getLogger("sluice.http")
 
 MAX_HEAD_LINE: Final = 8190  # bytes of a request line or of one header (else 400)
 _TEXT: Final = "text/plain; charset=utf-8"
+DASHBOARD_FILES: Final = {  # the only files served from the package, by name
+    "index.html": "text/html",
+    "app.js": "application/javascript",
+    "style.css": "text/css",
+}
+# The dashboard loads only its own files and talks only to this server.
+_CSP: Final = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
 
 
 class _ClientErrors(logging.Filter):
@@ -51,6 +64,10 @@ class HttpUnavailable(Exception):
     """The HTTP port cannot be bound; the message says what to do."""
 
 
+def dashboard_file(name: str) -> bytes:
+    return resources.files("broker").joinpath("dashboard", name).read_bytes()
+
+
 class HttpServer:
     """The app and its listener. ``top_queues`` bounds the per-queue series of a scrape;
     ``auth_token`` (None: none) guards the API's mutating routes."""
@@ -63,6 +80,9 @@ class HttpServer:
         self.app.router.add_route("*", "/metrics", self._metrics)
         self.app.router.add_route("*", "/healthz", self._healthz)
         add_api_routes(self.app, server, self.rates, auth_token)
+        self._files = {name: dashboard_file(name) for name in DASHBOARD_FILES}
+        self.app.router.add_get("/", self._index)
+        self.app.router.add_get("/dashboard/{name}", self._asset)
         self._runner: web.AppRunner | None = None
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
@@ -116,6 +136,25 @@ class HttpServer:
         if reason is None:
             return _closing(200, _TEXT, b"ok\n")
         return _closing(503, _TEXT, f"{reason}\n".encode())
+
+    # the dashboard
+
+    async def _index(self, request: web.Request) -> web.StreamResponse:
+        return self._file("index.html")
+
+    async def _asset(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        if name not in DASHBOARD_FILES:
+            raise web.HTTPNotFound(text=f"no dashboard file {name!r}\n")
+        return self._file(name)
+
+    def _file(self, name: str) -> web.Response:
+        response = web.Response(body=self._files[name], content_type=DASHBOARD_FILES[name])
+        response.charset = "utf-8"
+        response.headers["Content-Security-Policy"] = _CSP
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Cache-Control"] = "no-cache"
+        return response
 
 
 def _closing(status: int, content_type: str, body: bytes) -> web.Response:
