@@ -26,6 +26,7 @@ from ._lazyheap import Entry, LazyHeap
 from ._lifecycle import Event, State, advance_state
 from ._message import Message, PutSpec
 from ._outcomes import NO_RESULT, DedupEntry, DedupKeys, Results, StoredResult
+from ._position import ReadyRanks, delivery_key
 from ._queue import Queue, Waiter
 from ._settings import QueueSettings
 
@@ -459,6 +460,8 @@ class Core:
         self.tick(now)
         message = self.messages.get(message_id)
         if message is not None:
+            if message.state is State.READY:
+                return message.status() | self._place(message, now)
             return message.status()
         result = self.results.get(message_id, now)
         if result is None:
@@ -472,6 +475,15 @@ class Core:
                 "queue's result_ttl), cancelled or purged"
             )
         return _done(message_id, result)
+
+    def _place(self, message: Message, now: float) -> dict[str, Any]:
+        """A ready message's ``position`` in its queue, and ``eta_s`` when known. The
+        first ask in a queue indexes its ready messages (see ``_position``)."""
+        queue = message.queue
+        if queue.ranks is None:
+            keys = (delivery_key(-entry[0], entry[1]) for entry in queue.ready.live_entries())
+            queue.ranks = ReadyRanks(keys)
+        return queue.ranks.place(message.priority, message.seq, now, queue.totals["delivered"])
 
     def stats(self, now: float, queue_name: str) -> dict[str, Any]:
         self.tick(now)
@@ -653,6 +665,9 @@ class Core:
         message.seq = self._next_seq()
         message.due_at = None
         message.queue.ready.push((-message.priority, message.seq, message.id))
+        ranks = message.queue.ranks
+        if ranks is not None:  # someone asked a position here: keep the index in step
+            ranks.add(message.priority, message.seq)
 
     def _make_delayed(self, message: Message, event: Event, due_at: float) -> None:
         self._move(message, event)
@@ -667,6 +682,9 @@ class Core:
         self._changed_message(message)
 
     def _lease(self, message: Message, now: float, visibility_timeout: float | None) -> None:
+        ranks = message.queue.ranks
+        if ranks is not None:  # (before the lease gives it a new seq)
+            ranks.remove(message.priority, message.seq)
         self._move(message, Event.RESERVE)
         message.reserved_at = now
         message.attempts += 1
@@ -816,7 +834,10 @@ class Core:
 
     def _discard_waiting(self, message: Message, event: Event, now: float) -> None:
         """Remove a ready or delayed message (cancel, purge)."""
-        heap = message.queue.ready if message.state is State.READY else self._delayed
+        ready = message.state is State.READY
+        heap = message.queue.ready if ready else self._delayed
+        if ready and message.queue.ranks is not None:
+            message.queue.ranks.remove(message.priority, message.seq)
         self._ended(message, now, lambda: {"id": message.id, "state": "gone"})
         self._forget(message, event)
         heap.discard()

@@ -12,6 +12,7 @@ from ._histogram import PROCESSING_SECONDS, Histogram
 from ._lazyheap import LazyHeap
 from ._lifecycle import State
 from ._message import Message
+from ._position import ReadyRanks
 from ._settings import QueueSettings
 
 TOTALS = ("put", "delivered", "acked", "nacked", "expired", "dead_lettered")
@@ -48,9 +49,20 @@ class Queue:
     the top is the highest priority that became ready first. Delayed and reserved messages
     live in the core's broker-wide deadline heaps; only their counts are kept here. Dead
     letters are kept by id (for paging) until replayed, purged or expired. ``processing``
-    is the reserve-to-ack time of each ack (in memory only, for metrics)."""
+    is the reserve-to-ack time of each ack (in memory only, for metrics). ``ranks`` orders
+    the ready messages for ``status``'s position, once someone has asked for one."""
 
-    __slots__ = ("counts", "dead", "name", "processing", "ready", "settings", "totals", "waiters")
+    __slots__ = (
+        "counts",
+        "dead",
+        "name",
+        "processing",
+        "ranks",
+        "ready",
+        "settings",
+        "totals",
+        "waiters",
+    )
 
     def __init__(self, name: str, is_ready_live: Any) -> None:
         self.name = name
@@ -61,6 +73,7 @@ class Queue:
         self.dead: SortedDict = SortedDict()  # message id -> Message
         self.waiters: OrderedDict[int, Waiter] = OrderedDict()  # waiter seq -> Waiter
         self.processing = Histogram(PROCESSING_SECONDS)
+        self.ranks: ReadyRanks | None = None  # built by the first position asked (_position)
 
     def can_deliver(self) -> bool:
         return self.counts[State.READY] > 0 and not self.settings.paused

@@ -129,11 +129,13 @@ def test_a_destructive_action_waits_for_confirmation(page: Page, client: Client)
 
 
 def test_find_a_job_by_id(page: Page, client: Client) -> None:
+    client.put_many("web.find", [b"ahead 1", b"ahead 2"])
     message_id = client.put("web.find", b"booking for seat 12A", headers={"user": "ada"})
     page.fill("#search-id", str(message_id))
     page.press("#search-id", "Enter")
     expect(page.locator('[data-testid="job-state"]')).to_have_text("ready")
     expect(page.locator('[data-testid="job-body"]')).to_have_text("booking for seat 12A")
+    expect(page.locator('[data-testid="job-position"]')).to_contain_text("2 ahead of it")
     page.fill("#search-id", "999999")
     page.press("#search-id", "Enter")
     expect(page.locator('[data-testid="job-error"]')).to_contain_text("NOT_FOUND")
