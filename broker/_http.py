@@ -32,6 +32,7 @@ log = logging.getLogger("sluice.http")
 
 MAX_HEAD_LINE: Final = 8190  # bytes of a request line or of one header (else 400)
 _TEXT: Final = "text/plain; charset=utf-8"
+SHUTDOWN_GRACE: Final = 5.0  # seconds a stopping broker waits for HTTP answers in flight
 DASHBOARD_FILES: Final = {  # the only files served from the package, by name
     "index.html": "text/html",
     "app.js": "application/javascript",
@@ -95,6 +96,7 @@ class HttpServer:
             max_line_size=MAX_HEAD_LINE,
             max_field_size=MAX_HEAD_LINE,
             logger=server_log,
+            shutdown_timeout=SHUTDOWN_GRACE,
         )
         await runner.setup()
         site = web.TCPSite(runner, host, port, reuse_address=True)
