@@ -30,7 +30,7 @@ from aiohttp import web
 from protocol import BadRequest, ErrorCode, Forbidden, SluiceError, TooLarge, Unauthorized
 
 from ._logging import event
-from ._metrics import DEPTH_STATES
+from ._metrics import QueueTotals, deepest_queues
 from ._rates import RateSampler
 
 if TYPE_CHECKING:
@@ -41,6 +41,7 @@ log = logging.getLogger("sluice.api")
 PREFIX: Final = "/api/v1"
 MAX_BODY: Final = 4 * 1024 * 1024  # bytes of a request body (a replay of 100,000 ids fits)
 PREVIEW_BYTES: Final = 1024  # of a message body shown by messages/{id}
+OVERVIEW_QUEUES: Final = 100  # the deepest queues the overview lists
 CSRF_HEADER: Final = "X-Sluice-Request"
 STATUS: Final = {
     ErrorCode.BAD_FRAME: 400,
@@ -181,19 +182,19 @@ class Api:
     # reads
 
     async def overview(self, request: web.Request) -> Any:
+        """Totals over every queue and the ``OVERVIEW_QUEUES`` deepest queues' summaries,
+        from one walk of the queues that yields to the loop as it goes."""
         query_args(request, ())
         self.rates.look()
-        core = self.server.core
-        depth = dict.fromkeys((state.value for state in DEPTH_STATES), 0)
-        for queue in core.queues.values():
-            for state in DEPTH_STATES:
-                depth[state.value] += queue.counts[state]
+        totals = QueueTotals()
+        deepest = await deepest_queues(self.server.core, OVERVIEW_QUEUES, totals)
         return {
-            "queues": len(core.queues),
-            "messages": depth,
-            "totals": self.rates.totals(),
+            "queues": totals.queues,
+            "messages": {state.value: count for state, count in totals.depth.items()},
+            "totals": totals.totals,
             "rates": self.rates.rates(),
             "history": self.rates.history(),
+            "deepest": [queue.summary() for queue in deepest],
             "connections": len(self.server.connections),
             "time": self.server.clock(),
         }

@@ -298,8 +298,9 @@ def queue_depth(queue: Queue) -> int:
     return sum(counts[state] for state in DEPTH_STATES)
 
 
-class _Totals:
-    """Sums over every queue, the series that stay when per-queue ones are cut."""
+class QueueTotals:
+    """Sums over every queue: the series that stay when per-queue ones are cut, and the
+    dashboard's overview."""
 
     def __init__(self) -> None:
         self.queues = 0
@@ -331,7 +332,7 @@ class _Totals:
             yield CounterMetricFamily(total, f"{text}, over all queues", self.totals[key])
 
 
-async def deepest_queues(core: Core, top: int, totals: _Totals) -> list[Queue]:
+async def deepest_queues(core: Core, top: int, totals: QueueTotals) -> list[Queue]:
     """The ``top`` deepest queues (ties by name), in name order, adding every queue to
     ``totals``. Yields to the loop every ``YIELD_EVERY`` queues. Queues made or dropped
     while it yields are seen or not; the sums are of the queues it saw."""
@@ -345,7 +346,7 @@ async def deepest_queues(core: Core, top: int, totals: _Totals) -> list[Queue]:
         item = (queue_depth(queue), _inverted(queue.name), queue)
         if len(chosen) < top:
             heapq.heappush(chosen, item)
-        elif item[:2] > chosen[0][:2]:
+        elif chosen and item[:2] > chosen[0][:2]:
             heapq.heapreplace(chosen, item)
     return sorted((entry[2] for entry in chosen), key=lambda queue: queue.name)
 
@@ -376,7 +377,7 @@ async def collect_families(server: BrokerServer, top: int) -> list[Metric]:
         labels=["version", "fsync"],
     )
     info.add_metric([__version__, "in-memory" if store is None else store.fsync], 1)
-    totals = _Totals()
+    totals = QueueTotals()
     queues = _QueueFamilies()
     shown = await deepest_queues(server.core, top, totals)
     for index, queue in enumerate(shown):

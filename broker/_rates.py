@@ -2,9 +2,10 @@
 someone looks.
 
 The core keeps per-queue totals and nothing broker-wide, so a sample sums them over every
-queue: O(queues) once a second. Nobody pays for that until an overview is asked for; the
-sampler then runs once a second and stops by itself ``IDLE_AFTER`` seconds after the last
-look. So the history is of the last ``HISTORY`` seconds someone was looking.
+queue: O(queues) once a second, yielding to the loop as it walks. Nobody pays for that
+until an overview is asked for; the sampler then runs once a second and stops by itself
+``IDLE_AFTER`` seconds after the last look. So the history is of the last ``HISTORY``
+seconds someone was looking.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import asyncio
 import collections
 import itertools
 from typing import TYPE_CHECKING, Any, Final
+
+from ._metrics import QueueTotals, deepest_queues
 
 if TYPE_CHECKING:
     from ._server import BrokerServer
@@ -25,42 +28,38 @@ RATE_WINDOW: Final = 5  # samples the current rate is averaged over
 
 
 class RateSampler:
+    """Samples the rated totals once a second while someone looks. Each sample walks the
+    queues yielding to the loop (``deepest_queues``), so a broker of many queues is not
+    held up by it."""
+
     def __init__(self, server: BrokerServer) -> None:
         self.server = server
         self.samples: collections.deque[tuple[float, dict[str, int]]] = collections.deque(
             maxlen=HISTORY
         )
-        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None
         self._last_look = 0.0
 
-    def totals(self) -> dict[str, int]:
-        """Each rated total summed over every queue, as of now."""
-        sums = dict.fromkeys(RATED, 0)
-        for queue in self.server.core.queues.values():
-            totals = queue.totals
-            for key in RATED:
-                sums[key] += totals[key]
-        return sums
-
     def look(self) -> None:
-        """Someone looks: sample now if not sampling yet, and keep sampling."""
-        self._last_look = self.server.loop.time()
-        if self._timer is None:
+        """Someone looks: start sampling if not sampling yet, and keep sampling."""
+        loop = self.server.loop
+        self._last_look = loop.time()
+        if self._task is None or self._task.done():
             self.samples.clear()  # a gap would read as one long, slow second
-            self._sample()
+            self._task = loop.create_task(self._run())
 
     def stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
 
-    def _sample(self) -> None:
+    async def _run(self) -> None:
         loop = self.server.loop
-        self.samples.append((self.server.clock(), self.totals()))
-        if loop.time() - self._last_look > IDLE_AFTER:
-            self._timer = None
-        else:
-            self._timer = loop.call_later(INTERVAL, self._sample)
+        while loop.time() - self._last_look <= IDLE_AFTER:
+            totals = QueueTotals()
+            await deepest_queues(self.server.core, 0, totals)
+            self.samples.append((self.server.clock(), {key: totals.totals[key] for key in RATED}))
+            await asyncio.sleep(INTERVAL)
 
     def rates(self) -> dict[str, float | None]:
         """``<total>_per_s`` over the last ``RATE_WINDOW`` samples (None: too few yet)."""
@@ -75,8 +74,7 @@ class RateSampler:
         """One point per sample after the first: its time and each rate since the one
         before."""
         points = []
-        samples = list(self.samples)
-        for (t0, before), (t1, after) in itertools.pairwise(samples):
+        for (t0, before), (t1, after) in itertools.pairwise(self.samples):
             span = max(t1 - t0, 1e-9)
             point: dict[str, Any] = {"time": t1}
             for key in RATED:

@@ -198,6 +198,8 @@ def test_overview_counts_every_queue_and_rates_come_by_themselves(api: Api, clie
     assert after["messages"]["ready"] == before["messages"]["ready"] + 7
     assert after["totals"]["put"] == before["totals"]["put"] + 7
     assert after["queues"] >= 1 and after["connections"] >= 1
+    (mine,) = [queue for queue in after["deepest"] if queue["name"] == "api.overview"]
+    assert mine["ready"] == 7 and mine["paused"] is False
     wait_for_state(
         lambda: api.get("/overview")["rates"]["put_per_s"] is not None,
         "the sampler never gave a rate",

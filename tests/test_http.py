@@ -3,6 +3,7 @@ stall the wire protocol, against real broker processes."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import urllib.request
@@ -112,9 +113,15 @@ def test_pings_stay_fast_while_a_scrape_of_many_queues_runs(tmp_path: Path) -> N
         scrape_seconds = time.perf_counter() - started
         done.set()
         pinger.join(10)
+        status, overview_body = get(f"{running.http}/api/v1/overview")
+        overview = json.loads(overview_body)
     finally:
         stop_broker(running)
     assert status == 200 and body.count(b'sluice_queue_paused{queue="many.') == queues
     # A loop held for the whole scrape would answer one ping at its end, as slow as it.
     assert len(latencies) >= 20, (len(latencies), scrape_seconds)
     assert max(latencies) < scrape_seconds / 3, (max(latencies), scrape_seconds)
+    # The dashboard's overview is bounded the same way: totals of all, the deepest listed.
+    assert overview["queues"] == queues and len(overview["deepest"]) == 100
+    assert overview["messages"]["ready"] == sum(1 + index % 3 for index in range(queues))
+    assert {queue["ready"] for queue in overview["deepest"]} == {3}

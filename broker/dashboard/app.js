@@ -200,7 +200,8 @@ function queueTable(queues) {
 
 const pages = {
   async overview() {
-    const [overview, { queues }] = await Promise.all([getJson("/overview"), getJson("/queues")]);
+    const overview = await getJson("/overview");
+    const queues = overview.deepest.slice().sort((a, b) => (a.name < b.name ? -1 : 1));
     return () => [
       h("h1", {}, "Overview"),
       h("div", { class: "cards" },
@@ -212,6 +213,9 @@ const pages = {
       h("h2", {}, "Throughput"),
       chart(overview.history),
       h("h2", {}, "Queues"),
+      overview.queues > queues.length
+        ? h("p", { class: "muted" }, `The ${queues.length} deepest of ${overview.queues} queues.`)
+        : "",
       queueTable(queues),
     ];
   },
