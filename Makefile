@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint typecheck pytest slow clean
+.PHONY: install run test lint typecheck pytest slow clean chromium
 
 install: $(STAMP)
 
@@ -24,8 +24,19 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP)
+pytest: $(STAMP) chromium
 	$(BIN)/pytest -q
+
+# The dashboard's browser tests need Chromium: Debian's package, installed when missing
+# and this runs as root (as CI does). Playwright drives it; it downloads no browser.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  else \
+	    echo "chromium is missing: install Debian's chromium package (apt-get install chromium)" \
+	      "to run the browser tests" >&2; exit 1; \
+	  fi; }
 
 # The README's test command: lint, types, then the whole suite (slow soaks included).
 test: lint typecheck pytest

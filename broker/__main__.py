@@ -17,8 +17,8 @@ import uvloop
 from . import __version__
 from ._config import Config, parse_config
 from ._core import Core
+from ._http import HttpServer, HttpUnavailable
 from ._logging import configure_logging, event, log_dead_letter
-from ._metrics import MetricsEndpoint, MetricsUnavailable
 from ._server import BrokerServer, ServerLimits
 from ._store import Recovered, Store, StoreError
 
@@ -118,36 +118,44 @@ def log_start(config: Config) -> None:
     )
 
 
-async def start_metrics(server: BrokerServer, config: Config) -> tuple[MetricsEndpoint | None, str]:
-    """Serve /metrics and /healthz unless --metrics-port is 0; returns the endpoint and
-    its address for the log ("off" if none)."""
-    if config.metrics_port == 0:
+async def start_http(server: BrokerServer, config: Config) -> tuple[HttpServer | None, str]:
+    """Serve metrics, health, the API and the dashboard unless HTTP is off; returns the
+    server and its address for the log ("off" if none)."""
+    if config.http_port is None:
         return None, "off"
-    endpoint = MetricsEndpoint(server)
-    host, port = await endpoint.start(config.host, config.metrics_port)
-    return endpoint, f"http://{host}:{port}/metrics"
+    http = HttpServer(server, top_queues=config.metrics_top_queues, auth_token=config.auth_token)
+    host, port = await http.start(config.host, config.http_port)
+    shown = f"[{host}]" if ":" in host else host
+    return http, f"http://{shown}:{port}/"
 
 
 async def run_until_signal(server: BrokerServer, config: Config) -> None:
     host, port = await server.start(config.host, config.port)
-    metrics, metrics_address = await start_metrics(server, config)
+    http, http_address = await start_http(server, config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    print(f"sluice listening on {host}:{port}", flush=True)
+    # The log line first: whoever reads the stdout line can then find the HTTP port.
     log.info(
-        "listening on %s:%d, metrics %s",
+        "listening on %s:%d, http %s",
         host,
         port,
-        metrics_address,
-        extra=event("listening", host=host, port=port, metrics=metrics_address),
+        http_address,
+        extra=event(
+            "listening",
+            host=host,
+            port=port,
+            http=http_address,
+            metrics="off" if http is None else f"{http_address}metrics",  # its older name
+        ),
     )
+    print(f"sluice listening on {host}:{port}", flush=True)
     await stop.wait()
     log.info("shutting down: answering in-flight requests", extra=event("shutdown"))
     await server.shutdown()
-    if metrics is not None:
-        metrics.close()
+    if http is not None:
+        await http.close()
     log.info("stopped", extra=event("stopped"))
 
 
@@ -156,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(config.log_level, config.log_format)
     try:
         uvloop.run(serve(config))
-    except (StoreError, MetricsUnavailable) as error:
+    except (StoreError, HttpUnavailable) as error:
         print(f"sluice-broker: {error}", file=sys.stderr)
         return 1
     except OSError as error:

@@ -31,8 +31,13 @@ examples:
   python -m broker --port 0                 # any free port; read it from the first line
   python -m broker --data-dir /var/lib/sluice --fsync interval
   python -m broker --in-memory              # nothing on disk: for tests and benchmarks
-  python -m broker --metrics-port 0 --log-format json   # no metrics, JSON log lines
+  python -m broker --http-port 0 --log-format json   # no HTTP server, JSON log lines
   SLUICE_HOST=0.0.0.0 python -m broker      # listen on every interface
+
+HTTP (metrics, health, admin API, dashboard):
+  --http-port N serves /metrics, /healthz, /api/v1 and the dashboard at / on --host.
+  It defaults to 7701, or to a free port when --port is 0 (read it from the "listening"
+  log line); 0 turns the HTTP server off. --metrics-port is the same flag's old name.
 
 fsync modes:
   always    every commit reaches the disk before replies go out: survives power loss
@@ -41,6 +46,7 @@ fsync modes:
   never     like interval, but the OS decides when to write to disk
 """
 
+DEFAULT_HTTP_PORT = 7701
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 
 
@@ -55,7 +61,8 @@ class Config:
     log_level: str
     max_frame: int
     auth_token: str | None
-    metrics_port: int = 0  # 0: no metrics endpoint
+    http_port: int | None = None  # None: no HTTP server; 0: any free port
+    metrics_top_queues: int = 100  # queues given their own series in /metrics
     log_format: str = "text"
 
     def summary(self) -> dict[str, Any]:
@@ -74,6 +81,21 @@ def _port(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"port must be 0-65535, got {port}")
     return port
+
+
+def _http_port(config_port: int, flag: Any) -> int | None:
+    """The HTTP port from --http-port (None: not given): 0 turns HTTP off; unset, it is
+    7701, or any free port (0 here) when the wire port is 0 too."""
+    if flag is None:
+        return 0 if config_port == 0 else DEFAULT_HTTP_PORT
+    return None if int(flag) == 0 else int(flag)
+
+
+def _top_queues(text: str) -> int:
+    count = int(text)
+    if not 1 <= count <= 1_000_000:
+        raise argparse.ArgumentTypeError(f"must be 1-1000000 queues, got {count}")
+    return count
 
 
 def _size(text: str) -> int:
@@ -169,11 +191,21 @@ def build_parser() -> argparse.ArgumentParser:
         "event name and its fields (default %(default)s)",
     )
     add(
+        "--http-port",
         "--metrics-port",
+        dest="http_port",
         type=_port,
-        default=_env("metrics_port", "7701"),
-        help="HTTP port (on --host) serving Prometheus /metrics and /healthz; 0 turns "
-        "them off (default %(default)s)",
+        default=_env("http_port", _env("metrics_port", None)),
+        help="HTTP port (on --host) serving /metrics, /healthz, the admin API /api/v1 and "
+        "the dashboard /; 0 turns HTTP off (default 7701, or a free port with --port 0; "
+        "--metrics-port and SLUICE_METRICS_PORT are old names of this flag)",
+    )
+    add(
+        "--metrics-top-queues",
+        type=_top_queues,
+        default=_env("metrics_top_queues", "100"),
+        help="/metrics has per-queue series for this many queues, the deepest, plus "
+        "totals over every queue (default %(default)s)",
     )
     add(
         "--max-frame",
@@ -203,6 +235,7 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         log_level=args.log_level,
         max_frame=int(args.max_frame),
         auth_token=args.auth_token or None,
-        metrics_port=int(args.metrics_port),
+        http_port=_http_port(int(args.port), args.http_port),
+        metrics_top_queues=int(args.metrics_top_queues),
         log_format=args.log_format,
     )

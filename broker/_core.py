@@ -26,6 +26,7 @@ from ._lazyheap import Entry, LazyHeap
 from ._lifecycle import Event, State, advance_state
 from ._message import Message, PutSpec
 from ._outcomes import NO_RESULT, DedupEntry, DedupKeys, Results, StoredResult
+from ._position import ReadyRanks, delivery_key
 from ._queue import Queue, Waiter
 from ._schedules import Schedule, ScheduleSpec, fire_spec
 from ._settings import QueueSettings
@@ -507,6 +508,8 @@ class Core:
         self.tick(now)
         message = self.messages.get(message_id)
         if message is not None:
+            if message.state is State.READY:
+                return message.status() | self._place(message, now)
             return message.status()
         result = self.results.get(message_id, now)
         if result is None:
@@ -520,6 +523,15 @@ class Core:
                 "queue's result_ttl), cancelled or purged"
             )
         return _done(message_id, result)
+
+    def _place(self, message: Message, now: float) -> dict[str, Any]:
+        """A ready message's ``position`` in its queue, and ``eta_s`` when known. The
+        first ask in a queue indexes its ready messages (see ``_position``)."""
+        queue = message.queue
+        if queue.ranks is None:
+            keys = (delivery_key(-entry[0], entry[1]) for entry in queue.ready.live_entries())
+            queue.ranks = ReadyRanks(keys)
+        return queue.ranks.place(message.priority, message.seq, now, queue.totals["delivered"])
 
     def stats(self, now: float, queue_name: str) -> dict[str, Any]:
         self.tick(now)
@@ -543,20 +555,33 @@ class Core:
             page.append(queue.dead[message_id])
         return page
 
-    def peek(self, now: float, queue_name: str, state: State, limit: int) -> list[Message]:
+    def peek(
+        self, now: float, queue_name: str, state: State, limit: int, after: int | None = None
+    ) -> list[Message]:
         """Up to ``limit`` messages of the queue in ``state``, without changing anything:
         ready in delivery order, delayed by due time, reserved by lease deadline, dead by
-        id. O(n log limit) over the queue's ready messages or the broker's delayed or
-        reserved ones: an admin look, not a hot path."""
+        id; with ``after``, those that come after that message (which must still be in
+        ``state`` in this queue). O(n log limit) over the queue's ready messages or the
+        broker's delayed or reserved ones: an admin look, not a hot path."""
         self.tick(now)
         queue = self._existing(queue_name)
         if state is State.DEAD:
-            return list(itertools.islice(queue.dead.values(), limit))
+            ids = queue.dead.irange(minimum=after, inclusive=(False, True))
+            return [queue.dead[message_id] for message_id in itertools.islice(ids, limit)]
         if state is State.READY:
             entries = queue.ready.live_entries()
         else:
             heap = self._delayed if state is State.DELAYED else self._leases
             entries = [e for e in heap.live_entries() if self.messages[e[-1]].queue is queue]
+        if after is not None:
+            cursor = self.messages.get(after)
+            if cursor is None or cursor.queue is not queue or cursor.state is not state:
+                raise BadRequest(
+                    f"peek: message {after} is no longer {state.value} in {queue_name}; "
+                    "start again from the first page"
+                )
+            start = self._index_of(cursor)[1]
+            entries = [entry for entry in entries if entry > start]
         return [self.messages[entry[-1]] for entry in heapq.nsmallest(limit, entries)]
 
     # -------------------------------------------------------------- admin
@@ -691,6 +716,9 @@ class Core:
         message.seq = self._next_seq()
         message.due_at = None
         message.queue.ready.push((-message.priority, message.seq, message.id))
+        ranks = message.queue.ranks
+        if ranks is not None:  # someone asked a position here: keep the index in step
+            ranks.add(message.priority, message.seq)
 
     def _make_delayed(self, message: Message, event: Event, due_at: float) -> None:
         self._move(message, event)
@@ -705,6 +733,9 @@ class Core:
         self._changed_message(message)
 
     def _lease(self, message: Message, now: float, visibility_timeout: float | None) -> None:
+        ranks = message.queue.ranks
+        if ranks is not None:  # (before the lease gives it a new seq)
+            ranks.remove(message.priority, message.seq)
         self._move(message, Event.RESERVE)
         message.reserved_at = now
         message.attempts += 1
@@ -861,7 +892,10 @@ class Core:
 
     def _discard_waiting(self, message: Message, event: Event, now: float) -> None:
         """Remove a ready or delayed message (cancel, purge)."""
-        heap = message.queue.ready if message.state is State.READY else self._delayed
+        ready = message.state is State.READY
+        heap = message.queue.ready if ready else self._delayed
+        if ready and message.queue.ranks is not None:
+            message.queue.ranks.remove(message.priority, message.seq)
         self._ended(message, now, lambda: {"id": message.id, "state": "gone"})
         self._forget(message, event)
         heap.discard()

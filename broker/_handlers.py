@@ -235,8 +235,14 @@ def _peek(call: Call, args: Args) -> Any:
     if state is None:
         raise BadRequest(f"peek: state must be one of {sorted(PEEK_STATES)}, got {name!r}")
     limit = args.integer("limit", 10, low=1, high=MAX_BATCH)
-    messages = call.core.peek(call.now, args.queue(), state, limit)
-    return {"items": [message.status() | {"body": message.body} for message in messages]}
+    after = args.integer("after", None, low=1, high=2**63 - 1)
+    page = call.core.peek(call.now, args.queue(), state, limit + 1, after)
+    more = len(page) > limit
+    page = page[:limit]
+    return {
+        "items": [message.status() | {"body": message.body} for message in page],
+        "next": page[-1].id if more else None,
+    }
 
 
 def _replay(call: Call, args: Args) -> Any:
@@ -298,7 +304,7 @@ HANDLERS: Final = _table(
     ("resume", _resume, ("queue",)),
     ("purge", _purge, ("queue",)),
     ("dead_letters", _dead_letters, ("queue", "limit", "after")),
-    ("peek", _peek, ("queue", "state", "limit")),
+    ("peek", _peek, ("queue", "state", "limit", "after")),
     ("replay", _replay, ("queue", "ids")),
     ("purge_dead", _purge_dead, ("queue",)),
     ("schedule", _schedule, ("queue", "name", *sorted(SCHEDULE_FIELDS))),

@@ -1,25 +1,25 @@
-"""Prometheus metrics and the health check, served over HTTP on the broker's own loop.
+"""Prometheus metrics and the health check, read on the broker's own loop.
 
 Nothing is counted for Prometheus on the hot path. The core already keeps per-queue counts
 and totals; the server keeps ``ServerMetrics`` (plain integers and fixed-bucket
-``Histogram``s). ``BrokerCollector`` turns all of it into metric families when Prometheus
-scrapes, on the loop thread, so it reads live state without locks.
-
-``MetricsEndpoint`` is a tiny HTTP/1.1 server: ``GET /metrics`` (the text exposition
-format), ``GET /healthz`` (200 ``ok``, or 503 and a one-line reason), 404 for any other
-path. One request per connection (``Connection: close``), request head of at most 8 KiB.
+``Histogram``s). ``exposition`` turns all of it into the text format when Prometheus
+scrapes: it reads live state on the loop thread (so without locks), yielding to the loop
+while it walks the queues, and encodes the families on a thread. Per-queue series are
+bounded: only the deepest ``top`` queues get them; totals over every queue always come.
+The HTTP side (``_http``) serves it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import math
 import os
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Final
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -34,7 +34,6 @@ from . import __version__
 from ._core import Core
 from ._histogram import BATCH_RECORDS, COMMIT_SECONDS, REQUEST_SECONDS, Histogram
 from ._lifecycle import State
-from ._logging import event
 from ._queue import Queue
 
 if TYPE_CHECKING:
@@ -47,8 +46,8 @@ UNKNOWN_OP: Final = "unknown"  # an op this broker does not have (keeps the labe
 INVALID: Final = "invalid"  # the frame was not a request at all
 OK: Final = "ok"  # the outcome of a request that succeeded (or is left waiting)
 OLDEST_SCAN_LIMIT: Final = 100_000  # above this many ready, the age is the next message's
-MAX_REQUEST_HEAD: Final = 8192
-READ_TIMEOUT: Final = 10.0
+YIELD_EVERY: Final = 2000  # queues walked between yields to the loop in a scrape
+YIELD_EVERY_SHOWN: Final = 50  # queues given series between yields (each may scan its ready)
 _MAX_ERROR_TEXT: Final = 300  # characters of a commit error kept for /healthz
 DEPTH_STATES: Final = (State.READY, State.DELAYED, State.RESERVED, State.DEAD)
 
@@ -261,8 +260,8 @@ def connection_families(server: BrokerServer) -> Iterator[Metric]:
     )
 
 
-def limit_families(core: Core, now: float) -> Iterator[Metric]:
-    """Series of the queues that have a rate limit or a concurrency cap (only those)."""
+def limit_families(queues: list[Queue], now: float) -> Iterator[Metric]:
+    """Series of those of ``queues`` that have a rate limit or a concurrency cap."""
     labels = ["queue"]
     tokens = GaugeMetricFamily(
         "sluice_queue_rate_limit_tokens", "Tokens available in the queue's bucket", labels=labels
@@ -281,10 +280,10 @@ def limit_families(core: Core, now: float) -> Iterator[Metric]:
         "Long-poll reserves that had to wait because of a limit",
         labels=labels,
     )
-    for name in sorted(core.queues):
-        queue = core.queues[name]
+    for queue in queues:
         if queue.limits is None:
             continue
+        name = queue.name
         stats = queue.limits.stats(now, queue.counts[State.RESERVED])
         if stats["tokens"] is not None:
             tokens.add_metric([name], stats["tokens"])
@@ -304,8 +303,10 @@ _SCHEDULE_COUNTS: Final = {
 }
 
 
-def schedule_families(core: Core) -> Iterator[Metric]:
+def schedule_families(core: Core, queues: list[Queue]) -> Iterator[Metric]:
+    """Series of the schedules of ``queues``."""
     labels = ["queue", "schedule"]
+    names = {queue.name for queue in queues}
     families = {
         key: CounterMetricFamily(name, text, labels=labels)
         for key, (name, text) in _SCHEDULE_COUNTS.items()
@@ -315,7 +316,7 @@ def schedule_families(core: Core) -> Iterator[Metric]:
         "When the schedule fires next (absent once it is finished)",
         labels=labels,
     )
-    for key in sorted(core.schedules):
+    for key in sorted(key for key in core.schedules if key[0] in names):
         schedule = core.schedules[key]
         for field, family in families.items():
             family.add_metric(list(key), getattr(schedule, field))
@@ -358,137 +359,118 @@ def store_families(store: Store, metrics: ServerMetrics) -> Iterator[Metric]:
         )
 
 
-class BrokerCollector:
-    """Reads the broker's live state at scrape time. Must run on the loop thread."""
+def queue_depth(queue: Queue) -> int:
+    counts = queue.counts
+    return sum(counts[state] for state in DEPTH_STATES)
 
-    def __init__(self, server: BrokerServer) -> None:
-        self.server = server
+
+class QueueTotals:
+    """Sums over every queue: the series that stay when per-queue ones are cut, and the
+    dashboard's overview."""
+
+    def __init__(self) -> None:
+        self.queues = 0
+        self.depth = dict.fromkeys(DEPTH_STATES, 0)
+        self.totals = dict.fromkeys(_QUEUE_TOTALS, 0)
+
+    def add(self, queue: Queue) -> None:
+        self.queues += 1
+        for state in DEPTH_STATES:
+            self.depth[state] += queue.counts[state]
+        for key in self.totals:
+            self.totals[key] += queue.totals[key]
+
+    def families(self, shown: int) -> Iterator[Metric]:
+        yield GaugeMetricFamily("sluice_queues", "Queues in the broker", self.queues)
+        yield GaugeMetricFamily(
+            "sluice_queues_shown",
+            "Queues with per-queue series here: the deepest --metrics-top-queues",
+            shown,
+        )
+        depth = GaugeMetricFamily(
+            "sluice_messages", "Messages in all queues by state", labels=["state"]
+        )
+        for state, count in self.depth.items():
+            depth.add_metric([state.value], count)
+        yield depth
+        for key, (name, text) in _QUEUE_TOTALS.items():
+            total = name.replace("sluice_queue_", "sluice_all_")
+            yield CounterMetricFamily(total, f"{text}, over all queues", self.totals[key])
+
+
+async def deepest_queues(core: Core, top: int, totals: QueueTotals) -> list[Queue]:
+    """The ``top`` deepest queues (ties by name), in name order, adding every queue to
+    ``totals``. Yields to the loop every ``YIELD_EVERY`` queues. Queues made or dropped
+    while it yields are seen or not; the sums are of the queues it saw."""
+    chosen: list[
+        tuple[int, tuple[int, ...], Queue]
+    ] = []  # min-heap of (depth, name): the top so far
+    for index, queue in enumerate(list(core.queues.values())):
+        if index and index % YIELD_EVERY == 0:
+            await asyncio.sleep(0)
+        totals.add(queue)
+        item = (queue_depth(queue), _inverted(queue.name), queue)
+        if len(chosen) < top:
+            heapq.heappush(chosen, item)
+        elif chosen and item[:2] > chosen[0][:2]:
+            heapq.heapreplace(chosen, item)
+    return sorted((entry[2] for entry in chosen), key=lambda queue: queue.name)
+
+
+def _inverted(name: str) -> tuple[int, ...]:
+    """A key that orders names backwards: among equal depths the min-heap drops the
+    name that sorts last, so the names kept are the first in order."""
+    return (*(-ord(char) for char in name), 1)
+
+
+class _Prebuilt:
+    """A collector of families built before the scrape is encoded."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
 
     def collect(self) -> Iterable[Metric]:
-        server = self.server
-        info = GaugeMetricFamily(
-            "sluice_info",
-            "Always 1; labels name the version and fsync mode (in-memory: no store)",
-            labels=["version", "fsync"],
-        )
-        store = server.store
-        info.add_metric([__version__, "in-memory" if store is None else store.fsync], 1)
-        yield info
-        queues = _QueueFamilies()
-        now = server.clock()
-        core = server.core
-        for name in sorted(core.queues):
-            queues.add(core, core.queues[name], now)
-        yield from queues.families()
-        yield from limit_families(core, now)
-        yield from schedule_families(core)
-        yield from request_families(server.metrics)
-        yield from connection_families(server)
-        if store is not None:
-            yield from store_families(store, server.metrics)
+        return self._families
 
 
-def build_registry(server: BrokerServer) -> CollectorRegistry:
-    """The broker's collector plus the process's (CPU, memory, file descriptors)."""
-    registry = CollectorRegistry()
-    registry.register(BrokerCollector(server))
-    ProcessCollector(registry=registry)
-    return registry
+async def collect_families(server: BrokerServer, top: int) -> list[Metric]:
+    """Every family of one scrape, read on the loop thread; yields to the loop while it
+    walks the queues. The result is plain data: it may be encoded on another thread."""
+    store = server.store
+    info = GaugeMetricFamily(
+        "sluice_info",
+        "Always 1; labels name the version and fsync mode (in-memory: no store)",
+        labels=["version", "fsync"],
+    )
+    info.add_metric([__version__, "in-memory" if store is None else store.fsync], 1)
+    totals = QueueTotals()
+    queues = _QueueFamilies()
+    shown = await deepest_queues(server.core, top, totals)
+    for index, queue in enumerate(shown):
+        if index and index % YIELD_EVERY_SHOWN == 0:
+            await asyncio.sleep(0)
+        queues.add(server.core, queue, server.clock())
+    families: list[Metric] = [info, *queues.families(), *totals.families(len(shown))]
+    families += limit_families(shown, server.clock())
+    families += schedule_families(server.core, shown)
+    families += request_families(server.metrics)
+    families += connection_families(server)
+    if store is not None:
+        families += store_families(store, server.metrics)
+    return families
 
 
-# ----------------------------------------------------------------- endpoint
+_PROCESS_REGISTRY = CollectorRegistry()
+ProcessCollector(registry=_PROCESS_REGISTRY)
 
 
-class MetricsUnavailable(Exception):
-    """The metrics port cannot be bound; the message says what to do."""
-
-
-_REASONS: Final = {
-    200: "OK",
-    400: "Bad Request",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-    503: "Service Unavailable",
-}
-_TEXT: Final = "text/plain; charset=utf-8"
-Response = tuple[int, str, bytes]
-
-
-class MetricsEndpoint:
-    """``/metrics`` and ``/healthz`` over HTTP/1.1 on the running loop."""
-
-    def __init__(self, server: BrokerServer, registry: CollectorRegistry | None = None) -> None:
-        self.server = server
-        self.registry = registry or build_registry(server)
-        self._listener: asyncio.Server | None = None
-
-    async def start(self, host: str, port: int) -> tuple[str, int]:
-        """Listen on ``host:port``; returns the address bound. Raises
-        ``MetricsUnavailable`` if it cannot."""
-        try:
-            self._listener = await asyncio.start_server(
-                self._serve, host, port, limit=MAX_REQUEST_HEAD, reuse_address=True
-            )
-        except OSError as error:
-            raise MetricsUnavailable(
-                f"cannot serve metrics on {host}:{port}: {error}; pick another "
-                "--metrics-port, or 0 to turn metrics off"
-            ) from None
-        bound = self._listener.sockets[0].getsockname()
-        return bound[0], bound[1]
-
-    def close(self) -> None:
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT)
-        except (asyncio.LimitOverrunError, ValueError):
-            reply: bytes | None = _encode(431, _TEXT, b"request head over 8 KiB\n")
-        except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
-            reply = None  # the client went away or sent nothing: nobody to answer
-        else:
-            reply = _encode(*self.respond(head), head_only=head.startswith(b"HEAD "))
-        try:
-            if reply is not None:
-                writer.write(reply)
-                await asyncio.wait_for(writer.drain(), READ_TIMEOUT)
-        except (TimeoutError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    def respond(self, head: bytes) -> Response:
-        """The response to a request whose head (request line and headers) is ``head``."""
-        parts = head.split(b"\r\n", 1)[0].split()
-        if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
-            return 400, _TEXT, b"not an HTTP request\n"
-        method, target = parts[0], parts[1].split(b"?", 1)[0]
-        if target not in (b"/metrics", b"/healthz"):
-            return 404, _TEXT, b"not found: the broker serves /metrics and /healthz\n"
-        if method not in (b"GET", b"HEAD"):
-            return 405, _TEXT, b"only GET and HEAD are served\n"
-        if target == b"/healthz":
-            reason = health(self.server)
-            return (200, _TEXT, b"ok\n") if reason is None else (503, _TEXT, f"{reason}\n".encode())
-        try:
-            return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
-        except Exception:
-            log.exception("collecting metrics failed", extra=event("metrics_failed"))
-            return 500, _TEXT, b"collecting metrics failed; see the broker's log\n"
-
-
-def _encode(status: int, content_type: str, body: bytes, *, head_only: bool = False) -> bytes:
-    lines = [
-        f"HTTP/1.1 {status} {_REASONS[status]}",
-        f"Content-Type: {content_type}",
-        f"Content-Length: {len(body)}",
-        "Connection: close",
-        "",
-        "",
-    ]
-    return "\r\n".join(lines).encode() + (b"" if head_only else body)
+async def exposition(server: BrokerServer, top: int) -> bytes:
+    """One scrape in the Prometheus text format: families read on the loop (yielding
+    while it walks the queues), encoded on a thread so a large page never holds the loop."""
+    families = await collect_families(server, top)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Prebuilt(families))
+    own, process = await asyncio.to_thread(
+        lambda: (generate_latest(registry), generate_latest(_PROCESS_REGISTRY))
+    )
+    return own + process

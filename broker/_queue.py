@@ -13,6 +13,7 @@ from ._lazyheap import LazyHeap
 from ._lifecycle import State
 from ._limits import Limits
 from ._message import Message
+from ._position import ReadyRanks
 from ._settings import QueueSettings
 
 TOTALS = ("put", "delivered", "acked", "nacked", "expired", "dead_lettered")
@@ -49,7 +50,8 @@ class Queue:
     the top is the highest priority that became ready first. Delayed and reserved messages
     live in the core's broker-wide deadline heaps; only their counts are kept here. Dead
     letters are kept by id (for paging) until replayed, purged or expired. ``processing``
-    is the reserve-to-ack time of each ack (in memory only, for metrics)."""
+    is the reserve-to-ack time of each ack (in memory only, for metrics). ``ranks`` orders
+    the ready messages for ``status``'s position, once someone has asked for one."""
 
     __slots__ = (
         "counts",
@@ -57,6 +59,7 @@ class Queue:
         "limits",
         "name",
         "processing",
+        "ranks",
         "ready",
         "settings",
         "totals",
@@ -73,6 +76,7 @@ class Queue:
         self.waiters: OrderedDict[int, Waiter] = OrderedDict()  # waiter seq -> Waiter
         self.processing = Histogram(PROCESSING_SECONDS)
         self.limits: Limits | None = None  # set while a rate limit or cap is configured
+        self.ranks: ReadyRanks | None = None  # built by the first position asked (_position)
 
     def apply(self, settings: QueueSettings, now: float) -> None:
         """Take new settings. A changed rate limit starts a new, full bucket; the cap

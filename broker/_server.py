@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import heapq
 import hmac
 import itertools
 import logging
@@ -116,6 +117,8 @@ class Connection(asyncio.Protocol):
         self.waiting: set[int] = set()  # request ids of this connection's long-polls
         self.requests = 0  # requests answered (or waiting), for the close log line
         self.consumer = False  # has sent a reserve (metrics: sluice_consumer_connections)
+        self.delivered = 0  # messages handed out over this connection
+        self.opened_at = server.clock()
 
     # asyncio callbacks
 
@@ -374,6 +377,9 @@ class BrokerServer:
         self._no_connections = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.metrics = ServerMetrics()
+        # Answers of views without a connection waiting for a batch: (need, seq, future).
+        self._durable_waits: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._local_ids = itertools.count(1)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -414,20 +420,52 @@ class BrokerServer:
     def handle(
         self, connection: Connection, request_id: int, op: str, args: dict[str, Any]
     ) -> tuple[Any, int]:
-        """Run one request; returns its result and the batch its reply needs."""
-        if self.shutting_down:
-            raise ShuttingDown("the broker is shutting down; reconnect to another or retry later")
-        key: Hashable = (connection.id, request_id)
-        if request_id in connection.waiting:
+        """Run one request of a connection; returns its result and the batch its reply
+        needs."""
+        if request_id in connection.waiting and not self.shutting_down:
             raise BadRequest(f"request id {request_id} is already in use by a waiting reserve")
         waits_left = MAX_WAITS_PER_CONNECTION - len(connection.waiting)
-        call = Call(self.core, self.clock(), key, waits_left, self.store)
+        result, need, delivered = self.run(op, args, (connection.id, request_id), waits_left)
+        if delivered:
+            connection.delivered += delivered
+        return result, need
+
+    def run(
+        self, op: str, args: dict[str, Any], waiter_key: Hashable, waits_left: int
+    ) -> tuple[Any, int, int]:
+        """Run one op against the core: the one path of every view (wire, HTTP API).
+        Returns its result, the batch its answer needs before it goes out (see the module
+        docstring), and how many messages it delivered. Raises the op's ``SluiceError``."""
+        if self.shutting_down:
+            raise ShuttingDown("the broker is shutting down; reconnect to another or retry later")
+        call = Call(self.core, self.clock(), waiter_key, waits_left, self.store)
         result = handle(call, op, args)
+        delivered = 0 if call.delivered is None else len(call.delivered)
         if self.store is None:
-            return result, 0
+            return result, 0, delivered
         if call.delivered is not None:
-            return result, self.delivery_need(call.delivered)
-        return result, 0 if op in READ_ONLY_OPS else self.pending_batch()
+            return result, self.delivery_need(call.delivered), delivered
+        return result, 0 if op in READ_ONLY_OPS else self.pending_batch(), delivered
+
+    async def run_confirmed(self, op: str, args: dict[str, Any]) -> Any:
+        """Run an op for a view without a connection (the HTTP API) and return its result
+        once the batch it needs is durable: an answer promises what a wire reply to the
+        same request would. Never long-polls (no waits are allowed)."""
+        result, need, _ = self.run(op, args, ("local", next(self._local_ids)), 0)
+        self.turn_ends_soon()  # commit, serve waiters and re-arm the timer as a turn does
+        if need > self.durable:
+            done = self.loop.create_future()
+            heapq.heappush(self._durable_waits, (need, next(self._local_ids), done))
+            await done
+        return result
+
+    def _wake_durable_waits(self) -> None:
+        durable = self.durable
+        waits = self._durable_waits
+        while waits and waits[0][0] <= durable:
+            done = heapq.heappop(waits)[2]
+            if not done.done():  # (cancelled when its HTTP client went away)
+                done.set_result(None)
 
     @property
     def durable(self) -> int:
@@ -489,6 +527,7 @@ class BrokerServer:
                     self.core.release(self.clock(), answer)
                     continue
                 connection.waiting.discard(request_id)
+                connection.delivered += len(answer)
                 connection.reply(request_id, deliveries(answer), self.delivery_need(answer))
         self.flush()
         if self.store is not None:
@@ -559,6 +598,7 @@ class BrokerServer:
             _, connection, frames = self._held.popleft()
             connection.write(frames)
             connection.confirmed(len(frames))
+        self._wake_durable_waits()
         self._commit_event.set()
         self._start_commit()
 

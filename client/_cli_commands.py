@@ -321,6 +321,8 @@ def cmd_status(client: Client, args: Args) -> int:
             return ", ".join(f"{k}={v}" for k, v in value.items()) or "-"
         if key == "result":
             return readable_result(value)
+        if key == "eta_s":
+            return f"about {value:.0f} s"
         return value
 
     return _show(args, status, lambda: fields((k, shown(k, v)) for k, v in status.items()))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import signal
 import socket
 import struct
@@ -43,6 +44,13 @@ class BrokerProcess:
     process: subprocess.Popen[str]
     log_path: Path
     stdout: queue.Queue[str | None] = field(default_factory=queue.Queue)  # after the first
+    http_port: int | None = None  # where its HTTP server listens (None: off)
+
+    @property
+    def http(self) -> str:
+        """The base URL of its HTTP server (metrics, API, dashboard)."""
+        assert self.http_port is not None, "this broker was started without HTTP"
+        return f"http://{self.host}:{self.http_port}"
 
     @property
     def url(self) -> str:
@@ -91,15 +99,19 @@ def _read_lines(stream: Any, lines: queue.Queue[str | None]) -> None:
     lines.put(None)
 
 
-def start_broker(log_path: Path, *extra_args: str) -> BrokerProcess:
+HTTP_LINE = re.compile(r"listening on \S+, http http://(?:\[[^]]*\]|[^:/]+):(\d+)/")
+
+
+def start_broker(log_path: Path, *extra_args: str, http: bool = False) -> BrokerProcess:
     """Start ``python -m broker --port 0`` and wait (bounded) for its listening line.
-    Unless ``extra_args`` pick a store, it gets a durable one in ``data`` beside the log;
-    unless they pick a metrics port, metrics are off (brokers run side by side)."""
+    Unless ``extra_args`` pick a store, it gets a durable one in ``data`` beside the log.
+    HTTP is off unless ``http`` (then on a free port, read from the log's listening line)
+    or ``extra_args`` pick an HTTP port (brokers run side by side)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
     if "--data-dir" not in extra_args and "--in-memory" not in extra_args:
         extra_args = ("--data-dir", str(log_path.parent / "data"), *extra_args)
-    if "--metrics-port" not in extra_args:
-        extra_args = ("--metrics-port", "0", *extra_args)
+    if not http and not {"--metrics-port", "--http-port"} & set(extra_args):
+        extra_args = ("--http-port", "0", *extra_args)
     with log_path.open("w") as log_file:
         process = subprocess.Popen(
             [sys.executable, "-m", "broker", "--port", "0", *extra_args],
@@ -125,8 +137,15 @@ def start_broker(log_path: Path, *extra_args: str) -> BrokerProcess:
             f"log:\n{log_path.read_text(errors='replace')[-4000:]}"
         )
     host, _, port = first[len(prefix) :].strip().rpartition(":")
+    # The broker logs its listening line (naming the HTTP port) before the stdout line.
+    found = HTTP_LINE.search(log_path.read_text(errors="replace"))
     return BrokerProcess(
-        host=host, port=int(port), process=process, log_path=log_path, stdout=lines
+        host=host,
+        port=int(port),
+        process=process,
+        log_path=log_path,
+        stdout=lines,
+        http_port=int(found.group(1)) if found else None,
     )
 
 

@@ -14,7 +14,7 @@ import pytest
 from broker import TRANSITIONS, Core, Event, IllegalTransition, PutSpec, State
 from broker._lazyheap import _COMPACT_MIN, LazyHeap
 from broker._lifecycle import advance_state
-from protocol import LeaseLost, NotFound, TooLarge
+from protocol import BadRequest, LeaseLost, NotFound, TooLarge
 
 T0 = 1_000.0
 EPS = 1e-6
@@ -1021,3 +1021,20 @@ def test_peek_shows_each_state_in_its_order_and_changes_nothing() -> None:
     assert [m.id for m in core.peek(T0, "q", State.DEAD, 10)] == [second]
     with pytest.raises(NotFound):
         core.peek(T0, "missing", State.READY, 10)
+
+
+def test_peek_pages_after_a_message_in_each_states_order() -> None:
+    core = make_core()
+    ready = [put(core, T0, priority=p) for p in (1, 5, 5, 9)]
+    in_order = [ready[3], ready[1], ready[2], ready[0]]
+    delayed = [put(core, T0, delay=d) for d in (30.0, 10.0, 20.0)]
+    assert [m.id for m in core.peek(T0, "q", State.READY, 2, after=in_order[0])] == in_order[1:3]
+    assert [m.id for m in core.peek(T0, "q", State.READY, 10, after=in_order[3])] == []
+    assert [m.id for m in core.peek(T0, "q", State.DELAYED, 1, after=delayed[1])] == [delayed[2]]
+    first, token = lease(core, T0)  # the highest priority: in_order[0]
+    core.bury(T0, first, token, "no")
+    second, token = lease(core, T0)
+    core.bury(T0, second, token, "no")
+    assert [m.id for m in core.peek(T0, "q", State.DEAD, 10, after=second)] == [first]  # by id
+    with pytest.raises(BadRequest, match="no longer ready"):
+        core.peek(T0, "q", State.READY, 10, after=first)  # it is dead now

@@ -3,6 +3,7 @@ every flag with its environment variable."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from broker._config import parse_config
-from tests.conftest import BrokerProcess
+from tests.conftest import BrokerProcess, start_broker, stop_broker
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -129,3 +130,51 @@ def test_bad_flag_value_is_a_usage_error_that_says_why() -> None:
     )
     assert done.returncode == 2
     assert "port must be 0-65535" in done.stderr
+
+
+def readme_api_examples() -> tuple[str, str]:
+    """The README's block of curl examples, and its one example of an error."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## HTTP admin API") :]
+    blocks = re.findall(r"```sh\n(.*?)```", section, re.DOTALL)
+    commands = next(block for block in blocks if "/api/v1" in block)
+    error = re.findall(r"```text\n(\$ curl .*?)```", section, re.DOTALL)[0]
+    return commands, error
+
+
+def run_curl(script: str, broker: BrokerProcess) -> list[str]:
+    script = script.replace("http://127.0.0.1:7701", broker.http)
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        env={"PATH": "/usr/bin:/bin", "SLUICE_AUTH_TOKEN": API_TOKEN},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+API_TOKEN = "docs-token"
+
+
+def test_readme_curl_examples_run_as_written(tmp_path: Path) -> None:
+    running = start_broker(tmp_path / "broker.log", "--auth-token", API_TOKEN, http=True)
+    try:
+        with running.client(auth_token=API_TOKEN) as client:
+            client.put_many("emails", [b"first", b"second"])  # ids 1 and 2
+            client.put("emails", b"urgent", priority=9)  # id 3, reserved first, then dead
+            (urgent,) = client.reserve("emails")
+            client.bury(urgent, reason="bad address")
+            commands, error = readme_api_examples()
+            lines = run_curl(commands, running)
+            answers = [json.loads(line) for line in lines]
+            assert len(answers) == commands.count("curl ")
+            assert [answer for answer in answers if "code" in answer] == []  # no errors
+            assert {"replayed": 1} in answers and {"cancelled": True} in answers
+            assert answers[-2:] == [{"purged": 0}, {"purged": 2}]  # dead, then ready
+            assert client.configure("emails")["max_attempts"] == 10
+            command, expected = error.removeprefix("$ ").strip().split("\n")
+            assert run_curl(command, running) == [expected]
+    finally:
+        stop_broker(running)

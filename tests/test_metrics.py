@@ -313,17 +313,23 @@ def http_raw(base: str, request: bytes) -> bytes:
     return b"".join(chunks)
 
 
+def status_of(response: bytes) -> int:
+    version, status, _ = response.split(b" ", 2)
+    assert version in (b"HTTP/1.0", b"HTTP/1.1"), response[:100]
+    return int(status)
+
+
 def test_endpoint_answers_only_its_two_paths(metered: tuple[BrokerProcess, str]) -> None:
     _, base = metered
     assert http_get(f"{base}/nothing")[0] == 404
     assert http_get(f"{base}/healthz?verbose=1") == (200, "ok\n")
     status_line = http_raw(base, b"POST /metrics HTTP/1.1\r\nHost: x\r\n\r\n").split(b"\r\n")[0]
     assert status_line == b"HTTP/1.1 405 Method Not Allowed"
-    head = http_raw(base, b"HEAD /metrics HTTP/1.1\r\n\r\n")
+    head = http_raw(base, b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 OK\r\n") and head.endswith(b"\r\n\r\n")
     huge = b"GET /metrics HTTP/1.1\r\nX-Filler: " + b"x" * 20_000 + b"\r\n\r\n"
-    assert http_raw(base, huge).startswith(b"HTTP/1.1 431 ")
-    assert http_raw(base, b"nonsense\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+    assert status_of(http_raw(base, huge)) == 400  # a header over 8 KiB
+    assert status_of(http_raw(base, b"nonsense\r\n\r\n")) == 400
     assert http_get(f"{base}/metrics")[0] == 200  # still serving
 
 

@@ -1,0 +1,333 @@
+"""The JSON admin API under ``/api/v1``: a thin view of the wire protocol's handlers.
+
+Each route names one wire op and maps the path, the query and the JSON body onto that
+op's arguments; ``BrokerServer.run_confirmed`` runs it exactly as a wire request, so the
+arguments are checked by the same code, the semantics live once, and a change is answered
+only after the batch that holds it is durable, as a wire reply would be.
+
+Errors are ``{"code", "message"}`` with the protocol's codes (``protocol/_errors.py``) and
+an HTTP status that fits (``STATUS``). Mutating routes (POST) need:
+
+- the header ``X-Sluice-Request: 1``, which a cross-site form or a simple cross-origin
+  request cannot send (so a page elsewhere cannot make a browser post here), and
+- if the broker has an ``--auth-token``, ``Authorization: Bearer <token>`` (401 when
+  missing, 403 when wrong).
+
+Reads need neither.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Final
+
+from aiohttp import web
+
+from protocol import BadRequest, ErrorCode, Forbidden, SluiceError, TooLarge, Unauthorized
+
+from ._logging import event
+from ._metrics import QueueTotals, deepest_queues
+from ._rates import RateSampler
+
+if TYPE_CHECKING:
+    from ._server import BrokerServer
+
+log = logging.getLogger("sluice.api")
+
+PREFIX: Final = "/api/v1"
+MAX_BODY: Final = 4 * 1024 * 1024  # bytes of a request body (a replay of 100,000 ids fits)
+PREVIEW_BYTES: Final = 1024  # of a message body shown by messages/{id}
+OVERVIEW_QUEUES: Final = 100  # the deepest queues the overview lists
+CSRF_HEADER: Final = "X-Sluice-Request"
+STATUS: Final = {
+    ErrorCode.BAD_FRAME: 400,
+    ErrorCode.BAD_REQUEST: 400,
+    ErrorCode.UNKNOWN_OP: 400,
+    ErrorCode.UNSUPPORTED_VERSION: 400,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.LEASE_LOST: 409,
+    ErrorCode.TOO_LARGE: 413,
+    ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.FORBIDDEN: 403,
+    ErrorCode.STORAGE_FULL: 507,
+    ErrorCode.SHUTTING_DOWN: 503,
+    ErrorCode.INTERNAL: 500,
+}
+# What aiohttp refuses before a route runs, as the protocol's codes.
+_HTTP_CODES: Final = {
+    404: ErrorCode.NOT_FOUND,
+    405: ErrorCode.BAD_REQUEST,
+    413: ErrorCode.TOO_LARGE,
+}
+
+Route = Callable[[web.Request], Awaitable[Any]]
+
+
+# ----------------------------------------------------------------- encoding
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return preview(bytes(value))
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+def preview(body: bytes) -> dict[str, Any]:
+    """A body as JSON: its first ``PREVIEW_BYTES`` as text when they are UTF-8, else as
+    base64; ``truncated`` says whether there was more."""
+    head = body[:PREVIEW_BYTES]
+    try:
+        shown: dict[str, Any] = {"text": head.decode()}
+    except UnicodeDecodeError:
+        shown = {"base64": base64.b64encode(head).decode()}
+    return shown | {"size": len(body), "truncated": len(body) > PREVIEW_BYTES}
+
+
+def json_response(result: Any, status: int = 200) -> web.Response:
+    """``result`` as one line of JSON (ended by a newline, for a terminal)."""
+    text = json.dumps(result, default=_json_default, allow_nan=False, separators=(",", ":"))
+    return web.Response(status=status, text=text + "\n", content_type="application/json")
+
+
+def error_response(error: SluiceError) -> web.Response:
+    code = error.code or ErrorCode.INTERNAL
+    return json_response(error.to_wire(), STATUS[code])
+
+
+# ----------------------------------------------------------------- requests
+
+
+def _query_value(text: str) -> Any:
+    """A query parameter as the op's argument: an integer if it reads as one (the op then
+    checks its range), else the string (the op then says what it wanted)."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def query_args(request: web.Request, allowed: tuple[str, ...]) -> dict[str, Any]:
+    args: dict[str, Any] = {}
+    for name, text in request.query.items():
+        if name not in allowed:
+            raise BadRequest(f"unknown query parameter {name!r}; allowed: {list(allowed)}")
+        args[name] = text if name == "state" else _query_value(text)
+    return args
+
+
+def message_id(request: web.Request) -> int:
+    text = request.match_info["id"]
+    if not text.isdigit() or int(text) < 1 or int(text) > 2**63 - 1:
+        raise BadRequest(f"a message id is a positive integer, got {text!r}")
+    return int(text)
+
+
+async def json_body(request: web.Request) -> dict[str, Any]:
+    """The request's JSON object (an empty body is ``{}``)."""
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise TooLarge(f"the request body is over {MAX_BODY} bytes") from None
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as error:
+        raise BadRequest(f"the request body is not JSON: {error}") from None
+    if not isinstance(body, dict):
+        raise BadRequest(f"the request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+class Guard:
+    """The checks of a mutating route (see the module docstring)."""
+
+    def __init__(self, token: str | None) -> None:
+        self.token = token
+
+    def check(self, request: web.Request) -> None:
+        if request.headers.get(CSRF_HEADER) != "1":
+            raise Forbidden(
+                f"a mutating request needs the header '{CSRF_HEADER}: 1' (it keeps other "
+                "sites' pages from posting here)"
+            )
+        if self.token is None:
+            return
+        sent = request.headers.get("Authorization", "")
+        scheme, _, token = sent.partition(" ")
+        if not sent:
+            raise Unauthorized("this broker needs its auth token: 'Authorization: Bearer <token>'")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), self.token.encode()
+        ):
+            raise Forbidden("wrong auth token (send 'Authorization: Bearer <token>')")
+
+
+# ----------------------------------------------------------------- routes
+
+
+class Api:
+    def __init__(self, server: BrokerServer, rates: RateSampler, token: str | None) -> None:
+        self.server = server
+        self.rates = rates
+        self.guard = Guard(token)
+
+    async def op(self, op: str, args: dict[str, Any]) -> Any:
+        return await self.server.run_confirmed(op, args)
+
+    # reads
+
+    async def overview(self, request: web.Request) -> Any:
+        """Totals over every queue and the ``OVERVIEW_QUEUES`` deepest queues' summaries,
+        from one walk of the queues that yields to the loop as it goes."""
+        query_args(request, ())
+        self.rates.look()
+        totals = QueueTotals()
+        deepest = await deepest_queues(self.server.core, OVERVIEW_QUEUES, totals)
+        return {
+            "queues": totals.queues,
+            "messages": {state.value: count for state, count in totals.depth.items()},
+            "totals": totals.totals,
+            "rates": self.rates.rates(),
+            "history": self.rates.history(),
+            "deepest": [queue.summary() for queue in deepest],
+            "connections": len(self.server.connections),
+            "time": self.server.clock(),
+        }
+
+    async def queues(self, request: web.Request) -> Any:
+        query_args(request, ())
+        return await self.op("queues", {})
+
+    async def queue(self, request: web.Request) -> Any:
+        query_args(request, ())
+        return await self.op("stats", {"queue": request.match_info["queue"]})
+
+    async def messages(self, request: web.Request) -> Any:
+        args = query_args(request, ("state", "limit", "after"))
+        args["queue"] = request.match_info["queue"]
+        if args.get("state") == "dead":
+            del args["state"]
+            return await self.op("dead_letters", args)
+        return await self.op("peek", args)
+
+    async def dead(self, request: web.Request) -> Any:
+        args = query_args(request, ("limit", "after"))
+        return await self.op("dead_letters", args | {"queue": request.match_info["queue"]})
+
+    async def message(self, request: web.Request) -> Any:
+        query_args(request, ())
+        found = message_id(request)
+        status = await self.op("status", {"id": found})
+        message = self.server.core.messages.get(found)
+        if message is not None:
+            status["body"] = preview(message.body)
+        return status
+
+    async def connections(self, request: web.Request) -> Any:
+        query_args(request, ())
+        return {
+            "connections": [
+                {
+                    "id": connection.id,
+                    "peer": connection.peer,
+                    "client": connection.client_name,
+                    "consumer": connection.consumer,
+                    "delivered": connection.delivered,
+                    "waiting": len(connection.waiting),
+                    "requests": connection.requests,
+                    "opened_at": connection.opened_at,
+                }
+                for connection in self.server.connections.values()
+            ]
+        }
+
+    # writes: each names its op; the path gives the queue or the id
+
+    def queue_action(self, op: str, *, with_body: bool = False) -> Route:
+        async def route(request: web.Request) -> Any:
+            self.guard.check(request)
+            args = await json_body(request) if with_body else {}
+            if "queue" in args:
+                raise BadRequest(f"{op}: the queue is named by the path, not the body")
+            return await self.op(op, args | {"queue": request.match_info["queue"]})
+
+        return route
+
+    async def configure(self, request: web.Request) -> Any:
+        self.guard.check(request)
+        settings = await json_body(request)
+        queue = request.match_info["queue"]
+        return await self.op("configure", {"queue": queue, "settings": settings})
+
+    async def cancel(self, request: web.Request) -> Any:
+        self.guard.check(request)
+        return await self.op("cancel", {"id": message_id(request)})
+
+
+def _json_route(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        try:
+            return json_response(await route(request))
+        except SluiceError as error:
+            return error_response(error)
+        except Exception:
+            log.exception(
+                "internal error on %s %s",
+                request.method,
+                request.path,
+                extra=event("internal_error", path=request.path),
+            )
+            return error_response(SluiceError(f"internal error on {request.path}"))
+
+    return handler
+
+
+@web.middleware
+async def _api_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """What aiohttp itself refuses under the API's prefix (no such route, wrong method)
+    answers as JSON too."""
+    try:
+        return await handler(request)
+    except web.HTTPException as refused:
+        if not request.path.startswith(PREFIX) or refused.status < 400:
+            raise
+        code = _HTTP_CODES.get(refused.status, ErrorCode.BAD_REQUEST)
+        message = f"{request.method} {request.path}: {refused.reason}"
+        return json_response({"code": code.value, "message": message}, refused.status)
+
+
+def add_api_routes(
+    app: web.Application, server: BrokerServer, rates: RateSampler, token: str | None
+) -> None:
+    api = Api(server, rates, token)
+    app.middlewares.append(_api_errors)
+    queue = f"{PREFIX}/queues/{{queue}}"
+    gets: list[tuple[str, Route]] = [
+        (f"{PREFIX}/overview", api.overview),
+        (f"{PREFIX}/queues", api.queues),
+        (queue, api.queue),
+        (f"{queue}/messages", api.messages),
+        (f"{queue}/dead", api.dead),
+        (f"{PREFIX}/messages/{{id}}", api.message),
+        (f"{PREFIX}/connections", api.connections),
+    ]
+    posts: list[tuple[str, Route]] = [
+        (f"{queue}/pause", api.queue_action("pause")),
+        (f"{queue}/resume", api.queue_action("resume")),
+        (f"{queue}/purge", api.queue_action("purge")),
+        (f"{queue}/replay", api.queue_action("replay", with_body=True)),
+        (f"{queue}/purge-dead", api.queue_action("purge_dead")),
+        (f"{queue}/configure", api.configure),
+        (f"{PREFIX}/messages/{{id}}/cancel", api.cancel),
+    ]
+    for path, route in gets:
+        app.router.add_get(path, _json_route(route))
+    for path, route in posts:
+        app.router.add_post(path, _json_route(route))
