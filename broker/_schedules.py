@@ -31,8 +31,8 @@ FIRE_HEADERS: Final = ("schedule", "scheduled_for")  # the headers each fire add
 MIN_EVERY: Final = 0.1  # seconds
 MAX_EVERY: Final = 366 * 24 * 3600.0
 MAX_CATCHUP: Final = 1000  # slots fired at most by catchup="all"
-MAX_COUNTED: Final = 100_000  # missed slots counted one by one, at most, per catch-up
-RECENT_WINDOW: Final = 7 * 24 * 3600.0  # when more are missed: where the recent ones are
+MAX_COUNTED: Final = 10_000  # missed slots counted one by one, at most, per catch-up
+RECENT_WINDOW: Final = 24 * 3600.0  # when more are missed: where to look for the recent
 CATCHUP_MODES: Final = ("latest", "skip", "all")
 OVERLAP_MODES: Final = ("allow", "skip")
 MAX_TIME: Final = 253402300799.0  # 9999-12-31T23:59:59Z
@@ -183,8 +183,21 @@ class Recurrence:
             return k_last - k_first + 1, [self.anchor + k * every for k in range(low, k_last + 1)]
         count, recent = self._walk(first, now)
         if count >= MAX_COUNTED:  # a dense cron down for long: find the recent slots afresh
-            _, recent = self._walk(self.after(now - RECENT_WINDOW) or now, now)
+            recent = self._recent(now)
         return count, list(recent)
+
+    def _recent(self, now: float) -> deque[float]:
+        """The last ``MAX_CATCHUP`` slots up to ``now``, walked from a window back from
+        ``now`` that doubles until it holds that many. A cron fires at most once a minute,
+        so a day's window (1,440 at most) is walked whole, and each doubling at most
+        doubles what is walked: every walk reaches ``now`` within ``MAX_COUNTED``."""
+        window = RECENT_WINDOW
+        while True:
+            start = self.after(now - window)
+            count, recent = self._walk(start, now) if start is not None else (0, deque())
+            if count >= MAX_CATCHUP or window > MAX_TIME:
+                return recent
+            window *= 2
 
     def _walk(self, first: float, now: float) -> tuple[int, deque[float]]:
         recent: deque[float] = deque(maxlen=MAX_CATCHUP)

@@ -11,7 +11,7 @@ import pytest
 
 from broker import Core
 from broker._lifecycle import State
-from broker._schedules import MAX_CATCHUP, Schedule, parse_spec, slot_text
+from broker._schedules import MAX_CATCHUP, MAX_COUNTED, Schedule, parse_spec, slot_text
 from protocol import BadRequest, NotFound, TooLarge
 
 START = 1_800_000_000.0  # 2027-01-15T08:00:00Z, on a whole minute
@@ -216,7 +216,7 @@ def test_catchup_counts_a_dense_cron_down_for_months_without_stalling() -> None:
     )
     slots = fired(core)
     assert len(slots) == MAX_CATCHUP and slots[-1] == START + 90 * 86400
-    assert core.list_schedules(now)[0]["missed"] == 100_000  # counted up to the bound
+    assert core.list_schedules(now)[0]["missed"] == MAX_COUNTED  # counted up to the bound
 
 
 @pytest.mark.parametrize(("catchup", "fires"), [("skip", []), ("latest", [10]), ("all", [10])])
@@ -226,6 +226,19 @@ def test_one_slot_missed_while_down_is_caught_up_as_configured(
     core, listed = down_for(catchup, 15)  # the slot at 10 s came due while down
     assert fired(core) == [START + k for k in fires]
     assert (listed["missed"], listed["skipped"]) == (1, 1 - len(fires))
+
+
+def test_catchup_all_of_a_sparse_cron_down_for_long_still_fires_the_newest_thousand() -> None:
+    before = Core()
+    before.set_schedule(START, "q", "s", spec(cron="*/5 * * * *", catchup="all"))
+    old = before.schedules[("q", "s")]
+    core = Core()
+    now = START + 60 * 86400  # 17,280 slots missed: more than are counted one by one
+    restored = Schedule.restored("q", "s", old.spec, old.created_at, old.state())
+    core.recover(now, [], [], next_id=1, next_token=1, schedules=[restored])
+    slots = fired(core)
+    assert len(slots) == MAX_CATCHUP and slots[-1] == now
+    assert slots == [now - 300 * k for k in range(MAX_CATCHUP - 1, -1, -1)]
 
 
 def test_catchup_respects_the_limit() -> None:
