@@ -268,6 +268,35 @@ class Api:
         self.guard.check(request)
         return await self.op("cancel", {"id": message_id(request)})
 
+    # schedules
+
+    async def schedules(self, request: web.Request) -> Any:
+        query_args(request, ())
+        queue = request.match_info.get("queue")
+        return await self.op("schedules", {} if queue is None else {"queue": queue})
+
+    async def schedule(self, request: web.Request) -> Any:
+        """Create or replace: the JSON body holds the schedule's fields, its ``body`` a
+        string (sent as UTF-8)."""
+        self.guard.check(request)
+        fields = await json_body(request)
+        if "queue" in fields or "name" in fields:
+            raise BadRequest("schedule: the queue and the name are named by the path")
+        if isinstance(fields.get("body"), str):
+            fields["body"] = fields["body"].encode()
+        return await self.op("schedule", fields | self._schedule_path(request))
+
+    def schedule_action(self, op: str) -> Route:
+        async def route(request: web.Request) -> Any:
+            self.guard.check(request)
+            return await self.op(op, self._schedule_path(request))
+
+        return route
+
+    @staticmethod
+    def _schedule_path(request: web.Request) -> dict[str, str]:
+        return {"queue": request.match_info["queue"], "name": request.match_info["name"]}
+
 
 def _json_route(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handler(request: web.Request) -> web.StreamResponse:
@@ -317,6 +346,8 @@ def add_api_routes(
         (f"{queue}/dead", api.dead),
         (f"{PREFIX}/messages/{{id}}", api.message),
         (f"{PREFIX}/connections", api.connections),
+        (f"{PREFIX}/schedules", api.schedules),
+        (f"{queue}/schedules", api.schedules),
     ]
     posts: list[tuple[str, Route]] = [
         (f"{queue}/pause", api.queue_action("pause")),
@@ -326,6 +357,9 @@ def add_api_routes(
         (f"{queue}/purge-dead", api.queue_action("purge_dead")),
         (f"{queue}/configure", api.configure),
         (f"{PREFIX}/messages/{{id}}/cancel", api.cancel),
+        (f"{queue}/schedules/{{name}}", api.schedule),
+        (f"{queue}/schedules/{{name}}/trigger", api.schedule_action("trigger")),
+        (f"{queue}/schedules/{{name}}/unschedule", api.schedule_action("unschedule")),
     ]
     for path, route in gets:
         app.router.add_get(path, _json_route(route))

@@ -326,3 +326,36 @@ def test_every_error_code_has_an_http_status() -> None:
 
     assert set(STATUS) == set(ErrorCode)
     assert STATUS[ErrorCode.STORAGE_FULL] == 507 and STATUS[ErrorCode.TOO_LARGE] == 413
+
+
+# ------------------------------------------------------------------ schedules
+
+
+def test_schedules_are_created_listed_triggered_and_removed(api: Api, client: Client) -> None:
+    made = api.post("/queues/api.sched/schedules/nightly", {"cron": "30 2 * * *", "body": "go"})
+    assert made["schedule"]["cron"] == "30 2 * * *" and made["schedule"]["next_at"] > 0
+    assert made["schedule"]["body"]["text"] == "go"
+    [listed] = api.get("/queues/api.sched/schedules")["schedules"]
+    assert listed["name"] == "nightly"
+    assert "nightly" in [s["name"] for s in api.get("/schedules")["schedules"]]
+    fired = api.post("/queues/api.sched/schedules/nightly/trigger")["id"]
+    [message] = client.reserve("api.sched")
+    assert message.id == fired and message.body == b"go"
+    assert api.post("/queues/api.sched/schedules/nightly/unschedule") == {"removed": True}
+    assert client.schedules("api.sched") == []
+
+
+def test_bad_schedules_over_http_are_refused_and_change_nothing(api: Api, client: Client) -> None:
+    base = "/queues/api.sched-bad/schedules"
+    assert api.error("POST", f"{base}/s", {"cron": "61 * * * *", "body": "x"}) == (
+        400,
+        "BAD_REQUEST",
+    )
+    assert api.error("POST", f"{base}/s", {"every": 1, "tz": "Nowhere/X", "body": "x"})[0] == 400
+    assert api.error("POST", f"{base}/s", {"every": 1, "body": 5})[0] == 400
+    assert api.error("POST", f"{base}/s", {"every": 1, "body": "x", "name": "t"})[0] == 400
+    assert api.error("POST", f"{base}/bad%20name!", {"every": 1, "body": "x"})[0] == 400
+    assert api.error("POST", f"{base}/missing/trigger") == (404, "NOT_FOUND")
+    status, _ = api.call("POST", f"{base}/s", {"every": 1, "body": "x"})
+    assert status in (401, 403)  # no custom header, no token
+    assert client.schedules("api.sched-bad") == []
