@@ -1,6 +1,6 @@
 """Seat holds that expire: an unpaid hold runs out and its seat goes back on sale.
 
-    python -m examples.seat_hold
+    python -m examples.seat_hold      (or: python path/to/examples/seat_hold.py)
 
 A hold is a delayed message in the ``holds`` queue: its body names the seat, its delay is
 the hold time and its dedup key is the seat, so a second hold on a held seat adds nothing
@@ -23,7 +23,10 @@ from typing import Any
 
 from sluice import AsyncClient, AsyncJob, AsyncWorker
 
-from ._broker import running_broker
+if __package__:  # python -m examples.NAME
+    from ._broker import running_broker
+else:  # python path/to/examples/NAME.py, from any directory
+    from _broker import running_broker  # type: ignore[no-redef]
 
 HOLDS = "holds"
 HOLD_SECONDS = 1.0  # short for the demo; minutes in real life

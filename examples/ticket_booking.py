@@ -1,6 +1,6 @@
 """Ticket booking over the queue: 500 buyers race for 100 seats and exactly 100 are sold.
 
-    python -m examples.ticket_booking
+    python -m examples.ticket_booking      (or: python path/to/examples/ticket_booking.py)
 
 Each buyer sends one booking request with ``put_and_wait`` (request/response over the
 queue) and waits for its answer: a seat, or "sold out". The seats themselves are messages
@@ -27,7 +27,10 @@ from typing import Any
 from sluice import AsyncClient, AsyncJob, AsyncWorker
 from sluice.errors import JobFailed, Timeout
 
-from ._broker import running_broker
+if __package__:  # python -m examples.NAME
+    from ._broker import running_broker
+else:  # python path/to/examples/NAME.py, from any directory
+    from _broker import running_broker  # type: ignore[no-redef]
 
 BOOKINGS = "bookings"  # booking requests from buyers
 SEATS = "seats"  # one message per unsold seat

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -51,3 +52,16 @@ def test_seat_hold_releases_the_unpaid_hold() -> None:
     assert summary == "summary: sold 2 (A1 to alice, B2 to dave), released 1, 0 wrong"
     assert "bob cannot hold A1: it is held already" in done.stdout
     assert "carol pays for B2 too late" in done.stdout
+
+
+def test_an_example_runs_as_a_script_from_another_directory(tmp_path: Path) -> None:
+    env = {name: value for name, value in os.environ.items() if not name.startswith("SLUICE_")}
+    done = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "examples" / "seat_hold.py")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+    )
+    assert summary_line(done) == "summary: sold 2 (A1 to alice, B2 to dave), released 1, 0 wrong"
