@@ -179,7 +179,7 @@ def _bury(call: Call, args: Args) -> Any:
         args.integer("lease", low=1, high=2**63 - 1),
         args.text("reason", "buried"),
     )
-    return {}
+    return {"buried": 1}
 
 
 def _cancel(call: Call, args: Args) -> Any:

@@ -382,11 +382,12 @@ def progress(message: Message, percent: float, note: str = "") -> Call[None]:
     return Call("progress", args, lambda r: None)
 
 
-def bury(message: Message, *, reason: str) -> Call[None]:
-    """Dead-letter a reserved message now, with ``reason``."""
-    return Call(
-        "bury", {"id": message.id, "lease": message.lease, "reason": reason}, lambda r: None
-    )
+def bury(message: Message, *, reason: str) -> Call[int]:
+    """Dead-letter a reserved message now, with ``reason``; returns 1 (the messages
+    buried, as ``ack`` and ``nack`` return theirs). Raises ``LeaseLost`` if the lease is
+    not current."""
+    args = {"id": message.id, "lease": message.lease, "reason": reason}
+    return Call("bury", args, lambda result: int(result.get("buried", 1)))
 
 
 def cancel(message_id: int) -> Call[bool]:

@@ -385,7 +385,7 @@ def test_bury_dead_letters_with_reason(broker: BrokerProcess) -> None:
     with broker.client() as client:
         message_id = client.put("jobs", b"bad data")
         (message,) = client.reserve("jobs")
-        assert client.bury(message, reason="unparseable") is None
+        assert client.bury(message, reason="unparseable") == 1
         status = client.status(message_id)
         assert (status["state"], status["dead_reason"], status["attempts"]) == (
             "dead",
@@ -486,7 +486,7 @@ def test_each_way_of_becoming_ready_wakes_a_waiting_consumer(broker: BrokerProce
             (message,) = await asyncio.wait_for(waiting, 5)
             assert (message.id, message.attempts) == (message_id, 2)
 
-            await consumer.bury(message, reason="replay me")
+            assert await consumer.bury(message, reason="replay me") == 1
             waiting = await start_waiting(consumer, "jobs", wait=20)
             assert await admin.replay("jobs") == 1
             (message,) = await asyncio.wait_for(waiting, 5)
