@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint typecheck pytest slow clean chromium
+.PHONY: install run test lint typecheck pytest slow soak clean chromium
 
 install: $(STAMP)
 
@@ -46,6 +46,11 @@ test: lint typecheck pytest
 # Only the long soak runs.
 slow: $(STAMP)
 	$(BIN)/pytest -q -m slow
+
+# The long campaigns (an hour or more; `make test` runs a short form of each).
+soak: $(STAMP)
+	$(BIN)/python -m tests.soak crash --rounds 1000 --fsync always
+	$(BIN)/python -m tests.soak crash --rounds 1000 --fsync interval
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache sluice-data

@@ -1,0 +1,34 @@
+"""The short form of ``make soak``'s crash campaign (``tests/soak.py``): a few rounds of
+kill -9 under load on one data dir, restarts killed during recovery among them, every
+restart checked."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from tests.soak import main, run_campaign
+
+
+def test_a_short_crash_campaign_finds_no_violation(tmp_path: Path) -> None:
+    seed = random.SystemRandom().randrange(2**32)
+    lines: list[str] = []
+    summary = run_campaign(
+        6, "interval", seed, tmp_path, lines.append, progress_every=3, recovery_kill_chance=1.0
+    )
+    assert summary.violations == [], summary.violations
+    assert summary.rounds == 6 and len(lines) == 2
+    assert lines[1] == f"round 6/6: {summary.confirmed} operations confirmed"
+    assert summary.confirmed > 100
+    assert summary.recovery_kill_tries == 6 and summary.recovery_kills >= 1
+    assert len(summary.recoveries) == 7  # the first start and six restarts, each logged
+    assert summary.lines()[3] == "violations           0"
+
+
+def test_the_command_says_what_it_does(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["crash", "--help"])
+    assert done.value.code == 0
+    assert "--rounds" in capsys.readouterr().out
