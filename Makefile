@@ -51,6 +51,7 @@ slow: $(STAMP)
 soak: $(STAMP)
 	$(BIN)/python -m tests.soak crash --rounds 1000 --fsync always
 	$(BIN)/python -m tests.soak crash --rounds 1000 --fsync interval
+	$(BIN)/python -m tests.soak fuzz --frames 1000000
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache sluice-data

@@ -1,6 +1,7 @@
 """Soaks too long for ``make test``, run by ``make soak`` (the suite runs a short form).
 
     python -m tests.soak crash --rounds 1000 --fsync always [--seed S]
+    python -m tests.soak fuzz --frames 1000000 [--seed S]
 
 ``crash``, the crash campaign: one data dir for every round. Each round runs the
 producers and consumers of ``tests/test_crash.py`` (puts with priorities and delays,
@@ -16,6 +17,12 @@ stays within one peek). Prints a line per ``--progress-every`` rounds and a summ
 rounds, operations confirmed, kills during recovery, violations (the first stops the
 campaign, with its seed), and recovery times (p50, p99, max) as the broker logged them.
 Seeded: ``--seed`` replays the workload's choices (not the threads' timing).
+
+``fuzz``: frames from ``tests/fuzz.py`` over many connections against one durable broker
+(wrong types and values for every op and argument, random payloads, flipped bits, framing
+that lies). It must not crash, log a traceback or answer ``INTERNAL``; its RSS must stay
+within ``RSS_GROWTH_BOUND`` of where it started; and a witness's messages, put before,
+must be unchanged after. Prints the frames sent, replies by error code, and RSS.
 """
 
 from __future__ import annotations
@@ -25,17 +32,21 @@ import os
 import random
 import re
 import select
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from protocol import NEED_DATA, FrameDecoder
 from tests import test_crash as crash
-from tests.conftest import REPO_ROOT, BrokerProcess, start_broker
+from tests.conftest import REPO_ROOT, BrokerProcess, start_broker, stop_broker
+from tests.fuzz import FrameSource
 
 SETTLE_EVERY = 10  # rounds between drains that account for every put
 RECOVERY_KILL_CHANCE = 0.2  # of a restart being killed before it listens
@@ -163,6 +174,142 @@ def run_campaign(
     return summary
 
 
+# ------------------------------------------------------------------------ fuzz
+
+WITNESS = "fuzz.witness"
+WITNESS_MESSAGES = 100
+BURNT_IDS = 1000  # ids used up first, so the witness's are above every small integer
+FRAMES_PER_CONNECTION = 200
+FUZZ_THREADS = 4
+RSS_GROWTH_BOUND = 128 * 1024 * 1024
+READ_TIMEOUT = 30.0
+
+
+@dataclass
+class FuzzSummary:
+    frames: int = 0
+    connections: int = 0
+    replies: int = 0
+    codes: dict[str, int] = field(default_factory=dict)  # error replies by code
+    rss_before: int = 0
+    rss_after: int = 0
+    violations: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        codes = ", ".join(f"{code} {count}" for code, count in sorted(self.codes.items()))
+        return [
+            f"frames sent          {self.frames} over {self.connections} connections",
+            f"replies              {self.replies} (errors: {codes or 'none'})",
+            f"broker RSS           {self.rss_before / 2**20:.1f} -> "
+            f"{self.rss_after / 2**20:.1f} MiB",
+            f"violations           {len(self.violations)}",
+        ]
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def fuzz_connection(host: str, port: int, blob: bytes, summary: FuzzSummary) -> None:
+    """Send one connection's frames, half-close, and read every reply until the broker
+    closes; note the replies' error codes."""
+    decoder = FrameDecoder(2**31)
+    with socket.create_connection((host, port), timeout=READ_TIMEOUT) as sock:
+        try:
+            sock.sendall(blob)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the broker closed first (a framing error): read what it said
+        replies, codes = 0, dict[str, int]()
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            decoder.feed(chunk)
+            while (reply := decoder.next_frame()) is not NEED_DATA:
+                replies += 1
+                if isinstance(reply, list) and len(reply) == 3 and reply[1] is False:
+                    code = str(reply[2].get("code")) if isinstance(reply[2], dict) else "?"
+                    codes[code] = codes.get(code, 0) + 1
+    with LOCK:
+        summary.replies += replies
+        for code, count in codes.items():
+            summary.codes[code] = summary.codes.get(code, 0) + count
+
+
+LOCK = threading.Lock()
+
+
+def run_fuzz(
+    frames: int,
+    seed: int,
+    workdir: Path,
+    progress: Callable[[str], None] = print,
+    progress_every: int = 100_000,
+) -> FuzzSummary:
+    summary = FuzzSummary()
+    broker = start_broker(workdir / "fuzz.log")
+    try:
+        with broker.client() as client:
+            client.put_many("fuzz.burn", [b"."] * BURNT_IDS)
+            client.purge("fuzz.burn")
+            bodies = [f"witness {n}".encode() for n in range(WITNESS_MESSAGES)]
+            ids = client.put_many(WITNESS, bodies)
+        summary.rss_before = rss_bytes(broker.process.pid)
+        per_thread = frames // FUZZ_THREADS
+
+        def fuzz_thread(index: int) -> None:
+            source = FrameSource(seed + index, frozenset(ids))
+            sent = 0
+            while sent < per_thread:
+                blob, count = source.connection(min(FRAMES_PER_CONNECTION, per_thread - sent))
+                fuzz_connection(broker.host, broker.port, blob, summary)
+                sent += count
+                with LOCK:
+                    before = summary.frames
+                    summary.frames += count
+                    summary.connections += 1
+                    if summary.frames // progress_every > before // progress_every:
+                        progress(f"{summary.frames} frames sent")
+
+        threads = [threading.Thread(target=fuzz_thread, args=(i,)) for i in range(FUZZ_THREADS)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        check_after_fuzz(broker, summary, bodies)
+    finally:
+        if broker.process.poll() is None:
+            summary.rss_after = summary.rss_after or rss_bytes(broker.process.pid)
+            stop_broker(broker)
+    return summary
+
+
+def check_after_fuzz(broker: BrokerProcess, summary: FuzzSummary, bodies: list[bytes]) -> None:
+    if broker.process.poll() is not None:
+        summary.violations.append(f"the broker exited with {broker.process.returncode}")
+        return
+    summary.rss_after = rss_bytes(broker.process.pid)
+    if summary.codes.get("INTERNAL"):
+        summary.violations.append(f"{summary.codes['INTERNAL']} INTERNAL errors")
+    log = broker.log()
+    if "Traceback" in log or "internal error" in log:
+        summary.violations.append(f"the broker logged an error:\n{log[-3000:]}")
+    if summary.rss_after > summary.rss_before + RSS_GROWTH_BOUND:
+        summary.violations.append("the broker's RSS grew by more than the bound")
+    with broker.client() as client:
+        kept = [item["body"] for item in client.peek(WITNESS, limit=1000)]
+        if kept != bodies or client.stats(WITNESS)["ready"] != len(bodies):
+            summary.violations.append(f"the witness's messages changed: {kept[:5]}...")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tests.soak",
@@ -179,7 +326,18 @@ def main(argv: list[str] | None = None) -> int:
     campaign.add_argument("--fsync", choices=["always", "interval"], default="always")
     campaign.add_argument("--seed", type=int, help="replay a campaign's choices")
     campaign.add_argument("--progress-every", type=int, default=50, metavar="N")
+    fuzz = commands.add_parser(
+        "fuzz",
+        help="throw malformed and hostile frames at a broker over many connections",
+        description="Send FRAMES fuzzed frames (wrong types and values for every op, random "
+        "bytes, flipped bits, lying lengths) and check that the broker neither crashes nor "
+        "answers INTERNAL, its RSS stays bounded and a witness's messages are unchanged.",
+    )
+    fuzz.add_argument("--frames", type=int, default=1_000_000, help="(default 1,000,000)")
+    fuzz.add_argument("--seed", type=int, help="replay a run's frames")
     args = parser.parse_args(argv)
+    if args.command == "fuzz":
+        return fuzz_main(args.frames, args.seed)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
     print(f"crash campaign: {args.rounds} rounds, fsync {args.fsync}, seed {seed}", flush=True)
     with tempfile.TemporaryDirectory(prefix="sluice-soak-") as workdir:
@@ -191,6 +349,18 @@ def main(argv: list[str] | None = None) -> int:
             lambda line: print(line, flush=True),
             args.progress_every,
         )
+    for line in summary.lines():
+        print(line)
+    for violation in summary.violations:
+        print(f"violation: {violation}")
+    return 1 if summary.violations else 0
+
+
+def fuzz_main(frames: int, seed: int | None) -> int:
+    seed = seed if seed is not None else random.SystemRandom().randrange(2**32)
+    print(f"fuzz: {frames} frames, seed {seed}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="sluice-fuzz-") as workdir:
+        summary = run_fuzz(frames, seed, Path(workdir), lambda line: print(line, flush=True))
     for line in summary.lines():
         print(line)
     for violation in summary.violations:

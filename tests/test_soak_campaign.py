@@ -1,6 +1,6 @@
-"""The short form of ``make soak``'s crash campaign (``tests/soak.py``): a few rounds of
-kill -9 under load on one data dir, restarts killed during recovery among them, every
-restart checked."""
+"""The short forms of ``make soak`` (``tests/soak.py``): a crash campaign of a few rounds
+of kill -9 under load on one data dir, restarts killed during recovery among them, every
+restart checked; and 20,000 fuzzed frames against a running broker."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.soak import main, run_campaign
+from tests.soak import main, run_campaign, run_fuzz
 
 
 def test_a_short_crash_campaign_finds_no_violation(tmp_path: Path) -> None:
@@ -32,3 +32,11 @@ def test_the_command_says_what_it_does(capsys: pytest.CaptureFixture[str]) -> No
         main(["crash", "--help"])
     assert done.value.code == 0
     assert "--rounds" in capsys.readouterr().out
+
+
+def test_twenty_thousand_fuzzed_frames_break_nothing(tmp_path: Path) -> None:
+    seed = random.SystemRandom().randrange(2**32)
+    summary = run_fuzz(20_000, seed, tmp_path, lambda line: None)
+    assert summary.violations == [], f"seed {seed}: {summary.violations}"
+    assert summary.frames >= 20_000 and summary.replies >= 0.9 * summary.frames
+    assert summary.codes.get("BAD_REQUEST", 0) > 0 and summary.codes.get("BAD_FRAME", 0) > 0
