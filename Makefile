@@ -52,6 +52,7 @@ soak: $(STAMP)
 	$(BIN)/python -m tests.soak crash --rounds 1000 --fsync always
 	$(BIN)/python -m tests.soak crash --rounds 1000 --fsync interval
 	$(BIN)/python -m tests.soak fuzz --frames 1000000
+	$(BIN)/python -m tests.soak storm --connections 5000
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache sluice-data

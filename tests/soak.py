@@ -2,6 +2,7 @@
 
     python -m tests.soak crash --rounds 1000 --fsync always [--seed S]
     python -m tests.soak fuzz --frames 1000000 [--seed S]
+    python -m tests.soak storm --connections 5000
 
 ``crash``, the crash campaign: one data dir for every round. Each round runs the
 producers and consumers of ``tests/test_crash.py`` (puts with priorities and delays,
@@ -23,14 +24,22 @@ Seeded: ``--seed`` replays the workload's choices (not the threads' timing).
 that lies). It must not crash, log a traceback or answer ``INTERNAL``; its RSS must stay
 within ``RSS_GROWTH_BOUND`` of where it started; and a witness's messages, put before,
 must be unchanged after. Prints the frames sent, replies by error code, and RSS.
+
+``storm``: that many connections at once, each saying hello and long-polling, while a
+producer and two consumers put and ack their work through the same broker; then every
+idle connection goes, and the broker's open file descriptors and RSS must come back near
+where they started. The soft limit on open files is raised to the hard one first (the
+broker inherits it).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import random
 import re
+import resource
 import select
 import socket
 import statistics
@@ -43,10 +52,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgpack
+
+from client import AsyncClient
 from protocol import NEED_DATA, FrameDecoder
 from tests import test_crash as crash
 from tests.conftest import REPO_ROOT, BrokerProcess, start_broker, stop_broker
-from tests.fuzz import FrameSource
+from tests.fuzz import FrameSource, frame
 
 SETTLE_EVERY = 10  # rounds between drains that account for every put
 RECOVERY_KILL_CHANCE = 0.2  # of a restart being killed before it listens
@@ -310,6 +322,125 @@ def check_after_fuzz(broker: BrokerProcess, summary: FuzzSummary, bodies: list[b
             summary.violations.append(f"the witness's messages changed: {kept[:5]}...")
 
 
+# ----------------------------------------------------------------------- storm
+
+STORM_WORK = 2000  # messages the producer puts while the storm waits
+FD_SLACK = 20  # descriptors the broker may keep above its start once the storm is gone
+STORM_RSS_SLACK = 64 * 1024 * 1024
+
+
+@dataclass
+class StormSummary:
+    connections: int = 0
+    work_seconds: float = 0.0
+    fds: tuple[int, int, int] = (0, 0, 0)  # before, during, after
+    rss: tuple[int, int, int] = (0, 0, 0)
+    violations: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        mib = [f"{value / 2**20:.1f}" for value in self.rss]
+        return [
+            f"idle connections     {self.connections} (each hello + a long-poll)",
+            f"work through them    {STORM_WORK} put and acked in {self.work_seconds:.2f} s",
+            f"broker fds           {self.fds[0]} -> {self.fds[1]} -> {self.fds[2]}",
+            f"broker RSS           {mib[0]} -> {mib[1]} -> {mib[2]} MiB",
+            f"violations           {len(self.violations)}",
+        ]
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def raise_file_limit() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+async def idle_connection(host: str, port: int) -> asyncio.StreamWriter:
+    """Connect, say hello, and leave a long-poll waiting; returns the writer to close."""
+    reader, writer = await asyncio.open_connection(host, port)
+    hello = msgpack_frame([1, "hello", {"version": 1, "client": "storm"}])
+    wait = msgpack_frame([2, "reserve", {"queues": ["storm.idle"], "wait": 600}])
+    writer.write(hello + wait)
+    await writer.drain()
+    decoder = FrameDecoder(2**20)
+    while (reply := decoder.next_frame()) is NEED_DATA:
+        decoder.feed(await reader.read(4096))
+    assert reply[1] is True, f"hello failed: {reply}"
+    return writer
+
+
+def msgpack_frame(value: object) -> bytes:
+    return frame(msgpack.packb(value))
+
+
+async def storm_work(broker: BrokerProcess) -> float:
+    """A producer and two consumers through the stormed broker; returns their seconds."""
+    began = time.monotonic()
+    async with AsyncClient(broker.host, broker.port) as producer:
+        await producer.put_many("storm.work", [b"job"] * STORM_WORK)
+
+    async def consume() -> int:
+        done = 0
+        async with AsyncClient(broker.host, broker.port) as consumer:
+            while True:
+                messages = await consumer.reserve("storm.work", max_messages=50, wait=0.5)
+                if not messages:
+                    return done
+                done += await consumer.ack(messages)
+
+    counts = await asyncio.gather(consume(), consume())
+    assert sum(counts) == STORM_WORK, f"{sum(counts)} of {STORM_WORK} acked"
+    return time.monotonic() - began
+
+
+async def storm(broker: BrokerProcess, connections: int, summary: StormSummary) -> None:
+    pid = broker.process.pid
+    writers: list[asyncio.StreamWriter] = []
+    for start in range(0, connections, 500):  # in waves, not one SYN flood
+        batch = range(start, min(start + 500, connections))
+        writers += await asyncio.gather(*(idle_connection(broker.host, broker.port) for _ in batch))
+    summary.connections = len(writers)
+    summary.work_seconds = await storm_work(broker)
+    during = (open_fds(pid), rss_bytes(pid))
+    for writer in writers:
+        writer.close()
+    await asyncio.gather(*(writer.wait_closed() for writer in writers), return_exceptions=True)
+    deadline = time.monotonic() + 10
+    while open_fds(pid) > summary.fds[0] + FD_SLACK and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    summary.fds = (summary.fds[0], during[0], open_fds(pid))
+    summary.rss = (summary.rss[0], during[1], rss_bytes(pid))
+
+
+def run_storm(connections: int, workdir: Path) -> StormSummary:
+    summary = StormSummary()
+    limit = raise_file_limit()
+    if connections + 200 > limit:
+        summary.violations.append(f"{connections} connections need more than {limit} fds")
+        return summary
+    broker = start_broker(workdir / "storm.log")
+    try:
+        pid = broker.process.pid
+        summary.fds = (open_fds(pid), 0, 0)
+        summary.rss = (rss_bytes(pid), 0, 0)
+        asyncio.run(storm(broker, connections, summary))
+        if summary.fds[2] > summary.fds[0] + FD_SLACK:
+            summary.violations.append(f"the broker kept {summary.fds[2]} fds open")
+        if summary.rss[2] > summary.rss[0] + STORM_RSS_SLACK:
+            summary.violations.append("the broker's RSS did not come back near its start")
+        if "Traceback" in broker.log():
+            summary.violations.append(f"the broker logged a traceback:\n{broker.log()[-3000:]}")
+    except AssertionError as error:
+        summary.violations.append(str(error))
+    finally:
+        stop_broker(broker)
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tests.soak",
@@ -335,7 +466,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     fuzz.add_argument("--frames", type=int, default=1_000_000, help="(default 1,000,000)")
     fuzz.add_argument("--seed", type=int, help="replay a run's frames")
+    stormed = commands.add_parser(
+        "storm",
+        help="many idle long-polling connections at once, and real work through them",
+        description="Open CONNECTIONS connections that each say hello and long-poll, put "
+        "and ack work through the same broker, close them, and check the broker's file "
+        "descriptors and RSS come back near their start.",
+    )
+    stormed.add_argument("--connections", type=int, default=5000, help="(default 5,000)")
     args = parser.parse_args(argv)
+    if args.command == "storm":
+        with tempfile.TemporaryDirectory(prefix="sluice-storm-") as workdir:
+            return report(run_storm(args.connections, Path(workdir)))
     if args.command == "fuzz":
         return fuzz_main(args.frames, args.seed)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
@@ -349,6 +491,10 @@ def main(argv: list[str] | None = None) -> int:
             lambda line: print(line, flush=True),
             args.progress_every,
         )
+    return report(summary)
+
+
+def report(summary: StormSummary | FuzzSummary | Summary) -> int:
     for line in summary.lines():
         print(line)
     for violation in summary.violations:
@@ -361,11 +507,7 @@ def fuzz_main(frames: int, seed: int | None) -> int:
     print(f"fuzz: {frames} frames, seed {seed}", flush=True)
     with tempfile.TemporaryDirectory(prefix="sluice-fuzz-") as workdir:
         summary = run_fuzz(frames, seed, Path(workdir), lambda line: print(line, flush=True))
-    for line in summary.lines():
-        print(line)
-    for violation in summary.violations:
-        print(f"violation: {violation}")
-    return 1 if summary.violations else 0
+    return report(summary)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The short forms of ``make soak`` (``tests/soak.py``): a crash campaign of a few rounds
 of kill -9 under load on one data dir, restarts killed during recovery among them, every
-restart checked; and 20,000 fuzzed frames against a running broker."""
+restart checked; 20,000 fuzzed frames against a running broker; a storm of 500 idle
+connections."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.soak import main, run_campaign, run_fuzz
+from tests.soak import main, run_campaign, run_fuzz, run_storm
 
 
 def test_a_short_crash_campaign_finds_no_violation(tmp_path: Path) -> None:
@@ -40,3 +41,11 @@ def test_twenty_thousand_fuzzed_frames_break_nothing(tmp_path: Path) -> None:
     assert summary.violations == [], f"seed {seed}: {summary.violations}"
     assert summary.frames >= 20_000 and summary.replies >= 0.9 * summary.frames
     assert summary.codes.get("BAD_REQUEST", 0) > 0 and summary.codes.get("BAD_FRAME", 0) > 0
+
+
+def test_a_storm_of_idle_connections_lets_work_through_and_leaves_no_fds(
+    tmp_path: Path,
+) -> None:
+    summary = run_storm(500, tmp_path)
+    assert summary.violations == [], summary.violations
+    assert summary.connections == 500 and summary.fds[1] >= 500 + summary.fds[2]
