@@ -3,6 +3,7 @@
     python -m tests.soak crash --rounds 1000 --fsync always [--seed S]
     python -m tests.soak fuzz --frames 1000000 [--seed S]
     python -m tests.soak storm --connections 5000
+    python -m tests.soak all    (make soak: every one in turn, one table of figures)
 
 ``crash``, the crash campaign: one data dir for every round. Each round runs the
 producers and consumers of ``tests/test_crash.py`` (puts with priorities and delays,
@@ -52,6 +53,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import msgpack
 
@@ -452,72 +454,117 @@ def run_storm(connections: int, workdir: Path) -> StormSummary:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
+    with tempfile.TemporaryDirectory(prefix="sluice-soak-") as workdir:
+        runs = RUNS[args.command](args, seed, Path(workdir))
+        return report(runs, seed)
+
+
+Run = tuple[str, "Summary | FuzzSummary | StormSummary"]
+
+
+def crash_runs(args: argparse.Namespace, seed: int, workdir: Path) -> list[Run]:
+    modes = [args.fsync] if args.fsync else ["always", "interval"]
+    runs: list[Run] = []
+    for mode in modes:
+        print(f"crash campaign: {args.rounds} rounds, fsync {mode}, seed {seed}", flush=True)
+        where = workdir / f"crash-{mode}"
+        where.mkdir()
+        summary = run_campaign(args.rounds, mode, seed, where, _progress, args.progress_every)
+        runs.append((f"crash, fsync {mode}", summary))
+    return runs
+
+
+def fuzz_runs(args: argparse.Namespace, seed: int, workdir: Path) -> list[Run]:
+    print(f"fuzz: {args.frames} frames, seed {seed}", flush=True)
+    return [("fuzz", run_fuzz(args.frames, seed, workdir, _progress))]
+
+
+def storm_runs(args: argparse.Namespace, seed: int, workdir: Path) -> list[Run]:
+    print(f"storm: {args.connections} connections", flush=True)
+    return [("storm", run_storm(args.connections, workdir))]
+
+
+def all_runs(args: argparse.Namespace, seed: int, workdir: Path) -> list[Run]:
+    runs = []
+    for name, make in (("crash", crash_runs), ("fuzz", fuzz_runs), ("storm", storm_runs)):
+        where = workdir / name
+        where.mkdir()
+        runs += make(args, seed, where)
+    return runs
+
+
+RUNS: dict[str, Any] = {
+    "crash": crash_runs,
+    "fuzz": fuzz_runs,
+    "storm": storm_runs,
+    "all": all_runs,
+}
+
+
+def _progress(line: str) -> None:
+    print(line, flush=True)
+
+
+def report(runs: list[Run], seed: int) -> int:
+    """One table of every run's figures, then the violations; 1 if there are any."""
+    print(f"\nsoak results (seed {seed})")
+    for name, summary in runs:
+        print(f"-- {name}")
+        for line in summary.lines():
+            print(f"   {line}")
+    violations = [(name, v) for name, summary in runs for v in summary.violations]
+    for name, violation in violations:
+        print(f"violation ({name}): {violation}")
+    return 1 if violations else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m tests.soak",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    campaign = commands.add_parser(
+    crash_cmd = commands.add_parser(
         "crash",
         help="kill -9 the broker under load, round after round, on one data dir",
         description="Kill -9 the broker at random moments under load, on one data dir, "
         "and check after every restart that nothing it confirmed was lost or done twice.",
     )
-    campaign.add_argument("--rounds", type=int, default=1000, help="kills (default 1000)")
-    campaign.add_argument("--fsync", choices=["always", "interval"], default="always")
-    campaign.add_argument("--seed", type=int, help="replay a campaign's choices")
-    campaign.add_argument("--progress-every", type=int, default=50, metavar="N")
-    fuzz = commands.add_parser(
+    fuzz_cmd = commands.add_parser(
         "fuzz",
         help="throw malformed and hostile frames at a broker over many connections",
         description="Send FRAMES fuzzed frames (wrong types and values for every op, random "
         "bytes, flipped bits, lying lengths) and check that the broker neither crashes nor "
         "answers INTERNAL, its RSS stays bounded and a witness's messages are unchanged.",
     )
-    fuzz.add_argument("--frames", type=int, default=1_000_000, help="(default 1,000,000)")
-    fuzz.add_argument("--seed", type=int, help="replay a run's frames")
-    stormed = commands.add_parser(
+    storm_cmd = commands.add_parser(
         "storm",
         help="many idle long-polling connections at once, and real work through them",
         description="Open CONNECTIONS connections that each say hello and long-poll, put "
         "and ack work through the same broker, close them, and check the broker's file "
         "descriptors and RSS come back near their start.",
     )
-    stormed.add_argument("--connections", type=int, default=5000, help="(default 5,000)")
-    args = parser.parse_args(argv)
-    if args.command == "storm":
-        with tempfile.TemporaryDirectory(prefix="sluice-storm-") as workdir:
-            return report(run_storm(args.connections, Path(workdir)))
-    if args.command == "fuzz":
-        return fuzz_main(args.frames, args.seed)
-    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
-    print(f"crash campaign: {args.rounds} rounds, fsync {args.fsync}, seed {seed}", flush=True)
-    with tempfile.TemporaryDirectory(prefix="sluice-soak-") as workdir:
-        summary = run_campaign(
-            args.rounds,
-            args.fsync,
-            seed,
-            Path(workdir),
-            lambda line: print(line, flush=True),
-            args.progress_every,
-        )
-    return report(summary)
-
-
-def report(summary: StormSummary | FuzzSummary | Summary) -> int:
-    for line in summary.lines():
-        print(line)
-    for violation in summary.violations:
-        print(f"violation: {violation}")
-    return 1 if summary.violations else 0
-
-
-def fuzz_main(frames: int, seed: int | None) -> int:
-    seed = seed if seed is not None else random.SystemRandom().randrange(2**32)
-    print(f"fuzz: {frames} frames, seed {seed}", flush=True)
-    with tempfile.TemporaryDirectory(prefix="sluice-fuzz-") as workdir:
-        summary = run_fuzz(frames, seed, Path(workdir), lambda line: print(line, flush=True))
-    return report(summary)
+    all_cmd = commands.add_parser(
+        "all",
+        help="every soak in turn (make soak), one table of figures at the end",
+        description="The crash campaign in both fsync modes, the fuzz and the storm.",
+    )
+    for command in (crash_cmd, all_cmd):
+        command.add_argument("--rounds", type=int, default=1000, help="kills (default 1000)")
+        command.add_argument("--progress-every", type=int, default=50, metavar="N")
+    crash_cmd.add_argument(
+        "--fsync", choices=["always", "interval"], help="one mode (default: both, in turn)"
+    )
+    all_cmd.set_defaults(fsync=None)
+    for command in (fuzz_cmd, all_cmd):
+        command.add_argument("--frames", type=int, default=1_000_000, help="(default 1,000,000)")
+    for command in (storm_cmd, all_cmd):
+        command.add_argument("--connections", type=int, default=5000, help="(default 5,000)")
+    for command in (crash_cmd, fuzz_cmd, storm_cmd, all_cmd):
+        command.add_argument("--seed", type=int, help="replay a run's choices")
+    return parser
 
 
 if __name__ == "__main__":
