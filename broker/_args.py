@@ -108,6 +108,16 @@ class Args:
             raise BadRequest(f"{self.op}: {name} must be a string, got {type(value).__name__}")
         return value[:MAX_TEXT]
 
+    def binary(self, name: str) -> bytes:
+        value = self._get(name, _MISSING)
+        if not isinstance(value, bytes):
+            raise BadRequest(f"{self.op}: {name} must be bytes, got {type(value).__name__}")
+        return value
+
+    def raw(self, name: str) -> Any:
+        """The argument as sent, for a reader that checks it itself."""
+        return self._get(name, _MISSING)
+
     def message_id(self, name: str = "id") -> int:
         return self.integer(name, low=1, high=INT64_RANGE[1])  # type: ignore[no-any-return]
 

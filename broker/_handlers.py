@@ -9,17 +9,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, cast
 
 from protocol import MAX_WAIT, BadRequest, UnknownOp
 
 from ._args import MAX_BATCH, MAX_WAITS_PER_CONNECTION, Args, put_spec
+from ._channels import Channels, Sink
 from ._core import Core
 from ._lifecycle import State
 from ._message import Message, PutSpec
 from ._schedules import FIELDS as SCHEDULE_FIELDS
 from ._schedules import fire_spec
 from ._settings import MIN_LEASE
+from ._subjects import require_channel
 
 PEEKABLE: Final = (State.READY, State.DELAYED, State.RESERVED, State.DEAD)
 
@@ -34,6 +36,7 @@ PENDING: Final = _Pending()
 # (A reserve's reply waits only for the puts of what it delivers; see the server.)
 READ_ONLY_OPS: Final = frozenset(
     {"ping", "status", "queues", "stats", "dead_letters", "peek", "reserve", "schedules"}
+    | {"publish", "subscribe", "unsubscribe"}  # channels store nothing
 )
 MAX_NOTE: Final = 200  # characters of a progress note
 
@@ -43,7 +46,9 @@ class Call:
     """What a handler may use: the core, the time of the request, a key that names this
     request if it has to wait, how many more waits its connection may hold, and the
     store's room checks for new data (puts, ack results). A reserve leaves the messages
-    it handed out in ``delivered``."""
+    it handed out in ``delivered``. ``channels`` are the live subscriptions; ``sink`` is
+    where a subscription made by this request sends its frames (None: this view cannot
+    subscribe)."""
 
     core: Core
     now: float
@@ -51,6 +56,8 @@ class Call:
     waits_left: int = MAX_WAITS_PER_CONNECTION
     space: Space | None = None  # the store's room for new data; None in memory
     delivered: list[Message] | None = None
+    channels: Channels | None = None
+    sink: Sink | None = None
 
 
 class Space(Protocol):
@@ -278,6 +285,28 @@ def _trigger(call: Call, args: Args) -> Any:
     return {"id": call.core.trigger(call.now, queue, name)}
 
 
+def _publish(call: Call, args: Args) -> Any:
+    channel = require_channel(args.raw("channel"), "publish")
+    data = args.binary("data")
+    return {"subscribers": 0 if call.channels is None else call.channels.publish(channel, data)}
+
+
+def _subscribe(call: Call, args: Args) -> Any:
+    if call.channels is None or call.sink is None:
+        raise BadRequest("subscribe needs a connection of the wire protocol")
+    owner, request_id = cast(tuple[int, int], call.waiter_key)  # (connection, request)
+    patterns = call.channels.subscribe(owner, request_id, args.raw("patterns"), call.sink)
+    return {"subscription": request_id, "patterns": patterns}
+
+
+def _unsubscribe(call: Call, args: Args) -> Any:
+    subscription = args.integer("subscription", low=0, high=2**64 - 1)
+    if call.channels is None or call.sink is None:
+        return {"unsubscribed": False}
+    owner = cast(tuple[int, int], call.waiter_key)[0]
+    return {"unsubscribed": call.channels.unsubscribe(owner, subscription)}
+
+
 def _table(
     *rows: tuple[str, Handler, tuple[str, ...]],
 ) -> dict[str, tuple[frozenset[str], Handler]]:
@@ -311,6 +340,9 @@ HANDLERS: Final = _table(
     ("unschedule", _unschedule, ("queue", "name")),
     ("schedules", _schedules, ("queue",)),
     ("trigger", _trigger, ("queue", "name")),
+    ("publish", _publish, ("channel", "data")),
+    ("subscribe", _subscribe, ("patterns",)),
+    ("unsubscribe", _unsubscribe, ("subscription",)),
 )
 
 

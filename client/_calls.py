@@ -535,3 +535,15 @@ def trigger(queue: str, name: str) -> Call[int]:
     """Fire a schedule now, outside its slots; returns the id of the message it put."""
     args = {"queue": _queue(queue), "name": require_queue_name(name, "client", "schedule")}
     return Call("trigger", args, _field("id"))
+
+
+def publish(channel: str, data: Body) -> Call[int]:
+    """Send ``data`` to the live subscriptions of every pattern matching ``channel``;
+    returns how many it reached. At most once, and only to subscriptions present now:
+    nothing is stored (put it in a queue when it must not be lost)."""
+    return Call("publish", {"channel": channel, "data": _body(data)}, _field("subscribers"))
+
+
+def unsubscribe(subscription: int) -> Call[bool]:
+    """End a subscription by its id; False if it had ended already."""
+    return Call("unsubscribe", {"subscription": subscription}, _field("unsubscribed"))

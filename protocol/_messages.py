@@ -47,6 +47,9 @@ OPS: Final = frozenset(
         "unschedule",
         "schedules",
         "trigger",
+        "publish",
+        "subscribe",
+        "unsubscribe",
     }
 )
 
