@@ -310,13 +310,13 @@ class Connection(asyncio.Protocol):
     def push(self, frame: bytes, limit: int | None) -> bool:
         """Queue a frame nobody asked for (a subscription's) for the end of this turn,
         unless the peer would then be behind by more than ``limit`` bytes (None: no
-        limit); False if it was not queued."""
+        limit; a larger frame goes only to a peer behind by nothing); False if it was
+        not queued."""
         transport = self.transport
         if transport is None or self.closing:
             return False
-        if limit is not None and (
-            transport.get_write_buffer_size() + self.pushed + len(frame) > limit
-        ):
+        behind = transport.get_write_buffer_size() + self.pushed
+        if limit is not None and behind and behind + len(frame) > limit:
             return False
         self.pushed += len(frame)
         self.outbox.append(frame)

@@ -210,3 +210,11 @@ def test_async_client_lagged_import_is_public() -> None:
     import sluice
 
     assert sluice.errors.Lagged is Lagged and sluice.AsyncClient is AsyncClient
+
+
+def test_a_message_larger_than_the_buffer_reaches_a_reader(broker: BrokerProcess) -> None:
+    data = b"y" * (3 * 2**20)  # over the 1 MiB a subscriber may be behind
+    with broker.client() as client:
+        subscription = client.subscribe("big")
+        assert client.publish("big", data) == 1
+        assert subscription.get(TIMEOUT) == ChannelMessage("big", data)
