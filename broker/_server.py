@@ -473,7 +473,8 @@ class BrokerServer:
             return result, 0, delivered
         if call.delivered is not None:
             return result, self.delivery_need(call.delivered), delivered
-        return result, 0 if op in READ_ONLY_OPS else self.pending_batch(), delivered
+        read_only = op in READ_ONLY_OPS and not call.stored
+        return result, 0 if read_only else self.pending_batch(), delivered
 
     async def run_confirmed(self, op: str, args: dict[str, Any]) -> Any:
         """Run an op for a view without a connection (the HTTP API) and return its result

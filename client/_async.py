@@ -330,6 +330,9 @@ class AsyncClient:
     trigger = _awaiting(_calls.trigger)
     publish = _awaiting(_calls.publish)
     unsubscribe = _awaiting(_calls.unsubscribe)
+    bind = _awaiting(_calls.bind)
+    unbind = _awaiting(_calls.unbind)
+    bindings = _awaiting(_calls.bindings)
 
 
 class AsyncSubscription:

@@ -315,6 +315,9 @@ class Client:
     trigger = _blocking(_calls.trigger)
     publish = _blocking(_calls.publish)
     unsubscribe = _blocking(_calls.unsubscribe)
+    bind = _blocking(_calls.bind)
+    unbind = _blocking(_calls.unbind)
+    bindings = _blocking(_calls.bindings)
 
 
 def _field_subscription(result: Any) -> int:

@@ -50,6 +50,9 @@ OPS: Final = frozenset(
         "publish",
         "subscribe",
         "unsubscribe",
+        "bind",
+        "unbind",
+        "bindings",
     }
 )
 
