@@ -211,7 +211,10 @@ class Client:
         rest); messages published once this returns reach it. Iterate it for
         ``ChannelMessage``s (blocking), or ``get(timeout)``; ``unsubscribe()`` ends it.
         It shares this connection: other calls go on between messages (pushes that
-        arrive meanwhile are kept for it). Raises ``Lagged`` when it fell behind."""
+        arrive meanwhile are kept for it). While one thread waits for a message, another
+        thread's call on this client waits for the lock, up to the client's ``timeout``
+        at a time: give a thread that must not wait a client of its own. Raises
+        ``Lagged`` when it fell behind."""
         with self._lock:
             self._ensure_connected()
             call = Call("subscribe", {"patterns": list(patterns)}, _field_subscription)
