@@ -108,6 +108,16 @@ class Args:
             raise BadRequest(f"{self.op}: {name} must be a string, got {type(value).__name__}")
         return value[:MAX_TEXT]
 
+    def binary(self, name: str) -> bytes:
+        value = self._get(name, _MISSING)
+        if not isinstance(value, bytes):
+            raise BadRequest(f"{self.op}: {name} must be bytes, got {type(value).__name__}")
+        return value
+
+    def raw(self, name: str) -> Any:
+        """The argument as sent, for a reader that checks it itself."""
+        return self._get(name, _MISSING)
+
     def message_id(self, name: str = "id") -> int:
         return self.integer(name, low=1, high=INT64_RANGE[1])  # type: ignore[no-any-return]
 
@@ -196,7 +206,7 @@ _PUT_FIELDS: Final = frozenset(
 )
 
 
-def put_spec(item: Any, index: int | None = None) -> PutSpec:
+def put_spec(item: Any, index: int | str | None = None) -> PutSpec:
     """One message map of a put; errors name it as "put: message <index>" (or, without an
     index, as put_and_wait's message). The accepting path reads each field once."""
     if not isinstance(item, dict):
@@ -228,7 +238,10 @@ def _refuse_unknown(op: str, args: dict[Any, Any], allowed: frozenset[str]) -> N
     raise BadRequest(f"{op}: unknown argument(s) {names}; allowed: {sorted(allowed)}")
 
 
-def _message_name(index: int | None) -> str:
+def _message_name(index: int | str | None) -> str:
+    """How errors name a message: by its index in a put, else by ``index`` itself."""
+    if isinstance(index, str):
+        return index
     return "put_and_wait: message" if index is None else f"put: message {index}"
 
 

@@ -17,11 +17,12 @@ import itertools
 import math
 import random as _random
 from collections.abc import Callable, Hashable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from protocol import BadRequest, LeaseLost, NotFound, TooLarge, shown
 
+from ._bindings import Binding, Bindings
 from ._lazyheap import Entry, LazyHeap
 from ._lifecycle import Event, State, advance_state
 from ._message import Message, PutSpec
@@ -61,6 +62,7 @@ class Changes:
     results: dict[int, StoredResult | None]  # None: delete
     dedup: dict[tuple[str, str], DedupEntry | None]  # ended keys only; None: delete
     schedules: dict[ScheduleKey, Schedule | None]  # None: delete
+    bindings: dict[Binding, bool] = field(default_factory=dict)  # False: delete
 
 
 LEASE_EXPIRED = "lease expired"
@@ -109,6 +111,7 @@ class Core:
         self._changed: dict[int, Message] | None = {} if track_changes else None
         self.results = Results(track_changes)
         self.dedup = DedupKeys(track_changes)
+        self.bindings = Bindings(track_changes)  # durable fan-out; not on the messages path
         # Waits for a message's outcome (result, put_and_wait): key -> (message id, seq),
         # and message id -> keys. Their deadlines share the long-polls' heap.
         self._result_waits: dict[Hashable, tuple[int, int]] = {}
@@ -170,6 +173,7 @@ class Core:
             or bool(self.results.changed)
             or bool(self.dedup.changed)
             or bool(self._changed_schedules)
+            or bool(self.bindings.changed)
         )
 
     def take_changes(self) -> Changes:
@@ -194,6 +198,7 @@ class Core:
             results,
             dedup,
             schedules,
+            self.bindings.take_changes(),
         )
 
     @property
@@ -218,6 +223,7 @@ class Core:
         results: Iterable[tuple[int, StoredResult]] = (),
         dedup: Iterable[tuple[str, str, DedupEntry]] = (),
         schedules: Iterable[Schedule] = (),
+        bindings: Iterable[Binding] = (),
     ) -> None:
         """Rebuild every index from stored records, on an empty core. Each message comes
         with its queue's name and its state, ordering ``seq`` and deadlines already set
@@ -268,6 +274,7 @@ class Core:
         self.results.changed = {} if self._changed is not None else None
         self.dedup.changed = {} if self._changed is not None else None
         self._seq = highest_seq
+        self.bindings.restore(list(bindings))
         for schedule in schedules:
             self._queue(schedule.queue)
             self.schedules[schedule.key] = schedule

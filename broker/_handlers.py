@@ -9,17 +9,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, cast
 
-from protocol import MAX_WAIT, BadRequest, UnknownOp
+from protocol import MAX_WAIT, BadRequest, TooLarge, UnknownOp
 
 from ._args import MAX_BATCH, MAX_WAITS_PER_CONNECTION, Args, put_spec
+from ._channels import Channels, Sink
 from ._core import Core
 from ._lifecycle import State
 from ._message import Message, PutSpec
 from ._schedules import FIELDS as SCHEDULE_FIELDS
 from ._schedules import fire_spec
-from ._settings import MIN_LEASE
+from ._settings import MIN_LEASE, QueueSettings
+from ._subjects import require_channel, require_pattern
 
 PEEKABLE: Final = (State.READY, State.DELAYED, State.RESERVED, State.DEAD)
 
@@ -34,6 +36,7 @@ PENDING: Final = _Pending()
 # (A reserve's reply waits only for the puts of what it delivers; see the server.)
 READ_ONLY_OPS: Final = frozenset(
     {"ping", "status", "queues", "stats", "dead_letters", "peek", "reserve", "schedules"}
+    | {"publish", "subscribe", "unsubscribe", "bindings"}  # (a publish that puts: see Call)
 )
 MAX_NOTE: Final = 200  # characters of a progress note
 
@@ -43,7 +46,10 @@ class Call:
     """What a handler may use: the core, the time of the request, a key that names this
     request if it has to wait, how many more waits its connection may hold, and the
     store's room checks for new data (puts, ack results). A reserve leaves the messages
-    it handed out in ``delivered``."""
+    it handed out in ``delivered``. ``channels`` are the live subscriptions; ``sink`` is
+    where a subscription made by this request sends its frames (None: this view cannot
+    subscribe). A read-only op that stored something after all (a publish that reached
+    a bound queue) sets ``stored``: its reply then waits for the commit."""
 
     core: Core
     now: float
@@ -51,6 +57,9 @@ class Call:
     waits_left: int = MAX_WAITS_PER_CONNECTION
     space: Space | None = None  # the store's room for new data; None in memory
     delivered: list[Message] | None = None
+    channels: Channels | None = None
+    sink: Sink | None = None
+    stored: bool = False
 
 
 class Space(Protocol):
@@ -278,6 +287,66 @@ def _trigger(call: Call, args: Args) -> Any:
     return {"id": call.core.trigger(call.now, queue, name)}
 
 
+DEFAULT_SETTINGS: Final = QueueSettings()
+PUBLISH_PUT_FIELDS: Final = ("priority", "delay", "max_attempts", "headers", "key")
+
+
+def _publish(call: Call, args: Args) -> Any:
+    channel = require_channel(args.raw("channel"), "publish")
+    data = args.binary("data")
+    given = {name: args.raw(name) for name in PUBLISH_PUT_FIELDS if args.given(name)}
+    spec = put_spec({**given, "body": data}, "publish") if given else PutSpec(body=data)
+    queues = call.core.bindings.queues_for(channel)
+    if queues:
+        _check_body(call.core, queues, len(data))  # all copies or none
+        if call.space is not None:
+            call.space.admit_put([spec] * len(queues))
+        for queue in queues:  # one turn, so one commit however many queues
+            call.core.put(call.now, queue, [spec])
+        call.stored = True
+    reached = 0 if call.channels is None else call.channels.publish(channel, data)
+    return {"subscribers": reached, "queues": len(queues)}
+
+
+def _check_body(core: Core, queues: list[str], size: int) -> None:
+    for name in queues:
+        queue = core.queues.get(name)
+        limit = (queue.settings if queue is not None else DEFAULT_SETTINGS).max_body
+        if size > limit:
+            raise TooLarge(f"publish: data of {size} bytes is over {name}'s max_body of {limit}")
+
+
+def _bind(call: Call, args: Args) -> Any:
+    pattern = require_pattern(args.raw("pattern"), "bind")
+    return {"bound": call.core.bindings.bind(pattern, args.queue())}
+
+
+def _unbind(call: Call, args: Args) -> Any:
+    pattern = require_pattern(args.raw("pattern"), "unbind")
+    return {"unbound": call.core.bindings.unbind(pattern, args.queue())}
+
+
+def _bindings(call: Call, args: Args) -> Any:
+    listed = call.core.bindings.listed()
+    return {"bindings": [{"pattern": pattern, "queue": queue} for pattern, queue in listed]}
+
+
+def _subscribe(call: Call, args: Args) -> Any:
+    if call.channels is None or call.sink is None:
+        raise BadRequest("subscribe needs a connection of the wire protocol")
+    owner, request_id = cast(tuple[int, int], call.waiter_key)  # (connection, request)
+    patterns = call.channels.subscribe(owner, request_id, args.raw("patterns"), call.sink)
+    return {"subscription": request_id, "patterns": patterns}
+
+
+def _unsubscribe(call: Call, args: Args) -> Any:
+    subscription = args.integer("subscription", low=0, high=2**64 - 1)
+    if call.channels is None or call.sink is None:
+        return {"unsubscribed": False}
+    owner = cast(tuple[int, int], call.waiter_key)[0]
+    return {"unsubscribed": call.channels.unsubscribe(owner, subscription)}
+
+
 def _table(
     *rows: tuple[str, Handler, tuple[str, ...]],
 ) -> dict[str, tuple[frozenset[str], Handler]]:
@@ -311,6 +380,12 @@ HANDLERS: Final = _table(
     ("unschedule", _unschedule, ("queue", "name")),
     ("schedules", _schedules, ("queue",)),
     ("trigger", _trigger, ("queue", "name")),
+    ("publish", _publish, ("channel", "data", *PUBLISH_PUT_FIELDS)),
+    ("bind", _bind, ("pattern", "queue")),
+    ("unbind", _unbind, ("pattern", "queue")),
+    ("bindings", _bindings, ()),
+    ("subscribe", _subscribe, ("patterns",)),
+    ("unsubscribe", _unsubscribe, ("subscription",)),
 )
 
 

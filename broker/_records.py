@@ -19,6 +19,8 @@ Message ids are 8-byte big-endian keys, so the message databases are in id order
   the queue's dedup window runs out. (Keys of live messages are in their records.)
 - ``schedules``: queue + NUL + name -> msgpack ``[RECORD_FORMAT, spec map, created_at,
   [next_at, last_slot, last_message_id, runs, triggered, missed, skipped]]``.
+- ``bindings``: pattern + NUL + queue -> msgpack ``[RECORD_FORMAT]``: a publish on a channel
+  the pattern matches also puts a copy into the queue.
 - ``meta``: ``b"format"`` -> the store's layout version; ``b"counters"`` -> msgpack
   ``[RECORD_FORMAT, id_ceiling, token_ceiling]``: no id or lease token at or above these has
   been handed out, so a recovered broker starts from them and never reuses one.
@@ -43,7 +45,8 @@ from ._settings import QueueSettings
 
 RECORD_FORMAT: Final = 2
 READABLE: Final = (1, 2)  # record formats this version reads
-BATCH_FORMAT: Final = 2  # the layout of a log record (``Batch.pack``); 1 had no schedules
+BATCH_FORMAT: Final = 3  # the layout of a log record (``Batch.pack``)
+_BATCH_FIELDS: Final = {1: 8, 2: 9, 3: 10}  # fields per format: 1 had no schedules, 2 no bindings
 BODY_PREFIX: Final = bytes([RECORD_FORMAT])
 _STATES: Final = {state.value: state for state in State}
 
@@ -79,9 +82,16 @@ class Batch:
     freed: int = 0  # the estimated size of the stored messages it deletes
     ceilings: tuple[int, int] | None = None
     schedules: Optional = field(default_factory=list)
+    bindings: Optional = field(default_factory=list)
 
     def __len__(self) -> int:
-        return len(self.states) + len(self.deletes) + len(self.queues) + len(self.schedules)
+        return (
+            len(self.states)
+            + len(self.deletes)
+            + len(self.queues)
+            + len(self.schedules)
+            + len(self.bindings)
+        )
 
     def pack(self) -> bytes:
         """The batch as one log record's payload."""
@@ -95,6 +105,7 @@ class Batch:
             self.dedup,
             self.counters,
             self.schedules,
+            self.bindings,
         ]
         packed: bytes = msgpack.packb(fields)
         return packed
@@ -102,12 +113,22 @@ class Batch:
 
 def unpack_batch(payload: bytes) -> Batch:
     fields = msgpack.unpackb(payload, use_list=False)
-    if fields and fields[0] == 1 and len(fields) == 8:
-        fields = (*fields, ())  # format 1: no schedules
-    elif not fields or fields[0] != BATCH_FORMAT or len(fields) != 9:
+    if not fields or _BATCH_FIELDS.get(fields[0]) != len(fields):
         raise StoreCorrupt(f"log record format {fields[:1]} unknown")
-    _, bodies, states, deletes, queues, results, dedup, counters, schedules = fields
-    return Batch(0, bodies, states, deletes, queues, results, dedup, counters, schedules=schedules)
+    fields = (*fields, (), ())[:10]  # formats 1 and 2: no schedules, no bindings
+    _, bodies, states, deletes, queues, results, dedup, counters, schedules, bindings = fields
+    return Batch(
+        0,
+        bodies,
+        states,
+        deletes,
+        queues,
+        results,
+        dedup,
+        counters,
+        schedules=schedules,
+        bindings=bindings,
+    )
 
 
 def message_key(message_id: int) -> bytes:
@@ -290,3 +311,18 @@ def decode_counters(value: bytes) -> tuple[int, int]:
 
 def key_id(key: bytes) -> int:
     return int.from_bytes(key, "big")
+
+
+def binding_key(pattern: str, queue: str) -> bytes:
+    return pattern.encode() + b"\x00" + queue.encode()
+
+
+BINDING_RECORD: Final = msgpack.packb([RECORD_FORMAT])
+
+
+def decode_binding(key: bytes, value: bytes) -> tuple[str, str]:
+    record = msgpack.unpackb(value)
+    if not record or record[0] != RECORD_FORMAT:
+        raise StoreCorrupt(f"binding {key!r}: record format {record[:1]} unknown")
+    pattern, _, queue = key.partition(b"\x00")
+    return pattern.decode(), queue.decode()

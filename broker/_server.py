@@ -65,6 +65,7 @@ from protocol import (
 
 from . import __version__
 from ._args import MAX_BATCH, MAX_WAITS_PER_CONNECTION
+from ._channels import Channels, Sink
 from ._core import Core
 from ._handlers import PENDING, READ_ONLY_OPS, Call, deliveries, handle
 from ._logging import event
@@ -104,6 +105,7 @@ class Connection(asyncio.Protocol):
         self.client_name = "?"
         self.peer = "?"
         self.outbox: Frames = []  # replies to write at the end of this turn
+        self.pushed = 0  # bytes of pushed frames (subscriptions') in the outbox
         self.held: Frames = []  # replies of this turn that wait for batch `held_need`
         self.held_need = 0
         self.last_need = 0  # the latest batch any reply queued so far needs
@@ -305,6 +307,22 @@ class Connection(asyncio.Protocol):
         self.last_need = max(self.last_need, need)
         self.server.mark_dirty(self)
 
+    def push(self, frame: bytes, limit: int | None) -> bool:
+        """Queue a frame nobody asked for (a subscription's) for the end of this turn,
+        unless the peer would then be behind by more than ``limit`` bytes (None: no
+        limit; a larger frame goes only to a peer behind by nothing); False if it was
+        not queued."""
+        transport = self.transport
+        if transport is None or self.closing:
+            return False
+        behind = transport.get_write_buffer_size() + self.pushed
+        if limit is not None and behind and behind + len(frame) > limit:
+            return False
+        self.pushed += len(frame)
+        self.outbox.append(frame)
+        self.server.mark_dirty(self)
+        return True
+
     def fail(self, error: SluiceError) -> None:
         """A framing error: one error reply, then this connection closes."""
         log.info(
@@ -326,6 +344,7 @@ class Connection(asyncio.Protocol):
 
     def take_outbox(self) -> Frames:
         frames, self.outbox = self.outbox, []
+        self.pushed = 0
         return frames
 
     def take_held(self) -> tuple[int, Frames]:
@@ -359,6 +378,7 @@ class BrokerServer:
         self.limits = limits
         self.clock = clock
         self.store = store
+        self.channels = Channels()
         # Group commit: batches are numbered 1, 2, ... by the store; replies wait in `_held`
         # for the batch number they need. `_stalled`: a batch failed and waits to be tried
         # again; nothing after it may commit first.
@@ -425,27 +445,36 @@ class BrokerServer:
         if request_id in connection.waiting and not self.shutting_down:
             raise BadRequest(f"request id {request_id} is already in use by a waiting reserve")
         waits_left = MAX_WAITS_PER_CONNECTION - len(connection.waiting)
-        result, need, delivered = self.run(op, args, (connection.id, request_id), waits_left)
+        key = (connection.id, request_id)
+        result, need, delivered = self.run(op, args, key, waits_left, connection)
         if delivered:
             connection.delivered += delivered
         return result, need
 
     def run(
-        self, op: str, args: dict[str, Any], waiter_key: Hashable, waits_left: int
+        self,
+        op: str,
+        args: dict[str, Any],
+        waiter_key: Hashable,
+        waits_left: int,
+        sink: Sink | None = None,
     ) -> tuple[Any, int, int]:
         """Run one op against the core: the one path of every view (wire, HTTP API).
         Returns its result, the batch its answer needs before it goes out (see the module
         docstring), and how many messages it delivered. Raises the op's ``SluiceError``."""
         if self.shutting_down:
             raise ShuttingDown("the broker is shutting down; reconnect to another or retry later")
-        call = Call(self.core, self.clock(), waiter_key, waits_left, self.store)
+        call = Call(
+            self.core, self.clock(), waiter_key, waits_left, self.store, None, self.channels, sink
+        )
         result = handle(call, op, args)
         delivered = 0 if call.delivered is None else len(call.delivered)
         if self.store is None:
             return result, 0, delivered
         if call.delivered is not None:
             return result, self.delivery_need(call.delivered), delivered
-        return result, 0 if op in READ_ONLY_OPS else self.pending_batch(), delivered
+        read_only = op in READ_ONLY_OPS and not call.stored
+        return result, 0 if read_only else self.pending_batch(), delivered
 
     async def run_confirmed(self, op: str, args: dict[str, Any]) -> Any:
         """Run an op for a view without a connection (the HTTP API) and return its result
@@ -680,6 +709,7 @@ class BrokerServer:
         if not self.connections:
             self._no_connections.set()
         self.cancel_waits(connection)
+        self.channels.drop_owner(connection.id)
 
     def cancel_waits(self, connection: Connection) -> None:
         for request_id in connection.waiting:

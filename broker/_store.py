@@ -60,12 +60,15 @@ from ._lifecycle import State
 from ._logging import event
 from ._message import NOT_STORED, Message, PutSpec
 from ._records import (
+    BINDING_RECORD,
     BODY_PREFIX,
     READABLE,
     RECORD_FORMAT,
     Batch,
     StoreCorrupt,
     StoreError,
+    binding_key,
+    decode_binding,
     decode_counters,
     decode_dedup,
     decode_message,
@@ -133,6 +136,7 @@ class Coalesced:
     results: dict[bytes, bytes | None] = field(default_factory=dict)
     dedup: dict[bytes, bytes | None] = field(default_factory=dict)
     schedules: dict[bytes, bytes | None] = field(default_factory=dict)
+    bindings: dict[bytes, bytes | None] = field(default_factory=dict)
     counters: bytes | None = None
     log_bytes: int = 0
     admitted: int = 0  # admitted less freed: what `Store.unmeasured` counts for these
@@ -144,6 +148,7 @@ class Coalesced:
         self.results.update(batch.results)
         self.dedup.update(batch.dedup)
         self.schedules.update(batch.schedules)
+        self.bindings.update(batch.bindings)
         self.log_bytes += log_bytes
         self.admitted += batch.admitted - batch.freed
         self.batches += 1
@@ -155,6 +160,7 @@ class Coalesced:
         self.results.update(later.results)
         self.dedup.update(later.dedup)
         self.schedules.update(later.schedules)
+        self.bindings.update(later.bindings)
         self.log_bytes += later.log_bytes
         self.admitted += later.admitted
         self.batches += later.batches
@@ -188,6 +194,7 @@ class Coalesced:
             list(self.dedup.items()),
             self.counters,
             schedules=list(self.schedules.items()),
+            bindings=list(self.bindings.items()),
         )
 
 
@@ -254,7 +261,7 @@ class Store:
         self.env = lmdb.open(
             path,
             map_size=max(min(_MIN_MAP, self._cap), existing),
-            max_dbs=7,
+            max_dbs=8,
             sync=True,
             metasync=True,
             readahead=False,
@@ -273,6 +280,7 @@ class Store:
         self._results = self.env.open_db(b"results")
         self._dedup = self.env.open_db(b"dedup")
         self._schedules = self.env.open_db(b"schedules")
+        self._bindings = self.env.open_db(b"bindings")
         self.upgraded_from = self._check_format()
         # Batches: `encoded` numbered on the loop thread, `durable` the last committed.
         self.encoded = 0
@@ -431,6 +439,7 @@ class Store:
             results = [decode_result(k, v) for k, v in txn.cursor(self._results)]
             dedup = [decode_dedup(k, v) for k, v in txn.cursor(self._dedup)]
             schedules = [decode_schedule(k, v) for k, v in txn.cursor(self._schedules)]
+            bindings = [decode_binding(k, v) for k, v in txn.cursor(self._bindings)]
         # Nothing writes while recovering, so a second read transaction sees the same data.
         # The cyclic GC is paused meanwhile: a million new objects would start a full
         # collection over all of them again and again (no cycles are made here).
@@ -445,6 +454,7 @@ class Store:
                 results=results,
                 dedup=dedup,
                 schedules=schedules,
+                bindings=bindings,
             )
         # The ceilings the core started from were written by `_apply_log`.
         self._id_ceiling = self.durable_id_ceiling = next_id + COUNTER_BLOCK
@@ -618,6 +628,10 @@ class Store:
         for (queue_name, name), schedule in changes.schedules.items():
             stored = None if schedule is None else encode_schedule(schedule)
             batch.schedules.append((named_key(queue_name, name), stored))
+        for (pattern, queue_name), bound in changes.bindings.items():
+            batch.bindings.append(
+                (binding_key(pattern, queue_name), BINDING_RECORD if bound else None)
+            )
         half = COUNTER_BLOCK // 2
         if changes.next_id + half > self._id_ceiling or changes.next_token + half > (
             self._token_ceiling
@@ -825,6 +839,7 @@ class Store:
             (self._results, batch.results),
             (self._dedup, batch.dedup),
             (self._schedules, batch.schedules),
+            (self._bindings, batch.bindings),
         ):
             for key, record in records:
                 if record is None:
@@ -865,6 +880,7 @@ class Store:
                     txn.stat(self._results),
                     txn.stat(self._dedup),
                     txn.stat(self._schedules),
+                    txn.stat(self._bindings),
                 )
             )
         psize: int = self.env.stat()["psize"]

@@ -11,11 +11,24 @@ methods, ``Message`` for deliveries, and ``client.errors`` with one class per wi
 """
 
 from . import errors
-from ._async import AsyncClient
+from ._async import AsyncClient, AsyncSubscription
+from ._channels import ChannelMessage
 from ._message import Message
-from ._sync import Client
+from ._sync import Client, Subscription
 from ._worker_async import AsyncWorker
 from ._worker_job import Fail, Retry
 from ._worker_sync import Worker
 
-__all__ = ["AsyncClient", "AsyncWorker", "Client", "Fail", "Message", "Retry", "Worker", "errors"]
+__all__ = [
+    "AsyncClient",
+    "AsyncSubscription",
+    "AsyncWorker",
+    "ChannelMessage",
+    "Client",
+    "Fail",
+    "Message",
+    "Retry",
+    "Subscription",
+    "Worker",
+    "errors",
+]

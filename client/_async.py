@@ -13,6 +13,7 @@ from protocol import NEED_DATA, FrameDecoder, SluiceError, encode_frame
 
 from . import _calls
 from ._calls import UNKNOWN, Call, merge_answers, split_call
+from ._channels import ChannelMessage, Inbox, is_push
 from ._common import (
     DEFAULT_TIMEOUT,
     MAX_REPLY_FRAME,
@@ -57,6 +58,7 @@ class _ReplyReader(asyncio.Protocol):
 
     def __init__(self, pending: dict[int, _Pending], loop: asyncio.AbstractEventLoop) -> None:
         self.pending = pending
+        self.subscriptions: dict[int, AsyncSubscription] = {}
         self.decoder = FrameDecoder(MAX_REPLY_FRAME)
         self.transport: asyncio.Transport | None = None
         self.closed = loop.create_future()
@@ -71,7 +73,12 @@ class _ReplyReader(asyncio.Protocol):
         try:
             self.decoder.feed(data)
             while (frame := self.decoder.next_frame()) is not NEED_DATA:
-                self._route(*split_reply_frame(frame))
+                if is_push(frame):
+                    subscription = self.subscriptions.get(frame[0])
+                    if subscription is not None:
+                        subscription.feed(frame[1], frame[2])
+                else:
+                    self._route(*split_reply_frame(frame))
         except SluiceError as error:
             self._fail_all(error)
             if self.transport is not None:
@@ -88,7 +95,10 @@ class _ReplyReader(asyncio.Protocol):
             pending.future.set_result((ok, value))
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._fail_all(ConnectionClosed(f"the broker closed the connection ({exc or 'EOF'})"))
+        error = ConnectionClosed(f"the broker closed the connection ({exc or 'EOF'})")
+        self._fail_all(error)
+        for subscription in list(self.subscriptions.values()):
+            subscription.end(error)
         if not self.closed.done():
             self.closed.set_result(None)
 
@@ -269,6 +279,28 @@ class AsyncClient:
         if earliest < math.inf:
             self._expire_at(loop, earliest)
 
+    def subscribe(self, *patterns: str) -> AsyncSubscription:
+        """A subscription to the channels matching ``patterns`` (``*`` one token, ``>``
+        the rest): ``async for message in client.subscribe("orders.*")``. It starts on
+        first iteration (or ``await start()``), shares this connection with other calls,
+        and ends on ``unsubscribe()``; raises ``Lagged`` if it fell behind,
+        ``ConnectionClosed`` if the connection went."""
+        return AsyncSubscription(self, list(patterns))
+
+    async def _start_subscription(self, subscription: AsyncSubscription) -> int:
+        if not self._connected():
+            await self.connect()
+        reader = self._reader
+        assert reader is not None
+        encoded = self._encode("subscribe", {"patterns": subscription.patterns})
+        reader.subscriptions[encoded[0]] = subscription  # its pushes follow the reply
+        ok, value = await self._send(encoded, "subscribe", 0)
+        if not ok:
+            reader.subscriptions.pop(encoded[0], None)
+            raise value
+        subscription.reader = reader
+        return encoded[0]
+
     ping = _awaiting(_calls.ping)
     put = _awaiting(_calls.put)
     put_many = _awaiting(_calls.put_many)
@@ -296,3 +328,90 @@ class AsyncClient:
     unschedule = _awaiting(_calls.unschedule)
     schedules = _awaiting(_calls.schedules)
     trigger = _awaiting(_calls.trigger)
+    publish = _awaiting(_calls.publish)
+    unsubscribe = _awaiting(_calls.unsubscribe)
+    bind = _awaiting(_calls.bind)
+    unbind = _awaiting(_calls.unbind)
+    bindings = _awaiting(_calls.bindings)
+
+
+class AsyncSubscription:
+    """An async iterator of ``ChannelMessage`` (see ``AsyncClient.subscribe``). Also an
+    async context manager that starts it and unsubscribes on exit."""
+
+    def __init__(self, client: AsyncClient, patterns: list[str]) -> None:
+        self.client, self.patterns = client, patterns
+        self.id: int | None = None  # the broker's name for it, once started
+        self.started = False
+        self.reader: _ReplyReader | None = None
+        self._inbox: Inbox | None = None
+        self._wakeup: asyncio.Future[None] | None = None
+
+    async def start(self) -> AsyncSubscription:
+        """Subscribe (once): messages published after this returns reach it."""
+        if not self.started:
+            self.started = True
+            self._inbox = Inbox(0)
+            self.id = await self.client._start_subscription(self)
+        return self
+
+    async def unsubscribe(self) -> None:
+        """End it: iteration stops; messages not yet taken are dropped."""
+        if self._inbox is None or self.id is None or self._inbox.ended:
+            return
+        self._end_here(None)
+        if self.client._connected():
+            await self.client.run(_calls.unsubscribe(self.id))
+
+    def _end_here(self, error: Exception | None) -> None:
+        assert self._inbox is not None
+        self._inbox.end(error)
+        self._inbox.events.clear()
+        if self.reader is not None and self.id is not None:
+            self.reader.subscriptions.pop(self.id, None)
+        self._wake()
+
+    def feed(self, kind: str, payload: Any) -> None:
+        if self._inbox is not None and not self._inbox.feed(kind, payload):
+            self._end_here(self._inbox.error)  # overflowed: tell the broker too
+            if self.id is not None and self.client._connected():
+                encoded = self.client._encode("unsubscribe", {"subscription": self.id})
+                sent = self.client._send(encoded, "unsubscribe", 0)
+                sent.add_done_callback(_ignore_outcome)  # nothing waits for it
+        self._wake()
+
+    def end(self, error: Exception) -> None:
+        if self._inbox is not None:
+            self._inbox.end(error)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    def __aiter__(self) -> AsyncSubscription:
+        return self
+
+    async def __anext__(self) -> ChannelMessage:
+        await self.start()
+        assert self._inbox is not None
+        while True:
+            try:
+                event = self._inbox.take()
+            except StopIteration:
+                raise StopAsyncIteration from None
+            if event is not None:
+                return event
+            self._wakeup = asyncio.get_running_loop().create_future()
+            await self._wakeup
+
+    async def __aenter__(self) -> AsyncSubscription:
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.unsubscribe()
+
+
+def _ignore_outcome(future: asyncio.Future[Answer]) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved: a closed connection is no news here

@@ -536,3 +536,66 @@ def trigger(queue: str, name: str) -> Call[int]:
     """Fire a schedule now, outside its slots; returns the id of the message it put."""
     args = {"queue": _queue(queue), "name": require_queue_name(name, "client", "schedule")}
     return Call("trigger", args, _field("id"))
+
+
+class Published(int):
+    """What a publish reached: the live subscriptions (the int itself, and
+    ``subscribers``) and the bound queues it put a copy into (``queues``)."""
+
+    queues: int = 0
+
+    @property
+    def subscribers(self) -> int:
+        return int(self)
+
+
+def _published(result: Any) -> Published:
+    published = Published(result["subscribers"])
+    published.queues = result.get("queues", 0)
+    return published
+
+
+def publish(
+    channel: str,
+    data: Body,
+    *,
+    priority: int | None = None,
+    delay: float | None = None,
+    max_attempts: int | None = None,
+    headers: Mapping[str, str | int] | None = None,
+    key: str | None = None,
+) -> Call[Published]:
+    """Send ``data`` on ``channel``: to the live subscriptions of every pattern matching
+    it (at most once, only those present now: nothing is stored for them), and as a
+    message into every queue bound to a matching pattern (``bind``), with the message
+    options given here, as ``put`` takes them. Returns the subscriptions reached (an int)
+    with ``.queues``; when it reached a queue, once the copies are stored."""
+    args: dict[str, Any] = {"channel": channel, "data": _body(data)}
+    options = {"priority": priority, "delay": delay, "max_attempts": max_attempts, "key": key}
+    args.update((name, value) for name, value in options.items() if value is not None)
+    if headers is not None:
+        args["headers"] = dict(headers)
+    return Call("publish", args, _published)
+
+
+def bind(pattern: str, queue: str) -> Call[bool]:
+    """Make every publish on a channel ``pattern`` matches put a copy into ``queue``
+    (persisted); False if that binding existed."""
+    return Call("bind", {"pattern": pattern, "queue": _queue(queue)}, _field("bound"))
+
+
+def unbind(pattern: str, queue: str) -> Call[bool]:
+    """Remove a binding; False if there was none."""
+    return Call("unbind", {"pattern": pattern, "queue": _queue(queue)}, _field("unbound"))
+
+
+def bindings() -> Call[list[tuple[str, str]]]:
+    """Every binding, as ``(pattern, queue)`` pairs, sorted."""
+    return Call(
+        "bindings", {}, lambda result: [(b["pattern"], b["queue"]) for b in result["bindings"]]
+    )
+
+
+def unsubscribe(subscription: int) -> Call[bool]:
+    """End a subscription by its id; False if it had ended already."""
+    return Call("unsubscribe", {"subscription": subscription}, _field("unsubscribed"))

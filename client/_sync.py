@@ -14,6 +14,7 @@ from protocol import NEED_DATA, FrameDecoder, SluiceError, encode_frame
 
 from . import _calls
 from ._calls import UNKNOWN, Call, merge_answers, split_call
+from ._channels import ChannelMessage, Inbox, is_push
 from ._common import (
     DEFAULT_TIMEOUT,
     MAX_REPLY_FRAME,
@@ -73,6 +74,7 @@ class Client:
         self._decoder = FrameDecoder(MAX_REPLY_FRAME)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
+        self._subscriptions: dict[int, Subscription] = {}  # live ones, on this socket
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> Client:
@@ -93,6 +95,9 @@ class Client:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        subscriptions, self._subscriptions = self._subscriptions, {}
+        for subscription in subscriptions.values():
+            subscription.inbox.end(ConnectionClosed("the connection to the broker closed"))
 
     def run(self, call: Call[T]) -> T:
         """Send one call and wait for its reply (none for a call with nothing to send)."""
@@ -180,13 +185,88 @@ class Client:
             raise
 
     def _read_reply(self, sock: socket.socket, deadline: float | None) -> ReplyParts:
+        while True:
+            frame = self._read_frame(sock, deadline)
+            if not is_push(frame):
+                return split_reply_frame(frame)
+            self._pushed(frame)
+
+    def _read_frame(self, sock: socket.socket, deadline: float | None) -> Any:
         while (frame := self._decoder.next_frame()) is NEED_DATA:
             data = self._receive(sock, deadline)
             if not data:
                 self.close()
                 raise ConnectionClosed("the broker closed the connection")
             self._decoder.feed(data)
-        return split_reply_frame(frame)
+        return frame
+
+    def _pushed(self, frame: list[Any]) -> None:
+        subscription = self._subscriptions.get(frame[0])
+        if subscription is not None and not subscription.inbox.feed(frame[1], frame[2]):
+            del self._subscriptions[frame[0]]  # it overflowed: the broker hears of it below
+            subscription.overflowed = True
+
+    def subscribe(self, *patterns: str) -> Subscription:
+        """Subscribe to the channels matching ``patterns`` (``*`` one token, ``>`` the
+        rest); messages published once this returns reach it. Iterate it for
+        ``ChannelMessage``s (blocking), or ``get(timeout)``; ``unsubscribe()`` ends it.
+        It shares this connection: other calls go on between messages (pushes that
+        arrive meanwhile are kept for it). While one thread waits for a message, another
+        thread's call on this client waits for the lock, up to the client's ``timeout``
+        at a time: give a thread that must not wait a client of its own. Raises
+        ``Lagged`` when it fell behind."""
+        with self._lock:
+            self._ensure_connected()
+            call = Call("subscribe", {"patterns": list(patterns)}, _field_subscription)
+            request_id = self._ids_peek()
+            subscription = Subscription(self, request_id)
+            self._subscriptions[request_id] = subscription
+            try:
+                ((ok, value),) = self._round_trips([call], 0)
+            except BaseException:
+                self._subscriptions.pop(request_id, None)
+                raise
+            if not ok:
+                self._subscriptions.pop(request_id, None)
+                raise value
+        return subscription
+
+    def _ids_peek(self) -> int:
+        """The id the next request will get (the counter is only read under the lock)."""
+        request_id = next(self._ids)
+        self._ids = itertools.count(request_id)
+        return request_id
+
+    def _next_event(self, subscription: Subscription, timeout: float | None) -> Any:
+        """The subscription's next event, reading the socket for it for up to ``timeout``
+        seconds (None: without end); None if none came."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while (event := subscription.inbox.take()) is None:
+                if subscription.overflowed:
+                    subscription.overflowed = False
+                    self._round_trips([_calls.unsubscribe(subscription.id)], 0)
+                    continue
+                sock = self._sock
+                if sock is None:
+                    raise ConnectionClosed("the connection to the broker closed")
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return None
+                try:
+                    sock.settimeout(self.timeout if left is None else min(left, self.timeout))
+                    frame = self._read_frame(sock, None)
+                except (TimeoutError, BlockingIOError):
+                    continue  # quiet for a while: read on
+                except OSError as error:
+                    self.close()
+                    raise ConnectionClosed(f"connection to the broker failed: {error}") from None
+                finally:
+                    if self._sock is not None and self._kernel_timeouts:
+                        self._sock.settimeout(None)
+                if is_push(frame):
+                    self._pushed(frame)
+        return event
 
     def _receive(self, sock: socket.socket, deadline: float | None) -> bytes:
         """The next bytes from the broker. With kernel timeouts, a recv gives up after
@@ -236,6 +316,56 @@ class Client:
     unschedule = _blocking(_calls.unschedule)
     schedules = _blocking(_calls.schedules)
     trigger = _blocking(_calls.trigger)
+    publish = _blocking(_calls.publish)
+    unsubscribe = _blocking(_calls.unsubscribe)
+    bind = _blocking(_calls.bind)
+    unbind = _blocking(_calls.unbind)
+    bindings = _blocking(_calls.bindings)
+
+
+def _field_subscription(result: Any) -> int:
+    return int(result["subscription"])
+
+
+class Subscription:
+    """A blocking iterator of ``ChannelMessage`` (see ``Client.subscribe``); a context
+    manager that unsubscribes on exit."""
+
+    def __init__(self, client: Client, subscription_id: int) -> None:
+        self.client, self.id = client, subscription_id
+        self.inbox = Inbox(subscription_id)
+        self.overflowed = False  # ended by its own inbox; the broker still has it
+
+    def get(self, timeout: float | None = None) -> ChannelMessage | None:
+        """The next message, waiting up to ``timeout`` seconds (None: without end); None
+        if none came. Raises ``StopIteration`` once unsubscribed, ``Lagged`` if it fell
+        behind, ``ConnectionClosed`` if the connection went."""
+        return self.client._next_event(self, timeout)  # type: ignore[no-any-return]
+
+    def __iter__(self) -> Subscription:
+        return self
+
+    def __next__(self) -> ChannelMessage:
+        event = self.get(None)
+        assert event is not None
+        return event
+
+    def unsubscribe(self) -> None:
+        """End it: iteration stops; messages not yet taken are dropped."""
+        if self.inbox.ended and not self.overflowed:
+            return
+        self.inbox.end(None)
+        self.inbox.events.clear()
+        self.overflowed = False
+        self.client._subscriptions.pop(self.id, None)
+        if self.client._sock is not None:
+            self.client.unsubscribe(self.id)
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.unsubscribe()
 
 
 def _set_kernel_timeouts(sock: socket.socket, seconds: float) -> bool:

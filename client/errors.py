@@ -65,6 +65,17 @@ class JobFailed(ClientError):
         super().__init__(text, dict(outcome))
 
 
+class Lagged(ClientError):
+    """A subscription fell behind and ended: the broker could not hand it a message (its
+    connection's buffer was full), or the application left ``MAX_INBOX`` messages untaken.
+    Messages after that point were not delivered to it; subscribe again to go on."""
+
+    def __init__(self, channel: str | None) -> None:
+        self.channel = channel
+        where = f" at a message on {channel!r}" if channel else ""
+        super().__init__(f"the subscription fell behind{where} and ended; subscribe again")
+
+
 __all__ = [
     "BrokerUnavailable",
     "ERROR_CLASSES",
@@ -76,6 +87,7 @@ __all__ = [
     "Forbidden",
     "InternalError",
     "JobFailed",
+    "Lagged",
     "LeaseLost",
     "NotFound",
     "ShuttingDown",

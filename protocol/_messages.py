@@ -47,6 +47,12 @@ OPS: Final = frozenset(
         "unschedule",
         "schedules",
         "trigger",
+        "publish",
+        "subscribe",
+        "unsubscribe",
+        "bind",
+        "unbind",
+        "bindings",
     }
 )
 

@@ -12,7 +12,18 @@ This package is a facade over ``client`` (where the code lives): import from her
 ``sluice.errors`` has one exception class per wire error code.
 """
 
-from client import AsyncClient, AsyncWorker, Client, Fail, Message, Retry, Worker
+from client import (
+    AsyncClient,
+    AsyncSubscription,
+    AsyncWorker,
+    ChannelMessage,
+    Client,
+    Fail,
+    Message,
+    Retry,
+    Subscription,
+    Worker,
+)
 from client._calls import MessageId
 from client._worker_job import AsyncJob, Job
 
@@ -21,13 +32,16 @@ from . import errors
 __all__ = [
     "AsyncClient",
     "AsyncJob",
+    "AsyncSubscription",
     "AsyncWorker",
+    "ChannelMessage",
     "Client",
     "Fail",
     "Job",
     "Message",
     "MessageId",
     "Retry",
+    "Subscription",
     "Worker",
     "errors",
 ]

@@ -259,14 +259,7 @@ class RawConnection:
 
     def read_reply(self, timeout: float = REPLY_TIMEOUT) -> list[Any]:
         """The next reply frame, decoded, checked to be ``[id, ok, result_or_error]``."""
-        if not self._fill(HEADER.size, timeout):
-            raise ConnectionEnded(f"the broker closed the connection (buffered {self._buffer!r})")
-        (length,) = HEADER.unpack_from(self._buffer)
-        if not self._fill(HEADER.size + length, timeout):
-            raise ConnectionEnded("the broker closed the connection in the middle of a frame")
-        payload = bytes(self._buffer[HEADER.size : HEADER.size + length])
-        del self._buffer[: HEADER.size + length]
-        reply = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+        reply = self.read_frame(timeout)
         assert isinstance(reply, list) and len(reply) == 3, f"not a reply: {reply!r}"
         assert isinstance(reply[1], bool), f"not a reply: {reply!r}"
         if not reply[1]:
@@ -275,6 +268,17 @@ class RawConnection:
             assert isinstance(error.get("code"), str), f"error without a code: {reply!r}"
             assert isinstance(error.get("message"), str), f"error without a message: {reply!r}"
         return reply
+
+    def read_frame(self, timeout: float = REPLY_TIMEOUT) -> Any:
+        """The next frame, decoded (a reply, or a frame the broker pushes)."""
+        if not self._fill(HEADER.size, timeout):
+            raise ConnectionEnded(f"the broker closed the connection (buffered {self._buffer!r})")
+        (length,) = HEADER.unpack_from(self._buffer)
+        if not self._fill(HEADER.size + length, timeout):
+            raise ConnectionEnded("the broker closed the connection in the middle of a frame")
+        payload = bytes(self._buffer[HEADER.size : HEADER.size + length])
+        del self._buffer[: HEADER.size + length]
+        return msgpack.unpackb(payload, raw=False, strict_map_key=False)
 
     def request(self, op: str, args: dict[str, Any], request_id: int | None = None) -> list[Any]:
         """Send one request and return its reply (which must carry the same id)."""

@@ -46,6 +46,7 @@ from hypothesis.stateful import (
 from broker import Core, PutSpec
 from broker._lazyheap import LazyHeap
 from broker._schedules import parse_spec, slot_text
+from broker._subjects import matches
 from protocol import LeaseLost, NotFound, TooLarge
 
 QUEUES = ("a", "b", "c")
@@ -256,6 +257,10 @@ class Model:
         self.counter = 0
         self.schedules: dict[tuple[str, str], ModelSchedule] = {}
         self.fire_keys: set[tuple[str, str]] = set()  # (queue, dedup key) of every fire
+        self.bindings: set[tuple[str, str]] = set()  # (pattern, queue)
+
+    def bound_queues(self, channel: str) -> list[str]:
+        return sorted({queue for pattern, queue in self.bindings if matches(pattern, channel)})
 
     def _next_order(self) -> int:
         self.counter += 1
@@ -792,6 +797,8 @@ def heap_counts(heap: LazyHeap) -> tuple[int, int]:
 # -------------------------------------------------------------------- machine
 
 queue_names = st.sampled_from(QUEUES)
+channel_names = st.sampled_from(["orders.eu", "orders.us", "stock.eu.1", "orders"])
+binding_patterns = st.sampled_from(["orders.eu", "orders.*", "orders.>", "*.eu.>", ">", "x"])
 queue_lists = st.lists(queue_names, min_size=1, max_size=3)
 small_steps = st.sampled_from([0.0, 0.0, 0.0, 0.25, 1.0, 2.5])
 put_specs = st.builds(
@@ -1073,6 +1080,29 @@ class CoreMachine(RuleBasedStateMachine):
             return  # a slot of it, or a time it fired at: one dedup key for two fires
         assert self.core.trigger(now, *key) == self.model.trigger(now, *key)
 
+    @rule(pattern=binding_patterns, name=queue_names, bound=st.booleans())
+    def bind(self, pattern: str, name: str, bound: bool) -> None:
+        if bound:
+            assert self.core.bindings.bind(pattern, name) == (
+                (pattern, name) not in self.model.bindings
+            )
+            self.model.bindings.add((pattern, name))
+        else:
+            assert self.core.bindings.unbind(pattern, name) == (
+                (pattern, name) in self.model.bindings
+            )
+            self.model.bindings.discard((pattern, name))
+
+    @rule(channel=channel_names, spec=put_specs, step=small_steps)
+    def publish(self, channel: str, spec: PutSpec, step: float) -> None:
+        """As the publish handler does: one put into each bound queue."""
+        now = self._later(step)
+        queues = self.core.bindings.queues_for(channel)
+        assert queues == self.model.bound_queues(channel)
+        for name in queues:
+            expected = outcome(lambda name=name: self.model.put(now, name, [spec]))
+            assert outcome(lambda name=name: self.core.put(now, name, [spec])) == expected
+
     @rule(changes=st.sampled_from(LIMIT_CHANGES))
     def limit(self, changes: dict[str, Any]) -> None:
         self.model.configure(self.now, "a", changes)
@@ -1146,6 +1176,7 @@ class CoreMachine(RuleBasedStateMachine):
         assert listed == [
             self.model.schedules[key].listed() for key in sorted(self.model.schedules)
         ]
+        assert self.core.bindings.listed() == sorted(self.model.bindings)
 
     @invariant()
     def heap_counts_are_exact(self) -> None:

@@ -41,12 +41,14 @@ def run_example(code: str, broker: BrokerProcess) -> str:
 
 def test_readme_has_every_example() -> None:
     blocks = readme_python_blocks()
-    assert len(blocks) == 4  # each is run by a test below
+    assert len(blocks) == 6  # each is run by a test below
     assert "from sluice import Client" in blocks[0]
     assert "from sluice import AsyncClient" in blocks[1]
     assert readme_python_blocks("Use it") == blocks[:2]
     assert readme_python_blocks("Recurring schedules") == [blocks[2]]
     assert readme_python_blocks("Rate limits and concurrency caps") == [blocks[3]]
+    assert readme_python_blocks("Channels") == [blocks[4]]
+    assert readme_python_blocks("Fan-out into queues") == [blocks[5]]
 
 
 def test_readme_sync_example_runs_as_written(broker: BrokerProcess) -> None:
@@ -69,6 +71,31 @@ def test_readme_async_example_runs_as_written(broker: BrokerProcess) -> None:
     with broker.client() as client:
         stats = client.stats("thumbnails")
     assert stats["totals"]["put"] == 2 and stats["totals"]["acked"] == 2
+
+
+def test_readme_channels_example_runs_as_written(broker: BrokerProcess) -> None:
+    [code] = readme_python_blocks("Channels")
+    out = run_example(code, broker)
+    assert out.splitlines() == [
+        "1 subscriber",
+        "orders.42 b'confirmed'",
+        "stock.eu.widget b'3 left'",
+    ]
+    with broker.client() as client:
+        assert client.stats("emails")["ready"] == 1
+
+
+def test_readme_fanout_example_runs_as_written(broker: BrokerProcess) -> None:
+    [code] = readme_python_blocks("Fan-out into queues")
+    out = run_example(code, broker)
+    assert out.splitlines() == [
+        "3 queues, 0 subscribers",
+        "2 queues",
+        "billing [b'refund order 42', b'order 43 paid']",
+        "emails [b'refund order 42', b'order 43 paid']",
+        "audit [b'refund order 42']",
+        "[('orders.*.refund', 'audit'), ('orders.>', 'billing'), ('orders.>', 'emails')]",
+    ]
 
 
 def test_readme_schedules_example_runs_as_written(broker: BrokerProcess) -> None:
