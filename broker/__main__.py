@@ -15,6 +15,7 @@ from typing import Final
 import uvloop
 
 from . import __version__
+from ._auth import AuthFileError, Authority
 from ._config import Config, parse_config
 from ._core import Core
 from ._http import HttpServer, HttpUnavailable
@@ -82,6 +83,7 @@ async def serve(config: Config) -> None:
         track_changes=config.data_dir is not None,
         on_dead=log_dead_letter,
     )
+    authority = Authority(config.auth_token, config.auth_file)  # a bad file stops here
     store, recovered = open_store(config, core)
     if store is not None:
         core.admit_fire = store.admits  # a full store skips schedules' fires, as it refuses puts
@@ -90,7 +92,7 @@ async def serve(config: Config) -> None:
         auth_token=config.auth_token,
         fsync_interval=config.fsync_interval,
     )
-    server = BrokerServer(core, limits, store=store)
+    server = BrokerServer(core, limits, store=store, authority=authority)
     server.metrics.recovered = recovered
     try:
         await run_until_signal(server, config)
@@ -123,7 +125,7 @@ async def start_http(server: BrokerServer, config: Config) -> tuple[HttpServer |
     server and its address for the log ("off" if none)."""
     if config.http_port is None:
         return None, "off"
-    http = HttpServer(server, top_queues=config.metrics_top_queues, auth_token=config.auth_token)
+    http = HttpServer(server, top_queues=config.metrics_top_queues)
     host, port = await http.start(config.host, config.http_port)
     shown = f"[{host}]" if ":" in host else host
     return http, f"http://{shown}:{port}/"
@@ -136,6 +138,7 @@ async def run_until_signal(server: BrokerServer, config: Config) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_auth)
     # The log line first: whoever reads the stdout line can then find the HTTP port.
     log.info(
         "listening on %s:%d, http %s",
@@ -164,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(config.log_level, config.log_format)
     try:
         uvloop.run(serve(config))
-    except (StoreError, HttpUnavailable) as error:
+    except (StoreError, HttpUnavailable, AuthFileError) as error:
         print(f"sluice-broker: {error}", file=sys.stderr)
         return 1
     except OSError as error:

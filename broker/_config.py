@@ -64,6 +64,7 @@ class Config:
     http_port: int | None = None  # None: no HTTP server; 0: any free port
     metrics_top_queues: int = 100  # queues given their own series in /metrics
     log_format: str = "text"
+    auth_file: str | None = None  # principals and grants (TOML); SIGHUP reloads it
 
     def summary(self) -> dict[str, Any]:
         """Every setting, safe to log: of the auth token, only whether there is one."""
@@ -220,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="if set, clients must send this token in hello (prefer SLUICE_AUTH_TOKEN: "
         "flags show up in process listings)",
     )
+    add(
+        "--auth-file",
+        default=_env("auth_file", None),
+        help="TOML file of principals (tokens as SHA-256 digests) and their grants per "
+        "queue glob; SIGHUP reloads it. --auth-token still has every right",
+    )
     return parser
 
 
@@ -238,4 +245,5 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         http_port=_http_port(int(args.port), args.http_port),
         metrics_top_queues=int(args.metrics_top_queues),
         log_format=args.log_format,
+        auth_file=args.auth_file or None,
     )

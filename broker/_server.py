@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import heapq
-import hmac
 import itertools
 import logging
 import time
@@ -65,6 +64,7 @@ from protocol import (
 
 from . import __version__
 from ._args import MAX_BATCH, MAX_WAITS_PER_CONNECTION
+from ._auth import Authority, Principal, authorize, token_digest, visible
 from ._core import Core
 from ._handlers import PENDING, READ_ONLY_OPS, Call, deliveries, handle
 from ._logging import event
@@ -119,6 +119,8 @@ class Connection(asyncio.Protocol):
         self.consumer = False  # has sent a reserve (metrics: sluice_consumer_connections)
         self.delivered = 0  # messages handed out over this connection
         self.opened_at = server.clock()
+        self.principal: Principal | None = None  # None: nothing to check (see _auth)
+        self.token_digest = ""
 
     # asyncio callbacks
 
@@ -269,12 +271,10 @@ class Connection(asyncio.Protocol):
                 f"protocol version {shown(version)} is not supported; this broker speaks "
                 f"version {PROTOCOL_VERSION}"
             )
-        expected = self.server.limits.auth_token
         token = args.get("token")
-        if expected is not None and not (
-            isinstance(token, str) and hmac.compare_digest(token.encode(), expected.encode())
-        ):
-            raise Unauthorized("hello needs the broker's auth token ('token')")
+        self.principal = self.server.authority.authenticate(token)
+        if self.principal is not None:
+            self.token_digest = token_digest(str(token))
         name = args.get("client")
         self.client_name = name[:200] if isinstance(name, str) else "?"
         self.greeted = True
@@ -354,9 +354,11 @@ class BrokerServer:
         limits: ServerLimits,
         clock: Clock = time.time,
         store: Store | None = None,
+        authority: Authority | None = None,
     ) -> None:
         self.core = core
         self.limits = limits
+        self.authority = authority or Authority(limits.auth_token)
         self.clock = clock
         self.store = store
         # Group commit: batches are numbered 1, 2, ... by the store; replies wait in `_held`
@@ -425,21 +427,33 @@ class BrokerServer:
         if request_id in connection.waiting and not self.shutting_down:
             raise BadRequest(f"request id {request_id} is already in use by a waiting reserve")
         waits_left = MAX_WAITS_PER_CONNECTION - len(connection.waiting)
-        result, need, delivered = self.run(op, args, (connection.id, request_id), waits_left)
+        result, need, delivered = self.run(
+            op, args, (connection.id, request_id), waits_left, connection.principal
+        )
         if delivered:
             connection.delivered += delivered
         return result, need
 
     def run(
-        self, op: str, args: dict[str, Any], waiter_key: Hashable, waits_left: int
+        self,
+        op: str,
+        args: dict[str, Any],
+        waiter_key: Hashable,
+        waits_left: int,
+        principal: Principal | None = None,
     ) -> tuple[Any, int, int]:
         """Run one op against the core: the one path of every view (wire, HTTP API).
         Returns its result, the batch its answer needs before it goes out (see the module
-        docstring), and how many messages it delivered. Raises the op's ``SluiceError``."""
+        docstring), and how many messages it delivered. Raises the op's ``SluiceError``
+        (``FORBIDDEN``, changing nothing, if ``principal`` may not run it; None: no checks)."""
         if self.shutting_down:
             raise ShuttingDown("the broker is shutting down; reconnect to another or retry later")
+        if principal is not None:
+            authorize(principal, self.core, op, args)
         call = Call(self.core, self.clock(), waiter_key, waits_left, self.store)
         result = handle(call, op, args)
+        if principal is not None:
+            result = visible(principal, op, result)
         delivered = 0 if call.delivered is None else len(call.delivered)
         if self.store is None:
             return result, 0, delivered
@@ -447,11 +461,13 @@ class BrokerServer:
             return result, self.delivery_need(call.delivered), delivered
         return result, 0 if op in READ_ONLY_OPS else self.pending_batch(), delivered
 
-    async def run_confirmed(self, op: str, args: dict[str, Any]) -> Any:
+    async def run_confirmed(
+        self, op: str, args: dict[str, Any], principal: Principal | None = None
+    ) -> Any:
         """Run an op for a view without a connection (the HTTP API) and return its result
         once the batch it needs is durable: an answer promises what a wire reply to the
         same request would. Never long-polls (no waits are allowed)."""
-        result, need, _ = self.run(op, args, ("local", next(self._local_ids)), 0)
+        result, need, _ = self.run(op, args, ("local", next(self._local_ids)), 0, principal)
         self.turn_ends_soon()  # commit, serve waiters and re-arm the timer as a turn does
         if need > self.durable:
             done = self.loop.create_future()
@@ -685,6 +701,14 @@ class BrokerServer:
         for request_id in connection.waiting:
             self.core.cancel_wait((connection.id, request_id))
         connection.waiting.clear()
+
+    def reload_auth(self) -> None:
+        """Read the auth file again (SIGHUP); if it is good, every connection's token
+        names its principal anew (a token gone from the file keeps no rights)."""
+        if self.authority.reload():
+            for connection in self.connections.values():
+                if connection.principal is not None:
+                    connection.principal = self.authority.rebound(connection.token_digest)
 
     async def shutdown(self, grace: float = 5.0) -> None:
         """Stop accepting, answer waiting reserves with empty results, write every queued
