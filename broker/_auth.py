@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any, Final
 
-from protocol import Forbidden, Unauthorized
+from protocol import VERBS, Forbidden, Unauthorized
 
 from ._args import Args
 from ._core import Core
@@ -32,7 +32,6 @@ from ._logging import event
 
 log = logging.getLogger("sluice.auth")
 
-VERBS: Final = ("produce", "consume", "read", "admin")
 EVERYWHERE: Final = "*"  # the glob of a grant on every queue (and broker-wide reads)
 MAX_CACHED: Final = 10_000  # (verb, queue) answers one principal keeps; then it starts over
 _DIGEST: Final = re.compile(r"[0-9a-f]{64}")
@@ -49,10 +48,6 @@ def _named(core: Core, args: Args) -> list[str] | None:
 
 def _reserved(core: Core, args: Args) -> list[str] | None:
     return args.queues()
-
-
-def _channel(core: Core, args: Args) -> list[str] | None:
-    return [args.queue("channel")]
 
 
 def _broker_wide(core: Core, args: Args) -> list[str] | None:
@@ -83,19 +78,19 @@ def _delivered(core: Core, args: Args) -> list[str] | None:
 
 
 # The one table: op -> (verb, where its queues are). ``ping`` needs no verb (any
-# principal may ping); ``hello`` is the connection's, before any principal.
+# principal may ping); ``hello`` is the connection's, before any principal. Channels
+# (publish: produce, subscribe: consume) take the same globs: add their rows with them;
+# until then a principal is refused them (see ``authorize``), and a test fails.
 PERMISSIONS: Final[dict[str, tuple[str | None, Queues]]] = {
     "ping": (None, _broker_wide),
     "put": ("produce", _named),
     "put_and_wait": ("produce", _named),
-    "publish": ("produce", _channel),
     "reserve": ("consume", _reserved),
     "ack": ("consume", _delivered),
     "nack": ("consume", _delivered),
     "touch": ("consume", _message),
     "bury": ("consume", _message),
     "progress": ("consume", _message),
-    "subscribe": ("consume", _channel),
     "stats": ("read", _named),
     "status": ("read", _message),
     "peek": ("read", _named),

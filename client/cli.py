@@ -21,6 +21,7 @@ from protocol import SluiceError
 from ._cli_commands import COMMANDS
 from ._cli_parser import build_parser
 from ._cli_text import UsageError
+from ._cli_token import cmd_token
 from ._common import parse_url
 from ._sync import Client
 from .errors import ConnectionClosed
@@ -52,6 +53,8 @@ def _connect(client: Client) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the parsed command; raises ``UsageError`` or ``SluiceError``."""
+    if args.command == "token":  # the one command that needs no broker
+        return cmd_token(args)
     command = COMMANDS[args.command]
     if command.destructive and not args.yes and not sys.stdin.isatty():
         raise UsageError(

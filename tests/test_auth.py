@@ -408,3 +408,36 @@ def test_a_bad_auth_file_stops_the_start(tmp_path: Path) -> None:
     )
     assert done.returncode == 1 and "64 lowercase hex" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_protocol_md_shows_the_permission_table() -> None:
+    text = (REPO_ROOT / "protocol" / "PROTOCOL.md").read_text()
+    section = text[text.index("### Permissions") : text.index("## 5. Errors")]
+    rows = re.findall(r"^\| `(\w+)` \| (`\w+`|—) \|", section, flags=re.MULTILINE)
+    shown = {op: None if verb == "—" else verb.strip("`") for op, verb in rows}
+    assert shown == {op: verb for op, (verb, _) in PERMISSIONS.items() if op in HANDLERS}
+
+
+def test_sluice_token_prints_a_token_and_its_entry(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "client.cli", "token", "--name", "billing"]
+    command += ["--queues", "billing.*", "--allow", "produce,read"]
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=20)
+    assert done.returncode == 0, done.stderr
+    token, blank, *entry = done.stdout.splitlines()
+    assert len(token) >= 43 and blank == "" and token not in done.stdout.partition("\n")[2]
+    path = tmp_path / "auth.toml"
+    path.write_text("\n".join(entry) + "\n")
+    (principal,) = parse_auth_file(path.read_text()).values()
+    assert principal.name == "billing" and principal.may("read", "billing.x")
+    running = start_broker(tmp_path / "broker.log", "--in-memory", "--auth-file", str(path))
+    try:
+        with connect(running, token) as billing:
+            assert billing.call("put", {"queue": "billing.1", "messages": [{"body": b"b"}]})
+            reply = billing.request("reserve", {"queues": ["billing.1"]})
+            assert error_code(reply) == "FORBIDDEN"
+    finally:
+        stop_broker(running)
+    again = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=20)
+    assert again.stdout.splitlines()[0] != token
+    bad = subprocess.run([*command[:4], "--allow", "write"], cwd=REPO_ROOT, capture_output=True)
+    assert bad.returncode == 2 and b"produce, consume, read, admin" in bad.stderr
