@@ -65,6 +65,9 @@ class Config:
     metrics_top_queues: int = 100  # queues given their own series in /metrics
     log_format: str = "text"
     auth_file: str | None = None  # principals and grants (TOML); SIGHUP reloads it
+    tls_cert: str | None = None  # PEM certificate chain: TLS on the broker and HTTP ports
+    tls_key: str | None = None  # its private key (if not in the cert file)
+    tls_client_ca: str | None = None  # require client certificates signed by this CA
 
     def summary(self) -> dict[str, Any]:
         """Every setting, safe to log: of the auth token, only whether there is one."""
@@ -227,6 +230,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="TOML file of principals (tokens as SHA-256 digests) and their grants per "
         "queue glob; SIGHUP reloads it. --auth-token still has every right",
     )
+    add(
+        "--tls-cert",
+        default=_env("tls_cert", None),
+        help="PEM certificate (chain) to serve TLS with, on the broker port and the HTTP "
+        "port (TLS 1.2 or later); clients then use sluices:// and https://",
+    )
+    add("--tls-key", default=_env("tls_key", None), help="PEM private key of --tls-cert")
+    add(
+        "--tls-client-ca",
+        default=_env("tls_client_ca", None),
+        help="PEM CA certificate(s): clients must present a certificate signed by one (mutual TLS)",
+    )
     return parser
 
 
@@ -246,4 +261,7 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         metrics_top_queues=int(args.metrics_top_queues),
         log_format=args.log_format,
         auth_file=args.auth_file or None,
+        tls_cert=args.tls_cert or None,
+        tls_key=args.tls_key or None,
+        tls_client_ca=args.tls_client_ca or None,
     )

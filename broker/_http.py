@@ -13,6 +13,7 @@ connection after each answer, as the hand-written endpoint before this one did.
 from __future__ import annotations
 
 import logging
+import ssl
 from importlib import resources
 from typing import TYPE_CHECKING, Final
 
@@ -86,7 +87,9 @@ class HttpServer:
         self.app.router.add_get("/dashboard/{name}", self._asset)
         self._runner: web.AppRunner | None = None
 
-    async def start(self, host: str, port: int) -> tuple[str, int]:
+    async def start(
+        self, host: str, port: int, tls: ssl.SSLContext | None = None
+    ) -> tuple[str, int]:
         """Listen on ``host:port`` (0: a free port); returns the address bound. Raises
         ``HttpUnavailable`` if it cannot."""
         runner = web.AppRunner(
@@ -99,7 +102,7 @@ class HttpServer:
             shutdown_timeout=SHUTDOWN_GRACE,
         )
         await runner.setup()
-        site = web.TCPSite(runner, host, port, reuse_address=True)
+        site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=tls)
         try:
             await site.start()
         except OSError as error:

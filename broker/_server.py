@@ -36,6 +36,7 @@ import collections
 import heapq
 import itertools
 import logging
+import ssl
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -391,10 +392,12 @@ class BrokerServer:
             self._loop = asyncio.get_running_loop()
         return self._loop
 
-    async def start(self, host: str, port: int) -> tuple[str, int]:
+    async def start(
+        self, host: str, port: int, tls: ssl.SSLContext | None = None
+    ) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
         self._listener = await loop.create_server(
-            lambda: Connection(self, next(self._ids)), host, port, reuse_address=True
+            lambda: Connection(self, next(self._ids)), host, port, reuse_address=True, ssl=tls
         )
         bound = self._listener.sockets[0].getsockname()
         # Arm the timer (schedules fire with nobody connected) and commit what recovery

@@ -17,8 +17,11 @@ from ._common import (
     DEFAULT_TIMEOUT,
     MAX_REPLY_FRAME,
     Limits,
+    Tls,
     as_method,
     broker_address,
+    broker_tls,
+    format_url,
     hello_args,
     result_of,
     split_reply_frame,
@@ -122,8 +125,10 @@ class AsyncClient:
         timeout: float = DEFAULT_TIMEOUT,
         client_name: str = "sluice-python-async",
         auth_token: str | None = None,
+        tls: Tls = None,
     ) -> None:
         self.host, self.port = broker_address(url, host, port)
+        self.tls = broker_tls(tls, url, host, port)
         self.timeout = timeout
         self.client_name, self.auth_token = client_name, auth_token
         self.server_info: dict[str, Any] = {}
@@ -201,13 +206,15 @@ class AsyncClient:
         self._pending = pending
         try:
             _, reader = await asyncio.wait_for(
-                loop.create_connection(lambda: _ReplyReader(pending, loop), self.host, self.port),
+                loop.create_connection(
+                    lambda: _ReplyReader(pending, loop), self.host, self.port, ssl=self.tls
+                ),
                 self.timeout,
             )
         except (OSError, TimeoutError) as error:
             raise BrokerUnavailable(
-                f"cannot connect to sluice://{self.host}:{self.port}: {error}; is the broker "
-                "running? (python -m broker)"
+                f"cannot connect to {format_url(self.host, self.port, self.tls is not None)}: "
+                f"{error}; is the broker running? (python -m broker)"
             ) from None
         self._reader = reader
         hello = hello_args(self.client_name, self.auth_token)
