@@ -10,7 +10,7 @@ from typing import Any, Final
 
 from ._cli_commands import COMMANDS
 from ._cli_token import add_token_arguments
-from ._common import DEFAULT_URL
+from ._common import DEFAULT_URL, add_tls_options
 
 DEFAULT_TIMEOUT: Final = 10.0
 
@@ -99,6 +99,7 @@ def _add_connection_options(parser: argparse.ArgumentParser, *, with_defaults: b
         help="token the broker asks for in hello (prefer env SLUICE_AUTH_TOKEN: flags show "
         "up in process listings)",
     )
+    add_tls_options(add, default)
     add(
         "--timeout",
         type=_seconds,

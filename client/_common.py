@@ -54,6 +54,40 @@ def tls_context(
     return context
 
 
+def add_tls_options(add: Callable[..., Any], default: Callable[[Any], Any] = lambda v: v) -> None:
+    """``--tls-ca``, ``--tls-cert`` and ``--tls-key`` for a command line (see ``cli_tls``)."""
+    add(
+        "--tls-ca",
+        metavar="FILE",
+        default=default(os.environ.get("SLUICE_TLS_CA") or None),
+        help="PEM CA file to verify the broker's certificate with: connects with TLS "
+        "(env SLUICE_TLS_CA; a sluices:// URL alone uses the system's CAs)",
+    )
+    add(
+        "--tls-cert",
+        metavar="FILE",
+        default=default(os.environ.get("SLUICE_TLS_CERT") or None),
+        help="PEM client certificate, for a broker that requires one (env SLUICE_TLS_CERT)",
+    )
+    add(
+        "--tls-key",
+        metavar="FILE",
+        default=default(os.environ.get("SLUICE_TLS_KEY") or None),
+        help="PEM key of --tls-cert, if not in it (env SLUICE_TLS_KEY)",
+    )
+
+
+def cli_tls(ca_file: str | None, cert_file: str | None, key_file: str | None) -> Tls:
+    """The ``tls`` of a command line's options: a context if any is given, else None
+    (the URL's scheme decides). Raises ``ValueError`` naming a file that will not load."""
+    if ca_file is None and cert_file is None and key_file is None:
+        return None
+    try:
+        return tls_context(ca_file, cert_file, key_file)
+    except (OSError, ssl.SSLError) as error:
+        raise ValueError(f"cannot load the TLS CA, certificate or key: {error}") from None
+
+
 def broker_tls(
     tls: Tls, url: str | None = None, host: str | None = None, port: int | None = None
 ) -> ssl.SSLContext | None:

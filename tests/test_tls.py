@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import trustme
 
-from client import AsyncClient, Client
+from bench._sluice import SluiceBlockingConnection, SluiceServer
+from client import AsyncClient, Client, Worker
 from client.errors import BrokerUnavailable, ConnectionClosed
 from tests.conftest import REPO_ROOT, BrokerProcess, frame, start_broker, stop_broker
 
@@ -146,3 +147,44 @@ def test_tls_flags_are_checked_at_start(pki: Pki, tmp_path: Path) -> None:
         )
         assert done.returncode == 1 and re.search(why, done.stderr), done.stderr
         assert "Traceback" not in done.stderr
+
+
+def test_the_cli_worker_and_bench_speak_tls(
+    tls_broker: BrokerProcess, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"sluices://{tls_broker.host}:{tls_broker.port}"
+    cli = [sys.executable, "-m", "client.cli", "--url", url]
+    done = subprocess.run(
+        [*cli, "--tls-ca", pki.ca_file, "put", "tls.cli", "from the cli"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert done.returncode == 0, done.stderr
+    refused = subprocess.run(
+        [*cli, "stats", "tls.cli"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=20
+    )
+    assert refused.returncode == 1 and "CERTIFICATE_VERIFY_FAILED" in refused.stderr
+    assert "--tls-ca" in refused.stderr
+
+    handled: list[bytes] = []
+    worker = Worker(
+        "tls.cli",
+        lambda job: handled.append(job.body) or worker.stop(),
+        url=url,
+        tls=pki.client_context(),
+    )
+    assert worker.settings.url == url
+    worker.run()
+    assert handled == [b"from the cli"]
+
+    monkeypatch.setenv("SLUICE_TLS_CA", pki.ca_file)
+    server = SluiceServer(url=url)
+    connection = SluiceBlockingConnection(server.endpoint())
+    connection.open()
+    try:
+        connection.put("tls.bench", [b"b"], 0, 0)
+        assert [body for body, _ in connection.reserve(["tls.bench"], 1, 0)] == [b"b"]
+    finally:
+        connection.close()
