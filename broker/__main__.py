@@ -94,6 +94,8 @@ async def serve(config: Config) -> None:
         max_frame=config.max_frame,
         auth_token=config.auth_token,
         fsync_interval=config.fsync_interval,
+        max_connections=config.max_connections,
+        hello_timeout=config.hello_timeout,
     )
     server = BrokerServer(core, limits, store=store, authority=authority)
     server.metrics.recovered = recovered

@@ -56,6 +56,7 @@ STATUS: Final = {
     ErrorCode.UNAUTHORIZED: 401,
     ErrorCode.FORBIDDEN: 403,
     ErrorCode.STORAGE_FULL: 507,
+    ErrorCode.QUOTA: 429,
     ErrorCode.SHUTTING_DOWN: 503,
     ErrorCode.INTERNAL: 500,
 }

@@ -67,6 +67,7 @@ from . import __version__
 from ._args import MAX_BATCH, MAX_WAITS_PER_CONNECTION
 from ._auth import Authority, Principal, authorize, token_digest, visible
 from ._core import Core
+from ._gate import DEFAULT_HELLO_TIMEOUT, DEFAULT_MAX_CONNECTIONS, Gate
 from ._handlers import PENDING, READ_ONLY_OPS, Call, deliveries, handle
 from ._logging import event
 from ._message import NOT_STORED, Message
@@ -90,6 +91,8 @@ class ServerLimits:
     max_frame: int
     auth_token: str | None = None
     fsync_interval: float = 0.1  # seconds between syncs in fsync "interval" mode
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    hello_timeout: float = DEFAULT_HELLO_TIMEOUT  # seconds a connection has to say hello
 
 
 class Connection(asyncio.Protocol):
@@ -279,6 +282,7 @@ class Connection(asyncio.Protocol):
         name = args.get("client")
         self.client_name = name[:200] if isinstance(name, str) else "?"
         self.greeted = True
+        self.server.gate.greeted(self)
         log.debug(
             "connection %d from %s is %s",
             self.id,
@@ -360,6 +364,7 @@ class BrokerServer:
         self.core = core
         self.limits = limits
         self.authority = authority or Authority(limits.auth_token)
+        self.gate = Gate(limits.max_connections, limits.hello_timeout, self._drop)
         self.clock = clock
         self.store = store
         # Group commit: batches are numbered 1, 2, ... by the store; replies wait in `_held`
@@ -682,6 +687,8 @@ class BrokerServer:
     # connections
 
     def connection_opened(self, connection: Connection) -> None:
+        if not self.gate.admit(connection, len(self.connections), self.loop):
+            return
         self.connections[connection.id] = connection
         self._no_connections.clear()
         self.metrics.connections_opened += 1
@@ -692,8 +699,14 @@ class BrokerServer:
             extra=event("connection_opened", connection_id=connection.id, peer=connection.peer),
         )
 
+    def _drop(self, connection: Connection, error: SluiceError) -> None:
+        """A connection the gate refuses or times out: one error frame, then the close."""
+        connection.fail(error)
+        self.turn_ends_soon()
+
     def connection_closed(self, connection: Connection) -> None:
         self.connections.pop(connection.id, None)
+        self.gate.forget(connection)
         self._dirty.pop(connection.id, None)
         log_closed(connection)
         if not self.connections:
@@ -719,6 +732,7 @@ class BrokerServer:
         self.shutting_down = True
         if self._listener is not None:
             self._listener.close()
+        self.gate.close()
         if self._timer is not None:
             self._timer.cancel()
         self.core.time_out_all_waits()
