@@ -53,10 +53,12 @@ def _connect(client: Client) -> None:
         client.connect()
     except ConnectionClosed as error:
         cause = error.__context__  # the OSError behind it
-        if isinstance(cause, ssl.SSLError):
+        # A broker that wants a client certificate closes on a client without one.
+        closed_on_tls = client.tls is not None and isinstance(cause, ConnectionClosed)
+        if isinstance(cause, ssl.SSLError) or closed_on_tls:
             raise ConnectionClosed(
                 f"TLS with {client.host}:{client.port} failed: {cause}; name the broker's CA "
-                "with --tls-ca (and a client certificate with --tls-cert if it wants one)"
+                "with --tls-ca, and a client certificate with --tls-cert if it wants one"
             ) from None
         reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause)
         raise ConnectionClosed(

@@ -188,3 +188,26 @@ def test_the_cli_worker_and_bench_speak_tls(
         assert [body for body, _ in connection.reserve(["tls.bench"], 1, 0)] == [b"b"]
     finally:
         connection.close()
+
+
+def test_the_cli_says_a_client_certificate_may_be_missing(pki: Pki, tmp_path: Path) -> None:
+    running = start_broker(tmp_path / "mtls.log", "--in-memory", *pki.broker_args(mutual=True))
+    try:
+        url = f"sluices://{running.host}:{running.port}"
+        cli = [sys.executable, "-m", "client.cli", "--url", url, "--tls-ca", pki.ca_file]
+        done = subprocess.run(
+            [*cli, "queues"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=20
+        )
+        assert done.returncode == 1 and "--tls-cert if it wants one" in done.stderr
+        cert = tmp_path / "client.pem"  # its key in the same file
+        pki.client.private_key_and_cert_chain_pem.write_to_path(str(cert))
+        done = subprocess.run(
+            [*cli, "--tls-cert", str(cert), "queues"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        assert done.returncode == 0, done.stderr
+    finally:
+        stop_broker(running)
