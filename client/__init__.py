@@ -12,10 +12,21 @@ methods, ``Message`` for deliveries, and ``client.errors`` with one class per wi
 
 from . import errors
 from ._async import AsyncClient
+from ._common import tls_context
 from ._message import Message
 from ._sync import Client
 from ._worker_async import AsyncWorker
 from ._worker_job import Fail, Retry
 from ._worker_sync import Worker
 
-__all__ = ["AsyncClient", "AsyncWorker", "Client", "Fail", "Message", "Retry", "Worker", "errors"]
+__all__ = [
+    "AsyncClient",
+    "AsyncWorker",
+    "Client",
+    "Fail",
+    "Message",
+    "Retry",
+    "Worker",
+    "errors",
+    "tls_context",
+]

@@ -12,7 +12,7 @@ This package is a facade over ``client`` (where the code lives): import from her
 ``sluice.errors`` has one exception class per wire error code.
 """
 
-from client import AsyncClient, AsyncWorker, Client, Fail, Message, Retry, Worker
+from client import AsyncClient, AsyncWorker, Client, Fail, Message, Retry, Worker, tls_context
 from client._calls import MessageId
 from client._worker_job import AsyncJob, Job
 
@@ -30,4 +30,5 @@ __all__ = [
     "Retry",
     "Worker",
     "errors",
+    "tls_context",
 ]

@@ -211,3 +211,22 @@ def test_the_cli_says_a_client_certificate_may_be_missing(pki: Pki, tmp_path: Pa
         assert done.returncode == 0, done.stderr
     finally:
         stop_broker(running)
+
+
+def test_tls_context_as_the_readme_shows(pki: Pki, tmp_path: Path) -> None:
+    from sluice import tls_context
+
+    running = start_broker(tmp_path / "mtls.log", "--in-memory", *pki.broker_args(mutual=True))
+    try:
+        cert, key = tmp_path / "worker.pem", tmp_path / "worker.key"
+        pki.client.cert_chain_pems[0].write_to_path(str(cert))
+        pki.client.private_key_pem.write_to_path(str(key))
+        context = tls_context(pki.ca_file, str(cert), str(key))
+        assert context.minimum_version >= ssl.TLSVersion.TLSv1_2
+        url = f"sluices://localhost:{running.port}"  # the certificate names localhost too
+        with Client(url=url, tls=context, timeout=5) as client:
+            assert client.ping() > 0
+        with pytest.raises((BrokerUnavailable, ConnectionClosed)):
+            Client(url=url, tls=tls_context(pki.ca_file), timeout=5).ping()
+    finally:
+        stop_broker(running)
