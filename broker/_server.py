@@ -402,7 +402,13 @@ class BrokerServer:
     ) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
         self._listener = await loop.create_server(
-            lambda: Connection(self, next(self._ids)), host, port, reuse_address=True, ssl=tls
+            lambda: Connection(self, next(self._ids)),
+            host,
+            port,
+            reuse_address=True,
+            ssl=tls,
+            # A TLS connection says hello only after its handshake: both within the timeout.
+            ssl_handshake_timeout=self.limits.hello_timeout if tls is not None else None,
         )
         bound = self._listener.sockets[0].getsockname()
         # Arm the timer (schedules fire with nobody connected) and commit what recovery

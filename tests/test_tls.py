@@ -230,3 +230,15 @@ def test_tls_context_as_the_readme_shows(pki: Pki, tmp_path: Path) -> None:
             Client(url=url, tls=tls_context(pki.ca_file), timeout=5).ping()
     finally:
         stop_broker(running)
+
+
+def test_a_silent_socket_on_the_tls_port_is_closed_by_the_hello_timeout(
+    pki: Pki, tmp_path: Path
+) -> None:
+    args = ("--in-memory", "--hello-timeout", "0.5", *pki.broker_args())
+    running = start_broker(tmp_path / "broker.log", *args)
+    try:
+        with socket.create_connection((running.host, running.port), timeout=5) as silent:
+            assert silent.recv(1024) == b""  # closed within the timeout, not the 5 s read
+    finally:
+        stop_broker(running)
