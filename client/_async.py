@@ -107,7 +107,9 @@ class AsyncClient:
     """asyncio Sluice client; the same methods as ``Client``, as coroutines.
 
     The broker is ``url`` (``sluice://host:port``), or ``host`` and ``port``, or else
-    the ``SLUICE_URL`` environment variable, or else sluice://127.0.0.1:7700.
+    the ``SLUICE_URL`` environment variable, or else sluice://127.0.0.1:7700. ``tls``:
+    an ``ssl.SSLContext`` (see ``tls_context``), True (the system's CAs), False, or None
+    for TLS exactly when the URL is ``sluices://``.
 
     Concurrent calls share one connection: each waits only for its own reply, so a
     long-polling ``reserve`` does not hold up the others.

@@ -47,7 +47,9 @@ class Client:
     """Blocking Sluice client.
 
     The broker is ``url`` (``sluice://host:port``), or ``host`` and ``port``, or else
-    the ``SLUICE_URL`` environment variable, or else sluice://127.0.0.1:7700.
+    the ``SLUICE_URL`` environment variable, or else sluice://127.0.0.1:7700. ``tls``:
+    an ``ssl.SSLContext`` (see ``tls_context``), True (the system's CAs), False, or None
+    for TLS exactly when the URL is ``sluices://``.
 
     Connects on first use (or ``connect()``), says hello, and reconnects on the next call
     after the connection was lost. A call that times out closes the connection, so a late

@@ -86,9 +86,9 @@ class Worker:
       5 s); the outage is logged once when it starts and once when it ends.
 
     The broker is ``url``, or ``host`` and ``port``, or ``SLUICE_URL``, or else
-    sluice://127.0.0.1:7700, as for ``Client``. ``visibility_timeout`` overrides the lease
-    length asked for at reserve (None: the message's or queue's own). ``counts`` tallies
-    what happened to each message.
+    sluice://127.0.0.1:7700, as for ``Client``; so is ``tls``. ``visibility_timeout``
+    overrides the lease length asked for at reserve (None: the message's or queue's own).
+    ``counts`` tallies what happened to each message.
 
     ``breaker=(failures, cooldown)`` turns on a circuit breaker (off by default): after
     that many handler failures in a row (exceptions other than ``Retry`` and ``Fail``,
