@@ -103,8 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--scenario", choices=list(SCENARIOS), default="throughput", help="what to run")
     add(
         "--url",
-        help="bench the broker at sluice://HOST:PORT instead of starting one (a token, if it "
-        "needs one, from SLUICE_AUTH_TOKEN)",
+        help="bench the broker at sluice://HOST:PORT (sluices:// for TLS, verified against "
+        "SLUICE_TLS_CA or the system's CAs) instead of starting one (a token, if it needs "
+        "one, from SLUICE_AUTH_TOKEN)",
     )
     amount = parser.add_mutually_exclusive_group()
     amount.add_argument("--messages", type=int, metavar="N", help="messages to put in all")

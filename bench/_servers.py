@@ -36,6 +36,7 @@ class Endpoint:
     host: str
     port: int
     namespace: str = ""  # prefix for queue names, so runs never share a queue
+    tls: bool = False  # connect with TLS (a sluices:// --url)
 
 
 class Connection(Protocol):

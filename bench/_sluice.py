@@ -12,8 +12,10 @@ import sys
 import time
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from client import AsyncClient, Client, Message
+from client._common import TLS_SCHEME, Tls, cli_tls
 
 from ._load import QueueLimit
 from ._servers import READY_TIMEOUT, Delivery, Endpoint, OwnedProcess, Unsupported
@@ -44,13 +46,21 @@ def auth_token() -> str | None:
     return os.environ.get("SLUICE_AUTH_TOKEN") or None
 
 
-def probe(host: str, port: int, timeout: float = 10.0) -> Client:
+def tls(wanted: bool) -> Tls:
+    """TLS for a ``sluices://`` broker: a context from SLUICE_TLS_CA (and SLUICE_TLS_CERT,
+    SLUICE_TLS_KEY for a broker that wants a client certificate), or the system's CAs."""
+    env = os.environ.get
+    context = cli_tls(env("SLUICE_TLS_CA"), env("SLUICE_TLS_CERT"), env("SLUICE_TLS_KEY"))
+    return (context or True) if wanted else False
+
+
+def probe(host: str, port: int, timeout: float = 10.0, use_tls: bool = False) -> Client:
     """A blocking client for the bench's own checks (version, stats, ping)."""
-    return Client(host, port, timeout=timeout, client_name="sluice-bench", auth_token=auth_token())
+    return Client(host, port, timeout=timeout, **_client_options(use_tls))
 
 
-def _client_options() -> dict[str, Any]:
-    return {"client_name": "sluice-bench", "auth_token": auth_token()}
+def _client_options(use_tls: bool) -> dict[str, Any]:
+    return {"client_name": "sluice-bench", "auth_token": auth_token(), "tls": tls(use_tls)}
 
 
 def _check_acked(acked: int, messages: list[Message]) -> None:
@@ -62,7 +72,7 @@ class SluiceConnection:
     """The load loops' view of one ``AsyncClient`` connection."""
 
     def __init__(self, endpoint: Endpoint) -> None:
-        self.client = AsyncClient(endpoint.host, endpoint.port, **_client_options())
+        self.client = AsyncClient(endpoint.host, endpoint.port, **_client_options(endpoint.tls))
 
     async def open(self) -> None:
         await self.client.connect()
@@ -87,7 +97,7 @@ class SluiceBlockingConnection:
     """The thread loads' view of one blocking ``Client`` connection."""
 
     def __init__(self, endpoint: Endpoint) -> None:
-        self.client = Client(endpoint.host, endpoint.port, **_client_options())
+        self.client = Client(endpoint.host, endpoint.port, **_client_options(endpoint.tls))
 
     def open(self) -> None:
         self.client.connect()
@@ -118,9 +128,11 @@ class SluiceServer:
         self.notes: list[str] = []
         self.owned = OwnedProcess()
         self.host, self.port = "127.0.0.1", 0
+        self.tls = False
         if url:
             target = Client.from_url(url)  # parses only; connects on first use
             self.host, self.port = target.host, target.port
+            self.tls = urlsplit(url).scheme == TLS_SCHEME
         self.durable = fsync != "memory"
         if url:
             self.mode = "external"
@@ -140,7 +152,7 @@ class SluiceServer:
         return self.owned.pid
 
     def endpoint(self) -> Endpoint:
-        return Endpoint("sluice", self.host, self.port)
+        return Endpoint("sluice", self.host, self.port, tls=self.tls)
 
     def check(self, workload: Any) -> None:
         """Sluice runs every workload."""
@@ -152,7 +164,7 @@ class SluiceServer:
             package = "not installed"
         info: dict[str, str] = {"sluice package": package}
         try:
-            with probe(self.host, self.port) as client:
+            with probe(self.host, self.port, use_tls=self.tls) as client:
                 info["sluice broker"] = str(client.server_info.get("version", "unknown"))
         except Exception as error:  # a version is nice to have, not worth failing a run
             info["sluice broker"] = f"unknown ({error})"
@@ -197,18 +209,18 @@ class SluiceServer:
         started = time.perf_counter()
         self.port = self._launch()
         listening = time.perf_counter() - started
-        with probe(self.host, self.port, READY_TIMEOUT) as client:
+        with probe(self.host, self.port, READY_TIMEOUT, use_tls=self.tls) as client:
             client.ping()
         return {"listening_s": listening, "ready_s": time.perf_counter() - started}
 
     def queued(self, queues: list[str]) -> int:
         """Ready messages over ``queues``, by the broker's own stats."""
-        with probe(self.host, self.port) as client:
+        with probe(self.host, self.port, use_tls=self.tls) as client:
             return sum(int(client.stats(queue)["ready"]) for queue in queues)
 
     def limit(self, queue: str, limit: QueueLimit) -> None:
         """Set ``limit`` on ``queue``; Unsupported if this broker has no rate limits."""
-        with probe(self.host, self.port) as client:
+        with probe(self.host, self.port, use_tls=self.tls) as client:
             if "rate_limit" not in client.configure(queue):
                 raise Unsupported("this broker has no rate_limit queue setting")
             client.configure(queue, **limit.settings())
@@ -216,7 +228,7 @@ class SluiceServer:
     def limits(self, queue: str) -> dict[str, Any]:
         """The ``limits`` map of ``queue``'s stats: tokens, in_flight, max_in_flight,
         throttled_seconds and parked_by_limit."""
-        with probe(self.host, self.port) as client:
+        with probe(self.host, self.port, use_tls=self.tls) as client:
             return dict(client.stats(queue).get("limits") or {})
 
     def stop(self) -> None:

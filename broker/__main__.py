@@ -7,6 +7,7 @@ import gc
 import logging
 import os
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Sequence
@@ -15,12 +16,14 @@ from typing import Final
 import uvloop
 
 from . import __version__
+from ._auth import AuthFileError, Authority
 from ._config import Config, parse_config
 from ._core import Core
 from ._http import HttpServer, HttpUnavailable
 from ._logging import configure_logging, event, log_dead_letter
 from ._server import BrokerServer, ServerLimits
 from ._store import Recovered, Store, StoreError
+from ._tls import TlsError, quiet_tls_noise, server_context
 
 log = logging.getLogger("sluice")
 
@@ -82,6 +85,8 @@ async def serve(config: Config) -> None:
         track_changes=config.data_dir is not None,
         on_dead=log_dead_letter,
     )
+    authority = Authority(config.auth_token, config.auth_file)  # a bad file stops here
+    tls = server_context(config.tls_cert, config.tls_key, config.tls_client_ca)
     store, recovered = open_store(config, core)
     if store is not None:
         core.admit_fire = store.admits  # a full store skips schedules' fires, as it refuses puts
@@ -89,11 +94,13 @@ async def serve(config: Config) -> None:
         max_frame=config.max_frame,
         auth_token=config.auth_token,
         fsync_interval=config.fsync_interval,
+        max_connections=config.max_connections,
+        hello_timeout=config.hello_timeout,
     )
-    server = BrokerServer(core, limits, store=store)
+    server = BrokerServer(core, limits, store=store, authority=authority)
     server.metrics.recovered = recovered
     try:
-        await run_until_signal(server, config)
+        await run_until_signal(server, config, tls)
     finally:
         if store is not None:
             # The next start then has no log to apply, and goes on from these counters.
@@ -118,24 +125,31 @@ def log_start(config: Config) -> None:
     )
 
 
-async def start_http(server: BrokerServer, config: Config) -> tuple[HttpServer | None, str]:
+async def start_http(
+    server: BrokerServer, config: Config, tls: ssl.SSLContext | None
+) -> tuple[HttpServer | None, str]:
     """Serve metrics, health, the API and the dashboard unless HTTP is off; returns the
     server and its address for the log ("off" if none)."""
     if config.http_port is None:
         return None, "off"
-    http = HttpServer(server, top_queues=config.metrics_top_queues, auth_token=config.auth_token)
-    host, port = await http.start(config.host, config.http_port)
+    http = HttpServer(server, top_queues=config.metrics_top_queues)
+    host, port = await http.start(config.host, config.http_port, tls)
     shown = f"[{host}]" if ":" in host else host
-    return http, f"http://{shown}:{port}/"
+    return http, f"{'https' if tls else 'http'}://{shown}:{port}/"
 
 
-async def run_until_signal(server: BrokerServer, config: Config) -> None:
-    host, port = await server.start(config.host, config.port)
-    http, http_address = await start_http(server, config)
+async def run_until_signal(
+    server: BrokerServer, config: Config, tls: ssl.SSLContext | None
+) -> None:
+    if tls is not None:
+        quiet_tls_noise()
+    host, port = await server.start(config.host, config.port, tls)
+    http, http_address = await start_http(server, config, tls)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_auth)
     # The log line first: whoever reads the stdout line can then find the HTTP port.
     log.info(
         "listening on %s:%d, http %s",
@@ -164,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(config.log_level, config.log_format)
     try:
         uvloop.run(serve(config))
-    except (StoreError, HttpUnavailable) as error:
+    except (StoreError, HttpUnavailable, AuthFileError, TlsError) as error:
         print(f"sluice-broker: {error}", file=sys.stderr)
         return 1
     except OSError as error:

@@ -10,16 +10,17 @@ an HTTP status that fits (``STATUS``). Mutating routes (POST) need:
 
 - the header ``X-Sluice-Request: 1``, which a cross-site form or a simple cross-origin
   request cannot send (so a page elsewhere cannot make a browser post here), and
-- if the broker has an ``--auth-token``, ``Authorization: Bearer <token>`` (401 when
-  missing, 403 when wrong).
+- if the broker has an ``--auth-token`` or an ``--auth-file``, ``Authorization: Bearer
+  <token>`` (401 when missing, 403 when wrong).
 
-Reads need neither.
+Reads need neither, unless the broker has an ``--auth-file``: then every route needs a
+token, and a principal's grants apply as on the wire (the same ``authorize``); broker-wide
+reads (overview, connections) need ``read`` on every queue (a grant ``queues = "*"``).
 """
 
 from __future__ import annotations
 
 import base64
-import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -29,6 +30,7 @@ from aiohttp import web
 
 from protocol import BadRequest, ErrorCode, Forbidden, SluiceError, TooLarge, Unauthorized
 
+from ._auth import Authority, Principal, require_everywhere
 from ._logging import event
 from ._metrics import QueueTotals, deepest_queues
 from ._rates import RateSampler
@@ -54,6 +56,7 @@ STATUS: Final = {
     ErrorCode.UNAUTHORIZED: 401,
     ErrorCode.FORBIDDEN: 403,
     ErrorCode.STORAGE_FULL: 507,
+    ErrorCode.QUOTA: 429,
     ErrorCode.SHUTTING_DOWN: 503,
     ErrorCode.INTERNAL: 500,
 }
@@ -144,40 +147,50 @@ async def json_body(request: web.Request) -> dict[str, Any]:
 
 
 class Guard:
-    """The checks of a mutating route (see the module docstring)."""
+    """The checks of a route (see the module docstring)."""
 
-    def __init__(self, token: str | None) -> None:
-        self.token = token
+    def __init__(self, authority: Authority) -> None:
+        self.authority = authority
 
-    def check(self, request: web.Request) -> None:
-        if request.headers.get(CSRF_HEADER) != "1":
+    def check(self, request: web.Request, *, mutating: bool = True) -> Principal | None:
+        """The request's principal (None: nothing to check); raises if it has none."""
+        if mutating and request.headers.get(CSRF_HEADER) != "1":
             raise Forbidden(
                 f"a mutating request needs the header '{CSRF_HEADER}: 1' (it keeps other "
                 "sites' pages from posting here)"
             )
-        if self.token is None:
-            return
+        authority = self.authority
+        if not authority.required or (not mutating and authority.path is None):
+            return None
         sent = request.headers.get("Authorization", "")
         scheme, _, token = sent.partition(" ")
         if not sent:
-            raise Unauthorized("this broker needs its auth token: 'Authorization: Bearer <token>'")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            token.strip().encode(), self.token.encode()
-        ):
+            raise Unauthorized("this broker needs an auth token: 'Authorization: Bearer <token>'")
+        principal = authority.principal_of(token.strip()) if scheme.lower() == "bearer" else None
+        if principal is None:
             raise Forbidden("wrong auth token (send 'Authorization: Bearer <token>')")
+        return None if principal.everything else principal
 
 
 # ----------------------------------------------------------------- routes
 
 
 class Api:
-    def __init__(self, server: BrokerServer, rates: RateSampler, token: str | None) -> None:
+    def __init__(self, server: BrokerServer, rates: RateSampler) -> None:
         self.server = server
         self.rates = rates
-        self.guard = Guard(token)
+        self.guard = Guard(server.authority)
 
-    async def op(self, op: str, args: dict[str, Any]) -> Any:
-        return await self.server.run_confirmed(op, args)
+    async def op(self, request: web.Request, op: str, args: dict[str, Any]) -> Any:
+        """Run ``op`` as the request's principal; the guard has checked a mutating
+        request's header before any body was read."""
+        principal = self.guard.check(request, mutating=request.method == "POST")
+        return await self.server.run_confirmed(op, args, principal)
+
+    def broker_wide(self, request: web.Request, what: str) -> None:
+        principal = self.guard.check(request, mutating=False)
+        if principal is not None:
+            require_everywhere(principal, "read", what)
 
     # reads
 
@@ -185,6 +198,7 @@ class Api:
         """Totals over every queue and the ``OVERVIEW_QUEUES`` deepest queues' summaries,
         from one walk of the queues that yields to the loop as it goes."""
         query_args(request, ())
+        self.broker_wide(request, "overview")
         self.rates.look()
         totals = QueueTotals()
         deepest = await deepest_queues(self.server.core, OVERVIEW_QUEUES, totals)
@@ -201,28 +215,28 @@ class Api:
 
     async def queues(self, request: web.Request) -> Any:
         query_args(request, ())
-        return await self.op("queues", {})
+        return await self.op(request, "queues", {})
 
     async def queue(self, request: web.Request) -> Any:
         query_args(request, ())
-        return await self.op("stats", {"queue": request.match_info["queue"]})
+        return await self.op(request, "stats", {"queue": request.match_info["queue"]})
 
     async def messages(self, request: web.Request) -> Any:
         args = query_args(request, ("state", "limit", "after"))
         args["queue"] = request.match_info["queue"]
         if args.get("state") == "dead":
             del args["state"]
-            return await self.op("dead_letters", args)
-        return await self.op("peek", args)
+            return await self.op(request, "dead_letters", args)
+        return await self.op(request, "peek", args)
 
     async def dead(self, request: web.Request) -> Any:
         args = query_args(request, ("limit", "after"))
-        return await self.op("dead_letters", args | {"queue": request.match_info["queue"]})
+        return await self.op(request, "dead_letters", args | {"queue": request.match_info["queue"]})
 
     async def message(self, request: web.Request) -> Any:
         query_args(request, ())
         found = message_id(request)
-        status = await self.op("status", {"id": found})
+        status = await self.op(request, "status", {"id": found})
         message = self.server.core.messages.get(found)
         if message is not None:
             status["body"] = preview(message.body)
@@ -230,6 +244,7 @@ class Api:
 
     async def connections(self, request: web.Request) -> Any:
         query_args(request, ())
+        self.broker_wide(request, "connections")
         return {
             "connections": [
                 {
@@ -254,7 +269,7 @@ class Api:
             args = await json_body(request) if with_body else {}
             if "queue" in args:
                 raise BadRequest(f"{op}: the queue is named by the path, not the body")
-            return await self.op(op, args | {"queue": request.match_info["queue"]})
+            return await self.op(request, op, args | {"queue": request.match_info["queue"]})
 
         return route
 
@@ -262,18 +277,18 @@ class Api:
         self.guard.check(request)
         settings = await json_body(request)
         queue = request.match_info["queue"]
-        return await self.op("configure", {"queue": queue, "settings": settings})
+        return await self.op(request, "configure", {"queue": queue, "settings": settings})
 
     async def cancel(self, request: web.Request) -> Any:
         self.guard.check(request)
-        return await self.op("cancel", {"id": message_id(request)})
+        return await self.op(request, "cancel", {"id": message_id(request)})
 
     # schedules
 
     async def schedules(self, request: web.Request) -> Any:
         query_args(request, ())
         queue = request.match_info.get("queue")
-        return await self.op("schedules", {} if queue is None else {"queue": queue})
+        return await self.op(request, "schedules", {} if queue is None else {"queue": queue})
 
     async def schedule(self, request: web.Request) -> Any:
         """Create or replace: the JSON body holds the schedule's fields, its ``body`` a
@@ -284,12 +299,11 @@ class Api:
             raise BadRequest("schedule: the queue and the name are named by the path")
         if isinstance(fields.get("body"), str):
             fields["body"] = fields["body"].encode()
-        return await self.op("schedule", fields | self._schedule_path(request))
+        return await self.op(request, "schedule", fields | self._schedule_path(request))
 
     def schedule_action(self, op: str) -> Route:
         async def route(request: web.Request) -> Any:
-            self.guard.check(request)
-            return await self.op(op, self._schedule_path(request))
+            return await self.op(request, op, self._schedule_path(request))
 
         return route
 
@@ -332,10 +346,8 @@ async def _api_errors(
         return json_response({"code": code.value, "message": message}, refused.status)
 
 
-def add_api_routes(
-    app: web.Application, server: BrokerServer, rates: RateSampler, token: str | None
-) -> None:
-    api = Api(server, rates, token)
+def add_api_routes(app: web.Application, server: BrokerServer, rates: RateSampler) -> None:
+    api = Api(server, rates)
     app.middlewares.append(_api_errors)
     queue = f"{PREFIX}/queues/{{queue}}"
     gets: list[tuple[str, Route]] = [

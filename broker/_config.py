@@ -12,6 +12,8 @@ from typing import Any
 
 from protocol import DEFAULT_MAX_FRAME
 
+from ._gate import DEFAULT_HELLO_TIMEOUT, DEFAULT_MAX_CONNECTIONS
+
 DESCRIPTION = """\
 Sluice: a durable message broker and job queue.
 
@@ -64,6 +66,12 @@ class Config:
     http_port: int | None = None  # None: no HTTP server; 0: any free port
     metrics_top_queues: int = 100  # queues given their own series in /metrics
     log_format: str = "text"
+    auth_file: str | None = None  # principals and grants (TOML); SIGHUP reloads it
+    tls_cert: str | None = None  # PEM certificate chain: TLS on the broker and HTTP ports
+    tls_key: str | None = None  # its private key (if not in the cert file)
+    tls_client_ca: str | None = None  # require client certificates signed by this CA
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    hello_timeout: float = DEFAULT_HELLO_TIMEOUT  # seconds
 
     def summary(self) -> dict[str, Any]:
         """Every setting, safe to log: of the auth token, only whether there is one."""
@@ -125,6 +133,22 @@ def _frame_size(text: str) -> int:
     if not 1024 <= size <= 1024**3:
         raise argparse.ArgumentTypeError(f"max frame must be 1 KiB to 1 GiB, got {size}")
     return size
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 10_000_000:
+        raise argparse.ArgumentTypeError(f"must be 1-10000000, got {value}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(
+            f"must be more than 0 and at most 3600 seconds, got {text}"
+        )
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,6 +244,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="if set, clients must send this token in hello (prefer SLUICE_AUTH_TOKEN: "
         "flags show up in process listings)",
     )
+    add(
+        "--auth-file",
+        default=_env("auth_file", None),
+        help="TOML file of principals (tokens as SHA-256 digests) and their grants per "
+        "queue glob; SIGHUP reloads it. --auth-token still has every right",
+    )
+    add(
+        "--tls-cert",
+        default=_env("tls_cert", None),
+        help="PEM certificate (chain) to serve TLS with, on the broker port and the HTTP "
+        "port (TLS 1.2 or later); clients then use sluices:// and https://",
+    )
+    add("--tls-key", default=_env("tls_key", None), help="PEM private key of --tls-cert")
+    add(
+        "--max-connections",
+        type=_positive_int,
+        default=_env("max_connections", str(DEFAULT_MAX_CONNECTIONS)),
+        help="connections open at once; the next one gets a QUOTA error and a close "
+        "(default %(default)s)",
+    )
+    add(
+        "--hello-timeout",
+        type=_positive_seconds,
+        default=_env("hello_timeout", str(DEFAULT_HELLO_TIMEOUT)),
+        help="seconds a new connection has to send hello before it is closed (default %(default)s)",
+    )
+    add(
+        "--tls-client-ca",
+        default=_env("tls_client_ca", None),
+        help="PEM CA certificate(s): clients must present a certificate signed by one (mutual TLS)",
+    )
     return parser
 
 
@@ -238,4 +293,10 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         http_port=_http_port(int(args.port), args.http_port),
         metrics_top_queues=int(args.metrics_top_queues),
         log_format=args.log_format,
+        auth_file=args.auth_file or None,
+        tls_cert=args.tls_cert or None,
+        tls_key=args.tls_key or None,
+        tls_client_ca=args.tls_client_ca or None,
+        max_connections=int(args.max_connections),
+        hello_timeout=float(args.hello_timeout),
     )

@@ -13,6 +13,7 @@ connection after each answer, as the hand-written endpoint before this one did.
 from __future__ import annotations
 
 import logging
+import ssl
 from importlib import resources
 from typing import TYPE_CHECKING, Final
 
@@ -71,22 +72,24 @@ def dashboard_file(name: str) -> bytes:
 
 class HttpServer:
     """The app and its listener. ``top_queues`` bounds the per-queue series of a scrape;
-    ``auth_token`` (None: none) guards the API's mutating routes."""
+    The server's authority (its auth token and auth file) guards the API."""
 
-    def __init__(self, server: BrokerServer, *, top_queues: int, auth_token: str | None) -> None:
+    def __init__(self, server: BrokerServer, *, top_queues: int) -> None:
         self.server = server
         self.top_queues = top_queues
         self.rates = RateSampler(server)
         self.app = web.Application(client_max_size=MAX_BODY)
         self.app.router.add_route("*", "/metrics", self._metrics)
         self.app.router.add_route("*", "/healthz", self._healthz)
-        add_api_routes(self.app, server, self.rates, auth_token)
+        add_api_routes(self.app, server, self.rates)
         self._files = {name: dashboard_file(name) for name in DASHBOARD_FILES}
         self.app.router.add_get("/", self._index)
         self.app.router.add_get("/dashboard/{name}", self._asset)
         self._runner: web.AppRunner | None = None
 
-    async def start(self, host: str, port: int) -> tuple[str, int]:
+    async def start(
+        self, host: str, port: int, tls: ssl.SSLContext | None = None
+    ) -> tuple[str, int]:
         """Listen on ``host:port`` (0: a free port); returns the address bound. Raises
         ``HttpUnavailable`` if it cannot."""
         runner = web.AppRunner(
@@ -99,7 +102,7 @@ class HttpServer:
             shutdown_timeout=SHUTDOWN_GRACE,
         )
         await runner.setup()
-        site = web.TCPSite(runner, host, port, reuse_address=True)
+        site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=tls)
         try:
             await site.start()
         except OSError as error:

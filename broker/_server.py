@@ -34,9 +34,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import heapq
-import hmac
 import itertools
 import logging
+import ssl
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -65,8 +65,10 @@ from protocol import (
 
 from . import __version__
 from ._args import MAX_BATCH, MAX_WAITS_PER_CONNECTION
+from ._auth import Authority, Principal, authorize, token_digest, visible
 from ._channels import Channels, Sink
 from ._core import Core
+from ._gate import DEFAULT_HELLO_TIMEOUT, DEFAULT_MAX_CONNECTIONS, Gate
 from ._handlers import PENDING, READ_ONLY_OPS, Call, deliveries, handle
 from ._logging import event
 from ._message import NOT_STORED, Message
@@ -90,6 +92,8 @@ class ServerLimits:
     max_frame: int
     auth_token: str | None = None
     fsync_interval: float = 0.1  # seconds between syncs in fsync "interval" mode
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    hello_timeout: float = DEFAULT_HELLO_TIMEOUT  # seconds a connection has to say hello
 
 
 class Connection(asyncio.Protocol):
@@ -121,6 +125,8 @@ class Connection(asyncio.Protocol):
         self.consumer = False  # has sent a reserve (metrics: sluice_consumer_connections)
         self.delivered = 0  # messages handed out over this connection
         self.opened_at = server.clock()
+        self.principal: Principal | None = None  # None: nothing to check (see _auth)
+        self.token_digest = ""
 
     # asyncio callbacks
 
@@ -271,15 +277,14 @@ class Connection(asyncio.Protocol):
                 f"protocol version {shown(version)} is not supported; this broker speaks "
                 f"version {PROTOCOL_VERSION}"
             )
-        expected = self.server.limits.auth_token
         token = args.get("token")
-        if expected is not None and not (
-            isinstance(token, str) and hmac.compare_digest(token.encode(), expected.encode())
-        ):
-            raise Unauthorized("hello needs the broker's auth token ('token')")
+        self.principal = self.server.authority.authenticate(token)
+        if self.principal is not None:
+            self.token_digest = token_digest(str(token))
         name = args.get("client")
         self.client_name = name[:200] if isinstance(name, str) else "?"
         self.greeted = True
+        self.server.gate.greeted(self)
         log.debug(
             "connection %d from %s is %s",
             self.id,
@@ -373,9 +378,12 @@ class BrokerServer:
         limits: ServerLimits,
         clock: Clock = time.time,
         store: Store | None = None,
+        authority: Authority | None = None,
     ) -> None:
         self.core = core
         self.limits = limits
+        self.authority = authority or Authority(limits.auth_token)
+        self.gate = Gate(limits.max_connections, limits.hello_timeout, self._drop)
         self.clock = clock
         self.store = store
         self.channels = Channels()
@@ -409,10 +417,18 @@ class BrokerServer:
             self._loop = asyncio.get_running_loop()
         return self._loop
 
-    async def start(self, host: str, port: int) -> tuple[str, int]:
+    async def start(
+        self, host: str, port: int, tls: ssl.SSLContext | None = None
+    ) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
         self._listener = await loop.create_server(
-            lambda: Connection(self, next(self._ids)), host, port, reuse_address=True
+            lambda: Connection(self, next(self._ids)),
+            host,
+            port,
+            reuse_address=True,
+            ssl=tls,
+            # A TLS connection says hello only after its handshake: both within the timeout.
+            ssl_handshake_timeout=self.limits.hello_timeout if tls is not None else None,
         )
         bound = self._listener.sockets[0].getsockname()
         # Arm the timer (schedules fire with nobody connected) and commit what recovery
@@ -446,7 +462,9 @@ class BrokerServer:
             raise BadRequest(f"request id {request_id} is already in use by a waiting reserve")
         waits_left = MAX_WAITS_PER_CONNECTION - len(connection.waiting)
         key = (connection.id, request_id)
-        result, need, delivered = self.run(op, args, key, waits_left, connection)
+        result, need, delivered = self.run(
+            op, args, key, waits_left, connection, principal=connection.principal
+        )
         if delivered:
             connection.delivered += delivered
         return result, need
@@ -458,16 +476,22 @@ class BrokerServer:
         waiter_key: Hashable,
         waits_left: int,
         sink: Sink | None = None,
+        principal: Principal | None = None,
     ) -> tuple[Any, int, int]:
         """Run one op against the core: the one path of every view (wire, HTTP API).
         Returns its result, the batch its answer needs before it goes out (see the module
-        docstring), and how many messages it delivered. Raises the op's ``SluiceError``."""
+        docstring), and how many messages it delivered. Raises the op's ``SluiceError``
+        (``FORBIDDEN``, changing nothing, if ``principal`` may not run it; None: no checks)."""
         if self.shutting_down:
             raise ShuttingDown("the broker is shutting down; reconnect to another or retry later")
+        if principal is not None:
+            authorize(principal, self.core, op, args)
         call = Call(
             self.core, self.clock(), waiter_key, waits_left, self.store, None, self.channels, sink
         )
         result = handle(call, op, args)
+        if principal is not None:
+            result = visible(principal, op, result)
         delivered = 0 if call.delivered is None else len(call.delivered)
         if self.store is None:
             return result, 0, delivered
@@ -476,11 +500,15 @@ class BrokerServer:
         read_only = op in READ_ONLY_OPS and not call.stored
         return result, 0 if read_only else self.pending_batch(), delivered
 
-    async def run_confirmed(self, op: str, args: dict[str, Any]) -> Any:
+    async def run_confirmed(
+        self, op: str, args: dict[str, Any], principal: Principal | None = None
+    ) -> Any:
         """Run an op for a view without a connection (the HTTP API) and return its result
         once the batch it needs is durable: an answer promises what a wire reply to the
         same request would. Never long-polls (no waits are allowed)."""
-        result, need, _ = self.run(op, args, ("local", next(self._local_ids)), 0)
+        result, need, _ = self.run(
+            op, args, ("local", next(self._local_ids)), 0, principal=principal
+        )
         self.turn_ends_soon()  # commit, serve waiters and re-arm the timer as a turn does
         if need > self.durable:
             done = self.loop.create_future()
@@ -692,6 +720,8 @@ class BrokerServer:
     # connections
 
     def connection_opened(self, connection: Connection) -> None:
+        if not self.gate.admit(connection, len(self.connections), self.loop):
+            return
         self.connections[connection.id] = connection
         self._no_connections.clear()
         self.metrics.connections_opened += 1
@@ -702,8 +732,14 @@ class BrokerServer:
             extra=event("connection_opened", connection_id=connection.id, peer=connection.peer),
         )
 
+    def _drop(self, connection: Connection, error: SluiceError) -> None:
+        """A connection the gate refuses or times out: one error frame, then the close."""
+        connection.fail(error)
+        self.turn_ends_soon()
+
     def connection_closed(self, connection: Connection) -> None:
         self.connections.pop(connection.id, None)
+        self.gate.forget(connection)
         self._dirty.pop(connection.id, None)
         log_closed(connection)
         if not self.connections:
@@ -716,12 +752,21 @@ class BrokerServer:
             self.core.cancel_wait((connection.id, request_id))
         connection.waiting.clear()
 
+    def reload_auth(self) -> None:
+        """Read the auth file again (SIGHUP); if it is good, every connection's token
+        names its principal anew (a token gone from the file keeps no rights)."""
+        if self.authority.reload():
+            for connection in self.connections.values():
+                if connection.principal is not None:
+                    connection.principal = self.authority.rebound(connection.token_digest)
+
     async def shutdown(self, grace: float = 5.0) -> None:
         """Stop accepting, answer waiting reserves with empty results, write every queued
         reply, close the connections and wait (up to ``grace``) for them to go."""
         self.shutting_down = True
         if self._listener is not None:
             self._listener.close()
+        self.gate.close()
         if self._timer is not None:
             self._timer.cancel()
         self.core.time_out_all_waits()

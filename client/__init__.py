@@ -13,6 +13,7 @@ methods, ``Message`` for deliveries, and ``client.errors`` with one class per wi
 from . import errors
 from ._async import AsyncClient, AsyncSubscription
 from ._channels import ChannelMessage
+from ._common import tls_context
 from ._message import Message
 from ._sync import Client, Subscription
 from ._worker_async import AsyncWorker
@@ -31,4 +32,5 @@ __all__ = [
     "Subscription",
     "Worker",
     "errors",
+    "tls_context",
 ]

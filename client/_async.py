@@ -18,8 +18,11 @@ from ._common import (
     DEFAULT_TIMEOUT,
     MAX_REPLY_FRAME,
     Limits,
+    Tls,
     as_method,
     broker_address,
+    broker_tls,
+    format_url,
     hello_args,
     result_of,
     split_reply_frame,
@@ -114,7 +117,9 @@ class AsyncClient:
     """asyncio Sluice client; the same methods as ``Client``, as coroutines.
 
     The broker is ``url`` (``sluice://host:port``), or ``host`` and ``port``, or else
-    the ``SLUICE_URL`` environment variable, or else sluice://127.0.0.1:7700.
+    the ``SLUICE_URL`` environment variable, or else sluice://127.0.0.1:7700. ``tls``:
+    an ``ssl.SSLContext`` (see ``tls_context``), True (the system's CAs), False, or None
+    for TLS exactly when the URL is ``sluices://``.
 
     Concurrent calls share one connection: each waits only for its own reply, so a
     long-polling ``reserve`` does not hold up the others.
@@ -132,8 +137,10 @@ class AsyncClient:
         timeout: float = DEFAULT_TIMEOUT,
         client_name: str = "sluice-python-async",
         auth_token: str | None = None,
+        tls: Tls = None,
     ) -> None:
         self.host, self.port = broker_address(url, host, port)
+        self.tls = broker_tls(tls, url, host, port)
         self.timeout = timeout
         self.client_name, self.auth_token = client_name, auth_token
         self.server_info: dict[str, Any] = {}
@@ -211,13 +218,15 @@ class AsyncClient:
         self._pending = pending
         try:
             _, reader = await asyncio.wait_for(
-                loop.create_connection(lambda: _ReplyReader(pending, loop), self.host, self.port),
+                loop.create_connection(
+                    lambda: _ReplyReader(pending, loop), self.host, self.port, ssl=self.tls
+                ),
                 self.timeout,
             )
         except (OSError, TimeoutError) as error:
             raise BrokerUnavailable(
-                f"cannot connect to sluice://{self.host}:{self.port}: {error}; is the broker "
-                "running? (python -m broker)"
+                f"cannot connect to {format_url(self.host, self.port, self.tls is not None)}: "
+                f"{error}; is the broker running? (python -m broker)"
             ) from None
         self._reader = reader
         hello = hello_args(self.client_name, self.auth_token)

@@ -9,7 +9,8 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from ._cli_commands import COMMANDS
-from ._common import DEFAULT_URL
+from ._cli_token import add_token_arguments
+from ._common import DEFAULT_URL, add_tls_options
 
 DEFAULT_TIMEOUT: Final = 10.0
 
@@ -98,6 +99,7 @@ def _add_connection_options(parser: argparse.ArgumentParser, *, with_defaults: b
         help="token the broker asks for in hello (prefer env SLUICE_AUTH_TOKEN: flags show "
         "up in process listings)",
     )
+    add_tls_options(add, default)
     add(
         "--timeout",
         type=_seconds,
@@ -502,6 +504,17 @@ examples:
   sluice watch --count 3 --interval 0.5 > snapshot.txt""",
         _watch_arguments,
     ),
+    "token": (
+        "print a new random token and the auth-file entry that grants it",
+        """The token is printed once, on the first line: give it to the client (as
+SLUICE_AUTH_TOKEN). The broker's --auth-file gets only its SHA-256, in the [[principal]]
+entry printed below it; send the broker SIGHUP to load the file again. Needs no broker.
+
+examples:
+  sluice token --name billing --queues 'billing.*' --allow produce,consume
+  sluice token --name ops --allow read,admin""",
+        add_token_arguments,
+    ),
 }
 
 
@@ -515,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_connection_options(parser, with_defaults=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMANDS:
+    for name in [*COMMANDS, "token"]:
         summary, details, arguments = HELP[name]
         sub = commands.add_parser(
             name,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import ssl
 from collections.abc import Callable
 from typing import Any, Final, NamedTuple, TypeVar
 from urllib.parse import urlsplit
@@ -25,12 +26,81 @@ MAX_REPLY_FRAME: Final = 1024**3
 T = TypeVar("T")
 
 
+TLS_SCHEME: Final = "sluices"  # sluices://host:port: the same protocol over TLS
+Tls = bool | ssl.SSLContext | None  # True: verify against the system's CAs; None: by URL
+
+
 def parse_url(url: str) -> tuple[str, int]:
-    """``sluice://host:port`` (port defaults to 7700) -> (host, port)."""
+    """``sluice://host:port`` or ``sluices://host:port`` (port defaults to 7700) ->
+    (host, port)."""
     parts = urlsplit(url)
-    if parts.scheme != "sluice" or not parts.hostname:
-        raise ValueError(f"expected a URL like sluice://127.0.0.1:7700, got {url!r}")
+    if parts.scheme not in ("sluice", TLS_SCHEME) or not parts.hostname:
+        raise ValueError(
+            f"expected a URL like sluice://127.0.0.1:7700 (or sluices:// for TLS), got {url!r}"
+        )
     return parts.hostname, parts.port or DEFAULT_PORT
+
+
+def tls_context(
+    ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None
+) -> ssl.SSLContext:
+    """A client context: verifies the broker's certificate and host name against
+    ``ca_file`` (default: the system's CAs), TLS 1.2 or later, and presents
+    ``cert_file``/``key_file`` if given (for a broker with ``--tls-client-ca``)."""
+    context = ssl.create_default_context(cafile=ca_file)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert_file is not None:
+        context.load_cert_chain(cert_file, key_file)
+    return context
+
+
+def add_tls_options(add: Callable[..., Any], default: Callable[[Any], Any] = lambda v: v) -> None:
+    """``--tls-ca``, ``--tls-cert`` and ``--tls-key`` for a command line (see ``cli_tls``)."""
+    add(
+        "--tls-ca",
+        metavar="FILE",
+        default=default(os.environ.get("SLUICE_TLS_CA") or None),
+        help="PEM CA file to verify the broker's certificate with: connects with TLS "
+        "(env SLUICE_TLS_CA; a sluices:// URL alone uses the system's CAs)",
+    )
+    add(
+        "--tls-cert",
+        metavar="FILE",
+        default=default(os.environ.get("SLUICE_TLS_CERT") or None),
+        help="PEM client certificate, for a broker that requires one (env SLUICE_TLS_CERT)",
+    )
+    add(
+        "--tls-key",
+        metavar="FILE",
+        default=default(os.environ.get("SLUICE_TLS_KEY") or None),
+        help="PEM key of --tls-cert, if not in it (env SLUICE_TLS_KEY)",
+    )
+
+
+def cli_tls(ca_file: str | None, cert_file: str | None, key_file: str | None) -> Tls:
+    """The ``tls`` of a command line's options: a context if any is given, else None
+    (the URL's scheme decides). Raises ``ValueError`` naming a file that will not load."""
+    if ca_file is None and cert_file is None and key_file is None:
+        return None
+    try:
+        return tls_context(ca_file, cert_file, key_file)
+    except (OSError, ssl.SSLError) as error:
+        raise ValueError(f"cannot load the TLS CA, certificate or key: {error}") from None
+
+
+def broker_tls(
+    tls: Tls, url: str | None = None, host: str | None = None, port: int | None = None
+) -> ssl.SSLContext | None:
+    """The TLS context to connect with, by the same rule as ``broker_address``: ``tls``
+    if it is a context; True or False as said; None: TLS if the URL (``url``, or else
+    ``SLUICE_URL`` when no host or port is given) is ``sluices://``."""
+    if isinstance(tls, ssl.SSLContext):
+        return tls
+    if tls is None:
+        if url is None and host is None and port is None:
+            url = os.environ.get(URL_VARIABLE)
+        tls = url is not None and urlsplit(url).scheme == TLS_SCHEME
+    return tls_context() if tls else None
 
 
 def broker_address(
@@ -48,9 +118,11 @@ def broker_address(
     return parse_url(os.environ.get(URL_VARIABLE) or DEFAULT_URL)
 
 
-def format_url(host: str, port: int) -> str:
-    """The ``sluice://`` URL of ``host`` and ``port`` (an IPv6 host in brackets)."""
-    return f"sluice://[{host}]:{port}" if ":" in host else f"sluice://{host}:{port}"
+def format_url(host: str, port: int, tls: bool = False) -> str:
+    """The ``sluice://`` (``sluices://`` with ``tls``) URL of ``host`` and ``port`` (an
+    IPv6 host in brackets)."""
+    scheme = TLS_SCHEME if tls else "sluice"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 def hello_args(client_name: str, auth_token: str | None) -> dict[str, Any]:

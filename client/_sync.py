@@ -20,8 +20,11 @@ from ._common import (
     MAX_REPLY_FRAME,
     Limits,
     ReplyParts,
+    Tls,
     as_method,
     broker_address,
+    broker_tls,
+    format_url,
     hello_args,
     result_of,
     split_reply_frame,
@@ -45,7 +48,9 @@ class Client:
     """Blocking Sluice client.
 
     The broker is ``url`` (``sluice://host:port``), or ``host`` and ``port``, or else
-    the ``SLUICE_URL`` environment variable, or else sluice://127.0.0.1:7700.
+    the ``SLUICE_URL`` environment variable, or else sluice://127.0.0.1:7700. ``tls``:
+    an ``ssl.SSLContext`` (see ``tls_context``), True (the system's CAs), False, or None
+    for TLS exactly when the URL is ``sluices://``.
 
     Connects on first use (or ``connect()``), says hello, and reconnects on the next call
     after the connection was lost. A call that times out closes the connection, so a late
@@ -64,8 +69,10 @@ class Client:
         timeout: float = DEFAULT_TIMEOUT,
         client_name: str = "sluice-python",
         auth_token: str | None = None,
+        tls: Tls = None,
     ) -> None:
         self.host, self.port = broker_address(url, host, port)
+        self.tls = broker_tls(tls, url, host, port)
         self.timeout = timeout
         self.client_name, self.auth_token = client_name, auth_token
         self.server_info: dict[str, Any] = {}
@@ -121,14 +128,14 @@ class Client:
         if self._sock is not None:
             return
         try:
-            sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+            sock = self._open_socket()
         except OSError as error:
             raise BrokerUnavailable(
-                f"cannot connect to sluice://{self.host}:{self.port}: {error}; is the broker "
-                "running? (python -m broker)"
+                f"cannot connect to {format_url(self.host, self.port, self.tls is not None)}: "
+                f"{error}; is the broker running? (python -m broker)"
             ) from None
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._kernel_timeouts = _set_kernel_timeouts(sock, self.timeout)
+        # An SSL socket reports a kernel timeout as "want read": it keeps Python's timeouts.
+        self._kernel_timeouts = self.tls is None and _set_kernel_timeouts(sock, self.timeout)
         self._sock, self._decoder = sock, FrameDecoder(MAX_REPLY_FRAME)
         try:
             hello = Call("hello", hello_args(self.client_name, self.auth_token), dict)
@@ -139,6 +146,17 @@ class Client:
             self.close()
             raise
         self.server_info, self._limits = value, Limits.of(value)
+
+    def _open_socket(self) -> socket.socket:
+        sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.tls is not None:  # the handshake within the timeout
+                return self.tls.wrap_socket(sock, server_hostname=self.host)
+        except OSError:
+            sock.close()
+            raise
+        return sock
 
     def _round_trips(self, calls: list[Call[Any]], wait: float) -> list[tuple[bool, Any]]:
         """Send the requests of ``calls`` in one write (pipelined) and read replies until

@@ -17,7 +17,7 @@ from typing import Any, cast
 from protocol import LeaseLost, SluiceError
 
 from ._async import AsyncClient
-from ._common import broker_address, format_url
+from ._common import Tls, broker_address, broker_tls, format_url
 from ._message import Message
 from ._worker_common import (
     HAND_BACK_TRIES,
@@ -81,6 +81,7 @@ class AsyncWorker:
         host: str | None = None,
         port: int | None = None,
         auth_token: str | None = None,
+        tls: Tls = None,
         timeout: float | None = None,
         grace: float = 30.0,
         visibility_timeout: float | None = None,
@@ -89,10 +90,11 @@ class AsyncWorker:
     ) -> None:
         if not is_async(handler):
             raise TypeError(f"{handler!r} is not an async def function: run it with Worker")
+        tls_used = self._tls = broker_tls(tls, url, host, port)
         self.settings = WorkerSettings(
             queues=queue_names(queues),
             concurrency=concurrency,
-            url=format_url(*broker_address(url, host, port)),
+            url=format_url(*broker_address(url, host, port), tls_used is not None),
             auth_token=auth_token,
             timeout=timeout,
             grace=grace,
@@ -107,6 +109,7 @@ class AsyncWorker:
             self.settings.port,
             auth_token=auth_token,
             client_name="sluice-worker-async",
+            tls=self._tls,
         )
         self._active: dict[tuple[int, int], Delivery] = {}  # reserved and not yet settled
         self._tasks: dict[tuple[int, int], asyncio.Task[None]] = {}

@@ -20,7 +20,7 @@ from typing import Any, TypeVar, cast
 
 from protocol import LeaseLost, SluiceError
 
-from ._common import broker_address, format_url
+from ._common import Tls, broker_address, broker_tls, format_url
 from ._message import Message
 from ._sync import Client
 from ._worker_common import (
@@ -86,9 +86,9 @@ class Worker:
       5 s); the outage is logged once when it starts and once when it ends.
 
     The broker is ``url``, or ``host`` and ``port``, or ``SLUICE_URL``, or else
-    sluice://127.0.0.1:7700, as for ``Client``. ``visibility_timeout`` overrides the lease
-    length asked for at reserve (None: the message's or queue's own). ``counts`` tallies
-    what happened to each message.
+    sluice://127.0.0.1:7700, as for ``Client``; so is ``tls``. ``visibility_timeout``
+    overrides the lease length asked for at reserve (None: the message's or queue's own).
+    ``counts`` tallies what happened to each message.
 
     ``breaker=(failures, cooldown)`` turns on a circuit breaker (off by default): after
     that many handler failures in a row (exceptions other than ``Retry`` and ``Fail``,
@@ -108,6 +108,7 @@ class Worker:
         host: str | None = None,
         port: int | None = None,
         auth_token: str | None = None,
+        tls: Tls = None,
         timeout: float | None = None,
         grace: float = 30.0,
         visibility_timeout: float | None = None,
@@ -118,10 +119,11 @@ class Worker:
             raise TypeError(f"{handler!r} is a coroutine function: run it with AsyncWorker")
         if not callable(handler):
             raise TypeError(f"handler must be callable, got {handler!r}")
+        tls_used = self._tls = broker_tls(tls, url, host, port)
         self.settings = WorkerSettings(
             queues=queue_names(queues),
             concurrency=concurrency,
-            url=format_url(*broker_address(url, host, port)),
+            url=format_url(*broker_address(url, host, port), tls_used is not None),
             auth_token=auth_token,
             timeout=timeout,
             grace=grace,
@@ -155,6 +157,7 @@ class Worker:
             settings.port,
             auth_token=settings.auth_token,
             client_name="sluice-worker",
+            tls=self._tls,
         )
 
     @property

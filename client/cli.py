@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import ssl
 import sys
 from collections.abc import Sequence
 
@@ -21,7 +22,8 @@ from protocol import SluiceError
 from ._cli_commands import COMMANDS
 from ._cli_parser import build_parser
 from ._cli_text import UsageError
-from ._common import parse_url
+from ._cli_token import cmd_token
+from ._common import cli_tls, parse_url
 from ._sync import Client
 from .errors import ConnectionClosed
 
@@ -29,11 +31,19 @@ from .errors import ConnectionClosed
 def _client(args: argparse.Namespace) -> Client:
     url = args.url if "://" in args.url else f"sluice://{args.url}"
     try:
-        host, port = parse_url(url)
+        parse_url(url)
     except ValueError as error:
         raise UsageError(f"bad --url: {error}") from None
+    try:
+        tls = cli_tls(args.tls_ca, args.tls_cert, args.tls_key)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     return Client(
-        host, port, timeout=args.timeout, client_name="sluice-cli", auth_token=args.auth_token
+        url=url,
+        timeout=args.timeout,
+        client_name="sluice-cli",
+        auth_token=args.auth_token,
+        tls=tls,
     )
 
 
@@ -43,6 +53,13 @@ def _connect(client: Client) -> None:
         client.connect()
     except ConnectionClosed as error:
         cause = error.__context__  # the OSError behind it
+        # A broker that wants a client certificate closes on a client without one.
+        closed_on_tls = client.tls is not None and isinstance(cause, ConnectionClosed)
+        if isinstance(cause, ssl.SSLError) or closed_on_tls:
+            raise ConnectionClosed(
+                f"TLS with {client.host}:{client.port} failed: {cause}; name the broker's CA "
+                "with --tls-ca, and a client certificate with --tls-cert if it wants one"
+            ) from None
         reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause)
         raise ConnectionClosed(
             f"cannot connect to {client.host}:{client.port} ({reason.lower()}): is the broker "
@@ -52,6 +69,8 @@ def _connect(client: Client) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the parsed command; raises ``UsageError`` or ``SluiceError``."""
+    if args.command == "token":  # the one command that needs no broker
+        return cmd_token(args)
     command = COMMANDS[args.command]
     if command.destructive and not args.yes and not sys.stdin.isatty():
         raise UsageError(

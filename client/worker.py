@@ -23,7 +23,7 @@ import uvloop
 
 from protocol import SluiceError
 
-from ._common import DEFAULT_URL
+from ._common import DEFAULT_URL, add_tls_options, cli_tls
 from ._worker_async import AsyncWorker
 from ._worker_common import Breaker, WorkerCounts
 from ._worker_job import AsyncJob, Fail, Job, Retry, is_async
@@ -123,6 +123,7 @@ def _make_worker(handler: Callable[..., Any], args: argparse.Namespace) -> Worke
         "concurrency": args.concurrency,
         "url": args.url,
         "auth_token": args.auth_token,
+        "tls": cli_tls(args.tls_ca, args.tls_cert, args.tls_key),
         "timeout": args.timeout,
         "grace": args.grace,
         "visibility_timeout": args.visibility_timeout,
@@ -179,6 +180,7 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("SLUICE_AUTH_TOKEN"),
         help="token the broker requires, if any (env SLUICE_AUTH_TOKEN)",
     )
+    add_tls_options(add)
     add(
         "--timeout",
         type=float,

@@ -24,6 +24,7 @@ class ErrorCode(enum.StrEnum):
     UNAUTHORIZED = "UNAUTHORIZED"
     FORBIDDEN = "FORBIDDEN"
     STORAGE_FULL = "STORAGE_FULL"
+    QUOTA = "QUOTA"
     SHUTTING_DOWN = "SHUTTING_DOWN"
     INTERNAL = "INTERNAL"
 
@@ -104,6 +105,12 @@ class StorageFull(SluiceError):
     code = ErrorCode.STORAGE_FULL
 
 
+class Quota(SluiceError):
+    """A limit of the broker is reached (its connections); nothing was changed."""
+
+    code = ErrorCode.QUOTA
+
+
 class ShuttingDown(SluiceError):
     code = ErrorCode.SHUTTING_DOWN
 
@@ -125,6 +132,7 @@ ERROR_CLASSES: dict[ErrorCode | None, type[SluiceError]] = {
         Unauthorized,
         Forbidden,
         StorageFull,
+        Quota,
         ShuttingDown,
         InternalError,
     )

@@ -17,6 +17,8 @@ from ._errors import BadRequest, SluiceError, error_from_wire
 
 PROTOCOL_VERSION: Final = 1
 MAX_REQUEST_ID: Final = 2**64 - 1
+# What an auth file's grants allow, each op needing one of them (PROTOCOL.md §4).
+VERBS: Final = ("produce", "consume", "read", "admin")
 
 OPS: Final = frozenset(
     {

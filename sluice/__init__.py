@@ -23,6 +23,7 @@ from client import (
     Retry,
     Subscription,
     Worker,
+    tls_context,
 )
 from client._calls import MessageId
 from client._worker_job import AsyncJob, Job
@@ -44,4 +45,5 @@ __all__ = [
     "Subscription",
     "Worker",
     "errors",
+    "tls_context",
 ]

@@ -4,6 +4,9 @@
 
     app = Celery("tasks", broker="sluice://127.0.0.1:7700")  # a token: sluice://:TOKEN@...
 
+``sluices://`` is the same over TLS, verified against the system's CAs, or against your
+own: ``Celery(..., broker_use_ssl=ssl_context)`` (an ``ssl.SSLContext``).
+
 Built on kombu's virtual transport, but the broker keeps the truth:
 
 - a task message is a Sluice message in the queue of the same name (characters a queue
@@ -27,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import ssl
 import threading
 import time
 from datetime import UTC, datetime
@@ -41,6 +45,7 @@ from client.errors import LeaseLost, NotFound, SluiceError
 log = logging.getLogger("sluice.celery")
 
 SCHEME = "sluice"
+TLS_SCHEME = "sluices"
 DEFAULT_PORT = 7700
 _NOT_A_NAME = re.compile(r"[^A-Za-z0-9._:-]")
 KEEP_ALIVE_EVERY = 1.0  # seconds between looks at the leases of running tasks
@@ -81,6 +86,7 @@ class Channel(virtual.Channel):
             info.port or DEFAULT_PORT,
             client_name="sluice-kombu",
             auth_token=info.password or None,
+            tls=_tls(connection.tls, info.ssl),
         )
         self._leases: dict[str, Message] = {}  # kombu delivery tag -> its Sluice delivery
         self._lengths: dict[int, float] = {}  # message id -> its lease's length, seconds
@@ -196,8 +202,18 @@ class Channel(virtual.Channel):
         super().close()
 
 
+def _tls(wanted: bool, given: Any) -> bool | ssl.SSLContext:
+    """An ``ssl.SSLContext`` given as kombu's ``ssl`` option, else TLS with the system's
+    CAs for ``sluices://`` (or a true ``ssl`` option), else none."""
+    if isinstance(given, ssl.SSLContext):
+        return given
+    return wanted or bool(given)
+
+
 class Transport(virtual.Transport):
     """kombu's transport for ``sluice://host:port`` URLs."""
+
+    tls = False
 
     Channel = Channel
     default_port = DEFAULT_PORT  # type: ignore[assignment]
@@ -214,4 +230,12 @@ class Transport(virtual.Transport):
         return str(__version__)
 
 
+class TlsTransport(Transport):
+    """kombu's transport for ``sluices://host:port`` URLs: the same over TLS."""
+
+    tls = True
+    driver_type = driver_name = TLS_SCHEME
+
+
 TRANSPORT_ALIASES.setdefault(SCHEME, f"{__name__}:Transport")
+TRANSPORT_ALIASES.setdefault(TLS_SCHEME, f"{__name__}:TlsTransport")

@@ -99,7 +99,7 @@ def _read_lines(stream: Any, lines: queue.Queue[str | None]) -> None:
     lines.put(None)
 
 
-HTTP_LINE = re.compile(r"listening on \S+, http http://(?:\[[^]]*\]|[^:/]+):(\d+)/")
+HTTP_LINE = re.compile(r"listening on \S+, http https?://(?:\[[^]]*\]|[^:/]+):(\d+)/")
 
 
 def start_broker(log_path: Path, *extra_args: str, http: bool = False) -> BrokerProcess:

@@ -239,3 +239,31 @@ def test_the_url_password_is_the_brokers_auth_token() -> None:
     finally:
         channel.close()
         connection.release()
+
+
+def test_a_sluices_url_connects_with_tls() -> None:
+    import ssl
+
+    from kombu import Connection
+
+    import sluice.celery  # noqa: F401  (registers the schemes)
+
+    connection = Connection("sluices://:s3cret@127.0.0.1:1")  # nothing listens: never used
+    channel = connection.channel()
+    given = ssl.create_default_context()
+    with_context = Connection("sluices://127.0.0.1:1", ssl=given)
+    other = with_context.channel()
+    try:
+        assert isinstance(channel.client.tls, ssl.SSLContext)
+        assert channel.client.auth_token == "s3cret" and channel.client.port == 1
+        assert other.client.tls is given
+    finally:
+        channel.close()
+        other.close()
+        connection.release()
+        with_context.release()
+    plain = Connection("sluice://127.0.0.1:1")
+    try:
+        assert plain.channel().client.tls is None
+    finally:
+        plain.release()

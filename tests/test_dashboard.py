@@ -9,6 +9,7 @@ these tests fail, they do not skip. The overview's screenshot is written to
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -209,3 +210,32 @@ def test_dashboard_files_are_served_from_the_package(web_broker: BrokerProcess) 
         assert error.code == 404
     else:
         raise AssertionError("a file outside the dashboard was served")
+
+
+def test_with_an_auth_file_the_dashboard_asks_the_token_for_reads(
+    browser: Browser, tmp_path: Path
+) -> None:
+    digest = hashlib.sha256(b"watcher-token").hexdigest()
+    auth = tmp_path / "auth.toml"
+    auth.write_text(
+        f'[[principal]]\nname = "watcher"\ntoken_sha256 = "{digest}"\n'
+        'grants = [{ queues = "*", allow = ["read"] }]\n'
+    )
+    running = start_broker(
+        tmp_path / "broker.log", "--auth-file", str(auth), "--auth-token", TOKEN, http=True
+    )
+    context = browser.new_context()
+    try:
+        with running.client(auth_token=TOKEN) as producer:
+            producer.put_many("guarded.jobs", [b"a", b"b"])
+        opened = context.new_page()
+        opened.set_default_timeout(WAIT_MS)
+        opened.goto(running.http + "/")
+        dialog = opened.locator("#token-dialog")
+        expect(dialog).to_be_visible()
+        opened.fill("#token-input", "watcher-token")
+        opened.click("#token-ok")
+        expect(cell(opened, "guarded.jobs", "ready")).to_have_text("2")  # type: ignore[arg-type]
+    finally:
+        context.close()
+        stop_broker(running)

@@ -1,7 +1,7 @@
 // The Sluice dashboard: plain JavaScript over the broker's JSON API (/api/v1).
 // Pages are hash routes; the current page re-reads its data every REFRESH_MS and redraws
 // only when the data changed. Changes (POST) carry the X-Sluice-Request header the API
-// requires, and the auth token, asked once and kept in sessionStorage.
+// requires, and the auth token, asked once and kept in sessionStorage (reads carry it too).
 "use strict";
 
 const API = "/api/v1";
@@ -45,9 +45,21 @@ class ApiError extends Error {
   }
 }
 
+// A read: carries the token once there is one (a broker with an --auth-file wants it for
+// reads too); a 401 asks for it, then reads again.
 async function getJson(path) {
-  const response = await fetch(API + path, { headers: { Accept: "application/json" } });
+  const headers = { Accept: "application/json" };
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  if (token) headers.Authorization = `Bearer ${token}`;
+  const response = await fetch(API + path, { headers });
   const body = await response.json().catch(() => null);
+  if (response.status === 401 && !document.getElementById("token-dialog").open) {
+    askToken().then((given) => {
+      if (given === null) return;
+      shown = "";
+      refresh();
+    });
+  }
   if (!response.ok) throw new ApiError(response.status, body);
   return body;
 }

@@ -1,0 +1,64 @@
+"""--max-connections and --hello-timeout against a real broker."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import BrokerProcess, RawConnection, start_broker, stop_broker
+
+
+@pytest.fixture
+def gated(tmp_path: Path) -> Iterator[BrokerProcess]:
+    args = ("--in-memory", "--max-connections", "3", "--hello-timeout", "0.5")
+    running = start_broker(tmp_path / "broker.log", *args)
+    yield running
+    stop_broker(running)
+
+
+def test_the_connection_over_the_limit_gets_quota_and_a_close(gated: BrokerProcess) -> None:
+    first, second, third = (gated.raw() for _ in range(3))
+    with RawConnection(gated.host, gated.port) as over:
+        (refusal,) = over.read_until_closed()
+        assert refusal[0] is None and refusal[1] is False and refusal[2]["code"] == "QUOTA"
+        assert "3 connections" in refusal[2]["message"]
+    assert "refused connection from" in gated.log()
+    assert first.call("ping", {})["time"] > 0
+    first.close()
+    # Once one closes, the next is let in (the broker may see the close a moment later).
+    for _ in range(50):
+        with RawConnection(gated.host, gated.port) as again:
+            reply = again.request("hello", {"version": 1})
+            if reply[1] is True:
+                break
+            assert reply[2]["code"] == "QUOTA"
+    else:
+        pytest.fail("a closed connection's place was never given to a new one")
+    second.close()
+    third.close()
+
+
+def test_a_connection_without_hello_is_closed(gated: BrokerProcess) -> None:
+    greeted = gated.raw()  # opened first: its own deadline passes before the silent one's
+    with RawConnection(gated.host, gated.port) as silent:
+        (last,) = silent.read_until_closed(timeout=5)
+        assert last[0] is None and last[2]["code"] == "BAD_REQUEST"
+        assert "no hello within 0.5s" in last[2]["message"]
+    assert greeted.call("ping", {})["time"] > 0  # said hello: no deadline
+    greeted.close()
+
+
+def test_many_silent_sockets_are_all_closed(tmp_path: Path) -> None:
+    running = start_broker(tmp_path / "broker.log", "--in-memory", "--hello-timeout", "0.5")
+    try:
+        silent = [RawConnection(running.host, running.port) for _ in range(200)]
+        with running.raw() as working:
+            assert working.call("ping", {})["time"] > 0
+        for connection in silent:
+            (last,) = connection.read_until_closed(timeout=5)
+            assert last[2]["code"] == "BAD_REQUEST"
+            connection.close()
+    finally:
+        stop_broker(running)
