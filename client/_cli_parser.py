@@ -157,13 +157,13 @@ def _put_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds before it can be reserved (default 0)",
     )
     add("--max-attempts", type=_positive_int, metavar="N", help="override the queue's max_attempts")
-    add(
-        "--header",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        type=_assignment,
-        help="a header (string value); repeat for more",
+    _header_option(parser, "a header (string value); repeat for more")
+
+
+def _header_option(parser: argparse.ArgumentParser, text: str) -> None:
+    """--header KEY=VALUE, repeatable, as put and schedule take it."""
+    parser.add_argument(
+        "--header", action="append", default=[], metavar="KEY=VALUE", type=_assignment, help=text
     )
 
 
@@ -230,14 +230,7 @@ def _schedule_arguments(parser: argparse.ArgumentParser) -> None:
         help="IANA time zone --cron is read in, like Europe/Berlin (default UTC)",
     )
     add("--priority", type=int, default=0, metavar="N", help="of each message (default 0)")
-    add(
-        "--header",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        type=_assignment,
-        help="a header of each message (string value); repeat for more",
-    )
+    _header_option(parser, "a header of each message (string value); repeat for more")
     add("--max-attempts", type=_positive_int, metavar="N", help="of each message")
     add("--start-at", metavar="TIME", help="no slot before this time (epoch seconds or ISO 8601)")
     add("--end-at", metavar="TIME", help="no slot after this time (epoch seconds or ISO 8601)")
