@@ -30,6 +30,7 @@ from ._common import (
     split_reply_frame,
     too_large,
 )
+from ._sealing import BodyKey, Sealer
 from .errors import BrokerUnavailable, ConnectionClosed, Timeout
 
 P = ParamSpec("P")
@@ -51,6 +52,8 @@ class Client:
     the ``SLUICE_URL`` environment variable, or else sluice://127.0.0.1:7700. ``tls``:
     an ``ssl.SSLContext`` (see ``tls_context``), True (the system's CAs), False, or None
     for TLS exactly when the URL is ``sluices://``.
+    ``body_key``: bodies and results sealed with AES-GCM in this client, so the broker
+    stores ciphertext (a key, or a map of key id to key; see ``client._sealing``).
 
     Connects on first use (or ``connect()``), says hello, and reconnects on the next call
     after the connection was lost. A call that times out closes the connection, so a late
@@ -70,9 +73,11 @@ class Client:
         client_name: str = "sluice-python",
         auth_token: str | None = None,
         tls: Tls = None,
+        body_key: BodyKey | None = None,
     ) -> None:
         self.host, self.port = broker_address(url, host, port)
         self.tls = broker_tls(tls, url, host, port)
+        self._sealer = Sealer(body_key) if body_key is not None else None
         self.timeout = timeout
         self.client_name, self.auth_token = client_name, auth_token
         self.server_info: dict[str, Any] = {}
@@ -110,6 +115,8 @@ class Client:
         """Send one call and wait for its reply (none for a call with nothing to send)."""
         if call.known is not UNKNOWN:
             return call.known  # type: ignore[no-any-return]
+        if self._sealer is not None:
+            call = self._sealer.seal(call)
         with self._lock:
             self._ensure_connected()
             split, limits = call.split, self._limits

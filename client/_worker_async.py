@@ -19,6 +19,7 @@ from protocol import LeaseLost, SluiceError
 from ._async import AsyncClient
 from ._common import Tls, broker_address, broker_tls, format_url
 from ._message import Message
+from ._sealing import BodyKey
 from ._worker_common import (
     HAND_BACK_TRIES,
     HANDED_BACK_ERROR,
@@ -87,6 +88,7 @@ class AsyncWorker:
         visibility_timeout: float | None = None,
         poll_wait: float = 1.0,
         breaker: tuple[int, float] | None = None,
+        body_key: BodyKey | None = None,
     ) -> None:
         if not is_async(handler):
             raise TypeError(f"{handler!r} is not an async def function: run it with Worker")
@@ -110,6 +112,7 @@ class AsyncWorker:
             auth_token=auth_token,
             client_name="sluice-worker-async",
             tls=self._tls,
+            body_key=body_key,
         )
         self._active: dict[tuple[int, int], Delivery] = {}  # reserved and not yet settled
         self._tasks: dict[tuple[int, int], asyncio.Task[None]] = {}

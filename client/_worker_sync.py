@@ -22,6 +22,7 @@ from protocol import LeaseLost, SluiceError
 
 from ._common import Tls, broker_address, broker_tls, format_url
 from ._message import Message
+from ._sealing import BodyKey
 from ._sync import Client
 from ._worker_common import (
     HAND_BACK_TRIES,
@@ -114,12 +115,14 @@ class Worker:
         visibility_timeout: float | None = None,
         poll_wait: float = 1.0,
         breaker: tuple[int, float] | None = None,
+        body_key: BodyKey | None = None,
     ) -> None:
         if is_async(handler):
             raise TypeError(f"{handler!r} is a coroutine function: run it with AsyncWorker")
         if not callable(handler):
             raise TypeError(f"handler must be callable, got {handler!r}")
         tls_used = self._tls = broker_tls(tls, url, host, port)
+        self._body_key = body_key
         self.settings = WorkerSettings(
             queues=queue_names(queues),
             concurrency=concurrency,
@@ -158,6 +161,7 @@ class Worker:
             auth_token=settings.auth_token,
             client_name="sluice-worker",
             tls=self._tls,
+            body_key=self._body_key,
         )
 
     @property

@@ -41,7 +41,7 @@ def run_example(code: str, broker: BrokerProcess) -> str:
 
 def test_readme_has_every_example() -> None:
     blocks = readme_python_blocks()
-    assert len(blocks) == 6  # each is run by a test below
+    assert len(blocks) == 7  # each is run by a test below
     assert "from sluice import Client" in blocks[0]
     assert "from sluice import AsyncClient" in blocks[1]
     assert readme_python_blocks("Use it") == blocks[:2]
@@ -49,6 +49,14 @@ def test_readme_has_every_example() -> None:
     assert readme_python_blocks("Rate limits and concurrency caps") == [blocks[3]]
     assert readme_python_blocks("Channels") == [blocks[4]]
     assert readme_python_blocks("Fan-out into queues") == [blocks[5]]
+    assert readme_python_blocks("Security") == [blocks[6]]
+
+
+def test_readme_sealed_bodies_example_runs_as_written(broker: BrokerProcess) -> None:
+    run_example(readme_python_blocks("Security")[0], broker)  # it asserts what it read
+    with broker.client() as client:  # the example put, read and acked one message
+        assert client.stats("payments")["totals"]["acked"] == 1
+        assert client.peek("payments", "ready") == []
 
 
 def test_readme_sync_example_runs_as_written(broker: BrokerProcess) -> None:
