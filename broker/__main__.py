@@ -20,6 +20,7 @@ from ._auth import AuthFileError, Authority
 from ._config import Config, parse_config
 from ._core import Core
 from ._http import HttpServer, HttpUnavailable
+from ._jwt import JwtVerifier
 from ._logging import configure_logging, event, log_dead_letter
 from ._server import BrokerServer, ServerLimits
 from ._store import Recovered, Store, StoreError
@@ -85,7 +86,8 @@ async def serve(config: Config) -> None:
         track_changes=config.data_dir is not None,
         on_dead=log_dead_letter,
     )
-    authority = Authority(config.auth_token, config.auth_file)  # a bad file stops here
+    verifier = JwtVerifier(config.jwt_key, config.jwt_audience) if config.jwt_key else None
+    authority = Authority(config.auth_token, config.auth_file, verifier)  # bad: stops here
     tls = server_context(config.tls_cert, config.tls_key, config.tls_client_ca)
     store, recovered = open_store(config, core)
     if store is not None:

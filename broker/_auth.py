@@ -153,6 +153,7 @@ class Principal:
     name: str
     grants: tuple[Grant, ...] = ()
     everything: bool = False
+    from_token: bool = False  # grants carried by the token itself (a JWT), not the file
     _cache: dict[tuple[str, str], bool] = field(default_factory=dict, repr=False)
 
     def may(self, verb: str, queue: str) -> bool:
@@ -175,6 +176,11 @@ class Principal:
 
 
 REVOKED: Final = Principal("(revoked)")  # a connection whose principal left the file
+
+
+def looks_like_jwt(token: str) -> bool:
+    """Three base64url parts, the first a JSON header (``{"`` is ``ey``)."""
+    return token.count(".") == 2 and token.startswith("ey")
 
 
 def forbidden(principal: Principal, verb: str, queue: str, op: str, why: str = "") -> Forbidden:
@@ -261,10 +267,14 @@ def _principal(where: str, raw: Any) -> tuple[str, Principal]:
             f"{where} ({name}): token_sha256 must be 64 lowercase hex digits (the SHA-256 "
             "of the token; `sluice token` prints one)"
         )
+    return digest, Principal(name, parse_grants(f"{where} ({name})", grants))
+
+
+def parse_grants(where: str, grants: Any) -> tuple[Grant, ...]:
+    """A list of grants in the auth file's form (also a JWT's ``sluice`` claim)."""
     if not isinstance(grants, list):
-        raise AuthFileError(f"{where} ({name}): grants must be a list")
-    made = tuple(_grant(f"{where} ({name}) grant {i + 1}", g) for i, g in enumerate(grants))
-    return digest, Principal(name, made)
+        raise AuthFileError(f"{where}: grants must be a list")
+    return tuple(_grant(f"{where} grant {i + 1}", g) for i, g in enumerate(grants))
 
 
 def parse_auth_file(text: str, path: str = "auth file") -> dict[str, Principal]:
@@ -306,21 +316,26 @@ class Authority:
 
     ALL: Final = Principal("auth-token", everything=True)
 
-    def __init__(self, token: str | None = None, path: str | None = None) -> None:
+    def __init__(self, token: str | None = None, path: str | None = None, jwt: Any = None) -> None:
+        """``jwt``: a ``_jwt.JwtVerifier`` when tokens may be JWTs (``--jwt-key``)."""
         self.token = token
         self.path = path
+        self.jwt = jwt
         self.principals = read_auth_file(path) if path is not None else {}
 
     @property
     def required(self) -> bool:
-        return self.token is not None or self.path is not None
+        return self.token is not None or self.path is not None or self.jwt is not None
 
     def principal_of(self, token: Any) -> Principal | None:
-        """The principal a token names, ``ALL`` for the auth token; None if it names none."""
+        """The principal a token names, ``ALL`` for the auth token; None if it names none.
+        A JWT that does not verify raises ``Unauthorized`` saying why."""
         if not isinstance(token, str):
             return None
         if self.token is not None and hmac.compare_digest(token.encode(), self.token.encode()):
             return self.ALL
+        if self.jwt is not None and looks_like_jwt(token):
+            return self.jwt.principal(token)  # type: ignore[no-any-return]
         return self.principals.get(token_digest(token))
 
     def authenticate(self, token: Any) -> Principal | None:

@@ -67,6 +67,8 @@ class Config:
     metrics_top_queues: int = 100  # queues given their own series in /metrics
     log_format: str = "text"
     auth_file: str | None = None  # principals and grants (TOML); SIGHUP reloads it
+    jwt_key: str | None = None  # a PEM public key: hello tokens may be JWTs it signed
+    jwt_audience: str | None = None  # the aud those JWTs must name
     tls_cert: str | None = None  # PEM certificate chain: TLS on the broker and HTTP ports
     tls_key: str | None = None  # its private key (if not in the cert file)
     tls_client_ca: str | None = None  # require client certificates signed by this CA
@@ -251,6 +253,18 @@ def build_parser() -> argparse.ArgumentParser:
         "queue glob; SIGHUP reloads it. --auth-token still has every right",
     )
     add(
+        "--jwt-key",
+        default=_env("jwt_key", None),
+        metavar="PATH",
+        help="PEM public key (Ed25519, RSA or P-256): a client may send a JWT signed by its "
+        "private key as its token; sub names it, the 'sluice' claim holds its grants",
+    )
+    add(
+        "--jwt-audience",
+        default=_env("jwt_audience", None),
+        help="with --jwt-key: the aud a JWT must name",
+    )
+    add(
         "--tls-cert",
         default=_env("tls_cert", None),
         help="PEM certificate (chain) to serve TLS with, on the broker port and the HTTP "
@@ -294,6 +308,8 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         metrics_top_queues=int(args.metrics_top_queues),
         log_format=args.log_format,
         auth_file=args.auth_file or None,
+        jwt_key=args.jwt_key or None,
+        jwt_audience=args.jwt_audience or None,
         tls_cert=args.tls_cert or None,
         tls_key=args.tls_key or None,
         tls_client_ca=args.tls_client_ca or None,

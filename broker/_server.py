@@ -757,7 +757,8 @@ class BrokerServer:
         names its principal anew (a token gone from the file keeps no rights)."""
         if self.authority.reload():
             for connection in self.connections.values():
-                if connection.principal is not None:
+                principal = connection.principal
+                if principal is not None and not principal.from_token:
                     connection.principal = self.authority.rebound(connection.token_digest)
 
     async def shutdown(self, grace: float = 5.0) -> None:
