@@ -6,6 +6,7 @@ import asyncio
 import gc
 import logging
 import os
+import resource
 import signal
 import ssl
 import sys
@@ -73,6 +74,7 @@ GC_YOUNG_THRESHOLD: Final = 10_000  # allocations between young collections; def
 async def serve(config: Config) -> None:
     # A reserve reply carries at most about half a frame of bodies (always one message).
     log_start(config)
+    raise_open_files_limit(config.max_connections)
     # The checkpoint thread competes with the loop for the GIL: a waiting loop gets it
     # back after this long, not after Python's default 5 ms.
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
@@ -114,6 +116,35 @@ async def serve(config: Config) -> None:
                     extra=event("shutdown_checkpoint_skipped"),
                 )
             store.close()
+
+
+FD_RESERVE: Final = 64  # descriptors kept for the store, logs, HTTP and the runtime
+MAX_OPEN_FILES: Final = 1 << 20  # what an unlimited hard limit is raised to
+
+
+def raise_open_files_limit(max_connections: int) -> int:
+    """Raise the soft limit on open files to the hard one (a default of 1,024 lets ~1,000
+    silent sockets lock every real client out) and log how many connections it allows.
+    Returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = MAX_OPEN_FILES if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            pass  # keep the soft limit; the line below says what it allows
+    capacity = max(0, soft - FD_RESERVE)
+    level = logging.WARNING if capacity < max_connections else logging.INFO
+    log.log(
+        level,
+        "open files limit %d: room for about %d connections (--max-connections %d)",
+        soft,
+        capacity,
+        max_connections,
+        extra=event("fd_limit", soft=soft, hard=hard, connections=capacity),
+    )
+    return soft
 
 
 def log_start(config: Config) -> None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import resource
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import BrokerProcess, RawConnection, start_broker, stop_broker
+from tests.conftest import REPO_ROOT, BrokerProcess, RawConnection, start_broker, stop_broker
 
 
 @pytest.fixture
@@ -62,3 +65,35 @@ def test_many_silent_sockets_are_all_closed(tmp_path: Path) -> None:
             connection.close()
     finally:
         stop_broker(running)
+
+
+def test_the_broker_raises_its_open_files_limit_and_logs_the_room(tmp_path: Path) -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard <= 256:
+        pytest.skip("needs a finite hard limit on open files above 256")
+
+    def low_limit() -> None:  # in the child, before the broker starts
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+    log_path = tmp_path / "broker.log"
+    with log_path.open("w") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "broker", "--port", "0", "--in-memory", "--http-port", "0"],
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=log_file,
+            text=True,
+            preexec_fn=low_limit,
+        )
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().startswith("sluice listening on ")
+        limits = Path(f"/proc/{process.pid}/limits").read_text()
+        [line] = [row for row in limits.splitlines() if row.startswith("Max open files")]
+        assert line.split()[3] == str(hard), line  # the soft limit, raised to the hard one
+        assert f"open files limit {hard}: room for about {hard - 64} connections" in (
+            log_path.read_text()
+        )
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
