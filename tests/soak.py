@@ -422,7 +422,7 @@ async def storm(broker: BrokerProcess, connections: int, summary: StormSummary) 
         writer.close()
     await asyncio.gather(*(writer.wait_closed() for writer in writers), return_exceptions=True)
     deadline = time.monotonic() + 10
-    while open_fds(pid) > summary.fds[0] + FD_SLACK and time.monotonic() < deadline:
+    while open_fds(pid) > summary.fds[0] + 2 and time.monotonic() < deadline:  # closing
         await asyncio.sleep(0.05)
     summary.fds = (summary.fds[0], during[0], open_fds(pid))
     summary.rss = (summary.rss[0], during[1], rss_bytes(pid))

@@ -48,4 +48,5 @@ def test_a_storm_of_idle_connections_lets_work_through_and_leaves_no_fds(
 ) -> None:
     summary = run_storm(500, tmp_path)
     assert summary.violations == [], summary.violations
-    assert summary.connections == 500 and summary.fds[1] >= 500 + summary.fds[2]
+    assert summary.connections == 500
+    assert summary.fds[1] - min(summary.fds[0], summary.fds[2]) >= 500  # all open at once
