@@ -3,6 +3,7 @@
     python -m tests.soak crash --rounds 1000 --fsync always [--seed S]
     python -m tests.soak fuzz --frames 1000000 [--seed S]
     python -m tests.soak storm --connections 5000
+    python -m tests.soak clients
     python -m tests.soak all    (make soak: every one in turn, one table of figures)
 
 ``crash``, the crash campaign: one data dir for every round. Each round runs the
@@ -32,6 +33,12 @@ producer and two consumers put and ack their work through the same broker; then 
 idle connection goes, and the broker's open file descriptors and RSS must come back near
 where they started. The soft limit on open files is raised to the hard one first (the
 broker inherits it).
+
+``clients``: broken clients beside a working one: one that sends requests and never reads
+its replies, ones that half-close after a few requests (they must get every reply), ones
+that reset the connection in the middle of a frame. The working client's puts and acks
+must go on, the broker's RSS must stay within ``CLIENTS_RSS_BOUND`` of its start, and it
+must log no traceback.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ import resource
 import select
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -453,6 +461,105 @@ def run_storm(connections: int, workdir: Path) -> StormSummary:
     return summary
 
 
+# ---------------------------------------------------------------------- clients
+
+CLIENTS_RSS_BOUND = 64 * 1024 * 1024
+NEVER_READ_BYTES = 64 * 1024 * 1024  # what the non-reader tries to send
+HALF_CLOSERS = 50
+RESETTERS = 200
+WORK_ROUNDS = 200  # put + reserve + ack rounds the working client must get through
+
+
+@dataclass
+class ClientsSummary:
+    sent_unread: int = 0  # bytes the non-reader got into the broker before it stopped reading
+    half_close_replies: int = 0
+    resets: int = 0
+    work_done: int = 0
+    rss: tuple[int, int] = (0, 0)  # before, with the non-reader still connected
+    violations: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        return [
+            f"never reads           sent {self.sent_unread / 2**20:.1f} MiB of requests "
+            "before the broker stopped reading them",
+            f"half-closers          {HALF_CLOSERS}, {self.half_close_replies} replies read",
+            f"resets mid-frame      {self.resets}",
+            f"working client        {self.work_done} of {WORK_ROUNDS} put/reserve/ack rounds",
+            f"broker RSS            {self.rss[0] / 2**20:.1f} -> {self.rss[1] / 2**20:.1f} MiB",
+            f"violations            {len(self.violations)}",
+        ]
+
+
+def never_reads(broker: BrokerProcess) -> tuple[socket.socket, int]:
+    """A connection that pipelines pings and never reads a reply; returns it (still open)
+    and how many bytes it got out before the broker stopped taking them."""
+    sock = socket.create_connection((broker.host, broker.port))
+    sock.sendall(msgpack_frame([1, "hello", {"version": 1}]))
+    ping = b"".join(msgpack_frame([n, "ping", {}]) for n in range(2, 2 + 1000))
+    sock.settimeout(2.0)
+    sent = 0
+    try:
+        while sent < NEVER_READ_BYTES:
+            sent += sock.send(ping)
+    except (TimeoutError, BlockingIOError):
+        pass  # the broker paused reading: this client's replies are not being read
+    return sock, sent
+
+
+def half_closes(broker: BrokerProcess) -> int:
+    """Three pings, then a half-close: every reply must still come, then EOF."""
+    with socket.create_connection((broker.host, broker.port), timeout=10) as sock:
+        frames = [msgpack_frame([1, "hello", {"version": 1}])]
+        frames += [msgpack_frame([n, "ping", {}]) for n in (2, 3, 4)]
+        sock.sendall(b"".join(frames))
+        sock.shutdown(socket.SHUT_WR)
+        decoder, replies = FrameDecoder(2**20), 0
+        while chunk := sock.recv(65536):
+            decoder.feed(chunk)
+            while decoder.next_frame() is not NEED_DATA:
+                replies += 1
+        return replies
+
+
+def resets_mid_frame(broker: BrokerProcess) -> None:
+    sock = socket.create_connection((broker.host, broker.port), timeout=10)
+    sock.sendall(msgpack_frame([1, "hello", {"version": 1}]) + frame(b"\x93\x02\xa3put" * 4)[:9])
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()  # linger 0: a reset, not a close
+
+
+def run_clients(workdir: Path) -> ClientsSummary:
+    summary = ClientsSummary()
+    broker = start_broker(workdir / "clients.log")
+    try:
+        pid = broker.process.pid
+        summary.rss = (rss_bytes(pid), 0)
+        unread, summary.sent_unread = never_reads(broker)
+        with unread, broker.client() as client:
+            for round_number in range(WORK_ROUNDS):
+                if round_number % 4 == 0:
+                    summary.half_close_replies += half_closes(broker)
+                resets_mid_frame(broker)
+                summary.resets += 1
+                client.put("clients.work", b"job")
+                [message] = client.reserve("clients.work", wait=5)
+                client.ack(message)
+                summary.work_done += 1
+            summary.rss = (summary.rss[0], rss_bytes(pid))
+        if summary.half_close_replies != (WORK_ROUNDS // 4) * 4:
+            summary.violations.append(f"half-closers got {summary.half_close_replies} replies")
+        if summary.rss[1] > summary.rss[0] + CLIENTS_RSS_BOUND:
+            summary.violations.append("the broker's RSS grew past the bound")
+        if "Traceback" in broker.log():
+            summary.violations.append(f"the broker logged a traceback:\n{broker.log()[-3000:]}")
+    except (AssertionError, OSError, ValueError) as error:
+        summary.violations.append(f"{type(error).__name__}: {error}")
+    finally:
+        stop_broker(broker)
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
@@ -461,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
         return report(runs, seed)
 
 
-Run = tuple[str, "Summary | FuzzSummary | StormSummary"]
+Run = tuple[str, "Summary | FuzzSummary | StormSummary | ClientsSummary"]
 
 
 def crash_runs(args: argparse.Namespace, seed: int, workdir: Path) -> list[Run]:
@@ -486,9 +593,15 @@ def storm_runs(args: argparse.Namespace, seed: int, workdir: Path) -> list[Run]:
     return [("storm", run_storm(args.connections, workdir))]
 
 
+def clients_runs(args: argparse.Namespace, seed: int, workdir: Path) -> list[Run]:
+    print("clients: one that never reads, half-closers, resets mid-frame", flush=True)
+    return [("broken clients", run_clients(workdir))]
+
+
 def all_runs(args: argparse.Namespace, seed: int, workdir: Path) -> list[Run]:
     runs = []
-    for name, make in (("crash", crash_runs), ("fuzz", fuzz_runs), ("storm", storm_runs)):
+    makers = (("crash", crash_runs), ("fuzz", fuzz_runs), ("storm", storm_runs))
+    for name, make in (*makers, ("clients", clients_runs)):
         where = workdir / name
         where.mkdir()
         runs += make(args, seed, where)
@@ -499,6 +612,7 @@ RUNS: dict[str, Any] = {
     "crash": crash_runs,
     "fuzz": fuzz_runs,
     "storm": storm_runs,
+    "clients": clients_runs,
     "all": all_runs,
 }
 
@@ -546,6 +660,12 @@ def build_parser() -> argparse.ArgumentParser:
         "and ack work through the same broker, close them, and check the broker's file "
         "descriptors and RSS come back near their start.",
     )
+    clients_cmd = commands.add_parser(
+        "clients",
+        help="a client that never reads, half-closers and resets beside a working one",
+        description="Broken clients beside a working one: the work goes on, memory stays "
+        "bounded, nothing is logged as a traceback.",
+    )
     all_cmd = commands.add_parser(
         "all",
         help="every soak in turn (make soak), one table of figures at the end",
@@ -562,7 +682,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--frames", type=int, default=1_000_000, help="(default 1,000,000)")
     for command in (storm_cmd, all_cmd):
         command.add_argument("--connections", type=int, default=5000, help="(default 5,000)")
-    for command in (crash_cmd, fuzz_cmd, storm_cmd, all_cmd):
+    for command in (crash_cmd, fuzz_cmd, storm_cmd, clients_cmd, all_cmd):
         command.add_argument("--seed", type=int, help="replay a run's choices")
     return parser
 

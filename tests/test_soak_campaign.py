@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.soak import main, run_campaign, run_fuzz, run_storm
+from tests.soak import main, run_campaign, run_clients, run_fuzz, run_storm
 
 
 def test_a_short_crash_campaign_finds_no_violation(tmp_path: Path) -> None:
@@ -50,3 +50,10 @@ def test_a_storm_of_idle_connections_lets_work_through_and_leaves_no_fds(
     assert summary.violations == [], summary.violations
     assert summary.connections == 500
     assert summary.fds[1] - min(summary.fds[0], summary.fds[2]) >= 500  # all open at once
+
+
+def test_broken_clients_leave_a_working_one_its_work_and_memory_bounded(tmp_path: Path) -> None:
+    summary = run_clients(tmp_path)
+    assert summary.violations == [], summary.violations
+    assert summary.work_done == 200 and summary.resets == 200
+    assert summary.sent_unread > 0 and summary.half_close_replies == 200
