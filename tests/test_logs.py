@@ -100,8 +100,11 @@ def test_json_log_has_every_event_with_its_fields(tmp_path: Path) -> None:
     assert records[-1]["event"] == "stopped"
     per_message = {"dead_letter"}
     info_events = {r["event"] for r in records if r["level"] == "info"}
+    fd_limit = only(records, "fd_limit")
+    assert fd_limit["connections"] == fd_limit["soft"] - 64 and fd_limit["hard"] >= 1
     assert info_events - per_message == {
         "start",
+        "fd_limit",
         "recovering",
         "recovered",
         "listening",
