@@ -70,15 +70,16 @@ def _record(
         "audit", principal=principal, peer=peer, op=op, **target, changed=changed, outcome=outcome
     )
     where = " ".join(f"{key} {value}" for key, value in target.items())
+    what = " ".join(f"{key}={value}" for key, value in changed.items())
     log.log(
         logging.INFO if outcome == OK else logging.WARNING,
-        "audit: %s from %s: %s %s: %s %s",
+        "audit: %s from %s: %s %s: %s%s",
         principal,
         peer,
         op,
         where,
         outcome,
-        changed,
+        f" ({what})" if what else "",
         extra=fields,
     )
 
