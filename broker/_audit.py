@@ -39,20 +39,22 @@ OK: Final = "ok"
 RESULT_COUNTS: Final = ("purged", "replayed", "cancelled", "removed", "bound", "unbound", "id")
 NOT_SHOWN: Final = frozenset({"queue", "id", "body", "headers"})  # named apart, or data
 MAX_SHOWN: Final = 200  # characters of a string argument kept as it is
+MAX_KEYS: Final = 50  # of a mapping argument (configure's settings) shown key by key
+MAX_DEPTH: Final = 2  # mappings in mappings shown key by key; deeper ones as a short repr
 
 
 class AuditFileError(OSError):
     """The ``--audit-log`` file cannot be opened for appending; says which and why."""
 
 
-def _plain(value: Any) -> Any:
-    """An argument as it can be logged: bounded, and JSON."""
+def _plain(value: Any, depth: int = 0) -> Any:
+    """An argument as it can be logged: bounded in size and depth, and JSON."""
     if value is None or isinstance(value, bool | int | float):
         return value
     if isinstance(value, str) and len(value) <= MAX_SHOWN:
         return value
-    if isinstance(value, dict) and len(value) <= 50:
-        return {str(key)[:MAX_SHOWN]: _plain(item) for key, item in value.items()}
+    if isinstance(value, dict) and len(value) <= MAX_KEYS and depth < MAX_DEPTH:
+        return {str(key)[:MAX_SHOWN]: _plain(item, depth + 1) for key, item in value.items()}
     if isinstance(value, list):
         return {"count": len(value)}  # replay's ids: how many, not which
     return shown(value)
