@@ -17,6 +17,7 @@ from typing import Final
 import uvloop
 
 from . import __version__
+from ._audit import AuditFile, AuditFileError
 from ._auth import AuthFileError, Authority
 from ._config import Config, parse_config
 from ._core import Core
@@ -90,6 +91,7 @@ async def serve(config: Config) -> None:
     )
     verifier = JwtVerifier(config.jwt_key, config.jwt_audience) if config.jwt_key else None
     authority = Authority(config.auth_token, config.auth_file, verifier)  # bad: stops here
+    audit_file = None if config.audit_log is None else AuditFile(config.audit_log)  # likewise
     tls = server_context(config.tls_cert, config.tls_key, config.tls_client_ca)
     store, recovered = open_store(config, core)
     if store is not None:
@@ -104,8 +106,10 @@ async def serve(config: Config) -> None:
     server = BrokerServer(core, limits, store=store, authority=authority)
     server.metrics.recovered = recovered
     try:
-        await run_until_signal(server, config, tls)
+        await run_until_signal(server, config, tls, audit_file)
     finally:
+        if audit_file is not None:
+            audit_file.close()
         if store is not None:
             # The next start then has no log to apply, and goes on from these counters.
             if not store.checkpoint_now(core.counters):
@@ -171,8 +175,18 @@ async def start_http(
     return http, f"{'https' if tls else 'http'}://{shown}:{port}/"
 
 
+def on_sighup(server: BrokerServer, audit_file: AuditFile | None) -> None:
+    """Reload the auth file and reopen the audit log (after a rotation moved it)."""
+    server.reload_auth()
+    if audit_file is not None:
+        audit_file.reopen()
+
+
 async def run_until_signal(
-    server: BrokerServer, config: Config, tls: ssl.SSLContext | None
+    server: BrokerServer,
+    config: Config,
+    tls: ssl.SSLContext | None,
+    audit_file: AuditFile | None = None,
 ) -> None:
     if tls is not None:
         quiet_tls_noise()
@@ -182,7 +196,7 @@ async def run_until_signal(
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, server.reload_auth)
+    loop.add_signal_handler(signal.SIGHUP, on_sighup, server, audit_file)
     # The log line first: whoever reads the stdout line can then find the HTTP port.
     log.info(
         "listening on %s:%d, http %s",
@@ -211,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(config.log_level, config.log_format)
     try:
         uvloop.run(serve(config))
-    except (StoreError, HttpUnavailable, AuthFileError, TlsError) as error:
+    except (StoreError, HttpUnavailable, AuthFileError, AuditFileError, TlsError) as error:
         print(f"sluice-broker: {error}", file=sys.stderr)
         return 1
     except OSError as error:

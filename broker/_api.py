@@ -185,7 +185,8 @@ class Api:
         """Run ``op`` as the request's principal; the guard has checked a mutating
         request's header before any body was read."""
         principal = self.guard.check(request, mutating=request.method == "POST")
-        return await self.server.run_confirmed(op, args, principal)
+        peer = request.remote or "http"
+        return await self.server.run_confirmed(op, args, principal, peer)
 
     def broker_wide(self, request: web.Request, what: str) -> None:
         principal = self.guard.check(request, mutating=False)

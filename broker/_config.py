@@ -74,6 +74,7 @@ class Config:
     tls_client_ca: str | None = None  # require client certificates signed by this CA
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     hello_timeout: float = DEFAULT_HELLO_TIMEOUT  # seconds
+    audit_log: str | None = None  # audit events as JSON lines, appended; SIGHUP reopens it
 
     def summary(self) -> dict[str, Any]:
         """Every setting, safe to log: of the auth token, only whether there is one."""
@@ -289,6 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("tls_client_ca", None),
         help="PEM CA certificate(s): clients must present a certificate signed by one (mutual TLS)",
     )
+    add(
+        "--audit-log",
+        default=_env("audit_log", None),
+        help="append every audit event (admin ops, FORBIDDEN refusals) to this file as "
+        "JSON lines, besides the log; SIGHUP reopens it (for rotation)",
+    )
     return parser
 
 
@@ -315,4 +322,5 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         tls_client_ca=args.tls_client_ca or None,
         max_connections=int(args.max_connections),
         hello_timeout=float(args.hello_timeout),
+        audit_log=args.audit_log or None,
     )

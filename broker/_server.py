@@ -49,6 +49,7 @@ from protocol import (
     PROTOCOL_VERSION,
     BadFrame,
     BadRequest,
+    Forbidden,
     FrameDecoder,
     InternalError,
     ShuttingDown,
@@ -65,6 +66,7 @@ from protocol import (
 
 from . import __version__
 from ._args import MAX_BATCH, MAX_WAITS_PER_CONNECTION
+from ._audit import ADMIN_OPS, NOBODY, refused, run_admin
 from ._auth import Authority, Principal, authorize, token_digest, visible
 from ._channels import Channels, Sink
 from ._core import Core
@@ -477,19 +479,31 @@ class BrokerServer:
         waits_left: int,
         sink: Sink | None = None,
         principal: Principal | None = None,
+        peer: str | None = None,
     ) -> tuple[Any, int, int]:
         """Run one op against the core: the one path of every view (wire, HTTP API).
         Returns its result, the batch its answer needs before it goes out (see the module
         docstring), and how many messages it delivered. Raises the op's ``SluiceError``
-        (``FORBIDDEN``, changing nothing, if ``principal`` may not run it; None: no checks)."""
+        (``FORBIDDEN``, changing nothing, if ``principal`` may not run it; None: no checks).
+        Admin ops and refusals are audited (see ``_audit``) as from ``peer`` (None: the
+        sink's, a connection's)."""
         if self.shutting_down:
             raise ShuttingDown("the broker is shutting down; reconnect to another or retry later")
         if principal is not None:
-            authorize(principal, self.core, op, args)
+            try:
+                authorize(principal, self.core, op, args)
+            except SluiceError as error:
+                if isinstance(error, Forbidden) or op in ADMIN_OPS:
+                    refused(op, args, principal.name, self._peer(sink, peer), error)
+                raise
         call = Call(
             self.core, self.clock(), waiter_key, waits_left, self.store, None, self.channels, sink
         )
-        result = handle(call, op, args)
+        if op in ADMIN_OPS:
+            who = self._principal_name(principal)
+            result = run_admin(handle, call, op, args, who, self._peer(sink, peer))
+        else:
+            result = handle(call, op, args)
         if principal is not None:
             result = visible(principal, op, result)
         delivered = 0 if call.delivered is None else len(call.delivered)
@@ -500,14 +514,30 @@ class BrokerServer:
         read_only = op in READ_ONLY_OPS and not call.stored
         return result, 0 if read_only else self.pending_batch(), delivered
 
+    def _principal_name(self, principal: Principal | None) -> str:
+        """Who the audit log names: a principal, else the all-rights token's (None with
+        a token required) or nobody (nothing checked)."""
+        if principal is not None:
+            return principal.name
+        return Authority.ALL.name if self.authority.required else NOBODY
+
+    @staticmethod
+    def _peer(sink: Sink | None, peer: str | None) -> str:
+        return peer if peer is not None else str(getattr(sink, "peer", "?"))
+
     async def run_confirmed(
-        self, op: str, args: dict[str, Any], principal: Principal | None = None
+        self,
+        op: str,
+        args: dict[str, Any],
+        principal: Principal | None = None,
+        peer: str = "http",
     ) -> Any:
         """Run an op for a view without a connection (the HTTP API) and return its result
         once the batch it needs is durable: an answer promises what a wire reply to the
-        same request would. Never long-polls (no waits are allowed)."""
+        same request would. Never long-polls (no waits are allowed). ``peer``: who sent
+        it, for the audit log."""
         result, need, _ = self.run(
-            op, args, ("local", next(self._local_ids)), 0, principal=principal
+            op, args, ("local", next(self._local_ids)), 0, principal=principal, peer=peer
         )
         self.turn_ends_soon()  # commit, serve waiters and re-arm the timer as a turn does
         if need > self.durable:
