@@ -88,6 +88,7 @@ async def serve(config: Config) -> None:
         max_body_limit=config.max_frame,
         track_changes=config.data_dir is not None,
         on_dead=log_dead_letter,
+        max_queues=config.max_queues,
     )
     verifier = JwtVerifier(config.jwt_key, config.jwt_audience) if config.jwt_key else None
     authority = Authority(config.auth_token, config.auth_file, verifier)  # bad: stops here

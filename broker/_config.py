@@ -8,11 +8,13 @@ import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from protocol import DEFAULT_MAX_FRAME
 
 from ._gate import DEFAULT_HELLO_TIMEOUT, DEFAULT_MAX_CONNECTIONS
+
+DEFAULT_MAX_QUEUES: Final = 100_000
 
 DESCRIPTION = """\
 Sluice: a durable message broker and job queue.
@@ -73,6 +75,7 @@ class Config:
     tls_key: str | None = None  # its private key (if not in the cert file)
     tls_client_ca: str | None = None  # require client certificates signed by this CA
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_queues: int = DEFAULT_MAX_QUEUES
     hello_timeout: float = DEFAULT_HELLO_TIMEOUT  # seconds
     audit_log: str | None = None  # audit events as JSON lines, appended; SIGHUP reopens it
 
@@ -280,6 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default %(default)s)",
     )
     add(
+        "--max-queues",
+        type=_positive_int,
+        default=_env("max_queues", str(DEFAULT_MAX_QUEUES)),
+        help="queues the broker may hold; an op that would create one more gets a QUOTA "
+        "error and changes nothing (default %(default)s)",
+    )
+    add(
         "--hello-timeout",
         type=_positive_seconds,
         default=_env("hello_timeout", str(DEFAULT_HELLO_TIMEOUT)),
@@ -321,6 +331,7 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         tls_key=args.tls_key or None,
         tls_client_ca=args.tls_client_ca or None,
         max_connections=int(args.max_connections),
+        max_queues=int(args.max_queues),
         hello_timeout=float(args.hello_timeout),
         audit_log=args.audit_log or None,
     )

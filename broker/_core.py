@@ -20,7 +20,7 @@ from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from protocol import BadRequest, LeaseLost, NotFound, TooLarge, shown
+from protocol import BadRequest, LeaseLost, NotFound, Quota, TooLarge, shown
 
 from ._bindings import Binding, Bindings
 from ._lazyheap import Entry, LazyHeap
@@ -78,6 +78,7 @@ class Core:
         track_changes: bool = False,
         on_dead: Callable[[Message, str], None] | None = None,
         admit_fire: Callable[[PutSpec], bool] | None = None,
+        max_queues: int | None = None,
     ) -> None:
         """``random`` draws backoff jitter from [0, 1). ``max_delivery_bytes`` bounds the
         bodies handed out by one reserve (at least one message is always handed out).
@@ -86,10 +87,13 @@ class Core:
         reason)`` is called as each message is dead-lettered; it must not raise.
         ``max_body_limit``: configure refuses a larger ``max_body`` (None: the settings'
         own limit only). ``admit_fire(spec)``: whether a schedule's fire may store its
-        message (False: the store is full; the slot is skipped); None admits all."""
+        message (False: the store is full; the slot is skipped); None admits all.
+        ``max_queues``: an op that would create a queue beyond this many raises ``Quota``
+        before changing anything (recovery loads whatever is stored)."""
         self.messages: dict[int, Message] = {}
         self.on_dead = on_dead
         self.admit_fire = admit_fire
+        self.max_queues = max_queues
         self.max_delivery_bytes = max_delivery_bytes
         self.max_body_limit = max_body_limit  # the largest max_body configure may set
         self.queues: dict[str, Queue] = {}
@@ -312,6 +316,7 @@ class Core:
         ago) adds nothing: its id is the existing message's, and its index is listed in
         ``duplicates``."""
         self.tick(now)
+        self.make_room((queue_name,))
         queue = self._queue(queue_name)
         for index, spec in enumerate(specs):
             if len(spec.body) > queue.settings.max_body:
@@ -373,7 +378,9 @@ class Core:
         must be unique among live waiters) and returns []; its result arrives later through
         ``take_completions()``."""
         self.tick(now)
-        queues = [self._queue(name) for name in dict.fromkeys(queue_names)]
+        names = list(dict.fromkeys(queue_names))
+        self.make_room(names)
+        queues = [self._queue(name) for name in names]
         messages = self._take_best(queues, max_messages, now, visibility_timeout)
         if not messages and wait > 0:
             self._add_waiter(waiter_key, queues, max_messages, visibility_timeout, now + wait)
@@ -604,6 +611,7 @@ class Core:
                 f"max_body must be at most {limit} bytes here: a put of a larger body could "
                 "never fit in a frame (the broker's --max-frame)"
             )
+        self.make_room((queue_name,))
         queue = existing or self._queue(queue_name)  # created only once the changes are valid
         old_limits = queue.limits
         queue.apply(settings, now)
@@ -680,6 +688,19 @@ class Core:
     def _next_seq(self) -> int:
         self._seq += 1
         return self._seq
+
+    def make_room(self, names: Iterable[str]) -> None:
+        """Raise ``Quota`` if creating the queues of ``names`` that do not exist yet would
+        go past ``max_queues``; called before an op changes anything."""
+        if self.max_queues is None:
+            return
+        new = {name for name in names if name not in self.queues}
+        if new and len(self.queues) + len(new) > self.max_queues:
+            raise Quota(
+                f"the broker holds {len(self.queues)} queues and may hold {self.max_queues} "
+                f"(--max-queues): cannot create {shown(sorted(new)[0])}; use an existing "
+                "queue, or raise the limit"
+            )
 
     def _queue(self, name: str) -> Queue:
         queue = self.queues.get(name)
@@ -983,6 +1004,7 @@ class Core:
                 f"schedule: this broker already has {MAX_SCHEDULES} schedules; remove some "
                 "with unschedule"
             )
+        self.make_room((queue_name,))
         queue = self._queue(queue_name)
         if len(spec.body) > queue.settings.max_body:
             raise TooLarge(

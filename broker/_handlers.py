@@ -299,6 +299,7 @@ def _publish(call: Call, args: Args) -> Any:
     queues = call.core.bindings.queues_for(channel)
     if queues:
         _check_body(call.core, queues, len(data))  # all copies or none
+        call.core.make_room(queues)
         if call.space is not None:
             call.space.admit_put([spec] * len(queues))
         for queue in queues:  # one turn, so one commit however many queues

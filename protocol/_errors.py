@@ -106,7 +106,8 @@ class StorageFull(SluiceError):
 
 
 class Quota(SluiceError):
-    """A limit of the broker is reached (its connections); nothing was changed."""
+    """A limit of the broker is reached (its connections, its queues); nothing was
+    changed."""
 
     code = ErrorCode.QUOTA
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from client.errors import Quota
 from tests.conftest import REPO_ROOT, BrokerProcess, RawConnection, start_broker, stop_broker
 
 
@@ -97,3 +98,30 @@ def test_the_broker_raises_its_open_files_limit_and_logs_the_room(tmp_path: Path
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def test_max_queues_refuses_a_new_queue_with_quota_and_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    broker = start_broker(tmp_path / "broker.log", "--max-queues", "3")
+    try:
+        with broker.client() as client:
+            client.put("q.1", b"x")
+            client.put("q.2", b"x")
+            client.configure("q.3", max_attempts=2)
+            client.bind("orders.*", "q.8")
+            before = client.queues()
+            for create in (
+                lambda: client.put("q.4", b"x"),
+                lambda: client.reserve(["q.1", "q.5"]),  # one new name: nothing reserved
+                lambda: client.configure("q.6", max_attempts=1),
+                lambda: client.schedule("q.7", "s", b"x", every=60),
+                lambda: client.publish("orders.eu", b"x"),  # bound into a queue not made yet
+            ):
+                with pytest.raises(Quota, match="--max-queues"):
+                    create()
+            assert client.queues() == before
+            assert client.stats("q.1")["ready"] == 1  # the refused reserve took nothing
+            assert len(client.reserve(["q.1", "q.2"], max_messages=5)) == 2  # existing: fine
+    finally:
+        stop_broker(broker)
