@@ -440,7 +440,7 @@ class Core:
             self._finish(message, now, by_id.get(message.id, NO_RESULT))
 
         done, failed = self._settle(deliveries, finish)
-        self._serve_capped({m.queue.name: m.queue for m in done}.values(), now)
+        self._serve_capped(done, now)
         _raise_if_failed(failed, len(done))
         return len(done)
 
@@ -514,7 +514,7 @@ class Core:
         message = self._require_lease(message_id, lease)
         self._end_lease(message)
         self._kill(message, Event.BURY, now, reason)
-        self._serve_capped((message.queue,), now)
+        self._serve_capped((message,), now)
 
     # ------------------------------------------------------------ inspecting
 
@@ -694,8 +694,12 @@ class Core:
         go past ``max_queues``; called before an op changes anything."""
         if self.max_queues is None:
             return
-        new = {name for name in names if name not in self.queues}
-        if new and len(self.queues) + len(new) > self.max_queues:
+        queues, new = self.queues, None  # (no set is made when every name exists)
+        for name in names:
+            if name not in queues:
+                new = new or set()
+                new.add(name)
+        if new is not None and len(queues) + len(new) > self.max_queues:
             raise Quota(
                 f"the broker holds {len(self.queues)} queues and may hold {self.max_queues} "
                 f"(--max-queues): cannot create {shown(sorted(new)[0])}; use an existing "
@@ -1162,10 +1166,18 @@ class Core:
         queue.limits.wake_at = None
         self._serve_waiters(queue, now)
 
-    def _serve_capped(self, queues: Iterable[Queue], now: float) -> None:
-        """Leases ended on ``queues``: waiters held back by a cap may go on."""
-        for queue in queues:
-            if queue.limits is not None and queue.limits.max_in_flight is not None:
+    def _serve_capped(self, settled: Iterable[Message], now: float) -> None:
+        """The leases of ``settled`` ended: waiters held back by their queues' caps may
+        go on. Builds nothing for queues without a cap (every ack passes here)."""
+        capped: dict[str, Queue] | None = None
+        for message in settled:
+            limits = message.queue.limits
+            if limits is not None and limits.max_in_flight is not None:
+                if capped is None:
+                    capped = {}
+                capped[message.queue.name] = message.queue
+        if capped is not None:
+            for queue in capped.values():
                 self._serve_waiters(queue, now)
 
     def _wake_live(self, entry: Entry) -> bool:
