@@ -75,7 +75,7 @@ class Sealer:
         try:
             opened: bytes = cipher.decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], _AAD)
             return opened
-        except InvalidTag:
+        except (InvalidTag, ValueError):  # ValueError: too short to hold its nonce
             raise SealError(f"a body sealed under key {name!r} does not open with it") from None
 
     def seal_spec(self, spec: dict[str, Any]) -> dict[str, Any]:

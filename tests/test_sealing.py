@@ -94,6 +94,11 @@ def test_keys_rotate_and_a_missing_or_wrong_key_is_a_typed_error(broker: BrokerP
             old.peek("rotate", "ready", limit=2)
         with pytest.raises(SealError, match="does not open"):
             wrong.peek("rotate", "ready", limit=1)
+        # A body that names the key but is no sealed body (too short for a nonce).
+        with broker.client() as plain:
+            plain.put("rotate.forged", b"x", headers={KEY_HEADER: key_id(KEY)})
+        with pytest.raises(SealError, match="does not open"):
+            old.peek("rotate.forged", "ready", limit=1)
     for bad in (b"short", {}, {"k": "not bytes"}):
         with pytest.raises(BadRequest, match="body_key"):
             Client(url=broker.url, body_key=bad)  # type: ignore[arg-type]
