@@ -21,6 +21,7 @@ from ._audit import AuditFile, AuditFileError
 from ._auth import AuthFileError, Authority
 from ._config import Config, parse_config
 from ._core import Core
+from ._events import EventRing
 from ._http import HttpServer, HttpUnavailable
 from ._jwt import JwtVerifier
 from ._logging import configure_logging, event, log_dead_letter
@@ -89,6 +90,7 @@ async def serve(config: Config) -> None:
         track_changes=config.data_dir is not None,
         on_dead=log_dead_letter,
         max_queues=config.max_queues,
+        events=EventRing(config.event_buffer),
     )
     verifier = JwtVerifier(config.jwt_key, config.jwt_audience) if config.jwt_key else None
     authority = Authority(config.auth_token, config.auth_file, verifier)  # bad: stops here

@@ -19,7 +19,8 @@ from typing import Final, Protocol
 
 from protocol import BadRequest, encode_frame, pack
 
-from ._subjects import SubjectTrie, require_pattern
+from ._events import EVENT_PREFIX
+from ._subjects import ONE, REST, SubjectTrie, matches, require_pattern
 
 SUBSCRIBER_BUFFER: Final = 1 << 20  # bytes a connection's peer may be behind on pushes
 MAX_PATTERNS: Final = 100  # patterns of one subscription
@@ -30,6 +31,8 @@ _MESSAGE: Final = pack("message")
 
 class Sink(Protocol):
     """Where a subscription's frames go (a connection)."""
+
+    write_paused: bool  # its peer is behind: more is written once it catches up
 
     def push(self, frame: bytes, limit: int | None) -> bool:
         """Queue ``frame`` unless the peer is behind by more than ``limit`` bytes with it
@@ -43,6 +46,17 @@ class Subscription:
     request_id: int
     patterns: tuple[str, ...]
     sink: Sink
+    events: bool = False  # a pattern may match a job event's channel
+    cursor: int | None = None  # replaying held job events from this seq; None: live
+    ended: bool = False
+
+    def wants(self, channel: str) -> bool:
+        return any(matches(pattern, channel) for pattern in self.patterns)
+
+    def frame(self, kind: bytes, payload: bytes) -> bytes:
+        """A pushed frame of this subscription: ``kind`` and ``payload`` packed already."""
+        body = b"\x93" + pack(self.request_id) + kind + payload
+        return len(body).to_bytes(4, "big") + body
 
 
 class Channels:
@@ -52,10 +66,11 @@ class Channels:
         self._trie: SubjectTrie[Subscription] = SubjectTrie()
         self._by_owner: dict[int, dict[int, Subscription]] = {}
         self.count = 0
+        self.event_subscriptions = 0  # those with a pattern that may match job events
         self.max_subscriptions = max_subscriptions
 
-    def subscribe(self, owner: int, request_id: int, patterns: object, sink: Sink) -> list[str]:
-        """Add a subscription; returns its patterns. ``BadRequest`` for bad patterns, a
+    def subscribe(self, owner: int, request_id: int, patterns: object, sink: Sink) -> Subscription:
+        """Add a subscription and return it. ``BadRequest`` for bad patterns, a
         request id already naming one of the owner's subscriptions, or a full limit."""
         checked = _patterns(patterns)
         mine = self._by_owner.get(owner, {})
@@ -68,12 +83,14 @@ class Channels:
             )
         if self.count >= self.max_subscriptions:
             raise BadRequest(f"subscribe: the broker holds {self.count} subscriptions, its limit")
-        subscription = Subscription(owner, request_id, tuple(checked), sink)
+        events = any(may_match_events(pattern) for pattern in checked)
+        subscription = Subscription(owner, request_id, tuple(checked), sink, events)
         self._by_owner.setdefault(owner, {})[request_id] = subscription
         for pattern in subscription.patterns:
             self._trie.add(pattern, subscription)
         self.count += 1
-        return checked
+        self.event_subscriptions += events
+        return subscription
 
     def unsubscribe(self, owner: int, request_id: int) -> bool:
         """End a subscription; False if the owner has none with that id (any more)."""
@@ -96,17 +113,22 @@ class Channels:
         payload = pack({"channel": channel, "data": data})
         reached = 0
         for subscription in self._trie.match(channel):
-            body = b"\x93" + pack(subscription.request_id) + _MESSAGE + payload
-            frame = len(body).to_bytes(4, "big") + body
-            if subscription.sink.push(frame, SUBSCRIBER_BUFFER):
+            if subscription.sink.push(subscription.frame(_MESSAGE, payload), SUBSCRIBER_BUFFER):
                 reached += 1
             else:
-                self._lagged(subscription, channel)
+                self.lagged(subscription, {"channel": channel})
         return reached
 
-    def _lagged(self, subscription: Subscription, channel: str) -> None:
+    def all_subscriptions(self) -> list[Subscription]:
+        return [sub for mine in self._by_owner.values() for sub in mine.values()]
+
+    def match(self, channel: str) -> set[Subscription]:
+        return self._trie.match(channel)
+
+    def lagged(self, subscription: Subscription, where: dict[str, object]) -> None:
+        """End a subscription that fell behind, telling it where (see PROTOCOL.md)."""
         self._remove(subscription)
-        frame = encode_frame([subscription.request_id, "lagged", {"channel": channel}])
+        frame = encode_frame([subscription.request_id, "lagged", where])
         subscription.sink.push(frame, None)
 
     def _remove(self, subscription: Subscription) -> None:
@@ -117,6 +139,8 @@ class Channels:
         for pattern in subscription.patterns:
             self._trie.remove(pattern, subscription)
         self.count -= 1
+        self.event_subscriptions -= subscription.events
+        subscription.ended = True
 
 
 def _patterns(value: object) -> list[str]:
@@ -125,3 +149,8 @@ def _patterns(value: object) -> list[str]:
     if len(value) > MAX_PATTERNS:
         raise BadRequest(f"subscribe: at most {MAX_PATTERNS} patterns per subscription")
     return list(dict.fromkeys(require_pattern(pattern, "subscribe") for pattern in value))
+
+
+def may_match_events(pattern: str) -> bool:
+    """Whether ``pattern`` may match a job event's channel (``queue.<queue>.<event>``)."""
+    return pattern.partition(".")[0] in (EVENT_PREFIX, ONE, REST)

@@ -12,6 +12,7 @@ from typing import Any, Final
 
 from protocol import DEFAULT_MAX_FRAME
 
+from ._events import EVENT_BUFFER, MIN_EVENT_BUFFER
 from ._gate import DEFAULT_HELLO_TIMEOUT, DEFAULT_MAX_CONNECTIONS
 
 DEFAULT_MAX_QUEUES: Final = 100_000
@@ -76,6 +77,7 @@ class Config:
     tls_client_ca: str | None = None  # require client certificates signed by this CA
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     max_queues: int = DEFAULT_MAX_QUEUES
+    event_buffer: int = EVENT_BUFFER  # job events kept for subscribers' from_seq
     hello_timeout: float = DEFAULT_HELLO_TIMEOUT  # seconds
     audit_log: str | None = None  # audit events as JSON lines, appended; SIGHUP reopens it
 
@@ -145,6 +147,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if not 1 <= value <= 10_000_000:
         raise argparse.ArgumentTypeError(f"must be 1-10000000, got {value}")
+    return value
+
+
+def _event_buffer(text: str) -> int:
+    value = int(text)
+    if not MIN_EVENT_BUFFER <= value <= 10_000_000:
+        raise argparse.ArgumentTypeError(f"must be {MIN_EVENT_BUFFER}-10000000, got {value}")
     return value
 
 
@@ -290,6 +299,14 @@ def build_parser() -> argparse.ArgumentParser:
         "error and changes nothing (default %(default)s)",
     )
     add(
+        "--event-buffer",
+        type=_event_buffer,
+        default=_env("event_buffer", str(EVENT_BUFFER)),
+        help="job events kept in memory (about 200 bytes each) for subscribers that ask "
+        "for older ones with from_seq; older ones are gone, and such a subscriber is told "
+        "(default %(default)s)",
+    )
+    add(
         "--hello-timeout",
         type=_positive_seconds,
         default=_env("hello_timeout", str(DEFAULT_HELLO_TIMEOUT)),
@@ -332,6 +349,7 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         tls_client_ca=args.tls_client_ca or None,
         max_connections=int(args.max_connections),
         max_queues=int(args.max_queues),
+        event_buffer=int(args.event_buffer),
         hello_timeout=float(args.hello_timeout),
         audit_log=args.audit_log or None,
     )

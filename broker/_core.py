@@ -20,9 +20,10 @@ from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from protocol import BadRequest, LeaseLost, NotFound, Quota, TooLarge, shown
+from protocol import BadRequest, LeaseLost, NotFound, Quota, TooLarge, pack, shown
 
 from ._bindings import Binding, Bindings
+from ._events import EventRing, cut
 from ._lazyheap import Entry, LazyHeap
 from ._lifecycle import Event, State, advance_state
 from ._message import Message, PutSpec
@@ -63,6 +64,7 @@ class Changes:
     dedup: dict[tuple[str, str], DedupEntry | None]  # ended keys only; None: delete
     schedules: dict[ScheduleKey, Schedule | None]  # None: delete
     bindings: dict[Binding, bool] = field(default_factory=dict)  # False: delete
+    next_event: int = 1  # the seq of the next job event (never reused either)
 
 
 LEASE_EXPIRED = "lease expired"
@@ -79,6 +81,7 @@ class Core:
         on_dead: Callable[[Message, str], None] | None = None,
         admit_fire: Callable[[PutSpec], bool] | None = None,
         max_queues: int | None = None,
+        events: EventRing | None = None,
     ) -> None:
         """``random`` draws backoff jitter from [0, 1). ``max_delivery_bytes`` bounds the
         bodies handed out by one reserve (at least one message is always handed out).
@@ -89,7 +92,10 @@ class Core:
         own limit only). ``admit_fire(spec)``: whether a schedule's fire may store its
         message (False: the store is full; the slot is skipped); None admits all.
         ``max_queues``: an op that would create a queue beyond this many raises ``Quota``
-        before changing anything (recovery loads whatever is stored)."""
+        before changing anything (recovery loads whatever is stored). ``events``: where
+        each lifecycle change is recorded (see ``_events``); a ring of the default size if
+        None."""
+        self.events = EventRing() if events is None else events
         self.messages: dict[int, Message] = {}
         self.on_dead = on_dead
         self.admit_fire = admit_fire
@@ -203,12 +209,13 @@ class Core:
             dedup,
             schedules,
             self.bindings.take_changes(),
+            self.events.next_seq,
         )
 
     @property
-    def counters(self) -> tuple[int, int]:
-        """The next id and the next lease token this core will hand out."""
-        return self._next_id, self._next_token
+    def counters(self) -> tuple[int, int, int]:
+        """The next id, lease token and event seq this core will hand out."""
+        return self._next_id, self._next_token, self.events.next_seq
 
     def _changed_message(self, message: Message) -> None:
         if self._changed is not None:
@@ -224,6 +231,7 @@ class Core:
         *,
         next_id: int,
         next_token: int,
+        next_event: int = 1,
         results: Iterable[tuple[int, StoredResult]] = (),
         dedup: Iterable[tuple[str, str, DedupEntry]] = (),
         schedules: Iterable[Schedule] = (),
@@ -287,6 +295,7 @@ class Core:
                 self._schedule_due.push((schedule.next_at, schedule.seq, schedule.key))
         self._next_id = max(next_id, highest_id + 1)
         self._next_token = max(next_token, highest_token + 1)
+        self.events.next_seq = max(self.events.next_seq, next_event)
         self._due_hint = -math.inf  # recompute from the loaded heaps
         self.tick(now)
 
@@ -349,6 +358,8 @@ class Core:
         else:
             self._make_ready(message, Event.PUT_READY, now)
         queue.totals["put"] += 1
+        fields = {"priority": spec.priority, "delay": spec.delay}
+        self.events.emit(now, "put", queue.name, message.id, 0, fields)
         return message.id, False
 
     def cancel(self, now: float, message_id: int) -> bool:
@@ -423,6 +434,7 @@ class Core:
             message.attempts -= 1
             message.queue.totals["delivered"] -= 1
             self._make_ready(message, Event.RELEASE, now)
+            self._emit(now, "released", message)
             touched[message.queue.name] = message.queue
         self._serve_waiters_of(touched.values(), now)
 
@@ -458,7 +470,7 @@ class Core:
 
         def give_back(message: Message) -> None:
             message.queue.totals["nacked"] += 1
-            self._retry(message, now, delay, error)
+            self._retry(message, now, delay, error, "nacked")
 
         done, failed = self._settle(deliveries, give_back)
         self._serve_waiters_of({m.queue.name: m.queue for m in done}.values(), now)
@@ -481,6 +493,7 @@ class Core:
         message = self._require_lease(message_id, lease)
         message.progress = (percent, note)
         self._changed_message(message)
+        self._emit(now, "progress", message, {"progress": percent, "note": cut(note)})
 
     def wait_result(
         self,
@@ -613,14 +626,27 @@ class Core:
             )
         self.make_room((queue_name,))
         queue = existing or self._queue(queue_name)  # created only once the changes are valid
-        old_limits = queue.limits
+        old_limits, was_paused = queue.limits, queue.settings.paused
         queue.apply(settings, now)
+        self._emit_configured(now, queue.name, changes, was_paused)
         if old_limits not in (None, queue.limits) and old_limits.wake_at is not None:
             self._throttle_wakes.discard()  # the old bucket's wake goes stale
         if self._changed is not None:
             self._changed_queues[queue.name] = queue
         self._serve_waiters(queue, now)
         return queue.settings.to_wire()
+
+    def _emit_configured(
+        self, now: float, queue: str, changes: dict[str, Any], was_paused: bool
+    ) -> None:
+        """``paused`` or ``resumed`` when that flips, ``configured`` (naming the settings
+        given) when any other setting is given."""
+        paused = changes.get("paused", was_paused)
+        if paused != was_paused:
+            self.events.emit(now, "paused" if paused else "resumed", queue, None, 0)
+        others = sorted(name for name in changes if name != "paused")
+        if others:
+            self.events.emit(now, "configured", queue, None, 0, {"settings": others})
 
     def purge(self, now: float, queue_name: str) -> int:
         """Drop every ready and delayed message of the queue. O(ready + all delayed)."""
@@ -656,6 +682,7 @@ class Core:
                     message.key = None
             self._make_ready(message, Event.REPLAY, now)
             self._dead_expiry.discard()
+            self._emit(now, "replayed", message)
         self._serve_waiters(queue, now)
         return len(chosen)
 
@@ -664,7 +691,7 @@ class Core:
         queue = self._existing(queue_name)
         doomed = list(queue.dead.values())
         for message in doomed:
-            self._drop_dead(message, Event.PURGE_DEAD)
+            self._drop_dead(message, Event.PURGE_DEAD, now)
         return len(doomed)
 
     # ------------------------------------------------------------ internals
@@ -722,6 +749,11 @@ class Core:
                 "reserve or configure"
             )
         return queue
+
+    def _emit(
+        self, now: float, event: str, message: Message, fields: dict[str, Any] | None = None
+    ) -> None:
+        self.events.emit(now, event, message.queue.name, message.id, message.attempts, fields)
 
     def _move(self, message: Message, event: Event) -> None:
         """The one place a message changes state; keeps the queue's counts in step."""
@@ -781,6 +813,7 @@ class Core:
         )
         self._push_lease(message, now + message.lease_duration)
         message.queue.totals["delivered"] += 1
+        self.events.emit(now, "reserved", message.queue.name, message.id, message.attempts)
 
     def _end_lease(self, message: Message) -> None:
         """The lease's heap entry goes stale: the caller moves the message on."""
@@ -817,6 +850,8 @@ class Core:
             message, now, lambda: _done(message.id, StoredResult(queue.name, value, now, now))
         )
         self._forget(message, Event.ACK)
+        fields = None if result is NO_RESULT else {"result_size": len(pack(result))}
+        self._emit(now, "acked", message, fields)
 
     def _ended(
         self, message: Message, now: float, outcome_of: Callable[[], dict[str, Any]]
@@ -883,17 +918,24 @@ class Core:
             _charge(quotas, taken, len(taken) < limit, now)
         return taken
 
-    def _retry(self, message: Message, now: float, delay: float | None, error: str | None) -> None:
-        """After a nack or expiry (lease already ended): dead-letter if attempts are used up,
-        else back to ready or delayed."""
+    def _retry(
+        self, message: Message, now: float, delay: float | None, error: str | None, event: str
+    ) -> None:
+        """After a nack or expiry (lease already ended; ``event`` says which): dead-letter
+        if attempts are used up, else back to ready or delayed."""
         if error is not None:
             message.last_error = error
         limit = message.effective_max_attempts
         if limit is not None and message.attempts >= limit:
+            self._emit(now, event, message, {"error": cut(error)} if error else None)
             self._kill(message, Event.EXHAUST, now, f"max_attempts ({limit}) used up")
             return
         if delay is None:
             delay = message.queue.settings.backoff.delay(message.attempts, self._random())
+        fields: dict[str, Any] = {"delay": delay}
+        if error is not None:
+            fields["error"] = cut(error)
+        self._emit(now, event, message, fields)
         if delay > 0:
             self._make_delayed(message, Event.RETRY_LATER, now + delay)
         else:
@@ -915,6 +957,7 @@ class Core:
         message.dead_expires_at = None if ttl is None else expires_at
         self._schedule(self._dead_expiry, (expires_at, message.seq, message.id))
         self._ended(message, now, lambda: _dead(message))
+        self._emit(now, "dead", message, {"reason": cut(reason)})
         if self.on_dead is not None:
             self.on_dead(message, reason)
 
@@ -931,11 +974,13 @@ class Core:
         self._ended(message, now, lambda: {"id": message.id, "state": "gone"})
         self._forget(message, event)
         heap.discard()
+        self._emit(now, "cancelled" if event is Event.CANCEL else "purged", message)
 
-    def _drop_dead(self, message: Message, event: Event) -> None:
+    def _drop_dead(self, message: Message, event: Event, now: float) -> None:
         del message.queue.dead[message.id]
         self._forget(message, event)
         self._dead_expiry.discard()
+        self._emit(now, "removed", message, {"reason": "purge_dead"})
 
     def _apply_due_events(self, now: float) -> None:
         """Delayed messages coming due, leases running out and long-polls timing out,
@@ -976,13 +1021,14 @@ class Core:
 
     def _come_due(self, message: Message, now: float) -> None:
         self._make_ready(message, Event.DUE, now)
+        self._emit(now, "ready", message)
         self._serve_waiters(message.queue, now)
 
     def _expire_lease(self, message: Message, deadline: float, now: float) -> None:
         """Same as a nack with no delay, applied at the lease's deadline."""
         message.lease_token = message.lease_deadline = None
         message.queue.totals["expired"] += 1
-        self._retry(message, deadline, None, LEASE_EXPIRED)
+        self._retry(message, deadline, None, LEASE_EXPIRED, "expired")
         self._serve_waiters(message.queue, now)
 
     def _expire_dead_letters(self, now: float) -> None:
@@ -991,6 +1037,7 @@ class Core:
             message = self.messages[top[-1]]
             del message.queue.dead[message.id]
             self._forget(message, Event.EXPIRE_DEAD)
+            self._emit(now, "removed", message, {"reason": "dead_letter_ttl"})
 
     # ----------------------------------------------------------- schedules
 

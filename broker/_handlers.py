@@ -16,6 +16,8 @@ from protocol import MAX_WAIT, BadRequest, TooLarge, UnknownOp
 from ._args import MAX_BATCH, MAX_WAITS_PER_CONNECTION, Args, put_spec
 from ._channels import Channels, Sink
 from ._core import Core
+from ._events import EVENT_PREFIX
+from ._feed import EventFeed
 from ._lifecycle import State
 from ._message import Message, PutSpec
 from ._schedules import FIELDS as SCHEDULE_FIELDS
@@ -48,8 +50,9 @@ class Call:
     store's room checks for new data (puts, ack results). A reserve leaves the messages
     it handed out in ``delivered``. ``channels`` are the live subscriptions; ``sink`` is
     where a subscription made by this request sends its frames (None: this view cannot
-    subscribe). A read-only op that stored something after all (a publish that reached
-    a bound queue) sets ``stored``: its reply then waits for the commit."""
+    subscribe); ``feed`` replays job events to one. A read-only op that stored something
+    after all (a publish that reached a bound queue) sets ``stored``: its reply then
+    waits for the commit."""
 
     core: Core
     now: float
@@ -60,6 +63,7 @@ class Call:
     channels: Channels | None = None
     sink: Sink | None = None
     stored: bool = False
+    feed: EventFeed | None = None  # job events (None: this view has none)
 
 
 class Space(Protocol):
@@ -293,6 +297,11 @@ PUBLISH_PUT_FIELDS: Final = ("priority", "delay", "max_attempts", "headers", "ke
 
 def _publish(call: Call, args: Args) -> Any:
     channel = require_channel(args.raw("channel"), "publish")
+    if channel.partition(".")[0] == EVENT_PREFIX:
+        raise BadRequest(
+            f"publish: channels {EVENT_PREFIX}.* carry the broker's job events; "
+            "publish on another channel"
+        )
     data = args.binary("data")
     given = {name: args.raw(name) for name in PUBLISH_PUT_FIELDS if args.given(name)}
     spec = put_spec({**given, "body": data}, "publish") if given else PutSpec(body=data)
@@ -336,8 +345,19 @@ def _subscribe(call: Call, args: Args) -> Any:
     if call.channels is None or call.sink is None:
         raise BadRequest("subscribe needs a connection of the wire protocol")
     owner, request_id = cast(tuple[int, int], call.waiter_key)  # (connection, request)
-    patterns = call.channels.subscribe(owner, request_id, args.raw("patterns"), call.sink)
-    return {"subscription": request_id, "patterns": patterns}
+    from_seq = None
+    if args.given("from_seq") and args.raw("from_seq") is not None:
+        if call.feed is None:
+            raise BadRequest("subscribe: this view keeps no job events to replay")
+        from_seq = call.feed.check_from_seq(args.raw("from_seq"))
+    subscription = call.channels.subscribe(owner, request_id, args.raw("patterns"), call.sink)
+    if from_seq is not None:
+        assert call.feed is not None
+        call.feed.start(subscription, from_seq)
+    reply: dict[str, Any] = {"subscription": request_id, "patterns": list(subscription.patterns)}
+    if call.feed is not None:
+        reply["next_seq"] = call.feed.published + 1
+    return reply
 
 
 def _unsubscribe(call: Call, args: Args) -> Any:
@@ -385,7 +405,7 @@ HANDLERS: Final = _table(
     ("bind", _bind, ("pattern", "queue")),
     ("unbind", _unbind, ("pattern", "queue")),
     ("bindings", _bindings, ()),
-    ("subscribe", _subscribe, ("patterns",)),
+    ("subscribe", _subscribe, ("patterns", "from_seq")),
     ("unsubscribe", _unsubscribe, ("subscription",)),
 )
 

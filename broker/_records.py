@@ -22,8 +22,9 @@ Message ids are 8-byte big-endian keys, so the message databases are in id order
 - ``bindings``: pattern + NUL + queue -> msgpack ``[RECORD_FORMAT]``: a publish on a channel
   the pattern matches also puts a copy into the queue.
 - ``meta``: ``b"format"`` -> the store's layout version; ``b"counters"`` -> msgpack
-  ``[RECORD_FORMAT, id_ceiling, token_ceiling]``: no id or lease token at or above these has
-  been handed out, so a recovered broker starts from them and never reuses one.
+  ``[RECORD_FORMAT, id_ceiling, token_ceiling, event_ceiling]``: no id, lease token or job
+  event seq at or above these has been handed out, so a recovered broker starts from them
+  and never reuses one (older records lack the event ceiling: events start from 1).
 
 Every record starts with its format version. A new format bumps ``RECORD_FORMAT`` and keeps
 a reader for the old one.
@@ -68,7 +69,7 @@ class Batch:
     """The records of one group commit: written to the log as one record, and later, with
     the other batches since the last checkpoint, to LMDB. ``number`` counts batches from 1
     in the order they were encoded; ``admitted`` is the space put admission counted for
-    the puts in it; ``ceilings`` the id and token ceilings it raises (None: unchanged)."""
+    the puts in it; ``ceilings`` the id, token and event ceilings it raises (None: unchanged)."""
 
     number: int = 0
     bodies: Pairs = field(default_factory=list)
@@ -80,7 +81,7 @@ class Batch:
     counters: bytes | None = None
     admitted: int = 0
     freed: int = 0  # the estimated size of the stored messages it deletes
-    ceilings: tuple[int, int] | None = None
+    ceilings: tuple[int, int, int] | None = None
     schedules: Optional = field(default_factory=list)
     bindings: Optional = field(default_factory=list)
 
@@ -155,8 +156,8 @@ def encode_dedup(entry: DedupEntry) -> bytes:
     return value
 
 
-def encode_counters(id_ceiling: int, token_ceiling: int) -> bytes:
-    value: bytes = msgpack.packb([RECORD_FORMAT, id_ceiling, token_ceiling])
+def encode_counters(id_ceiling: int, token_ceiling: int, event_ceiling: int) -> bytes:
+    value: bytes = msgpack.packb([RECORD_FORMAT, id_ceiling, token_ceiling, event_ceiling])
     return value
 
 
@@ -302,11 +303,14 @@ def decode_dedup(key: bytes, value: bytes) -> tuple[str, str, DedupEntry]:
     return queue_name.decode(), name.decode(), DedupEntry(record[1], record[2], record[3])
 
 
-def decode_counters(value: bytes) -> tuple[int, int]:
+def decode_counters(value: bytes) -> tuple[int, int, int]:
+    """The id, token and event-seq ceilings (a record from before job events has no
+    event ceiling: events then start from 1)."""
     record = msgpack.unpackb(value)
     if not record or record[0] not in READABLE:
         raise StoreCorrupt(f"counters: record format {record[:1]} unknown")
-    return int(record[1]), int(record[2])
+    events = int(record[3]) if len(record) > 3 else 1
+    return int(record[1]), int(record[2]), events
 
 
 def key_id(key: bytes) -> int:

@@ -70,6 +70,7 @@ from ._audit import ADMIN_OPS, NOBODY, refused, run_admin
 from ._auth import Authority, Principal, authorize, token_digest, visible
 from ._channels import Channels, Sink
 from ._core import Core
+from ._feed import EventFeed
 from ._gate import DEFAULT_HELLO_TIMEOUT, DEFAULT_MAX_CONNECTIONS, Gate
 from ._handlers import PENDING, READ_ONLY_OPS, Call, deliveries, handle
 from ._logging import event
@@ -221,6 +222,8 @@ class Connection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.write_paused = False
         self._update_reading()
+        if self.server.feed.replaying:  # a replay of job events may go on now
+            self.server.turn_ends_soon()
 
     # requests
 
@@ -389,6 +392,7 @@ class BrokerServer:
         self.clock = clock
         self.store = store
         self.channels = Channels()
+        self.feed = EventFeed(core.events, self.channels)
         # Group commit: batches are numbered 1, 2, ... by the store; replies wait in `_held`
         # for the batch number they need. `_stalled`: a batch failed and waits to be tried
         # again; nothing after it may commit first.
@@ -497,7 +501,15 @@ class BrokerServer:
                     refused(op, args, principal.name, self._peer(sink, peer), error)
                 raise
         call = Call(
-            self.core, self.clock(), waiter_key, waits_left, self.store, None, self.channels, sink
+            self.core,
+            self.clock(),
+            waiter_key,
+            waits_left,
+            self.store,
+            None,
+            self.channels,
+            sink,
+            feed=self.feed,
         )
         if op in ADMIN_OPS:
             who = self._principal_name(principal)
@@ -619,7 +631,21 @@ class BrokerServer:
         self.flush()
         if self.store is not None:
             self._start_commit()
+        self._publish_events()
         self._arm_timer()
+
+    def _publish_events(self) -> None:
+        """Hand job events to subscribers once their commit is done (held while commits
+        fail), and replay on to those catching up."""
+        feed = self.feed
+        if not self._stalled:
+            feed.publish()
+        if feed.replaying and feed.go_on() and not self._turn_scheduled:
+            # Some peer took all it was given: give it more in a turn of its own.
+            self._turn_scheduled = True
+            self.loop.call_soon(self.end_turn)
+        if self._dirty:
+            self.flush()
 
     def flush(self) -> None:
         """Write every queued reply whose batch is durable; hold the others."""
@@ -670,7 +696,7 @@ class BrokerServer:
                     extra=event("commit_failed", failures=failures, error=str(error)),
                 )
             self._stalled = True
-            self.loop.call_later(_RETRY_COMMIT_AFTER, self._commit, batch)
+            self.loop.call_later(_RETRY_COMMIT_AFTER, self._retry_commit, batch)
             return
         if failures := self.metrics.failing_commits:  # commit_done (below) resets it
             log.warning(
@@ -688,6 +714,10 @@ class BrokerServer:
         self._wake_durable_waits()
         self._commit_event.set()
         self._start_commit()
+
+    def _retry_commit(self, batch: Batch) -> None:
+        self._commit(batch)
+        self._publish_events()  # (held while the commit failed)
 
     def _note_commit(self, records: int, seconds: float) -> None:
         self.metrics.commit_done(records, seconds)

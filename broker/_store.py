@@ -20,9 +20,10 @@ Layout of the data dir: ``data.mdb`` (LMDB, the databases and records of ``_reco
 ``log-*.wal`` (``_log``), ``sluice.lock``. ``meta/format`` holds ``STORE_FORMAT``; a data
 dir of format 1 or 2 (LMDB alone, no log) is upgraded in place on open.
 
-Ids and lease tokens: the counters record holds ceilings, raised ``COUNTER_BLOCK`` ahead
-of what the core has handed out, so a lease token may go out before the commit that holds
-its lease, and a recovered broker starts at the ceilings: nothing is ever reused.
+Ids, lease tokens and job event seqs: the counters record holds ceilings, raised
+``COUNTER_BLOCK`` ahead of what the core has handed out, so a lease token may go out
+before the commit that holds its lease, and a recovered broker starts at the ceilings:
+nothing is ever reused.
 
 Space: puts are admitted only while the estimated size of the data, including what is
 being written, stays under the capacity minus a reserve (``StorageFull`` otherwise), and
@@ -285,7 +286,7 @@ class Store:
         # Batches: `encoded` numbered on the loop thread, `durable` the last committed.
         self.encoded = 0
         self.durable = 0
-        self._id_ceiling = self._token_ceiling = 0
+        self._id_ceiling = self._token_ceiling = self._event_ceiling = 0
         # Each queue's settings in wire form, as of the settings object they came from.
         self._settings_wire: dict[str, tuple[QueueSettings, dict[str, Any]]] = {}
         self.durable_token_ceiling = 0
@@ -339,11 +340,11 @@ class Store:
         self._lock_file.close()
 
     def checkpoint_now(
-        self, counters: tuple[int, int] | None = None, timeout: float = _CHECKPOINT_WAIT
+        self, counters: tuple[int, int, int] | None = None, timeout: float = _CHECKPOINT_WAIT
     ) -> bool:
         """Write everything committed so far to LMDB and recycle the log (a clean
-        shutdown, tests). On a clean shutdown ``counters`` are the core's next id and
-        token: nothing above them was handed out, so the next start goes on from them
+        shutdown, tests). On a clean shutdown ``counters`` are the core's next id,
+        token and event seq: nothing above them was handed out, so the next start goes on from them
         instead of the ceilings. Returns False, leaving the log to the next start, if
         that took longer than ``timeout`` (checkpoints failing: a full disk)."""
         deadline = time.monotonic() + timeout
@@ -425,7 +426,7 @@ class Store:
     def _recover(self, core: Core, now: float) -> Recovered:
         started = time.perf_counter()
         numbers = _log.segment_numbers(self.path)
-        applied, (next_id, next_token) = self._apply_log(numbers)
+        applied, (next_id, next_token, next_event) = self._apply_log(numbers)
         self.used = self._measure_used()
         self.capacity = self._measure_capacity(self.used)
         self._recyclable = numbers[-_SPARE_SEGMENTS:]
@@ -451,6 +452,7 @@ class Store:
                 self._read_messages(txn),
                 next_id=next_id,
                 next_token=next_token,
+                next_event=next_event,
                 results=results,
                 dedup=dedup,
                 schedules=schedules,
@@ -459,6 +461,7 @@ class Store:
         # The ceilings the core started from were written by `_apply_log`.
         self._id_ceiling = self.durable_id_ceiling = next_id + COUNTER_BLOCK
         self._token_ceiling = self.durable_token_ceiling = next_token + COUNTER_BLOCK
+        self._event_ceiling = next_event + COUNTER_BLOCK
         self._start_checkpointer()
         self._request_spare(next_number + 1)
         by_state = {
@@ -468,10 +471,11 @@ class Store:
         seconds = time.perf_counter() - started
         return Recovered(len(core.messages), by_state, len(queues), seconds, applied)
 
-    def _apply_log(self, numbers: list[int]) -> tuple[int, tuple[int, int]]:
+    def _apply_log(self, numbers: list[int]) -> tuple[int, tuple[int, int, int]]:
         """Write the committed prefix of the log into LMDB, and raise the counters' ceilings
         by a block, in one synced transaction. Returns how many records it applied, and
-        the ceilings before the raise: the first id and token this run may hand out."""
+        the ceilings before the raise: the first id, token and event seq this run may hand
+        out."""
         while True:
             applied = 0
             try:
@@ -480,10 +484,10 @@ class Store:
                         self._write(txn, batch)
                         applied += 1
                     counters = txn.get(b"counters", db=self._meta)
-                    next_id, next_token = decode_counters(counters) if counters else (1, 1)
-                    block = (next_id + COUNTER_BLOCK, next_token + COUNTER_BLOCK)
+                    ceilings = decode_counters(counters) if counters else (1, 1, 1)
+                    block = [ceiling + COUNTER_BLOCK for ceiling in ceilings]
                     txn.put(b"counters", encode_counters(*block), db=self._meta)
-                return applied, (next_id, next_token)
+                return applied, ceilings
             except lmdb.MapFullError:
                 self._grow()
 
@@ -633,12 +637,15 @@ class Store:
                 (binding_key(pattern, queue_name), BINDING_RECORD if bound else None)
             )
         half = COUNTER_BLOCK // 2
-        if changes.next_id + half > self._id_ceiling or changes.next_token + half > (
-            self._token_ceiling
+        if (
+            changes.next_id + half > self._id_ceiling
+            or changes.next_token + half > self._token_ceiling
+            or changes.next_event + half > self._event_ceiling
         ):
             self._id_ceiling = changes.next_id + COUNTER_BLOCK
             self._token_ceiling = changes.next_token + COUNTER_BLOCK
-            batch.ceilings = (self._id_ceiling, self._token_ceiling)
+            self._event_ceiling = changes.next_event + COUNTER_BLOCK
+            batch.ceilings = (self._id_ceiling, self._token_ceiling, self._event_ceiling)
             batch.counters = encode_counters(*batch.ceilings)
         return batch
 
@@ -648,7 +655,7 @@ class Store:
         self.unmeasured += batch.admitted - batch.freed
         self.durable = batch.number
         if batch.ceilings is not None:
-            self.durable_id_ceiling, self.durable_token_ceiling = batch.ceilings
+            self.durable_id_ceiling, self.durable_token_ceiling, _ = batch.ceilings
 
     # ---------------------------------------------------------------------- the log
 

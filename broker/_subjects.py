@@ -9,21 +9,24 @@ share its prefixes, never with every pattern held.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Final, Generic, TypeVar
 
-from protocol import BadRequest, is_queue_name, shown
+from protocol import BadRequest, shown
 
+MAX_CHANNEL: Final = 256  # characters: room for a job event's ``queue.<queue>.<event>``
+_NAME: Final = re.compile(rf"[A-Za-z0-9._:-]{{1,{MAX_CHANNEL}}}")
 ONE: Final = "*"  # matches exactly one token
 REST: Final = ">"  # as the last token: matches one or more tokens
 V = TypeVar("V", bound=Hashable)
 
 
 def _tokens(value: object, where: str, kind: str) -> list[str]:
-    if not is_queue_name(value):
+    if not isinstance(value, str) or _NAME.fullmatch(value) is None:
         raise BadRequest(
-            f"{where}: invalid {kind} {shown(value)}: use 1-200 characters of "
+            f"{where}: invalid {kind} {shown(value)}: use 1-{MAX_CHANNEL} characters of "
             "A-Z a-z 0-9 _ : - in tokens separated by '.'"
             + (" ('*' one token, '>' the rest)" if kind == "pattern" else "")
         )

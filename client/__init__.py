@@ -12,7 +12,7 @@ methods, ``Message`` for deliveries, and ``client.errors`` with one class per wi
 
 from . import errors
 from ._async import AsyncClient, AsyncSubscription
-from ._channels import ChannelMessage
+from ._channels import ChannelMessage, Gap, JobEvent
 from ._common import tls_context
 from ._message import Message
 from ._sync import Client, Subscription
@@ -25,6 +25,8 @@ __all__ = [
     "AsyncSubscription",
     "AsyncWorker",
     "ChannelMessage",
+    "Gap",
+    "JobEvent",
     "Client",
     "Fail",
     "Message",

@@ -13,7 +13,7 @@ from protocol import NEED_DATA, FrameDecoder, SluiceError, encode_frame
 
 from . import _calls
 from ._calls import UNKNOWN, Call, merge_answers, split_call
-from ._channels import ChannelMessage, Inbox, is_push
+from ._channels import Event, Inbox, is_push
 from ._common import (
     DEFAULT_TIMEOUT,
     MAX_REPLY_FRAME,
@@ -295,26 +295,32 @@ class AsyncClient:
         if earliest < math.inf:
             self._expire_at(loop, earliest)
 
-    def subscribe(self, *patterns: str) -> AsyncSubscription:
+    def subscribe(self, *patterns: str, from_seq: int | None = None) -> AsyncSubscription:
         """A subscription to the channels matching ``patterns`` (``*`` one token, ``>``
-        the rest): ``async for message in client.subscribe("orders.*")``. It starts on
-        first iteration (or ``await start()``), shares this connection with other calls,
-        and ends on ``unsubscribe()``; raises ``Lagged`` if it fell behind,
-        ``ConnectionClosed`` if the connection went."""
-        return AsyncSubscription(self, list(patterns))
+        the rest): ``async for message in client.subscribe("orders.*")``. Job events on
+        ``queue.<queue>.<event>`` come as ``JobEvent``; with ``from_seq``, the ones the
+        broker still holds from that seq on come first (a ``Gap`` first if some are
+        gone). It starts on first iteration (or ``await start()``), shares this
+        connection with other calls, and ends on ``unsubscribe()``; raises ``Lagged`` if
+        it fell behind, ``ConnectionClosed`` if the connection went."""
+        return AsyncSubscription(self, list(patterns), from_seq)
 
     async def _start_subscription(self, subscription: AsyncSubscription) -> int:
         if not self._connected():
             await self.connect()
         reader = self._reader
         assert reader is not None
-        encoded = self._encode("subscribe", {"patterns": subscription.patterns})
-        reader.subscriptions[encoded[0]] = subscription  # its pushes follow the reply
+        args: dict[str, Any] = {"patterns": subscription.patterns}
+        if subscription.from_seq is not None:
+            args["from_seq"] = subscription.from_seq
+        encoded = self._encode("subscribe", args)
+        reader.subscriptions[encoded[0]] = subscription  # its pushes may precede the reply
         ok, value = await self._send(encoded, "subscribe", 0)
         if not ok:
             reader.subscriptions.pop(encoded[0], None)
             raise value
         subscription.reader = reader
+        subscription.next_seq = value.get("next_seq")
         return encoded[0]
 
     ping = _awaiting(_calls.ping)
@@ -352,11 +358,16 @@ class AsyncClient:
 
 
 class AsyncSubscription:
-    """An async iterator of ``ChannelMessage`` (see ``AsyncClient.subscribe``). Also an
-    async context manager that starts it and unsubscribes on exit."""
+    """An async iterator of ``ChannelMessage``, ``JobEvent`` and ``Gap`` (see
+    ``AsyncClient.subscribe``). Also an async context manager that starts it and
+    unsubscribes on exit. ``next_seq``: the seq of the broker's next job event when it
+    subscribed (None before that, or from an older broker)."""
 
-    def __init__(self, client: AsyncClient, patterns: list[str]) -> None:
-        self.client, self.patterns = client, patterns
+    def __init__(
+        self, client: AsyncClient, patterns: list[str], from_seq: int | None = None
+    ) -> None:
+        self.client, self.patterns, self.from_seq = client, patterns, from_seq
+        self.next_seq: int | None = None
         self.id: int | None = None  # the broker's name for it, once started
         self.started = False
         self.reader: _ReplyReader | None = None
@@ -408,7 +419,7 @@ class AsyncSubscription:
     def __aiter__(self) -> AsyncSubscription:
         return self
 
-    async def __anext__(self) -> ChannelMessage:
+    async def __anext__(self) -> Event:
         await self.start()
         assert self._inbox is not None
         while True:

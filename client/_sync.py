@@ -14,7 +14,7 @@ from protocol import NEED_DATA, FrameDecoder, SluiceError, encode_frame
 
 from . import _calls
 from ._calls import UNKNOWN, Call, merge_answers, split_call
-from ._channels import ChannelMessage, Inbox, is_push
+from ._channels import Event, Inbox, is_push
 from ._common import (
     DEFAULT_TIMEOUT,
     MAX_REPLY_FRAME,
@@ -231,10 +231,12 @@ class Client:
             del self._subscriptions[frame[0]]  # it overflowed: the broker hears of it below
             subscription.overflowed = True
 
-    def subscribe(self, *patterns: str) -> Subscription:
+    def subscribe(self, *patterns: str, from_seq: int | None = None) -> Subscription:
         """Subscribe to the channels matching ``patterns`` (``*`` one token, ``>`` the
-        rest); messages published once this returns reach it. Iterate it for
-        ``ChannelMessage``s (blocking), or ``get(timeout)``; ``unsubscribe()`` ends it.
+        rest); messages published once this returns reach it, and job events on
+        ``queue.<queue>.<event>`` (``JobEvent``). With ``from_seq``, the job events the
+        broker still holds from that seq on come first (a ``Gap`` first if some are
+        gone). Iterate it (blocking), or ``get(timeout)``; ``unsubscribe()`` ends it.
         It shares this connection: other calls go on between messages (pushes that
         arrive meanwhile are kept for it). While one thread waits for a message, another
         thread's call on this client waits for the lock, up to the client's ``timeout``
@@ -242,7 +244,10 @@ class Client:
         ``Lagged`` when it fell behind."""
         with self._lock:
             self._ensure_connected()
-            call = Call("subscribe", {"patterns": list(patterns)}, _field_subscription)
+            args: dict[str, Any] = {"patterns": list(patterns)}
+            if from_seq is not None:
+                args["from_seq"] = from_seq
+            call = Call("subscribe", args, _reply_of_subscribe)
             request_id = self._ids_peek()
             subscription = Subscription(self, request_id)
             self._subscriptions[request_id] = subscription
@@ -254,6 +259,7 @@ class Client:
             if not ok:
                 self._subscriptions.pop(request_id, None)
                 raise value
+            subscription.next_seq = value.get("next_seq")
         return subscription
 
     def _ids_peek(self) -> int:
@@ -348,20 +354,22 @@ class Client:
     bindings = _blocking(_calls.bindings)
 
 
-def _field_subscription(result: Any) -> int:
-    return int(result["subscription"])
+def _reply_of_subscribe(result: Any) -> dict[str, Any]:
+    return dict(result)  # {subscription, patterns, next_seq}
 
 
 class Subscription:
-    """A blocking iterator of ``ChannelMessage`` (see ``Client.subscribe``); a context
-    manager that unsubscribes on exit."""
+    """A blocking iterator of ``ChannelMessage``, ``JobEvent`` and ``Gap`` (see
+    ``Client.subscribe``); a context manager that unsubscribes on exit. ``next_seq``: the
+    seq of the broker's next job event when it subscribed (None from an older broker)."""
 
     def __init__(self, client: Client, subscription_id: int) -> None:
         self.client, self.id = client, subscription_id
+        self.next_seq: int | None = None
         self.inbox = Inbox(subscription_id)
         self.overflowed = False  # ended by its own inbox; the broker still has it
 
-    def get(self, timeout: float | None = None) -> ChannelMessage | None:
+    def get(self, timeout: float | None = None) -> Event | None:
         """The next message, waiting up to ``timeout`` seconds (None: without end); None
         if none came. Raises ``StopIteration`` once unsubscribed, ``Lagged`` if it fell
         behind, ``ConnectionClosed`` if the connection went."""
@@ -370,7 +378,7 @@ class Subscription:
     def __iter__(self) -> Subscription:
         return self
 
-    def __next__(self) -> ChannelMessage:
+    def __next__(self) -> Event:
         event = self.get(None)
         assert event is not None
         return event

@@ -69,12 +69,17 @@ class JobFailed(ClientError):
 class Lagged(ClientError):
     """A subscription fell behind and ended: the broker could not hand it a message (its
     connection's buffer was full), or the application left ``MAX_INBOX`` messages untaken.
-    Messages after that point were not delivered to it; subscribe again to go on."""
+    Messages after that point were not delivered to it; subscribe again to go on. For job
+    events, ``seq`` is the first event it did not get: subscribe with ``from_seq=seq``."""
 
-    def __init__(self, channel: str | None) -> None:
+    def __init__(self, channel: str | None, seq: int | None = None) -> None:
         self.channel = channel
+        self.seq = seq
         where = f" at a message on {channel!r}" if channel else ""
-        super().__init__(f"the subscription fell behind{where} and ended; subscribe again")
+        if seq is not None:
+            where += f" at event {seq}"
+        again = "subscribe again" if seq is None else f"subscribe again with from_seq={seq}"
+        super().__init__(f"the subscription fell behind{where} and ended; {again}")
 
 
 __all__ = [

@@ -44,6 +44,7 @@ from hypothesis.stateful import (
 )
 
 from broker import Core, PutSpec
+from broker._events import EventRing
 from broker._lazyheap import LazyHeap
 from broker._schedules import parse_spec, slot_text
 from broker._subjects import matches
@@ -819,6 +820,20 @@ SCHEDULE_BODY = b"tick"
 schedule_names = st.sampled_from(["s1", "s2"])
 
 
+EVENTS_KEPT = 1_000_000  # more than any run makes
+TOLD_STATE = {  # the state an event leaves its message in (put, nacked, expired: its delay)
+    "ready": "ready",
+    "reserved": "reserved",
+    "released": "ready",
+    "acked": "gone",
+    "dead": "dead",
+    "replayed": "ready",
+    "cancelled": "gone",
+    "purged": "gone",
+    "removed": "gone",
+}
+
+
 class CoreMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
@@ -828,6 +843,9 @@ class CoreMachine(RuleBasedStateMachine):
         self.tokens: dict[int, int] = {UNKNOWN_TOKEN: UNKNOWN_TOKEN}  # model -> core token
         self.handed_out: list[tuple[int, int]] = []  # every (id, model token) delivered
         self.waiter_keys = 0
+        # What the job events alone say of each message: id -> (state, attempts).
+        self.told: dict[int, tuple[str, int]] = {}
+        self.events_read = self.core.events.next_seq  # the next seq to read
         for name, changes in INITIAL_SETTINGS.items():
             self.core.configure(self.now, name, changes)
             self.model.configure(self.now, name, changes)
@@ -835,7 +853,7 @@ class CoreMachine(RuleBasedStateMachine):
     # ------------------------------------------------------------ helpers
 
     def new_core(self) -> Core:
-        return Core(random=lambda: 0.5)
+        return Core(random=lambda: 0.5, events=EventRing(EVENTS_KEPT))
 
     def _later(self, step: float) -> float:
         self.now += step
@@ -1177,6 +1195,29 @@ class CoreMachine(RuleBasedStateMachine):
             self.model.schedules[key].listed() for key in sorted(self.model.schedules)
         ]
         assert self.core.bindings.listed() == sorted(self.model.bindings)
+
+    @invariant()
+    def events_tell_every_change(self) -> None:
+        """Following the job events alone, in seq order, gives every message's state and
+        attempts as the model has them (and nothing more)."""
+        ring = self.core.events
+        assert ring.first_seq <= self.events_read, "the ring is big enough for a run"
+        new = list(ring.since(self.events_read, ring.next_seq - 1))
+        assert [event[0] for event in new] == list(range(self.events_read, ring.next_seq))
+        self.events_read = ring.next_seq
+        for _, _, queue, kind, message_id, attempts, fields in new:
+            if message_id is None:
+                assert kind in ("paused", "resumed", "configured") and queue in QUEUES
+                continue
+            if kind in ("put", "nacked", "expired"):  # (an exhausted one: "dead" follows)
+                state = "delayed" if (fields or {}).get("delay", 0) > 0 else "ready"
+            elif kind == "progress":
+                state = self.told[message_id][0]
+            else:
+                state = TOLD_STATE[kind]
+            self.told[message_id] = (state, attempts)
+        live = {mid: state for mid, state in self.told.items() if state[0] != "gone"}
+        assert live == {mid: (m.state, m.attempts) for mid, m in self.model.messages.items()}
 
     @invariant()
     def heap_counts_are_exact(self) -> None:

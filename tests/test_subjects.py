@@ -6,7 +6,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker._subjects import SubjectTrie, match_all, matches, require_channel, require_pattern
+from broker._subjects import (
+    MAX_CHANNEL,
+    SubjectTrie,
+    match_all,
+    matches,
+    require_channel,
+    require_pattern,
+)
 from protocol import BadRequest
 
 TOKENS = st.sampled_from(["a", "b", "c", "orders", "eu"])
@@ -74,7 +81,8 @@ def test_removing_everything_leaves_an_empty_trie(pairs: list[tuple[str, int]]) 
 
 
 @pytest.mark.parametrize(
-    "name", ["", ".", "a.", ".a", "a..b", "a b", "a.*", "a.>", "x" * 201, 7, None, b"a"]
+    "name",
+    ["", ".", "a.", ".a", "a..b", "a b", "a.*", "a.>", "x" * (MAX_CHANNEL + 1), 7, None, b"a"],
 )
 def test_bad_channel_names(name: object) -> None:
     with pytest.raises(BadRequest):
@@ -90,3 +98,9 @@ def test_bad_patterns(pattern: object) -> None:
 @pytest.mark.parametrize("pattern", ["a", "a.b", "*", ">", "a.*.c", "*.>", "a-b:c_d.>"])
 def test_good_patterns(pattern: str) -> None:
     assert require_pattern(pattern, "subscribe") == pattern
+
+
+def test_a_job_event_channel_of_the_longest_queue_name_is_a_valid_pattern() -> None:
+    longest = "q" * 200  # the longest queue name
+    assert require_pattern(f"queue.{longest}.configured", "subscribe")
+    assert require_channel(f"queue.{longest}.configured", "publish")

@@ -1,0 +1,113 @@
+"""Job events to subscribers: live ones after each turn's commit, held ones on request.
+
+Events are published once the commit holding their changes is done (at the end of the
+turn in memory), so a subscriber never hears of a change a crash could undo. ``published``
+is the last seq handed to live subscriptions.
+
+A subscription made with ``from_seq`` first replays the ring's events from there, as
+fast as its connection takes them (at most ``SUBSCRIBER_BUFFER`` bytes behind, more once
+its peer catches up); while it replays, live publishing passes it by, and once its cursor
+reaches ``published`` it is live. If ``from_seq`` is older than the ring, its first frame
+is ``gap`` (the seqs it asked for that are gone); a replay overtaken by the ring (the peer
+reads slower than events are made) ends with ``lagged`` at the seq it had reached, as a
+live subscription that falls behind does.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from protocol import BadRequest, encode_frame, pack
+
+from ._channels import SUBSCRIBER_BUFFER, Channels, Subscription
+from ._events import EventRing, channel_of, payload
+
+_EVENT: Final = pack("event")
+
+
+class EventFeed:
+    def __init__(self, ring: EventRing, channels: Channels) -> None:
+        self.ring = ring
+        self.channels = channels
+        self.published = ring.next_seq - 1
+        self.replaying: dict[Subscription, None] = {}  # in the order they started
+
+    def check_from_seq(self, value: object) -> int:
+        """``value`` if it is a seq a subscription may start from, else ``BadRequest``."""
+        newest = self.published + 1
+        if type(value) is not int or not 0 <= value <= newest:
+            raise BadRequest(
+                f"subscribe: from_seq must be an integer from 0 to {newest} (the next "
+                f"event's seq), got {value!r}"
+            )
+        return value
+
+    def start(self, subscription: Subscription, from_seq: int) -> None:
+        """Replay held events from ``from_seq`` to ``subscription``, then go live."""
+        first = self.ring.first_seq
+        if max(from_seq, 1) < first:
+            gap = {"from_seq": from_seq, "first_seq": first}
+            subscription.sink.push(encode_frame([subscription.request_id, "gap", gap]), None)
+        subscription.cursor = max(from_seq, first)
+        self.replaying[subscription] = None
+        self._replay(subscription)
+
+    def publish(self) -> None:
+        """Hand the events made since the last call to the live subscriptions."""
+        last = self.ring.next_seq - 1
+        if last == self.published:
+            return
+        start, self.published = self.published + 1, last
+        if self.channels.event_subscriptions == 0:
+            return
+        first = self.ring.first_seq
+        if start < first:  # one turn made more events than the ring holds
+            self._tell_gap(start, first)
+        for event in self.ring.since(start, last):
+            subscriptions = self.channels.match(channel_of(event))
+            if not subscriptions:
+                continue
+            body = pack(payload(event))
+            for subscription in subscriptions:
+                if subscription.cursor is not None:
+                    continue  # replaying: it takes this one from the ring in turn
+                if not subscription.sink.push(subscription.frame(_EVENT, body), SUBSCRIBER_BUFFER):
+                    self.channels.lagged(subscription, {"seq": event[0]})
+
+    def go_on(self) -> bool:
+        """Replay on wherever the peer is not behind. True if a replay is unfinished
+        though its peer was not behind: it may go on as soon as this turn's frames are
+        written (a peer that is behind says so when it catches up)."""
+        more = False
+        for subscription in list(self.replaying):
+            if subscription.ended:
+                del self.replaying[subscription]
+            elif not subscription.sink.write_paused:
+                self._replay(subscription)
+                more = more or subscription in self.replaying
+        return more
+
+    def _replay(self, subscription: Subscription) -> None:
+        cursor = subscription.cursor
+        assert cursor is not None
+        if cursor < self.ring.first_seq:  # overtaken by the ring while its peer was slow
+            self.replaying.pop(subscription, None)
+            self.channels.lagged(subscription, {"seq": cursor})
+            return
+        sink = subscription.sink
+        for event in self.ring.since(cursor, self.published):
+            channel = channel_of(event)
+            if subscription.wants(channel):
+                frame = subscription.frame(_EVENT, pack(payload(event)))
+                if not sink.push(frame, SUBSCRIBER_BUFFER):
+                    subscription.cursor = event[0]
+                    return  # on when its peer has read some
+        subscription.cursor = None
+        self.replaying.pop(subscription, None)
+
+    def _tell_gap(self, start: int, first: int) -> None:
+        gap = {"from_seq": start, "first_seq": first}
+        for subscription in self.channels.all_subscriptions():
+            if subscription.events and subscription.cursor is None:
+                frame = encode_frame([subscription.request_id, "gap", gap])
+                subscription.sink.push(frame, None)
