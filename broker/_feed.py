@@ -30,7 +30,9 @@ class EventFeed:
         self.ring = ring
         self.channels = channels
         self.published = ring.next_seq - 1
-        self.replaying: dict[Subscription, None] = {}  # in the order they started
+        # Replays not done, in the order they started, each with the gap frame still to
+        # send before its first event (None once sent, or if there is none).
+        self.replaying: dict[Subscription, bytes | None] = {}
 
     def check_from_seq(self, value: object) -> int:
         """``value`` if it is a seq a subscription may start from, else ``BadRequest``."""
@@ -43,14 +45,16 @@ class EventFeed:
         return value
 
     def start(self, subscription: Subscription, from_seq: int) -> None:
-        """Replay held events from ``from_seq`` to ``subscription``, then go live."""
+        """Replay held events from ``from_seq`` to ``subscription`` (from the next
+        ``go_on``: after the subscribe's reply), then go live."""
         first = self.ring.first_seq
+        gap = None
         if max(from_seq, 1) < first:
-            gap = {"from_seq": from_seq, "first_seq": first}
-            subscription.sink.push(encode_frame([subscription.request_id, "gap", gap]), None)
+            gap = encode_frame(
+                [subscription.request_id, "gap", {"from_seq": from_seq, "first_seq": first}]
+            )
         subscription.cursor = max(from_seq, first)
-        self.replaying[subscription] = None
-        self._replay(subscription)
+        self.replaying[subscription] = gap
 
     def publish(self) -> None:
         """Hand the events made since the last call to the live subscriptions."""
@@ -95,6 +99,10 @@ class EventFeed:
             self.channels.lagged(subscription, {"seq": cursor})
             return
         sink = subscription.sink
+        gap = self.replaying[subscription]
+        if gap is not None:
+            sink.push(gap, None)
+            self.replaying[subscription] = None
         for event in self.ring.since(cursor, self.published):
             channel = channel_of(event)
             if subscription.wants(channel):

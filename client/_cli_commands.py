@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
+from ._cli_tail import tail
 from ._cli_text import (
     UsageError,
     absolute,
@@ -338,6 +339,10 @@ def cmd_watch(client: Client, args: Args) -> int:
     return watch(client, options, sys.stdout, sys.stdin)
 
 
+def cmd_tail(client: Client, args: Args) -> int:
+    return tail(client, args, sys.stdout)
+
+
 def _confirmed(args: Args, question: Callable[[], str]) -> bool:
     """True with ``--yes``; else asks on the terminal (``main`` has made sure stdin is one).
     Anything but y/yes is a no."""
@@ -377,6 +382,7 @@ COMMANDS: Final = {
     "trigger": Command(cmd_trigger),
     "status": Command(cmd_status),
     "watch": Command(cmd_watch),
+    "tail": Command(cmd_tail),
 }
 
 

@@ -265,6 +265,34 @@ def _watch_arguments(parser: argparse.ArgumentParser) -> None:
     add("--count", type=_positive_int, metavar="N", help="stop after N refreshes")
 
 
+def _tail_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add(
+        "patterns",
+        nargs="*",
+        metavar="PATTERN",
+        help="channel patterns ('*' one token, '>' the rest); default queue.> (every job event)",
+    )
+    add("--queue", action="append", metavar="NAME", help="every event of queue NAME (repeatable)")
+    add(
+        "--from-seq",
+        type=_from_seq,
+        metavar="SEQ",
+        help="first the events the broker still holds from SEQ on, then live ones",
+    )
+    add("--count", type=_positive_int, metavar="N", help="stop after N lines")
+
+
+def _from_seq(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 Arguments = Callable[[argparse.ArgumentParser], None]
 
 # name -> (one-line summary, what it does and examples, its arguments)
@@ -496,6 +524,25 @@ examples:
   sluice watch --interval 5
   sluice watch --count 3 --interval 0.5 > snapshot.txt""",
         _watch_arguments,
+    ),
+    "tail": (
+        "job events as they happen, one line each",
+        """\
+Subscribes to job events: the broker publishes every change of every message on channel
+queue.<queue>.<event> (put, ready, reserved, acked, nacked, expired, dead, replayed,
+cancelled, purged, removed, released, progress) and queue.<queue>.admin (paused, resumed,
+configured). Each line: time (UTC), #seq, queue, event, id, attempts and the event's
+small fields. Patterns of other channels print their published messages too. With
+--from-seq, the events the broker still holds from that seq come first (a "gap" line
+says which are gone). Runs until Ctrl-C (or --count lines). Exit status 1 if it falls
+behind: the message says which --from-seq goes on.
+
+examples:
+  sluice tail
+  sluice tail --queue emails
+  sluice tail 'queue.*.dead' 'queue.*.expired'
+  sluice tail --from-seq 0 --count 100 --json""",
+        _tail_arguments,
     ),
     "token": (
         "print a new random token and the auth-file entry that grants it",

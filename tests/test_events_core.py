@@ -146,6 +146,8 @@ def test_a_replay_goes_on_as_its_peer_reads_and_then_is_live() -> None:
     sink = FakeSink(room=1000)
     subscription = channels.subscribe(1, 7, ["queue.q.*"], sink)
     feed.start(subscription, 10)
+    assert sink.frames == [], "nothing before the subscribe's reply"
+    assert feed.go_on() is True
     got = len(sink.frames)
     assert 0 < got < 41 and subscription.cursor == 10 + got, "as much as fits, then waits"
     sink.room = 10**6
@@ -165,6 +167,7 @@ def test_a_replay_overtaken_by_the_ring_ends_lagged_and_a_gap_comes_first() -> N
     sink = FakeSink(room=200)
     subscription = channels.subscribe(1, 7, ["queue.>"], sink)
     feed.start(subscription, 2)
+    feed.go_on()
     assert sink.frames[0] == [7, "gap", {"from_seq": 2, "first_seq": 6}]
     for n in range(20):
         ring.emit(T0, "put", "q", n, 0)
