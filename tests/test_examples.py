@@ -46,6 +46,17 @@ def test_ticket_booking_sells_exactly_every_seat_once() -> None:
     ), summary
 
 
+def test_stock_reservation_oversells_nothing_and_answers_every_order_once() -> None:
+    summary = summary_line(run_example("examples.stock_reservation"))
+    match = re.match(
+        r"summary: 200 orders, (\d+) confirmed, (\d+) sold out, 0 unanswered, "
+        r"0 items oversold, 0 units sold twice, 200 acked events \(\d+\.\d s\)$",
+        summary,
+    )
+    assert match, summary
+    assert int(match[1]) + int(match[2]) == 200 and int(match[1]) > 0
+
+
 def test_seat_hold_releases_the_unpaid_hold() -> None:
     done = run_example("examples.seat_hold")
     summary = summary_line(done)
