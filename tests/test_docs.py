@@ -41,7 +41,7 @@ def run_example(code: str, broker: BrokerProcess) -> str:
 
 def test_readme_has_every_example() -> None:
     blocks = readme_python_blocks()
-    assert len(blocks) == 7  # each is run by a test below
+    assert len(blocks) == 8  # each is run by a test below
     assert "from sluice import Client" in blocks[0]
     assert "from sluice import AsyncClient" in blocks[1]
     assert readme_python_blocks("Use it") == blocks[:2]
@@ -49,7 +49,16 @@ def test_readme_has_every_example() -> None:
     assert readme_python_blocks("Rate limits and concurrency caps") == [blocks[3]]
     assert readme_python_blocks("Channels") == [blocks[4]]
     assert readme_python_blocks("Fan-out into queues") == [blocks[5]]
-    assert readme_python_blocks("Security") == [blocks[6]]
+    assert readme_python_blocks("Job events") == [blocks[6]]
+    assert readme_python_blocks("Security") == [blocks[7]]
+
+
+def test_readme_job_events_example_runs_as_written(broker: BrokerProcess) -> None:
+    out = run_example(readme_python_blocks("Job events")[0], broker)
+    assert out.splitlines() == [
+        "[('put', 0), ('reserved', 1), ('nacked', 1), ('reserved', 2), ('acked', 2)]",
+        "['reserved', 'nacked', 'reserved', 'acked']",
+    ]
 
 
 def test_readme_sealed_bodies_example_runs_as_written(broker: BrokerProcess) -> None:
