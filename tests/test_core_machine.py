@@ -1200,6 +1200,12 @@ class CoreMachine(RuleBasedStateMachine):
     def events_tell_every_change(self) -> None:
         """Following the job events alone, in seq order, gives every message's state and
         attempts as the model has them (and nothing more)."""
+        self._read_events()
+        live = {mid: state for mid, state in self.told.items() if state[0] != "gone"}
+        assert live == {mid: (m.state, m.attempts) for mid, m in self.model.messages.items()}
+
+    def _read_events(self) -> None:
+        """Fold the events made since the last call into ``told``."""
         ring = self.core.events
         assert ring.first_seq <= self.events_read, "the ring is big enough for a run"
         new = list(ring.since(self.events_read, ring.next_seq - 1))
@@ -1216,8 +1222,6 @@ class CoreMachine(RuleBasedStateMachine):
             else:
                 state = TOLD_STATE[kind]
             self.told[message_id] = (state, attempts)
-        live = {mid: state for mid, state in self.told.items() if state[0] != "gone"}
-        assert live == {mid: (m.state, m.attempts) for mid, m in self.model.messages.items()}
 
     @invariant()
     def heap_counts_are_exact(self) -> None:

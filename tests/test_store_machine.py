@@ -29,8 +29,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import rule
 
 from broker import Core
+from broker._events import EventRing
 from broker._store import COUNTER_BLOCK, Store
-from tests.test_core_machine import QUEUES, START, CoreMachine
+from tests.test_core_machine import EVENTS_KEPT, QUEUES, START, CoreMachine
 
 
 class StoreMachine(CoreMachine):
@@ -54,7 +55,7 @@ class StoreMachine(CoreMachine):
 
     def new_core(self) -> Core:
         """A core recovered from the store at the machine's time."""
-        core = Core(random=lambda: 0.5, track_changes=True)
+        core = Core(random=lambda: 0.5, track_changes=True, events=EventRing(EVENTS_KEPT))
         self.store.recover(core, getattr(self, "now", START))
         return core
 
@@ -63,7 +64,9 @@ class StoreMachine(CoreMachine):
         shutil.rmtree(self.directory, ignore_errors=True)
 
     def _remember_committed(self) -> None:
+        self._read_events()
         self.committed: dict[str, Any] = {
+            "told": dict(self.told),
             "model": copy.deepcopy(self.model),
             "tokens": dict(self.tokens),
             "handed_out": list(self.handed_out),
@@ -89,12 +92,17 @@ class StoreMachine(CoreMachine):
             self.store.encode(self.core.take_changes())  # never committed
         highest_id = max(self.core._next_id - 1, 0)
         highest_token = max(self.core._next_token - 1, 0)
+        highest_event = self.core.events.next_seq - 1
         self.store.close()
         self.store = self._open_store()
         self.now += step
         self.core = self.new_core()
         assert self.core._next_id > highest_id, "an id could be handed out twice"
         assert self.core._next_token > highest_token, "a lease token could be reused"
+        # The events of the old run are gone with it; the new run's are numbered above.
+        assert self.core.events.first_seq > highest_event, "an event seq could be reused"
+        self.told = dict(self.committed["told"])
+        self.events_read = self.core.events.first_seq
 
         self.model = copy.deepcopy(self.committed["model"])
         self.model.waiters = []
