@@ -358,7 +358,8 @@ class Core:
         else:
             self._make_ready(message, Event.PUT_READY, now)
         queue.totals["put"] += 1
-        fields = {"priority": spec.priority, "delay": spec.delay}
+        plain = not spec.priority and not spec.delay  # (its fields are the defaults)
+        fields = None if plain else {"priority": spec.priority, "delay": spec.delay}
         self.events.emit(now, "put", queue.name, message.id, 0, fields)
         return message.id, False
 

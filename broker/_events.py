@@ -30,6 +30,8 @@ MAX_ERROR: Final = 1024  # characters of an error or reason an event carries
 
 # (seq, ts, queue, event, message id or None, attempts, small fields or None)
 Event = tuple[int, float, str, str, int | None, int, dict[str, Any] | None]
+# The small fields of an event recorded with None: a plain put's, kept once for all.
+DEFAULT_FIELDS: Final[dict[str, dict[str, Any]]] = {"put": {"priority": 0, "delay": 0.0}}
 
 
 class EventRing:
@@ -87,6 +89,7 @@ def payload(event: Event) -> dict[str, Any]:
         "event": kind,
         "attempts": attempts,
     }
+    fields = fields or DEFAULT_FIELDS.get(kind)
     if fields:
         wire.update(fields)
     return wire

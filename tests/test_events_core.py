@@ -116,6 +116,8 @@ def test_the_ring_keeps_its_last_events_and_reads_any_span() -> None:
         "id": 2,
         "event": "put",
         "attempts": 0,
+        "priority": 0,  # a plain put's fields, recorded as None
+        "delay": 0.0,
     }
 
 
