@@ -340,7 +340,7 @@ def cmd_watch(client: Client, args: Args) -> int:
 
 
 def cmd_tail(client: Client, args: Args) -> int:
-    return tail(client, args, sys.stdout)
+    return tail(client, args, sys.stdout, sys.stderr)
 
 
 def _confirmed(args: Args, question: Callable[[], str]) -> bool:

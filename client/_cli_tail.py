@@ -17,6 +17,7 @@ from typing import Any, Final, TextIO
 from ._channels import ChannelMessage, Event, Gap, JobEvent
 from ._cli_text import body_preview, shorten, to_json
 from ._sync import Client
+from .errors import Lagged
 
 ALL_EVENTS: Final = "queue.>"
 POLL: Final = 0.5  # seconds between checks for Ctrl-C while nothing arrives
@@ -64,8 +65,9 @@ def event_json(event: Event) -> str:
     return to_json(value, indent=None)
 
 
-def tail(client: Client, args: argparse.Namespace, out: TextIO) -> int:
-    """Print events until ``--count`` of them were printed (or Ctrl-C: status 0)."""
+def tail(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Print events until ``--count`` of them were printed (or Ctrl-C: status 0); status
+    1, saying where to go on from, if the subscription fell behind."""
     subscription = client.subscribe(*patterns_of(args), from_seq=args.from_seq)
     shown = 0
     try:
@@ -78,6 +80,11 @@ def tail(client: Client, args: argparse.Namespace, out: TextIO) -> int:
             shown += 1
     except KeyboardInterrupt:
         return 0
+    except Lagged as lagged:
+        where = "" if lagged.seq is None else f" at event {lagged.seq}"
+        again = "run it again" if lagged.seq is None else f"go on with --from-seq {lagged.seq}"
+        err.write(f"sluice tail: fell behind{where} after {shown} lines; {again}\n")
+        return 1
     finally:
         subscription.unsubscribe()
     return 0

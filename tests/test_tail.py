@@ -3,12 +3,18 @@ patterns, --from-seq replay, the gap line, Ctrl-C, and bad input."""
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from client._cli_parser import build_parser
+from client._cli_tail import tail
 
 from .conftest import REPO_ROOT, BrokerProcess, start_broker, stop_broker
 from .test_cli import RUN_TIMEOUT, cli_env, failed, ok, sluice
@@ -117,3 +123,18 @@ def test_bad_input(broker: BrokerProcess) -> None:
     failed(sluice(broker, "tail", "a..b"), 1, "sluice: BAD_REQUEST: subscribe: invalid pattern")
     help_text = ok(broker, "tail", "--help").out
     assert "queue.<queue>.<event>" in help_text and "--from-seq" in help_text
+
+
+def test_falling_behind_ends_it_saying_where_to_go_on(
+    broker: BrokerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with broker.client() as client:
+        client.put_many("tail.behind", [b"x"] * 3)
+        monkeypatch.setattr("client._channels.MAX_INBOX", 0)  # the first event overflows it
+        args = build_parser().parse_args(["tail", "--from-seq", "2", "--count", "5"])
+        out, err = io.StringIO(), io.StringIO()
+        assert tail(client, args, out, err) == 1
+    assert out.getvalue() == ""
+    assert err.getvalue() == (
+        "sluice tail: fell behind at event 2 after 0 lines; go on with --from-seq 2\n"
+    )
