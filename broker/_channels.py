@@ -67,6 +67,7 @@ class Channels:
         self._by_owner: dict[int, dict[int, Subscription]] = {}
         self.count = 0
         self.event_subscriptions = 0  # those with a pattern that may match job events
+        self.lagged_total = 0  # subscriptions ended for falling behind
         self.max_subscriptions = max_subscriptions
 
     def subscribe(self, owner: int, request_id: int, patterns: object, sink: Sink) -> Subscription:
@@ -128,6 +129,7 @@ class Channels:
     def lagged(self, subscription: Subscription, where: dict[str, object]) -> None:
         """End a subscription that fell behind, telling it where (see PROTOCOL.md)."""
         self._remove(subscription)
+        self.lagged_total += 1
         frame = encode_frame([subscription.request_id, "lagged", where])
         subscription.sink.push(frame, None)
 

@@ -433,6 +433,27 @@ class _Prebuilt:
         return self._families
 
 
+def channel_families(server: BrokerServer) -> Iterator[Metric]:
+    channels, ring = server.channels, server.core.events
+    yield GaugeMetricFamily("sluice_subscriptions", "Live channel subscriptions", channels.count)
+    yield GaugeMetricFamily(
+        "sluice_event_subscriptions",
+        "Live subscriptions with a pattern that may match job events",
+        channels.event_subscriptions,
+    )
+    yield CounterMetricFamily(
+        "sluice_subscriptions_lagged",
+        "Subscriptions ended because their peer fell behind",
+        channels.lagged_total,
+    )
+    yield GaugeMetricFamily(
+        "sluice_event_seq", "The seq of the newest job event", ring.next_seq - 1
+    )
+    yield GaugeMetricFamily(
+        "sluice_event_buffer_events", "Job events held for from_seq replays", len(ring.events)
+    )
+
+
 async def collect_families(server: BrokerServer, top: int) -> list[Metric]:
     """Every family of one scrape, read on the loop thread; yields to the loop while it
     walks the queues. The result is plain data: it may be encoded on another thread."""
@@ -455,6 +476,7 @@ async def collect_families(server: BrokerServer, top: int) -> list[Metric]:
     families += schedule_families(server.core, shown)
     families += request_families(server.metrics)
     families += connection_families(server)
+    families += channel_families(server)
     if store is not None:
         families += store_families(store, server.metrics)
     return families

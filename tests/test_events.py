@@ -15,6 +15,7 @@ from client.errors import BadRequest, Lagged
 
 from .conftest import BrokerProcess, RawConnection, start_broker, stop_broker
 from .test_channels import _rss_bytes
+from .test_metrics import scrape, value
 
 TIMEOUT = 5.0
 
@@ -257,3 +258,28 @@ def test_a_client_too_slow_for_its_own_inbox_is_told_where_it_stopped(
             subscription.get(TIMEOUT)
         assert isinstance(taken[-1], JobEvent)
         assert lagged.value.seq == taken[-1].seq + 1
+
+
+def test_metrics_count_subscriptions_events_and_lagging(tmp_path: Path) -> None:
+    broker = start_broker(
+        tmp_path / "broker.log", "--in-memory", "--event-buffer", "1000", http=True
+    )
+    try:
+        base = f"http://{broker.host}:{broker.http_port}"
+        with broker.client() as client, broker.raw() as stuck:
+            client.subscribe("news")
+            assert stuck.request("subscribe", {"patterns": ["queue.>"]})[1] is True
+            queue = "ev.metrics." + "m" * 180
+            for _ in range(100):  # 60,000 events: far more than the stuck reader's buffers
+                client.put_many(queue, [b"z"] * 200)
+                client.ack(client.reserve(queue, max_messages=200))
+            samples = scrape(base)
+            assert value(samples, "sluice_subscriptions") == 2 - value(
+                samples, "sluice_subscriptions_lagged_total"
+            )
+            assert value(samples, "sluice_subscriptions_lagged_total") == 1
+            assert value(samples, "sluice_event_subscriptions") == 0
+            assert value(samples, "sluice_event_seq") == 60_000
+            assert value(samples, "sluice_event_buffer_events") == 1000
+    finally:
+        stop_broker(broker)
