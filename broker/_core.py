@@ -30,6 +30,7 @@ from ._message import Message, PutSpec
 from ._outcomes import NO_RESULT, DedupEntry, DedupKeys, Results, StoredResult
 from ._position import ReadyRanks, delivery_key
 from ._queue import Queue, Waiter
+from ._ready import delivery_order
 from ._schedules import Schedule, ScheduleSpec, fire_spec
 from ._settings import QueueSettings
 
@@ -249,6 +250,7 @@ class Core:
             queue.apply(settings, now)
             queue.totals.update(totals)
         entries: dict[LazyHeap, list[Entry]] = {}
+        ready_of: dict[Queue, list[Message]] = {}
         highest_seq = highest_token = 0
         by_name = self.queues
         known = self.messages
@@ -257,24 +259,28 @@ class Core:
             message.queue = queue
             message.restore_times()
             if message.state is State.READY:  # the common case, without a call
-                heap: LazyHeap = queue.ready
-                entry: Entry = (-message.priority, message.seq, message.id)
+                ready = ready_of.get(queue)
+                if ready is None:
+                    ready = ready_of[queue] = []
+                ready.append(message)
             else:
                 heap, entry = self._index_of(message)
                 if message.state is State.DEAD:
                     queue.add_dead(message)
                 if message.lease_token is not None and message.lease_token > highest_token:
                     highest_token = message.lease_token
-            loaded = entries.get(heap)
-            if loaded is None:
-                loaded = entries[heap] = []
-            loaded.append(entry)
+                loaded = entries.get(heap)
+                if loaded is None:
+                    loaded = entries[heap] = []
+                loaded.append(entry)
             known[message.id] = message
             queue.counts[message.state] += 1
             if message.seq > highest_seq:
                 highest_seq = message.seq
         for heap, loaded in entries.items():
             heap.load(loaded)
+        for queue, ready in ready_of.items():
+            queue.ready.load(ready)
         highest_id = max(known, default=0)
         for message_id, result in results:
             self.results.keep(message_id, result)
@@ -300,10 +306,8 @@ class Core:
         self.tick(now)
 
     def _index_of(self, message: Message) -> tuple[LazyHeap, Entry]:
-        """The heap a recovered message belongs in, and its entry there."""
+        """The heap a recovered message that is not ready belongs in, and its entry."""
         state = message.state
-        if state is State.READY:
-            return message.queue.ready, (-message.priority, message.seq, message.id)
         if state is State.DELAYED and message.due_at is not None:
             return self._delayed, (message.due_at, message.seq, message.id)
         if state is State.RESERVED and message.lease_deadline is not None:
@@ -557,7 +561,7 @@ class Core:
         first ask in a queue indexes its ready messages (see ``_position``)."""
         queue = message.queue
         if queue.ranks is None:
-            keys = (delivery_key(-entry[0], entry[1]) for entry in queue.ready.live_entries())
+            keys = (delivery_key(m.priority, m.seq) for m in queue.ready.in_order())
             queue.ranks = ReadyRanks(keys)
         return queue.ranks.place(message.priority, message.seq, now, queue.totals["delivered"])
 
@@ -596,11 +600,7 @@ class Core:
         if state is State.DEAD:
             ids = queue.dead.irange(minimum=after, inclusive=(False, True))
             return [queue.dead[message_id] for message_id in itertools.islice(ids, limit)]
-        if state is State.READY:
-            entries = queue.ready.live_entries()
-        else:
-            heap = self._delayed if state is State.DELAYED else self._leases
-            entries = [e for e in heap.live_entries() if self.messages[e[-1]].queue is queue]
+        cursor = None
         if after is not None:
             cursor = self.messages.get(after)
             if cursor is None or cursor.queue is not queue or cursor.state is not state:
@@ -608,8 +608,17 @@ class Core:
                     f"peek: message {after} is no longer {state.value} in {queue_name}; "
                     "start again from the first page"
                 )
-            start = self._index_of(cursor)[1]
-            entries = [entry for entry in entries if entry > start]
+        if state is State.READY:
+            ordered: Iterable[Message] = queue.ready.in_order()
+            if cursor is not None:
+                start = delivery_order(cursor)
+                ordered = (m for m in ordered if delivery_order(m) > start)
+            return list(itertools.islice(ordered, limit))
+        heap = self._delayed if state is State.DELAYED else self._leases
+        entries = [e for e in heap.live_entries() if self.messages[e[-1]].queue is queue]
+        if cursor is not None:
+            start_entry = self._index_of(cursor)[1]
+            entries = [entry for entry in entries if entry > start_entry]
         return [self.messages[entry[-1]] for entry in heapq.nsmallest(limit, entries)]
 
     # -------------------------------------------------------------- admin
@@ -653,7 +662,7 @@ class Core:
         """Drop every ready and delayed message of the queue. O(ready + all delayed)."""
         self.tick(now)
         queue = self._existing(queue_name)
-        doomed = [self.messages[entry[-1]] for entry in queue.ready.live_entries()]
+        doomed = list(queue.ready.in_order())
         doomed += [
             message
             for entry in self._delayed.live_entries()
@@ -737,7 +746,7 @@ class Core:
     def _queue(self, name: str) -> Queue:
         queue = self.queues.get(name)
         if queue is None:
-            queue = self.queues[name] = Queue(name, self._live_checker(State.READY))
+            queue = self.queues[name] = Queue(name)
             if self._changed is not None:
                 self._changed_queues[name] = queue
         return queue
@@ -780,7 +789,7 @@ class Core:
         message.ready_at = now
         message.seq = self._next_seq()
         message.due_at = None
-        message.queue.ready.push((-message.priority, message.seq, message.id))
+        message.queue.ready.push(message)
         ranks = message.queue.ranks
         if ranks is not None:  # someone asked a position here: keep the index in step
             ranks.add(message.priority, message.seq)
@@ -896,16 +905,22 @@ class Core:
         budget = self.max_delivery_bytes
         quotas = _quotas(queues, now)  # None: no queue here is limited
         while len(taken) < limit:
-            best_queue, best_entry = None, None
+            best_queue, message, best_key = None, None, None
             for queue in queues:
                 if quotas is not None and quotas.get(queue, 1) <= 0:
                     continue  # out of tokens or at its cap: the others still serve
-                entry = queue.best_ready()
-                if entry is not None and (best_entry is None or entry < best_entry):
-                    best_queue, best_entry = queue, entry
-            if best_queue is None:
+                candidate = queue.best_ready()
+                if candidate is None:
+                    continue
+                if message is None:  # (a one-queue reserve compares nothing)
+                    best_queue, message = queue, candidate
+                    continue
+                key = delivery_order(candidate)
+                best_key = best_key or delivery_order(message)
+                if key < best_key:
+                    best_queue, message, best_key = queue, candidate, key
+            if best_queue is None or message is None:
                 break
-            message = self.messages[best_entry[-1]]  # type: ignore[index]
             if budget is not None:
                 budget -= len(message.body)
                 if budget < 0 and taken:
@@ -969,12 +984,11 @@ class Core:
     def _discard_waiting(self, message: Message, event: Event, now: float) -> None:
         """Remove a ready or delayed message (cancel, purge)."""
         ready = message.state is State.READY
-        heap = message.queue.ready if ready else self._delayed
         if ready and message.queue.ranks is not None:
             message.queue.ranks.remove(message.priority, message.seq)
         self._ended(message, now, lambda: {"id": message.id, "state": "gone"})
         self._forget(message, event)
-        heap.discard()
+        (message.queue.ready if ready else self._delayed).discard()
         self._emit(now, "cancelled" if event is Event.CANCEL else "purged", message)
 
     def _drop_dead(self, message: Message, event: Event, now: float) -> None:

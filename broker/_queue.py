@@ -9,11 +9,11 @@ from typing import Any
 from sortedcontainers import SortedDict
 
 from ._histogram import PROCESSING_SECONDS, Histogram
-from ._lazyheap import LazyHeap
 from ._lifecycle import State
 from ._limits import Limits
 from ._message import Message
 from ._position import ReadyRanks
+from ._ready import ReadyIndex
 from ._settings import QueueSettings
 
 TOTALS = ("put", "delivered", "acked", "nacked", "expired", "dead_lettered")
@@ -46,8 +46,8 @@ class Waiter:
 
 
 class Queue:
-    """Indexes of one queue. Ready messages are in ``ready`` keyed ``(-priority, seq)``, so
-    the top is the highest priority that became ready first. Delayed and reserved messages
+    """Indexes of one queue. Ready messages are in ``ready`` in delivery order: the
+    highest priority first, then the one that became ready first. Delayed and reserved messages
     live in the core's broker-wide deadline heaps; only their counts are kept here. Dead
     letters are kept by id (for paging) until replayed, purged or expired. ``processing``
     is the reserve-to-ack time of each ack (in memory only, for metrics). ``ranks`` orders
@@ -66,10 +66,10 @@ class Queue:
         "waiters",
     )
 
-    def __init__(self, name: str, is_ready_live: Any) -> None:
+    def __init__(self, name: str) -> None:
         self.name = name
         self.settings = QueueSettings()
-        self.ready = LazyHeap(is_ready_live)
+        self.ready = ReadyIndex()
         self.counts = {State.READY: 0, State.DELAYED: 0, State.RESERVED: 0, State.DEAD: 0}
         self.totals = dict.fromkeys(TOTALS, 0)
         self.dead: SortedDict = SortedDict()  # message id -> Message
@@ -95,8 +95,8 @@ class Queue:
             return False
         return self.limits is None or self.limits.quota(now, self.counts[State.RESERVED]) > 0
 
-    def best_ready(self) -> tuple[Any, ...] | None:
-        """The heap entry of the next message this queue would deliver, or None."""
+    def best_ready(self) -> Message | None:
+        """The next message this queue would deliver, or None."""
         if self.settings.paused:
             return None
         return self.ready.peek()

@@ -14,6 +14,7 @@ import pytest
 from broker import TRANSITIONS, Core, Event, IllegalTransition, PutSpec, State
 from broker._lazyheap import _COMPACT_MIN, LazyHeap
 from broker._lifecycle import advance_state
+from broker._ready import COMPACT_MIN as READY_COMPACT_MIN
 from protocol import BadRequest, LeaseLost, NotFound, TooLarge
 
 T0 = 1_000.0
@@ -838,12 +839,12 @@ def test_illegal_transitions_raise() -> None:
 def test_cancelling_many_ready_messages_compacts_the_ready_heap() -> None:
     core = make_core()
     ids = core.put(T0, "q", [PutSpec(body=b"") for _ in range(50_000)])
-    heap = core.queues["q"].ready
-    assert len(heap._entries) == 50_000
+    ready = core.queues["q"].ready
+    assert ready.slots == 50_000
     for mid in ids:
         assert core.cancel(T0, mid) is True
-    assert len(heap) == 0
-    assert len(heap._entries) <= _COMPACT_MIN
+    assert len(ready) == 0
+    assert ready.slots <= READY_COMPACT_MIN
     assert core.stats(T0, "q")["ready"] == 0
 
 

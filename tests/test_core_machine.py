@@ -43,9 +43,10 @@ from hypothesis.stateful import (
     rule,
 )
 
-from broker import Core, PutSpec
+from broker import Core, PutSpec, State
 from broker._events import EventRing
 from broker._lazyheap import LazyHeap
+from broker._ready import ReadyIndex
 from broker._schedules import parse_spec, slot_text
 from broker._subjects import matches
 from protocol import LeaseLost, NotFound, TooLarge
@@ -789,10 +790,27 @@ def core_stats(core: Core, now: float, name: str) -> dict[str, Any]:
     return stats
 
 
-def heap_counts(heap: LazyHeap) -> tuple[int, int]:
+def heap_counts(heap: LazyHeap | ReadyIndex) -> tuple[int, int]:
     """(live entries as the heap counts them, live entries really there)."""
+    if isinstance(heap, ReadyIndex):
+        check_ready_index(heap)
+        live = sum(1 for fifo in heap._fifos.values() for m in fifo if m.state is State.READY)
+        return heap._slots - heap._stale, live
     counted = len(heap._entries) - heap._stale  # not len(): that raises when negative
     return counted, sum(1 for entry in heap._entries if heap._is_live(entry))
+
+
+def check_ready_index(index: ReadyIndex) -> None:
+    """Each FIFO in seq order under its own priority, one slot per message at most, and
+    one priority in the heap per FIFO."""
+    slots = [m for fifo in index._fifos.values() for m in fifo]
+    assert len(slots) == index._slots
+    assert len({id(m) for m in slots}) == len(slots), "a message holds two slots"
+    for priority, fifo in index._fifos.items():
+        assert all(m.priority == priority for m in fifo)
+        seqs = [m.seq for m in fifo if m.state is State.READY]
+        assert seqs == sorted(seqs)
+    assert sorted(-p for p in index._priorities) == sorted(index._fifos)
 
 
 # -------------------------------------------------------------------- machine

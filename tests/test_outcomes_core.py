@@ -18,6 +18,7 @@ from broker import Core, PutSpec
 from broker._core import PutIds
 from broker._lazyheap import LazyHeap
 from broker._outcomes import NO_RESULT
+from broker._ready import ReadyIndex
 from broker._store import Store
 from protocol import LeaseLost, NotFound
 from tests.test_core_machine import heap_counts
@@ -64,7 +65,7 @@ def totals_put(core: Core, queue: str = "q") -> int:
 
 
 def assert_heaps_exact(core: Core) -> None:
-    heaps: dict[str, LazyHeap] = {
+    heaps: dict[str, LazyHeap | ReadyIndex] = {
         "delayed": core._delayed,
         "leases": core._leases,
         "dead expiry": core._dead_expiry,
