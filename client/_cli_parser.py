@@ -284,10 +284,7 @@ def _tail_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _from_seq(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    value: int = _number(text, int, "a seq (a whole number)")
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return value

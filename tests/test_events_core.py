@@ -139,12 +139,18 @@ class FakeSink:
         return True
 
 
-def test_a_replay_goes_on_as_its_peer_reads_and_then_is_live() -> None:
-    ring, channels = EventRing(capacity=100), Channels()
+def published(capacity: int, events: int) -> tuple[EventRing, Channels, EventFeed]:
+    """A feed over a ring of ``capacity`` that has published ``events`` puts."""
+    ring, channels = EventRing(capacity=capacity), Channels()
     feed = EventFeed(ring, channels)
-    for n in range(50):
+    for n in range(events):
         ring.emit(T0, "put", "q", n, 0)
     feed.publish()
+    return ring, channels, feed
+
+
+def test_a_replay_goes_on_as_its_peer_reads_and_then_is_live() -> None:
+    ring, channels, feed = published(capacity=100, events=50)
     sink = FakeSink(room=1000)
     subscription = channels.subscribe(1, 7, ["queue.q.*"], sink)
     feed.start(subscription, 10)
@@ -161,11 +167,7 @@ def test_a_replay_goes_on_as_its_peer_reads_and_then_is_live() -> None:
 
 
 def test_a_replay_overtaken_by_the_ring_ends_lagged_and_a_gap_comes_first() -> None:
-    ring, channels = EventRing(capacity=10), Channels()
-    feed = EventFeed(ring, channels)
-    for n in range(15):
-        ring.emit(T0, "put", "q", n, 0)
-    feed.publish()
+    ring, channels, feed = published(capacity=10, events=15)
     sink = FakeSink(room=200)
     subscription = channels.subscribe(1, 7, ["queue.>"], sink)
     feed.start(subscription, 2)

@@ -112,7 +112,7 @@ def test_ctrl_c_ends_it_quietly(broker: BrokerProcess) -> None:
 
 
 def test_bad_input(broker: BrokerProcess) -> None:
-    for bad, why in (("-1", "must be 0 or more"), ("soon", "must be an integer")):
+    for bad, why in (("-1", "must be 0 or more"), ("soon", "expected a seq")):
         run = sluice(broker, "tail", "--from-seq", bad)
         assert run.code == 2 and f"argument --from-seq: {why}" in run.err, run
     failed(
