@@ -21,12 +21,14 @@ from __future__ import annotations
 import collections
 import heapq
 from collections.abc import Iterable, Iterator
+from operator import attrgetter
 from typing import Final
 
 from ._lifecycle import State
 from ._message import Message
 
 COMPACT_MIN: Final = 1024  # stale slots tolerated before compacting is considered
+_seq: Final = attrgetter("seq")
 
 
 def delivery_order(message: Message) -> tuple[int, int]:
@@ -94,13 +96,24 @@ class ReadyIndex:
     def compact(self) -> None:
         live = list(self.in_order())
         self._fifos, self._priorities, self._slots, self._stale = {}, [], 0, 0
-        self._append(live)
+        self.load(live)
 
     def load(self, messages: Iterable[Message]) -> None:
-        """Fill an empty index with ready messages in any order (recovery)."""
+        """Fill an empty index with ready messages in any order (recovery, compacting)."""
         if self._slots:
             raise RuntimeError("load() needs an empty index")
-        self._append(sorted(messages, key=delivery_order))
+        by_priority: dict[int, list[Message]] = {}
+        for message in messages:
+            same = by_priority.get(message.priority)
+            if same is None:
+                same = by_priority[message.priority] = []
+            same.append(message)
+        for priority, same in by_priority.items():
+            same.sort(key=_seq)
+            self._fifos[priority] = collections.deque(same)
+            self._slots += len(same)
+        self._priorities = [-priority for priority in by_priority]
+        heapq.heapify(self._priorities)
 
     def in_order(self) -> Iterator[Message]:
         """The live messages in delivery order. O(n) to the end: an admin look, never on
@@ -109,7 +122,3 @@ class ReadyIndex:
             for message in self._fifos[priority]:
                 if message.state is State.READY:
                     yield message
-
-    def _append(self, ordered: list[Message]) -> None:
-        for message in ordered:
-            self.push(message)
