@@ -61,6 +61,9 @@ class Bindings:
         """The queues bound by a pattern matching ``channel``, each once, sorted."""
         return sorted(self._trie.match(channel)) if self._pairs else []
 
+    def __contains__(self, binding: Binding) -> bool:
+        return binding in self._pairs
+
     def listed(self) -> list[Binding]:
         return sorted(self._pairs)
 

@@ -8,6 +8,12 @@ them: they are queued and collected with ``take_completions()`` after each call.
 Errors are raised as protocol errors (``LeaseLost``, ``NotFound``, ``TooLarge``...) before
 anything changes, except batch ack/nack, which applies the good items and then raises
 ``LeaseLost`` naming the rest.
+
+A queue exists while it is in use, as a beanstalkd tube does: an op naming a queue makes
+it, and the moment it becomes unused (``Queue.unused``: no message, default settings, no
+schedule, binding or waiter) it is forgotten, its totals with it. Each op checks only the
+queues it may have left unused (the one a message left, the ones a waiter left, the ones
+it made), so the check costs O(1) per change.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from ._outcomes import NO_RESULT, DedupEntry, DedupKeys, Results, StoredResult
 from ._position import ReadyRanks, delivery_key
 from ._queue import Queue, Waiter
 from ._schedules import Schedule, ScheduleSpec, fire_spec
-from ._settings import QueueSettings
+from ._settings import DEFAULT_SETTINGS, QueueSettings
 
 # A long-poll's answer: the messages a reserve got, or the outcome map of a result wait.
 Completion = tuple[Hashable, "list[Message] | dict[str, Any]"]
@@ -53,7 +59,8 @@ class PutIds(list[int]):
 class Changes:
     """What changed since the last ``take_changes()``, for the store to write: messages whose
     record changed (a message in state GONE is to be deleted), queues whose settings or
-    totals changed, and the id and lease counters (never reused, so persisted too)."""
+    totals changed, queues forgotten (their records are to be deleted), and the id and
+    lease counters (never reused, so persisted too)."""
 
     messages: list[Message]
     queues: list[Queue]
@@ -63,6 +70,7 @@ class Changes:
     dedup: dict[tuple[str, str], DedupEntry | None]  # ended keys only; None: delete
     schedules: dict[ScheduleKey, Schedule | None]  # None: delete
     bindings: dict[Binding, bool] = field(default_factory=dict)  # False: delete
+    forgotten: list[str] = field(default_factory=list)  # queue names, not also in queues
 
 
 LEASE_EXPIRED = "lease expired"
@@ -120,7 +128,7 @@ class Core:
         # and message id -> keys. Their deadlines share the long-polls' heap.
         self._result_waits: dict[Hashable, tuple[int, int]] = {}
         self._result_waiters: dict[int, list[Hashable]] = {}
-        self._changed_queues: dict[str, Queue] = {}
+        self._changed_queues: dict[str, Queue | None] = {}  # None: forgotten
         # A lower bound on every deadline heap's top: nothing is due before it, so tick()
         # can return at once. Lowered by each push, made exact again by next_deadline().
         self._due_hint = math.inf
@@ -188,21 +196,25 @@ class Core:
             raise RuntimeError("this core was made without track_changes")
         messages = list(changed.values())
         queues = self._changed_queues
-        for message in messages:
-            queues[message.queue.name] = message.queue
+        for message in messages:  # (a queue noted forgotten, or made anew, stays so)
+            if message.queue.name not in queues:
+                queues[message.queue.name] = message.queue
         self._changed, self._changed_queues = {}, {}
+        kept = [queue for queue in queues.values() if queue is not None]
+        forgotten = [name for name, queue in queues.items() if queue is None]
         results, self.results.changed = self.results.changed or {}, {}
         dedup, self.dedup.changed = self.dedup.changed or {}, {}
         schedules, self._changed_schedules = self._changed_schedules, {}
         return Changes(
             messages,
-            list(queues.values()),
+            kept,
             self._next_id,
             self._next_token,
             results,
             dedup,
             schedules,
             self.bindings.take_changes(),
+            forgotten,
         )
 
     @property
@@ -278,9 +290,12 @@ class Core:
         self.results.changed = {} if self._changed is not None else None
         self.dedup.changed = {} if self._changed is not None else None
         self._seq = highest_seq
-        self.bindings.restore(list(bindings))
+        restored = list(bindings)
+        self.bindings.restore(restored)
+        for _, bound_queue in restored:
+            self._queue(bound_queue).anchors += 1
         for schedule in schedules:
-            self._queue(schedule.queue)
+            self._queue(schedule.queue).anchors += 1
             self.schedules[schedule.key] = schedule
             schedule.seq = self._next_seq()
             if schedule.next_at is not None:
@@ -289,6 +304,8 @@ class Core:
         self._next_token = max(next_token, highest_token + 1)
         self._due_hint = -math.inf  # recompute from the loaded heaps
         self.tick(now)
+        for queue in list(self.queues.values()):  # (stored by a version that kept them)
+            self._drop_if_unused(queue)
 
     def _index_of(self, message: Message) -> tuple[LazyHeap, Entry]:
         """The heap a recovered message belongs in, and its entry there."""
@@ -316,14 +333,15 @@ class Core:
         ago) adds nothing: its id is the existing message's, and its index is listed in
         ``duplicates``."""
         self.tick(now)
-        self.make_room((queue_name,))
-        queue = self._queue(queue_name)
+        max_body = self._settings_of(queue_name).max_body
         for index, spec in enumerate(specs):
-            if len(spec.body) > queue.settings.max_body:
+            if len(spec.body) > max_body:
                 raise TooLarge(
                     f"message {index}: body of {len(spec.body)} bytes exceeds "
-                    f"{queue_name}'s max_body of {queue.settings.max_body}"
+                    f"{queue_name}'s max_body of {max_body}"
                 )
+        self.make_room((queue_name,))
+        queue = self._queue(queue_name)
         ids = PutIds()
         for index, spec in enumerate(specs):
             message_id, duplicate = self._put_one(queue, spec, now)
@@ -331,6 +349,8 @@ class Core:
             if duplicate:
                 ids.duplicates.append(index)
         self._serve_waiters(queue, now)
+        if ids.duplicates or not specs:  # perhaps nothing stored in a queue made for it
+            self._drop_if_unused(queue)
         return ids
 
     def _put_one(self, queue: Queue, spec: PutSpec, now: float) -> tuple[int, bool]:
@@ -388,6 +408,9 @@ class Core:
                 if queue.limits is not None and queue.counts[State.READY] > 0:
                     queue.limits.parked += 1  # (a paused queue holds nothing back here)
                     self._note_held_back(queue, now)
+        elif not messages or len(queues) > 1:  # a queue it found empty may be one it made
+            for queue in queues:
+                self._drop_if_unused(queue)
         return messages
 
     def cancel_wait(self, waiter_key: Hashable) -> None:
@@ -604,7 +627,7 @@ class Core:
         """Apply setting changes (all or nothing); returns the queue's full settings."""
         self.tick(now)
         existing = self.queues.get(queue_name)
-        settings = (existing.settings if existing else QueueSettings()).updated(changes)
+        settings = (existing.settings if existing else DEFAULT_SETTINGS).updated(changes)
         limit = self.max_body_limit
         if "max_body" in changes and limit is not None and settings.max_body > limit:
             raise BadRequest(
@@ -620,6 +643,7 @@ class Core:
         if self._changed is not None:
             self._changed_queues[queue.name] = queue
         self._serve_waiters(queue, now)
+        self._drop_if_unused(queue)  # settings back to the defaults on an empty queue
         return queue.settings.to_wire()
 
     def purge(self, now: float, queue_name: str) -> int:
@@ -705,6 +729,21 @@ class Core:
                 f"(--max-queues): cannot create {shown(sorted(new)[0])}; use an existing "
                 "queue, or raise the limit"
             )
+
+    def _settings_of(self, name: str) -> QueueSettings:
+        """The queue's settings, or the defaults a queue made now would have."""
+        queue = self.queues.get(name)
+        return DEFAULT_SETTINGS if queue is None else queue.settings
+
+    def _drop_if_unused(self, queue: Queue) -> None:
+        """Forget ``queue`` if it is unused (``Queue.unused``); with a store, its record
+        is deleted with the next changes. Its totals are lost. No-op for a queue already
+        forgotten. Callers hold no index that a forgotten queue must stay in: it has no
+        message, waiter, schedule or binding."""
+        if queue.unused() and self.queues.get(queue.name) is queue:
+            del self.queues[queue.name]
+            if self._changed is not None:
+                self._changed_queues[queue.name] = None
 
     def _queue(self, name: str) -> Queue:
         queue = self.queues.get(name)
@@ -921,6 +960,9 @@ class Core:
     def _forget(self, message: Message, event: Event) -> None:
         self._move(message, event)
         del self.messages[message.id]
+        queue = message.queue
+        if not queue.counts[State.READY]:  # (the first test of unused(), here inline)
+            self._drop_if_unused(queue)
 
     def _discard_waiting(self, message: Message, event: Event, now: float) -> None:
         """Remove a ready or delayed message (cancel, purge)."""
@@ -1008,15 +1050,18 @@ class Core:
                 f"schedule: this broker already has {MAX_SCHEDULES} schedules; remove some "
                 "with unschedule"
             )
-        self.make_room((queue_name,))
-        queue = self._queue(queue_name)
-        if len(spec.body) > queue.settings.max_body:
+        max_body = self._settings_of(queue_name).max_body
+        if len(spec.body) > max_body:
             raise TooLarge(
                 f"schedule: body of {len(spec.body)} bytes exceeds {queue_name}'s max_body "
-                f"of {queue.settings.max_body}"
+                f"of {max_body}"
             )
+        self.make_room((queue_name,))
+        queue = self._queue(queue_name)
         schedule = Schedule(queue_name, name, spec, now)
-        if old is not None:
+        if old is None:
+            queue.anchors += 1
+        else:
             self._drop_schedule_entry(old)
             schedule.last_slot, schedule.last_message_id = old.last_slot, old.last_message_id
             schedule.runs, schedule.triggered = old.runs, old.triggered
@@ -1035,6 +1080,9 @@ class Core:
         self._drop_schedule_entry(schedule)
         if self._changed is not None:
             self._changed_schedules[schedule.key] = None
+        queue = self.queues[queue_name]
+        queue.anchors -= 1
+        self._drop_if_unused(queue)
         return True
 
     def list_schedules(self, now: float, queue_name: str | None = None) -> list[dict[str, Any]]:
@@ -1122,6 +1170,29 @@ class Core:
     def _schedule_live(self, entry: Entry) -> bool:
         schedule = self.schedules.get(entry[-1])
         return schedule is not None and schedule.seq == entry[-2]
+
+    # ------------------------------------------------------------ bindings
+
+    def bind(self, now: float, pattern: str, queue_name: str) -> bool:
+        """Bind ``pattern`` to the queue, which is made if need be and kept while a
+        binding names it; False if the binding existed. Valid names assumed."""
+        self.tick(now)
+        if (pattern, queue_name) in self.bindings:
+            return False
+        self.make_room((queue_name,))
+        self.bindings.bind(pattern, queue_name)  # (BadRequest past its limit: nothing made)
+        self._queue(queue_name).anchors += 1
+        return True
+
+    def unbind(self, now: float, pattern: str, queue_name: str) -> bool:
+        """Remove a binding; False if there was none. The queue goes if now unused."""
+        self.tick(now)
+        if not self.bindings.unbind(pattern, queue_name):
+            return False
+        queue = self.queues[queue_name]
+        queue.anchors -= 1
+        self._drop_if_unused(queue)
+        return True
 
     # -------------------------------------------------------------- limits
 
@@ -1286,6 +1357,8 @@ class Core:
         del self._waiters[waiter.key]
         for queue in waiter.queues:
             queue.waiters.pop(waiter.seq, None)
+            if not queue.waiters:
+                self._drop_if_unused(queue)
 
 
 def _quotas(queues: list[Queue], now: float) -> dict[Queue, int] | None:

@@ -20,7 +20,7 @@ from ._lifecycle import State
 from ._message import Message, PutSpec
 from ._schedules import FIELDS as SCHEDULE_FIELDS
 from ._schedules import fire_spec
-from ._settings import MIN_LEASE, QueueSettings
+from ._settings import DEFAULT_SETTINGS, MIN_LEASE
 from ._subjects import require_channel, require_pattern
 
 PEEKABLE: Final = (State.READY, State.DELAYED, State.RESERVED, State.DEAD)
@@ -287,7 +287,6 @@ def _trigger(call: Call, args: Args) -> Any:
     return {"id": call.core.trigger(call.now, queue, name)}
 
 
-DEFAULT_SETTINGS: Final = QueueSettings()
 PUBLISH_PUT_FIELDS: Final = ("priority", "delay", "max_attempts", "headers", "key")
 
 
@@ -319,12 +318,12 @@ def _check_body(core: Core, queues: list[str], size: int) -> None:
 
 def _bind(call: Call, args: Args) -> Any:
     pattern = require_pattern(args.raw("pattern"), "bind")
-    return {"bound": call.core.bindings.bind(pattern, args.queue())}
+    return {"bound": call.core.bind(call.now, pattern, args.queue())}
 
 
 def _unbind(call: Call, args: Args) -> Any:
     pattern = require_pattern(args.raw("pattern"), "unbind")
-    return {"unbound": call.core.bindings.unbind(pattern, args.queue())}
+    return {"unbound": call.core.unbind(call.now, pattern, args.queue())}
 
 
 def _bindings(call: Call, args: Args) -> Any:

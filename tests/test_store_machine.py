@@ -30,7 +30,7 @@ from hypothesis.stateful import rule
 
 from broker import Core
 from broker._store import COUNTER_BLOCK, Store
-from tests.test_core_machine import QUEUES, START, CoreMachine
+from tests.test_core_machine import INITIAL_SETTINGS, START, CoreMachine
 
 
 class StoreMachine(CoreMachine):
@@ -67,7 +67,7 @@ class StoreMachine(CoreMachine):
             "model": copy.deepcopy(self.model),
             "tokens": dict(self.tokens),
             "handed_out": list(self.handed_out),
-            "settings": {name: self.core.queues[name].settings for name in QUEUES},
+            "settings": {name: self.core.queues[name].settings for name in INITIAL_SETTINGS},
         }
 
     @rule()
