@@ -34,7 +34,7 @@ from ._lifecycle import Event, State, advance_state
 from ._message import Message, PutSpec
 from ._outcomes import NO_RESULT, DedupEntry, DedupKeys, Results, StoredResult
 from ._position import ReadyRanks, delivery_key
-from ._queue import Queue, Waiter
+from ._queue import TOTALS, Queue, Waiter
 from ._schedules import Schedule, ScheduleSpec, fire_spec
 from ._settings import DEFAULT_SETTINGS, QueueSettings
 
@@ -105,6 +105,9 @@ class Core:
         self.max_delivery_bytes = max_delivery_bytes
         self.max_body_limit = max_body_limit  # the largest max_body configure may set
         self.queues: dict[str, Queue] = {}
+        # The totals of the queues forgotten since start, so that sums over all
+        # queues (the broker-wide counters of /metrics) never go down. In memory only.
+        self.forgotten_totals = dict.fromkeys(TOTALS, 0)
         self._random = random
         self._next_id = 1
         self._next_token = 1
@@ -741,9 +744,16 @@ class Core:
         forgotten. Callers hold no index that a forgotten queue must stay in: it has no
         message, waiter, schedule or binding."""
         if queue.unused() and self.queues.get(queue.name) is queue:
-            del self.queues[queue.name]
-            if self._changed is not None:
-                self._changed_queues[queue.name] = None
+            self._remove_queue(queue)
+
+    def _remove_queue(self, queue: Queue) -> None:
+        """Take ``queue`` (the current one of its name) off the core and, with a store,
+        off the store; its totals go to ``forgotten_totals``."""
+        del self.queues[queue.name]
+        for key, count in queue.totals.items():
+            self.forgotten_totals[key] += count
+        if self._changed is not None:
+            self._changed_queues[queue.name] = None
 
     def _queue(self, name: str) -> Queue:
         queue = self.queues.get(name)
@@ -757,8 +767,8 @@ class Core:
         queue = self.queues.get(name)
         if queue is None:
             raise NotFound(
-                f"no queue named {shown(name)}; a queue is created by its first put, "
-                "reserve or configure"
+                f"no queue named {shown(name)}: none was made, or it was forgotten once "
+                "unused (no message, default settings, no schedule, binding or waiter)"
             )
         return queue
 

@@ -25,6 +25,23 @@ def test_a_reserve_that_finds_nothing_and_does_not_wait_leaves_no_queue() -> Non
     assert changes.queues == [] and len(changes.forgotten) == 1_001
 
 
+def test_the_totals_of_forgotten_queues_are_summed_for_broker_wide_counters() -> None:
+    core = Core()
+    for name in ("a", "b"):
+        core.put(T, name, [PutSpec(body=b"x")])
+        (message,) = core.reserve(T, [name], 1)
+        core.ack(T, [(message.id, message.lease_token)])  # type: ignore[list-item]
+    assert core.queues == {}
+    assert core.forgotten_totals == {
+        "put": 2,
+        "delivered": 2,
+        "acked": 2,
+        "nacked": 0,
+        "expired": 0,
+        "dead_lettered": 0,
+    }
+
+
 def test_the_quota_counts_only_queues_in_use() -> None:
     core = Core(max_queues=2)
     for n in range(10):
