@@ -368,6 +368,7 @@ def add_api_routes(app: web.Application, server: BrokerServer, rates: RateSample
         (f"{queue}/purge", api.queue_action("purge")),
         (f"{queue}/replay", api.queue_action("replay", with_body=True)),
         (f"{queue}/purge-dead", api.queue_action("purge_dead")),
+        (f"{queue}/delete", api.queue_action("delete_queue", with_body=True)),
         (f"{queue}/configure", api.configure),
         (f"{PREFIX}/messages/{{id}}/cancel", api.cancel),
         (f"{queue}/schedules/{{name}}", api.schedule),

@@ -36,7 +36,10 @@ NOBODY: Final = "-"  # the principal when the broker checks nothing
 OK: Final = "ok"
 # What an admin op's result says it changed (configure's, pause's and resume's
 # ``settings`` are the queue's whole settings: the arguments given say what changed).
-RESULT_COUNTS: Final = ("purged", "replayed", "cancelled", "removed", "bound", "unbound", "id")
+RESULT_COUNTS: Final = (
+    *("purged", "replayed", "cancelled", "removed", "bound", "unbound", "id"),
+    *("deleted", "messages", "schedules", "bindings"),  # delete_queue's
+)
 NOT_SHOWN: Final = frozenset({"queue", "id", "body", "headers"})  # named apart, or data
 MAX_SHOWN: Final = 200  # characters of a string argument kept as it is
 MAX_KEYS: Final = 50  # of a mapping argument (configure's settings) shown key by key

@@ -121,6 +121,7 @@ PERMISSIONS: Final[dict[str, tuple[str | None, Queues]]] = {
     "purge": ("admin", _named),
     "replay": ("admin", _named),
     "purge_dead": ("admin", _named),
+    "delete_queue": ("admin", _named),
     "cancel": ("admin", _message),
     "schedule": ("admin", _named),
     "unschedule": ("admin", _named),

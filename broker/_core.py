@@ -105,7 +105,7 @@ class Core:
         self.max_delivery_bytes = max_delivery_bytes
         self.max_body_limit = max_body_limit  # the largest max_body configure may set
         self.queues: dict[str, Queue] = {}
-        # The totals of the queues forgotten since start, so that sums over all
+        # The totals of the queues forgotten or deleted since start, so that sums over all
         # queues (the broker-wide counters of /metrics) never go down. In memory only.
         self.forgotten_totals = dict.fromkeys(TOTALS, 0)
         self._random = random
@@ -685,6 +685,73 @@ class Core:
             self._dead_expiry.discard()
         self._serve_waiters(queue, now)
         return len(chosen)
+
+    def delete_queue(self, now: float, queue_name: str, force: bool = False) -> dict[str, Any]:
+        """Remove a queue: its settings, the bindings into it, its waiters (answered with
+        no messages) and, with ``force``, its messages in every state (a leased one's
+        later ack gets ``LeaseLost``, as after a purge), its dead letters and schedules.
+        Without ``force``, a queue holding any message or schedule raises ``BadRequest``
+        (details: the counts) and nothing changes. ``NotFound`` if there is no such
+        queue. O(the broker's delayed, reserved and schedules): an admin op."""
+        self.tick(now)
+        queue = self._existing(queue_name)
+        schedules = [s for s in self.schedules.values() if s.queue == queue_name]
+        held = {state.value: count for state, count in queue.counts.items()}
+        if not force and (any(held.values()) or schedules):
+            raise BadRequest(
+                f"delete_queue: queue {shown(queue_name)} is not empty ({held['ready']} ready, "
+                f"{held['delayed']} delayed, {held['reserved']} reserved, {held['dead']} dead, "
+                f"{len(schedules)} schedules); pass force=true to delete them with it",
+                {**held, "schedules": len(schedules)},
+            )
+        for waiter in list(queue.waiters.values()):
+            self._time_out_waiter(waiter)
+            self._waiter_deadlines.discard()
+        for schedule in schedules:
+            del self.schedules[schedule.key]
+            self._drop_schedule_entry(schedule)
+            if self._changed is not None:
+                self._changed_schedules[schedule.key] = None
+        patterns = self.bindings.patterns_into(queue_name)
+        for pattern in patterns:
+            self.bindings.unbind(pattern, queue_name)
+        messages = self._drop_messages_of(queue, now)
+        if queue.limits is not None and queue.limits.wake_at is not None:
+            self._throttle_wakes.discard()  # its entry goes stale with the queue
+        if self.queues.get(queue_name) is queue:  # (not forgotten already on the way)
+            self._remove_queue(queue)
+        return {
+            "deleted": True,
+            "messages": messages,
+            "schedules": len(schedules),
+            "bindings": len(patterns),
+        }
+
+    def _drop_messages_of(self, queue: Queue, now: float) -> int:
+        """Remove every message of ``queue``, whatever its state; returns how many."""
+        doomed = [self.messages[entry[-1]] for entry in queue.ready.live_entries()]
+        for heap in (self._delayed, self._leases):
+            doomed += [
+                message
+                for entry in heap.live_entries()
+                if (message := self.messages[entry[-1]]).queue is queue
+            ]
+        dead = list(queue.dead.values())
+        for message in doomed:
+            if message.state is State.RESERVED:
+                self._drop_leased(message, now)
+            else:
+                self._discard_waiting(message, Event.DELETE, now)
+        for message in dead:
+            self._drop_dead(message, Event.DELETE)
+        return len(doomed) + len(dead)
+
+    def _drop_leased(self, message: Message, now: float) -> None:
+        """Remove a reserved message (its queue is deleted): its lease is lost, and the
+        waits for its outcome hear ``gone``."""
+        self._end_lease(message)
+        self._ended(message, now, lambda: {"id": message.id, "state": "gone"})
+        self._forget(message, Event.DELETE)
 
     def purge_dead(self, now: float, queue_name: str) -> int:
         self.tick(now)

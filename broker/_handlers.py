@@ -223,6 +223,10 @@ def _purge(call: Call, args: Args) -> Any:
     return {"purged": call.core.purge(call.now, args.queue())}
 
 
+def _delete_queue(call: Call, args: Args) -> Any:
+    return call.core.delete_queue(call.now, args.queue(), args.flag("force"))
+
+
 def _dead_letters(call: Call, args: Args) -> Any:
     limit = args.integer("limit", 100, low=1, high=MAX_BATCH)
     after = args.integer("after", None, low=0, high=2**63 - 1)
@@ -376,6 +380,7 @@ HANDLERS: Final = _table(
     ("peek", _peek, ("queue", "state", "limit", "after")),
     ("replay", _replay, ("queue", "ids")),
     ("purge_dead", _purge_dead, ("queue",)),
+    ("delete_queue", _delete_queue, ("queue", "force")),
     ("schedule", _schedule, ("queue", "name", *sorted(SCHEDULE_FIELDS))),
     ("unschedule", _unschedule, ("queue", "name")),
     ("schedules", _schedules, ("queue",)),

@@ -190,6 +190,15 @@ def _purge_arguments(parser: argparse.ArgumentParser) -> None:
     _yes_option(parser)
 
 
+def _delete_queue_arguments(parser: argparse.ArgumentParser) -> None:
+    _queue_argument(parser)
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="also delete its messages (reserved ones too), dead letters and schedules",
+    )
+
+
 def _configure_arguments(parser: argparse.ArgumentParser) -> None:
     _queue_argument(parser)
     parser.add_argument(
@@ -369,6 +378,18 @@ examples:
   sluice purge-dead emails
   sluice purge-dead emails --yes""",
         _purge_arguments,
+    ),
+    "delete-queue": (
+        "delete a queue, its settings and the bindings into it",
+        """\
+A queue that still holds messages (ready, delayed, reserved or dead) or schedules is
+refused (exit 1) unless --force is given, which deletes those too: workers holding its
+messages get LeaseLost when they ack. Long-polls on it get nothing.
+
+examples:
+  sluice delete-queue emails
+  sluice delete-queue emails --force""",
+        _delete_queue_arguments,
     ),
     "configure": (
         "change queue settings, or show them",

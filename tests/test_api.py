@@ -227,6 +227,16 @@ def test_purge_drops_ready_and_delayed(api: Api, client: Client) -> None:
     assert api.error("POST", "/queues/api.nope/purge") == (404, "NOT_FOUND")
 
 
+def test_delete_queue_refuses_one_in_use_unless_forced(api: Api, client: Client) -> None:
+    client.put("api.delete", b"1")
+    assert api.error("POST", "/queues/api.delete/delete") == (400, "BAD_REQUEST")
+    assert client.stats("api.delete")["ready"] == 1
+    deleted = api.post("/queues/api.delete/delete", {"force": True})
+    assert deleted == {"deleted": True, "messages": 1, "schedules": 0, "bindings": 0}
+    assert api.error("POST", "/queues/api.delete/delete") == (404, "NOT_FOUND")
+    assert api.error("POST", "/queues/api.delete/delete", {"force": 1}) == (400, "BAD_REQUEST")
+
+
 def test_replay_some_then_all_then_purge_dead(api: Api, client: Client) -> None:
     ids = dead_letters(client, "api.replay", 4)
     assert api.post("/queues/api.replay/replay", {"ids": ids[:1]}) == {"replayed": 1}

@@ -148,6 +148,10 @@ ADMIN_CASES: dict[str, tuple[Prepare, dict[str, Any]]] = {
         lambda c, q: bound(c, q) or {"pattern": "audit.ch", "queue": q},
         {"pattern": "audit.ch", "unbound": True},
     ),
+    "delete_queue": (
+        lambda c, q: {"queue": q, "force": True} if put(c, q, 2) else {},
+        {"force": True, "deleted": True, "messages": 2, "schedules": 0, "bindings": 0},
+    ),
 }
 
 

@@ -160,6 +160,7 @@ CASES: dict[str, Setup] = {
     "peek": lambda root, q: {"queue": q} if put_one(root, q) else {},
     "replay": lambda root, q: {"queue": q} if put_one(root, q) else {},
     "purge_dead": lambda root, q: {"queue": q} if put_one(root, q) else {},
+    "delete_queue": lambda root, q: {"queue": q, "force": True} if put_one(root, q) else {},
     "schedule": lambda root, q: {"queue": q, "name": "s", "every": 60, "body": b"s"},
     "unschedule": with_schedule,
     "schedules": lambda root, q: {"queue": q} if with_schedule(root, q) else {},

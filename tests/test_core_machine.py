@@ -24,7 +24,10 @@ The model follows the contract in DESIGN.md and the core's docstrings:
   fires share a dedup key;
 - a queue exists while it is in use: while it has a message, settings other than the
   defaults, a schedule, a binding or a waiter. Queue ``d`` starts with the defaults, so
-  it comes and goes; when it goes, its totals start again from zero.
+  it comes and goes; when it goes, its totals start again from zero. ``delete_queue``
+  refuses a queue holding a message or a schedule unless forced; forced, or on a queue
+  holding neither, it drops all of that, the queue's settings and the bindings into it,
+  and answers the waiters on it (in the order they came) with nothing.
 
 Lease tokens are opaque: the model numbers its own and the test maps them to the core's.
 """
@@ -50,7 +53,7 @@ from broker import Core, PutSpec
 from broker._lazyheap import LazyHeap
 from broker._schedules import parse_spec, slot_text
 from broker._subjects import matches
-from protocol import LeaseLost, NotFound, TooLarge
+from protocol import BadRequest, LeaseLost, NotFound, TooLarge
 
 QUEUES = ("a", "b", "c", "d")  # d: default settings, forgotten whenever unused
 START = 1_000.0
@@ -326,6 +329,33 @@ class Model:
     def require(self, name: str) -> None:
         if not self.in_use(name):
             raise NotFound("no queue")
+
+    def delete_queue(self, now: float, name: str, force: bool) -> dict[str, Any]:
+        self.tick(now)
+        self.require(name)
+        held: dict[str, int] = {
+            state: self.count(name, state) for state in ("ready", "delayed", "reserved", "dead")
+        }
+        schedules = [key for key in self.schedules if key[0] == name]
+        if not force and (any(held.values()) or schedules):
+            raise BadRequest("not empty", {**held, "schedules": len(schedules)})
+        for waiter in [w for w in self.waiters if name in w.queues]:
+            self.waiters.remove(waiter)
+            self.completions.append((waiter.key, []))
+        for key in schedules:
+            del self.schedules[key]
+        bound = {(pattern, queue) for pattern, queue in self.bindings if queue == name}
+        self.bindings -= bound
+        doomed = [m.id for m in self.messages.values() if m.queue == name]
+        for message_id in doomed:
+            del self.messages[message_id]
+        self.queues[name] = ModelQueue()
+        return {
+            "deleted": True,
+            "messages": len(doomed),
+            "schedules": len(schedules),
+            "bindings": len(bound),
+        }
 
     def _earliest_event(self, now: float) -> tuple[float, int, int, Any] | None:
         events: list[tuple[float, int, int, Any]] = []
@@ -801,7 +831,7 @@ def outcome(call: Any) -> tuple[str, Any]:
     """What a call did: ("ok", result) or (error class name, error details)."""
     try:
         return "ok", call()
-    except (LeaseLost, NotFound, TooLarge) as error:
+    except (LeaseLost, NotFound, TooLarge, BadRequest) as error:
         return type(error).__name__, error.details
 
 
@@ -1143,6 +1173,17 @@ class CoreMachine(RuleBasedStateMachine):
         for name in queues:
             expected = outcome(lambda name=name: self.model.put(now, name, [spec]))
             assert outcome(lambda name=name: self.core.put(now, name, [spec])) == expected
+
+    @rule(name=queue_names, force=st.sampled_from([False, False, True]), step=small_steps)
+    def delete_queue(self, name: str, force: bool, step: float) -> None:
+        now = self._later(step)
+        expected = outcome(lambda: self.model.delete_queue(now, name, force))
+        if expected[0] == "ok":
+            assert outcome(lambda: self.core.delete_queue(now, name, force)) == expected
+            return
+        before = self._snapshot()  # refused: nothing changes
+        assert outcome(lambda: self.core.delete_queue(now, name, force)) == expected
+        assert self._snapshot() == before
 
     @rule(changes=st.sampled_from(LIMIT_CHANGES))
     def limit(self, changes: dict[str, Any]) -> None:

@@ -7,7 +7,7 @@ import pytest
 from broker import Core, PutSpec
 from broker._schedules import parse_spec
 from broker._settings import DEFAULT_SETTINGS
-from protocol import NotFound, Quota, TooLarge
+from protocol import BadRequest, LeaseLost, NotFound, Quota, TooLarge
 
 T = 1_000.0
 
@@ -31,9 +31,12 @@ def test_the_totals_of_forgotten_queues_are_summed_for_broker_wide_counters() ->
         core.put(T, name, [PutSpec(body=b"x")])
         (message,) = core.reserve(T, [name], 1)
         core.ack(T, [(message.id, message.lease_token)])  # type: ignore[list-item]
+    core.configure(T, "c", {"paused": True})
+    core.put(T, "c", [PutSpec(body=b"x")])
+    core.delete_queue(T, "c", force=True)
     assert core.queues == {}
     assert core.forgotten_totals == {
-        "put": 2,
+        "put": 3,
         "delivered": 2,
         "acked": 2,
         "nacked": 0,
@@ -189,3 +192,82 @@ def test_recovery_forgets_stored_queues_that_are_unused() -> None:
     core.recover(T, [("old", DEFAULT_SETTINGS, {"put": 3})], [], next_id=1, next_token=1)
     assert core.queues == {}
     assert core.take_changes().forgotten == ["old"]
+
+
+# ------------------------------------------------------------------- delete_queue
+
+
+def full_queue(core: Core) -> dict[str, int]:
+    """Queue q with one message in each state, a schedule and a binding; the ids."""
+    core.put(
+        T,
+        "q",
+        [PutSpec(body=b"r"), PutSpec(body=b"d", delay=60), PutSpec(body=b"l"), PutSpec(body=b"x")],
+    )
+    core.configure(T, "q", {"max_attempts": 1})
+    [first] = core.reserve(T, ["q"], 1)  # the ready one with the lowest seq: ready
+    core.nack(T, [(first.id, first.lease_token)])  # type: ignore[list-item]  # dead now
+    [held] = core.reserve(T, ["q"], 1)
+    core.set_schedule(T, "q", "tick", parse_spec({"body": b"t", "every": 60}))
+    core.bind(T, "orders.*", "q")
+    return {"dead": first.id, "reserved": held.id, "lease": held.lease_token or 0}
+
+
+def test_delete_queue_refuses_a_queue_holding_anything_and_changes_nothing() -> None:
+    core = Core()
+    full_queue(core)
+    before = core.stats(T, "q")
+    with pytest.raises(BadRequest) as refused:
+        core.delete_queue(T, "q")
+    assert "force" in refused.value.message
+    assert refused.value.details == {
+        "ready": 1,
+        "delayed": 1,
+        "reserved": 1,
+        "dead": 1,
+        "schedules": 1,
+    }
+    assert core.stats(T, "q") == before and len(core.schedules) == 1
+    core.set_schedule(T, "s", "only", parse_spec({"body": b"t", "every": 60}))
+    with pytest.raises(BadRequest):
+        core.delete_queue(T, "s")  # a schedule alone refuses too
+
+
+def test_delete_queue_with_force_drops_everything_and_a_held_lease_is_lost() -> None:
+    core = Core(track_changes=True)
+    held = full_queue(core)
+    core.configure(T, "q", {"paused": True})  # so that a reserve waits on it
+    assert core.reserve(T, ["q", "other"], 1, wait=30, waiter_key="w") == []
+    core.wait_result(T, held["reserved"], 30, "r")
+    core.take_completions()
+    core.take_changes()
+    deleted = core.delete_queue(T, "q", force=True)
+    assert deleted == {"deleted": True, "messages": 4, "schedules": 1, "bindings": 1}
+    assert core.queues == {} and core.messages == {} and core.schedules == {}
+    assert core.bindings.listed() == []
+    assert sorted(core.take_completions(), key=str) == [
+        ("r", {"id": held["reserved"], "state": "gone"}),
+        ("w", []),
+    ]
+    with pytest.raises(LeaseLost):
+        core.ack(T, [(held["reserved"], held["lease"])])
+    assert core.next_deadline() is None
+    changes = core.take_changes()
+    assert sorted(changes.forgotten) == ["other", "q"]  # other: its waiter went
+    assert changes.schedules == {("q", "tick"): None}
+    assert all(message.state.value == "gone" for message in changes.messages)
+    assert core.configure(T, "q", {"paused": True})["max_attempts"] == 5  # made anew
+
+
+def test_delete_queue_of_an_idle_configured_queue_and_of_no_queue() -> None:
+    core = Core()
+    core.configure(T, "q", {"paused": True})
+    assert core.delete_queue(T, "q") == {
+        "deleted": True,
+        "messages": 0,
+        "schedules": 0,
+        "bindings": 0,
+    }
+    assert core.queues == {}
+    with pytest.raises(NotFound):
+        core.delete_queue(T, "q")
