@@ -214,9 +214,11 @@ class SluiceServer:
         return {"listening_s": listening, "ready_s": time.perf_counter() - started}
 
     def queued(self, queues: list[str]) -> int:
-        """Ready messages over ``queues``, by the broker's own stats."""
+        """Ready messages over ``queues``, by the broker's own listing (a queue not in it
+        holds none: the broker forgets a queue once it is unused)."""
         with probe(self.host, self.port, use_tls=self.tls) as client:
-            return sum(int(client.stats(queue)["ready"]) for queue in queues)
+            ready = {queue["name"]: int(queue["ready"]) for queue in client.queues()}
+        return sum(ready.get(queue, 0) for queue in queues)
 
     def limit(self, queue: str, limit: QueueLimit) -> None:
         """Set ``limit`` on ``queue``; Unsupported if this broker has no rate limits."""

@@ -30,6 +30,7 @@ from aiohttp import web
 
 from protocol import BadRequest, ErrorCode, Forbidden, SluiceError, TooLarge, Unauthorized
 
+from ._audit import UNKNOWN, refused_request
 from ._auth import Authority, Principal, require_everywhere
 from ._logging import event
 from ._metrics import QueueTotals, deepest_queues
@@ -147,7 +148,8 @@ async def json_body(request: web.Request) -> dict[str, Any]:
 
 
 class Guard:
-    """The checks of a route (see the module docstring)."""
+    """The checks of a route (see the module docstring). Each refusal is an audit event
+    (``refused_request``), as the wire's refusals are."""
 
     def __init__(self, authority: Authority) -> None:
         self.authority = authority
@@ -155,9 +157,13 @@ class Guard:
     def check(self, request: web.Request, *, mutating: bool = True) -> Principal | None:
         """The request's principal (None: nothing to check); raises if it has none."""
         if mutating and request.headers.get(CSRF_HEADER) != "1":
-            raise Forbidden(
-                f"a mutating request needs the header '{CSRF_HEADER}: 1' (it keeps other "
-                "sites' pages from posting here)"
+            raise refused(
+                request,
+                f"no {CSRF_HEADER} header",
+                Forbidden(
+                    f"a mutating request needs the header '{CSRF_HEADER}: 1' (it keeps other "
+                    "sites' pages from posting here)"
+                ),
             )
         authority = self.authority
         if not authority.required or (not mutating and authority.path is None):
@@ -165,11 +171,22 @@ class Guard:
         sent = request.headers.get("Authorization", "")
         scheme, _, token = sent.partition(" ")
         if not sent:
-            raise Unauthorized("this broker needs an auth token: 'Authorization: Bearer <token>'")
+            needed = "this broker needs an auth token: 'Authorization: Bearer <token>'"
+            raise refused(request, "no token", Unauthorized(needed))
         principal = authority.principal_of(token.strip()) if scheme.lower() == "bearer" else None
         if principal is None:
-            raise Forbidden("wrong auth token (send 'Authorization: Bearer <token>')")
+            wrong = "wrong auth token (send 'Authorization: Bearer <token>')"
+            raise refused(request, "wrong token", Forbidden(wrong))
         return None if principal.everything else principal
+
+
+def refused(
+    request: web.Request, reason: str, error: SluiceError, principal: str = UNKNOWN
+) -> SluiceError:
+    """``error``, once its refusal of ``request`` is audited: raise what it returns."""
+    route = f"{request.method} {request.path}"
+    refused_request(route, principal, request.remote or "http", reason, error)
+    return error
 
 
 # ----------------------------------------------------------------- routes
@@ -191,7 +208,11 @@ class Api:
     def broker_wide(self, request: web.Request, what: str) -> None:
         principal = self.guard.check(request, mutating=False)
         if principal is not None:
-            require_everywhere(principal, "read", what)
+            try:
+                require_everywhere(principal, "read", what)
+            except Forbidden as error:
+                refused(request, "read on every queue needed", error, principal.name)
+                raise
 
     # reads
 
@@ -368,6 +389,7 @@ def add_api_routes(app: web.Application, server: BrokerServer, rates: RateSample
         (f"{queue}/purge", api.queue_action("purge")),
         (f"{queue}/replay", api.queue_action("replay", with_body=True)),
         (f"{queue}/purge-dead", api.queue_action("purge_dead")),
+        (f"{queue}/delete", api.queue_action("delete_queue", with_body=True)),
         (f"{queue}/configure", api.configure),
         (f"{PREFIX}/messages/{{id}}/cancel", api.cancel),
         (f"{queue}/schedules/{{name}}", api.schedule),

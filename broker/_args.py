@@ -108,6 +108,15 @@ class Args:
             raise BadRequest(f"{self.op}: {name} must be a string, got {type(value).__name__}")
         return value[:MAX_TEXT]
 
+    def flag(self, name: str, default: bool = False) -> bool:
+        """A true/false argument (nil: ``default``); anything else is ``BadRequest``."""
+        value = self._args.get(name)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise BadRequest(f"{self.op}: {name} must be true or false, got {shown(value)}")
+        return value
+
     def binary(self, name: str) -> bytes:
         value = self._get(name, _MISSING)
         if not isinstance(value, bytes):

@@ -1,5 +1,5 @@
 """The audit log: who ran which admin op from where, what it changed, and how it ended;
-and every ``FORBIDDEN`` refusal.
+every ``FORBIDDEN`` refusal; and every HTTP API request refused before an op ran.
 
 An audit event is a log record of the logger ``sluice.audit`` named ``audit`` with the
 fields ``principal`` (a name; ``auth-token`` for the all-rights token, ``-`` when the
@@ -8,6 +8,11 @@ address for the HTTP API), ``op``, ``queue`` or ``id`` (a message's), ``changed`
 counts of the result and the arguments given, such as configure's settings; never a
 body) and ``outcome`` (``ok`` or the error code). The daemon's log carries them, in text
 or JSON; ``AuditFile`` writes them as JSON lines to a file of their own as well.
+
+An HTTP API request refused by its checks (no ``X-Sluice-Request`` header on a ``POST``,
+no token or a wrong one, a broker-wide read without ``read`` everywhere) is an event of
+its own (``refused_request``): ``principal`` (``(unknown)`` when none was established),
+``peer``, ``route`` (method and path), ``reason`` and ``outcome`` (the error code).
 
 The admin ops are the ops of verb ``admin`` in ``PERMISSIONS``: the server tests
 membership in ``ADMIN_OPS`` and calls ``run_admin`` for those only, and ``refused`` when a
@@ -33,10 +38,14 @@ status_log = logging.getLogger("sluice")  # about the audit file: not in it
 
 ADMIN_OPS: Final = frozenset(op for op, (verb, _) in PERMISSIONS.items() if verb == "admin")
 NOBODY: Final = "-"  # the principal when the broker checks nothing
+UNKNOWN: Final = "(unknown)"  # no principal established (a request refused before that)
 OK: Final = "ok"
 # What an admin op's result says it changed (configure's, pause's and resume's
 # ``settings`` are the queue's whole settings: the arguments given say what changed).
-RESULT_COUNTS: Final = ("purged", "replayed", "cancelled", "removed", "bound", "unbound", "id")
+RESULT_COUNTS: Final = (
+    *("purged", "replayed", "cancelled", "removed", "bound", "unbound", "id"),
+    *("deleted", "messages", "schedules", "bindings"),  # delete_queue's
+)
 NOT_SHOWN: Final = frozenset({"queue", "id", "body", "headers"})  # named apart, or data
 MAX_SHOWN: Final = 200  # characters of a string argument kept as it is
 MAX_KEYS: Final = 50  # of a mapping argument (configure's settings) shown key by key
@@ -114,6 +123,17 @@ def refused(op: str, args: dict[str, Any], principal: str, peer: str, error: Slu
     """A request refused before it ran (``FORBIDDEN``, or an admin op's bad arguments)."""
     changed = dict(error.details) if error.code == ErrorCode.FORBIDDEN else {}
     _record(op, args, principal, peer, changed, (error.code or ErrorCode.INTERNAL).value)
+
+
+def refused_request(route: str, principal: str, peer: str, reason: str, error: SluiceError) -> None:
+    """An HTTP API request refused before any op ran; ``reason`` says which check."""
+    outcome = (error.code or ErrorCode.INTERNAL).value
+    fields = event(
+        "audit", principal=principal, peer=peer, route=route, reason=reason, outcome=outcome
+    )
+    log.warning(
+        "audit: %s from %s: %s: %s (%s)", principal, peer, route, outcome, reason, extra=fields
+    )
 
 
 class AuditFile:

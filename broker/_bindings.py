@@ -61,6 +61,13 @@ class Bindings:
         """The queues bound by a pattern matching ``channel``, each once, sorted."""
         return sorted(self._trie.match(channel)) if self._pairs else []
 
+    def patterns_into(self, queue: str) -> list[str]:
+        """The patterns bound to ``queue``, sorted. O(bindings): for deleting a queue."""
+        return sorted(pattern for pattern, bound in self._pairs if bound == queue)
+
+    def __contains__(self, binding: Binding) -> bool:
+        return binding in self._pairs
+
     def listed(self) -> list[Binding]:
         return sorted(self._pairs)
 

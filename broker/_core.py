@@ -8,6 +8,12 @@ them: they are queued and collected with ``take_completions()`` after each call.
 Errors are raised as protocol errors (``LeaseLost``, ``NotFound``, ``TooLarge``...) before
 anything changes, except batch ack/nack, which applies the good items and then raises
 ``LeaseLost`` naming the rest.
+
+A queue exists while it is in use, as a beanstalkd tube does: an op naming a queue makes
+it, and the moment it becomes unused (``Queue.unused``: no message, default settings, no
+schedule, binding or waiter) it is forgotten, its totals with it. Each op checks only the
+queues it may have left unused (the one a message left, the ones a waiter left, the ones
+it made), so the check costs O(1) per change.
 """
 
 from __future__ import annotations
@@ -29,10 +35,10 @@ from ._lifecycle import Event, State, advance_state
 from ._message import Message, PutSpec
 from ._outcomes import NO_RESULT, DedupEntry, DedupKeys, Results, StoredResult
 from ._position import ReadyRanks, delivery_key
-from ._queue import Queue, Waiter
+from ._queue import TOTALS, Queue, Waiter
 from ._ready import delivery_order
 from ._schedules import Schedule, ScheduleSpec, fire_spec
-from ._settings import QueueSettings
+from ._settings import DEFAULT_SETTINGS, QueueSettings
 
 # A long-poll's answer: the messages a reserve got, or the outcome map of a result wait.
 Completion = tuple[Hashable, "list[Message] | dict[str, Any]"]
@@ -55,7 +61,8 @@ class PutIds(list[int]):
 class Changes:
     """What changed since the last ``take_changes()``, for the store to write: messages whose
     record changed (a message in state GONE is to be deleted), queues whose settings or
-    totals changed, and the id and lease counters (never reused, so persisted too)."""
+    totals changed, queues forgotten (their records are to be deleted), and the id and
+    lease counters (never reused, so persisted too)."""
 
     messages: list[Message]
     queues: list[Queue]
@@ -65,10 +72,13 @@ class Changes:
     dedup: dict[tuple[str, str], DedupEntry | None]  # ended keys only; None: delete
     schedules: dict[ScheduleKey, Schedule | None]  # None: delete
     bindings: dict[Binding, bool] = field(default_factory=dict)  # False: delete
+    forgotten: list[str] = field(default_factory=list)  # queue names, not also in queues
     next_event: int = 1  # the seq of the next job event (never reused either)
 
 
 LEASE_EXPIRED = "lease expired"
+# The job event of a ready or delayed message removed by each lifecycle event.
+_REMOVED_WAITING = {Event.CANCEL: "cancelled", Event.PURGE: "purged", Event.DELETE: "deleted"}
 
 
 class Core:
@@ -104,6 +114,9 @@ class Core:
         self.max_delivery_bytes = max_delivery_bytes
         self.max_body_limit = max_body_limit  # the largest max_body configure may set
         self.queues: dict[str, Queue] = {}
+        # The totals of the queues forgotten or deleted since start, so that sums over all
+        # queues (the broker-wide counters of /metrics) never go down. In memory only.
+        self.forgotten_totals = dict.fromkeys(TOTALS, 0)
         self._random = random
         self._next_id = 1
         self._next_token = 1
@@ -127,7 +140,7 @@ class Core:
         # and message id -> keys. Their deadlines share the long-polls' heap.
         self._result_waits: dict[Hashable, tuple[int, int]] = {}
         self._result_waiters: dict[int, list[Hashable]] = {}
-        self._changed_queues: dict[str, Queue] = {}
+        self._changed_queues: dict[str, Queue | None] = {}  # None: forgotten
         # A lower bound on every deadline heap's top: nothing is due before it, so tick()
         # can return at once. Lowered by each push, made exact again by next_deadline().
         self._due_hint = math.inf
@@ -195,21 +208,25 @@ class Core:
             raise RuntimeError("this core was made without track_changes")
         messages = list(changed.values())
         queues = self._changed_queues
-        for message in messages:
-            queues[message.queue.name] = message.queue
+        for message in messages:  # (a queue noted forgotten, or made anew, stays so)
+            if message.queue.name not in queues:
+                queues[message.queue.name] = message.queue
         self._changed, self._changed_queues = {}, {}
+        kept = [queue for queue in queues.values() if queue is not None]
+        forgotten = [name for name, queue in queues.items() if queue is None]
         results, self.results.changed = self.results.changed or {}, {}
         dedup, self.dedup.changed = self.dedup.changed or {}, {}
         schedules, self._changed_schedules = self._changed_schedules, {}
         return Changes(
             messages,
-            list(queues.values()),
+            kept,
             self._next_id,
             self._next_token,
             results,
             dedup,
             schedules,
             self.bindings.take_changes(),
+            forgotten,
             self.events.next_seq,
         )
 
@@ -292,9 +309,12 @@ class Core:
         self.results.changed = {} if self._changed is not None else None
         self.dedup.changed = {} if self._changed is not None else None
         self._seq = highest_seq
-        self.bindings.restore(list(bindings))
+        restored = list(bindings)
+        self.bindings.restore(restored)
+        for _, bound_queue in restored:
+            self._queue(bound_queue).anchors += 1
         for schedule in schedules:
-            self._queue(schedule.queue)
+            self._queue(schedule.queue).anchors += 1
             self.schedules[schedule.key] = schedule
             schedule.seq = self._next_seq()
             if schedule.next_at is not None:
@@ -304,6 +324,8 @@ class Core:
         self.events.next_seq = max(self.events.next_seq, next_event)
         self._due_hint = -math.inf  # recompute from the loaded heaps
         self.tick(now)
+        for queue in list(self.queues.values()):  # (stored by a version that kept them)
+            self._drop_if_unused(queue)
 
     def _index_of(self, message: Message) -> tuple[LazyHeap, Entry]:
         """The heap a recovered message that is not ready belongs in, and its entry."""
@@ -329,14 +351,15 @@ class Core:
         ago) adds nothing: its id is the existing message's, and its index is listed in
         ``duplicates``."""
         self.tick(now)
-        self.make_room((queue_name,))
-        queue = self._queue(queue_name)
+        max_body = self._settings_of(queue_name).max_body
         for index, spec in enumerate(specs):
-            if len(spec.body) > queue.settings.max_body:
+            if len(spec.body) > max_body:
                 raise TooLarge(
                     f"message {index}: body of {len(spec.body)} bytes exceeds "
-                    f"{queue_name}'s max_body of {queue.settings.max_body}"
+                    f"{queue_name}'s max_body of {max_body}"
                 )
+        self.make_room((queue_name,))
+        queue = self._queue(queue_name)
         ids = PutIds()
         for index, spec in enumerate(specs):
             message_id, duplicate = self._put_one(queue, spec, now)
@@ -344,6 +367,8 @@ class Core:
             if duplicate:
                 ids.duplicates.append(index)
         self._serve_waiters(queue, now)
+        if ids.duplicates or not specs:  # perhaps nothing stored in a queue made for it
+            self._drop_if_unused(queue)
         return ids
 
     def _put_one(self, queue: Queue, spec: PutSpec, now: float) -> tuple[int, bool]:
@@ -404,6 +429,9 @@ class Core:
                 if queue.limits is not None and queue.counts[State.READY] > 0:
                     queue.limits.parked += 1  # (a paused queue holds nothing back here)
                     self._note_held_back(queue, now)
+        elif not messages or len(queues) > 1:  # a queue it found empty may be one it made
+            for queue in queues:
+                self._drop_if_unused(queue)
         return messages
 
     def cancel_wait(self, waiter_key: Hashable) -> None:
@@ -627,7 +655,7 @@ class Core:
         """Apply setting changes (all or nothing); returns the queue's full settings."""
         self.tick(now)
         existing = self.queues.get(queue_name)
-        settings = (existing.settings if existing else QueueSettings()).updated(changes)
+        settings = (existing.settings if existing else DEFAULT_SETTINGS).updated(changes)
         limit = self.max_body_limit
         if "max_body" in changes and limit is not None and settings.max_body > limit:
             raise BadRequest(
@@ -644,6 +672,7 @@ class Core:
         if self._changed is not None:
             self._changed_queues[queue.name] = queue
         self._serve_waiters(queue, now)
+        self._drop_if_unused(queue)  # settings back to the defaults on an empty queue
         return queue.settings.to_wire()
 
     def _emit_configured(
@@ -696,6 +725,75 @@ class Core:
         self._serve_waiters(queue, now)
         return len(chosen)
 
+    def delete_queue(self, now: float, queue_name: str, force: bool = False) -> dict[str, Any]:
+        """Remove a queue: its settings, the bindings into it, its waiters (answered with
+        no messages) and, with ``force``, its messages in every state (a leased one's
+        later ack gets ``LeaseLost``, as after a purge), its dead letters and schedules.
+        Without ``force``, a queue holding any message or schedule raises ``BadRequest``
+        (details: the counts) and nothing changes. ``NotFound`` if there is no such
+        queue. O(the broker's delayed, reserved and schedules): an admin op."""
+        self.tick(now)
+        queue = self._existing(queue_name)
+        schedules = [s for s in self.schedules.values() if s.queue == queue_name]
+        held = {state.value: count for state, count in queue.counts.items()}
+        if not force and (any(held.values()) or schedules):
+            raise BadRequest(
+                f"delete_queue: queue {shown(queue_name)} is not empty ({held['ready']} ready, "
+                f"{held['delayed']} delayed, {held['reserved']} reserved, {held['dead']} dead, "
+                f"{len(schedules)} schedules); pass force=true to delete them with it",
+                {**held, "schedules": len(schedules)},
+            )
+        for waiter in list(queue.waiters.values()):
+            self._time_out_waiter(waiter)
+            self._waiter_deadlines.discard()
+        for schedule in schedules:
+            del self.schedules[schedule.key]
+            self._drop_schedule_entry(schedule)
+            if self._changed is not None:
+                self._changed_schedules[schedule.key] = None
+        patterns = self.bindings.patterns_into(queue_name)
+        for pattern in patterns:
+            self.bindings.unbind(pattern, queue_name)
+        messages = self._drop_messages_of(queue, now)
+        if queue.limits is not None and queue.limits.wake_at is not None:
+            self._throttle_wakes.discard()  # its entry goes stale with the queue
+        if self.queues.get(queue_name) is queue:  # (not forgotten already on the way)
+            self._remove_queue(queue)
+        self.events.emit(now, "queue_deleted", queue_name, None, 0)
+        return {
+            "deleted": True,
+            "messages": messages,
+            "schedules": len(schedules),
+            "bindings": len(patterns),
+        }
+
+    def _drop_messages_of(self, queue: Queue, now: float) -> int:
+        """Remove every message of ``queue``, whatever its state; returns how many."""
+        doomed = list(queue.ready.in_order())
+        for heap in (self._delayed, self._leases):
+            doomed += [
+                message
+                for entry in heap.live_entries()
+                if (message := self.messages[entry[-1]]).queue is queue
+            ]
+        dead = list(queue.dead.values())
+        for message in doomed:
+            if message.state is State.RESERVED:
+                self._drop_leased(message, now)
+            else:
+                self._discard_waiting(message, Event.DELETE, now)
+        for message in dead:
+            self._drop_dead(message, Event.DELETE, now)
+        return len(doomed) + len(dead)
+
+    def _drop_leased(self, message: Message, now: float) -> None:
+        """Remove a reserved message (its queue is deleted): its lease is lost, and the
+        waits for its outcome hear ``gone``."""
+        self._end_lease(message)
+        self._ended(message, now, lambda: {"id": message.id, "state": "gone"})
+        self._forget(message, Event.DELETE)
+        self._emit(now, "deleted", message)
+
     def purge_dead(self, now: float, queue_name: str) -> int:
         self.tick(now)
         queue = self._existing(queue_name)
@@ -743,6 +841,28 @@ class Core:
                 "queue, or raise the limit"
             )
 
+    def _settings_of(self, name: str) -> QueueSettings:
+        """The queue's settings, or the defaults a queue made now would have."""
+        queue = self.queues.get(name)
+        return DEFAULT_SETTINGS if queue is None else queue.settings
+
+    def _drop_if_unused(self, queue: Queue) -> None:
+        """Forget ``queue`` if it is unused (``Queue.unused``); with a store, its record
+        is deleted with the next changes. Its totals are lost. No-op for a queue already
+        forgotten. Callers hold no index that a forgotten queue must stay in: it has no
+        message, waiter, schedule or binding."""
+        if queue.unused() and self.queues.get(queue.name) is queue:
+            self._remove_queue(queue)
+
+    def _remove_queue(self, queue: Queue) -> None:
+        """Take ``queue`` (the current one of its name) off the core and, with a store,
+        off the store; its totals go to ``forgotten_totals``."""
+        del self.queues[queue.name]
+        for key, count in queue.totals.items():
+            self.forgotten_totals[key] += count
+        if self._changed is not None:
+            self._changed_queues[queue.name] = None
+
     def _queue(self, name: str) -> Queue:
         queue = self.queues.get(name)
         if queue is None:
@@ -755,8 +875,8 @@ class Core:
         queue = self.queues.get(name)
         if queue is None:
             raise NotFound(
-                f"no queue named {shown(name)}; a queue is created by its first put, "
-                "reserve or configure"
+                f"no queue named {shown(name)}: none was made, or it was forgotten once "
+                "unused (no message, default settings, no schedule, binding or waiter)"
             )
         return queue
 
@@ -980,6 +1100,9 @@ class Core:
     def _forget(self, message: Message, event: Event) -> None:
         self._move(message, event)
         del self.messages[message.id]
+        queue = message.queue
+        if not queue.counts[State.READY]:  # (the first test of unused(), here inline)
+            self._drop_if_unused(queue)
 
     def _discard_waiting(self, message: Message, event: Event, now: float) -> None:
         """Remove a ready or delayed message (cancel, purge)."""
@@ -989,13 +1112,16 @@ class Core:
         self._ended(message, now, lambda: {"id": message.id, "state": "gone"})
         self._forget(message, event)
         (message.queue.ready if ready else self._delayed).discard()
-        self._emit(now, "cancelled" if event is Event.CANCEL else "purged", message)
+        self._emit(now, _REMOVED_WAITING[event], message)
 
     def _drop_dead(self, message: Message, event: Event, now: float) -> None:
         del message.queue.dead[message.id]
         self._forget(message, event)
         self._dead_expiry.discard()
-        self._emit(now, "removed", message, {"reason": "purge_dead"})
+        if event is Event.DELETE:
+            self._emit(now, "deleted", message)
+        else:
+            self._emit(now, "removed", message, {"reason": "purge_dead"})
 
     def _apply_due_events(self, now: float) -> None:
         """Delayed messages coming due, leases running out and long-polls timing out,
@@ -1070,15 +1196,18 @@ class Core:
                 f"schedule: this broker already has {MAX_SCHEDULES} schedules; remove some "
                 "with unschedule"
             )
-        self.make_room((queue_name,))
-        queue = self._queue(queue_name)
-        if len(spec.body) > queue.settings.max_body:
+        max_body = self._settings_of(queue_name).max_body
+        if len(spec.body) > max_body:
             raise TooLarge(
                 f"schedule: body of {len(spec.body)} bytes exceeds {queue_name}'s max_body "
-                f"of {queue.settings.max_body}"
+                f"of {max_body}"
             )
+        self.make_room((queue_name,))
+        queue = self._queue(queue_name)
         schedule = Schedule(queue_name, name, spec, now)
-        if old is not None:
+        if old is None:
+            queue.anchors += 1
+        else:
             self._drop_schedule_entry(old)
             schedule.last_slot, schedule.last_message_id = old.last_slot, old.last_message_id
             schedule.runs, schedule.triggered = old.runs, old.triggered
@@ -1097,6 +1226,9 @@ class Core:
         self._drop_schedule_entry(schedule)
         if self._changed is not None:
             self._changed_schedules[schedule.key] = None
+        queue = self.queues[queue_name]
+        queue.anchors -= 1
+        self._drop_if_unused(queue)
         return True
 
     def list_schedules(self, now: float, queue_name: str | None = None) -> list[dict[str, Any]]:
@@ -1184,6 +1316,29 @@ class Core:
     def _schedule_live(self, entry: Entry) -> bool:
         schedule = self.schedules.get(entry[-1])
         return schedule is not None and schedule.seq == entry[-2]
+
+    # ------------------------------------------------------------ bindings
+
+    def bind(self, now: float, pattern: str, queue_name: str) -> bool:
+        """Bind ``pattern`` to the queue, which is made if need be and kept while a
+        binding names it; False if the binding existed. Valid names assumed."""
+        self.tick(now)
+        if (pattern, queue_name) in self.bindings:
+            return False
+        self.make_room((queue_name,))
+        self.bindings.bind(pattern, queue_name)  # (BadRequest past its limit: nothing made)
+        self._queue(queue_name).anchors += 1
+        return True
+
+    def unbind(self, now: float, pattern: str, queue_name: str) -> bool:
+        """Remove a binding; False if there was none. The queue goes if now unused."""
+        self.tick(now)
+        if not self.bindings.unbind(pattern, queue_name):
+            return False
+        queue = self.queues[queue_name]
+        queue.anchors -= 1
+        self._drop_if_unused(queue)
+        return True
 
     # -------------------------------------------------------------- limits
 
@@ -1348,6 +1503,8 @@ class Core:
         del self._waiters[waiter.key]
         for queue in waiter.queues:
             queue.waiters.pop(waiter.seq, None)
+            if not queue.waiters:
+                self._drop_if_unused(queue)
 
 
 def _quotas(queues: list[Queue], now: float) -> dict[Queue, int] | None:

@@ -25,7 +25,7 @@ from typing import Any, Final
 EVENT_BUFFER: Final = 100_000  # events kept by default (--event-buffer)
 MIN_EVENT_BUFFER: Final = 1_000
 EVENT_PREFIX: Final = "queue"  # the first token of every event channel
-ADMIN_EVENTS: Final = frozenset({"paused", "resumed", "configured"})
+ADMIN_EVENTS: Final = frozenset({"paused", "resumed", "configured", "queue_deleted"})
 MAX_ERROR: Final = 1024  # characters of an error or reason an event carries
 
 # (seq, ts, queue, event, message id or None, attempts, small fields or None)

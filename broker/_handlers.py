@@ -22,7 +22,7 @@ from ._lifecycle import State
 from ._message import Message, PutSpec
 from ._schedules import FIELDS as SCHEDULE_FIELDS
 from ._schedules import fire_spec
-from ._settings import MIN_LEASE, QueueSettings
+from ._settings import DEFAULT_SETTINGS, MIN_LEASE
 from ._subjects import require_channel, require_pattern
 
 PEEKABLE: Final = (State.READY, State.DELAYED, State.RESERVED, State.DEAD)
@@ -227,6 +227,10 @@ def _purge(call: Call, args: Args) -> Any:
     return {"purged": call.core.purge(call.now, args.queue())}
 
 
+def _delete_queue(call: Call, args: Args) -> Any:
+    return call.core.delete_queue(call.now, args.queue(), args.flag("force"))
+
+
 def _dead_letters(call: Call, args: Args) -> Any:
     limit = args.integer("limit", 100, low=1, high=MAX_BATCH)
     after = args.integer("after", None, low=0, high=2**63 - 1)
@@ -291,7 +295,6 @@ def _trigger(call: Call, args: Args) -> Any:
     return {"id": call.core.trigger(call.now, queue, name)}
 
 
-DEFAULT_SETTINGS: Final = QueueSettings()
 PUBLISH_PUT_FIELDS: Final = ("priority", "delay", "max_attempts", "headers", "key")
 
 
@@ -328,12 +331,12 @@ def _check_body(core: Core, queues: list[str], size: int) -> None:
 
 def _bind(call: Call, args: Args) -> Any:
     pattern = require_pattern(args.raw("pattern"), "bind")
-    return {"bound": call.core.bindings.bind(pattern, args.queue())}
+    return {"bound": call.core.bind(call.now, pattern, args.queue())}
 
 
 def _unbind(call: Call, args: Args) -> Any:
     pattern = require_pattern(args.raw("pattern"), "unbind")
-    return {"unbound": call.core.bindings.unbind(pattern, args.queue())}
+    return {"unbound": call.core.unbind(call.now, pattern, args.queue())}
 
 
 def _bindings(call: Call, args: Args) -> Any:
@@ -397,6 +400,7 @@ HANDLERS: Final = _table(
     ("peek", _peek, ("queue", "state", "limit", "after")),
     ("replay", _replay, ("queue", "ids")),
     ("purge_dead", _purge_dead, ("queue",)),
+    ("delete_queue", _delete_queue, ("queue", "force")),
     ("schedule", _schedule, ("queue", "name", *sorted(SCHEDULE_FIELDS))),
     ("unschedule", _unschedule, ("queue", "name")),
     ("schedules", _schedules, ("queue",)),

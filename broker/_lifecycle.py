@@ -7,6 +7,7 @@ goes through ``advance_state``; a move not in the table raises ``IllegalTransiti
                                  └──── retry now ─────┘                    │
     ready|delayed ──cancel/purge──► gone          dead ──replay──► ready   │
                                                   dead ──purge/expire──► gone
+    any state but gone ──delete (delete_queue with force)──► gone
 
 "release" returns a delivery that never reached its consumer (attempt uncounted).
 "retry" is a nack or a lease expiry: "later" when the delay (explicit or backoff) is
@@ -44,6 +45,7 @@ class Event(enum.StrEnum):
     REPLAY = "replay"
     PURGE_DEAD = "purge dead"
     EXPIRE_DEAD = "expire dead"
+    DELETE = "delete"  # its queue was deleted (delete_queue with force)
 
 
 TRANSITIONS: Final[dict[tuple[State, Event], State]] = {
@@ -64,6 +66,10 @@ TRANSITIONS: Final[dict[tuple[State, Event], State]] = {
     (State.DEAD, Event.REPLAY): State.READY,
     (State.DEAD, Event.PURGE_DEAD): State.GONE,
     (State.DEAD, Event.EXPIRE_DEAD): State.GONE,
+    (State.READY, Event.DELETE): State.GONE,
+    (State.DELAYED, Event.DELETE): State.GONE,
+    (State.RESERVED, Event.DELETE): State.GONE,
+    (State.DEAD, Event.DELETE): State.GONE,
 }
 
 

@@ -400,7 +400,10 @@ class QueueTotals:
 async def deepest_queues(core: Core, top: int, totals: QueueTotals) -> list[Queue]:
     """The ``top`` deepest queues (ties by name), in name order, adding every queue to
     ``totals``. Yields to the loop every ``YIELD_EVERY`` queues. Queues made or dropped
-    while it yields are seen or not; the sums are of the queues it saw."""
+    while it yields are seen or not; the sums are of the queues it saw, plus the totals of
+    the queues forgotten before it started (so that they never go down)."""
+    for key, count in core.forgotten_totals.items():
+        totals.totals[key] += count
     chosen: list[
         tuple[int, tuple[int, ...], Queue]
     ] = []  # min-heap of (depth, name): the top so far

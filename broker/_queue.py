@@ -14,7 +14,7 @@ from ._limits import Limits
 from ._message import Message
 from ._position import ReadyRanks
 from ._ready import ReadyIndex
-from ._settings import QueueSettings
+from ._settings import DEFAULT_SETTINGS, QueueSettings
 
 TOTALS = ("put", "delivered", "acked", "nacked", "expired", "dead_lettered")
 
@@ -51,9 +51,11 @@ class Queue:
     live in the core's broker-wide deadline heaps; only their counts are kept here. Dead
     letters are kept by id (for paging) until replayed, purged or expired. ``processing``
     is the reserve-to-ack time of each ack (in memory only, for metrics). ``ranks`` orders
-    the ready messages for ``status``'s position, once someone has asked for one."""
+    the ready messages for ``status``'s position, once someone has asked for one.
+    ``anchors`` counts the schedules and bindings that name the queue."""
 
     __slots__ = (
+        "anchors",
         "counts",
         "dead",
         "limits",
@@ -68,7 +70,8 @@ class Queue:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.settings = QueueSettings()
+        self.settings = DEFAULT_SETTINGS
+        self.anchors = 0
         self.ready = ReadyIndex()
         self.counts = {State.READY: 0, State.DELAYED: 0, State.RESERVED: 0, State.DEAD: 0}
         self.totals = dict.fromkeys(TOTALS, 0)
@@ -89,6 +92,23 @@ class Queue:
         else:
             old.max_in_flight = settings.max_in_flight
         self.settings = settings
+
+    def unused(self) -> bool:
+        """True if forgetting the queue loses nothing but its totals: it holds no message
+        (ready, delayed, reserved or dead), has default settings (so it is not paused),
+        no schedule or binding names it and nobody waits on it. (With no message there is
+        no wait for a message's outcome either.) Cheapest tests first: a queue in use
+        fails the first or second."""
+        counts = self.counts
+        return (
+            not counts[State.READY]
+            and not counts[State.RESERVED]
+            and not counts[State.DELAYED]
+            and not counts[State.DEAD]
+            and not self.waiters
+            and not self.anchors
+            and (self.settings is DEFAULT_SETTINGS or self.settings == DEFAULT_SETTINGS)
+        )
 
     def can_deliver(self, now: float) -> bool:
         if self.counts[State.READY] == 0 or self.settings.paused:

@@ -11,7 +11,8 @@ Message ids are 8-byte big-endian keys, so the message databases are in id order
   progress]``: the small record that reserve, nack, touch and expiry rewrite. (Format 1
   records lack the last two fields; they are still read.) ``seq`` orders ready messages of
   equal priority (and ties between equal deadlines), as in the core.
-- ``queues``: name (UTF-8) -> msgpack ``[RECORD_FORMAT, settings map, totals map]``.
+- ``queues``: name (UTF-8) -> msgpack ``[RECORD_FORMAT, settings map, totals map]``, while
+  the queue is in use; deleted when the core forgets it (in a log record, value nil).
 - ``results``: id -> msgpack ``[RECORD_FORMAT, queue, result, done_at, expires_at]``, the
   result an acked message left, until its queue's result TTL runs out.
 - ``dedup``: queue + NUL + key -> msgpack ``[RECORD_FORMAT, message id, expires_at,
@@ -46,8 +47,10 @@ from ._settings import QueueSettings
 
 RECORD_FORMAT: Final = 2
 READABLE: Final = (1, 2)  # record formats this version reads
-BATCH_FORMAT: Final = 3  # the layout of a log record (``Batch.pack``)
-_BATCH_FIELDS: Final = {1: 8, 2: 9, 3: 10}  # fields per format: 1 had no schedules, 2 no bindings
+BATCH_FORMAT: Final = 4  # the layout of a log record (``Batch.pack``)
+# Fields per format: 1 had no schedules, 2 no bindings; 4 is 3 where a queue's value may be
+# nil (delete it), so a version that cannot delete one refuses the log instead.
+_BATCH_FIELDS: Final = {1: 8, 2: 9, 3: 10, 4: 10}
 BODY_PREFIX: Final = bytes([RECORD_FORMAT])
 _STATES: Final = {state.value: state for state in State}
 
@@ -75,7 +78,7 @@ class Batch:
     bodies: Pairs = field(default_factory=list)
     states: Pairs = field(default_factory=list)
     deletes: list[bytes] = field(default_factory=list)
-    queues: Pairs = field(default_factory=list)
+    queues: Optional = field(default_factory=list)
     results: Optional = field(default_factory=list)
     dedup: Optional = field(default_factory=list)
     counters: bytes | None = None

@@ -27,6 +27,12 @@ turn order, until their batch commits. A connection's close waits for all its re
 Fairness: one connection's requests are answered at most ``MAX_FRAMES_PER_TURN`` in one
 go, and a connection with ``MAX_UNCONFIRMED`` replies held is not read until they go
 out, so one client pipelining without end adds a bounded amount to any batch and turn.
+
+Memory: a connection whose unwritten reply bytes (queued this turn, held for a commit, and
+in the transport's buffer) reach ``MAX_BEHIND`` is not read, nor are its buffered frames
+answered, until they are down to half: a client that pipelines requests with large
+replies (peek, stats, big reserves) and reads none makes the broker hold at most about
+``MAX_BEHIND`` plus one reply for it.
 """
 
 from __future__ import annotations
@@ -88,6 +94,7 @@ _RETRY_COMMIT_AFTER: Final = 1.0
 _SLOW_COMMIT: Final = 0.2  # seconds: a commit slower than this is logged
 MAX_UNCONFIRMED: Final = 1024  # replies one connection may have waiting for a commit
 MAX_FRAMES_PER_TURN: Final = 32  # requests of one connection answered in one go
+MAX_BEHIND: Final = 8 * 1024 * 1024  # unwritten reply bytes at which a connection waits
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -117,8 +124,9 @@ class Connection(asyncio.Protocol):
         self.held_need = 0
         self.last_need = 0  # the latest batch any reply queued so far needs
         self.unconfirmed = 0  # replies handed to the server's held queue, not yet written
+        self.queued = 0  # bytes of replies queued, held or unconfirmed: not yet written
         self.write_paused = False
-        self.read_paused = False  # too many replies unconfirmed: reading waits for them
+        self.read_paused = False  # replies unconfirmed or unwritten: reading waits for them
         self.turn_paused = False  # frames wait for the next turn
         self.eof = False  # the peer sends nothing more
         self.reading = True
@@ -149,14 +157,19 @@ class Connection(asyncio.Protocol):
     def read_frames(self) -> None:
         """Answer the complete frames buffered so far: at most ``MAX_FRAMES_PER_TURN`` in
         one go (the rest in a later turn, so one connection cannot hold the loop), and
-        none while ``MAX_UNCONFIRMED`` replies wait for a commit (reading waits for
-        them to be written). The socket is not read while frames wait here."""
+        none while ``MAX_UNCONFIRMED`` replies wait for a commit or ``MAX_BEHIND`` bytes
+        of replies are unwritten (reading waits for them to be written). The socket is
+        not read while frames wait here."""
         self.turn_paused = False
         budget = MAX_FRAMES_PER_TURN
         next_frame = self.decoder.next_frame
         try:
             while not self.closing:
-                if self.unconfirmed + len(self.held) >= MAX_UNCONFIRMED:
+                held_back = self.unconfirmed + len(self.held) >= MAX_UNCONFIRMED
+                behind = self.queued >= MAX_BEHIND or (
+                    self.write_paused and self._behind_by(MAX_BEHIND)
+                )
+                if held_back or behind:
                     self.read_paused = True
                     break
                 if budget == 0:
@@ -180,7 +193,27 @@ class Connection(asyncio.Protocol):
     def confirmed(self, frames: int) -> None:
         """``frames`` held replies were written: read on if reading waited for them."""
         self.unconfirmed -= frames
-        if self.read_paused and self.unconfirmed < MAX_UNCONFIRMED // 2:
+        self._read_on_if_drained()
+
+    def _behind_by(self, limit: int) -> bool:
+        """True if ``limit`` bytes of replies or more are not written to the socket yet.
+        (The transport's buffer is asked only once it is over its high-water mark.)"""
+        if self.queued >= limit:
+            return True
+        transport = self.transport
+        return (
+            self.write_paused
+            and transport is not None
+            and self.queued + transport.get_write_buffer_size() >= limit
+        )
+
+    def _read_on_if_drained(self) -> None:
+        """Reading waited for replies to go out: read on once they are down to half."""
+        if (
+            self.read_paused
+            and self.unconfirmed < MAX_UNCONFIRMED // 2
+            and not self._behind_by(MAX_BEHIND // 2)
+        ):
             self.read_paused = False
             self.read_frames()
 
@@ -222,6 +255,7 @@ class Connection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.write_paused = False
         self._update_reading()
+        self._read_on_if_drained()
         if self.server.feed.replaying:  # a replay of job events may go on now
             self.server.turn_ends_soon()
 
@@ -309,6 +343,8 @@ class Connection(asyncio.Protocol):
         self._queue(encode_frame([request_id, False, error.to_wire()]), need)
 
     def _queue(self, frame: bytes | None, need: int) -> None:
+        if frame is not None:
+            self.queued += len(frame)
         if need > self.server.durable:
             self.held.append(frame)
             self.held_need = max(self.held_need, need)
@@ -329,6 +365,7 @@ class Connection(asyncio.Protocol):
         if limit is not None and behind and behind + len(frame) > limit:
             return False
         self.pushed += len(frame)
+        self.queued += len(frame)
         self.outbox.append(frame)
         self.server.mark_dirty(self)
         return True
@@ -368,10 +405,15 @@ class Connection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         if _CLOSE in frames:
-            transport.write(b"".join(frame for frame in frames if frame is not None))
+            data = b"".join(frame for frame in frames if frame is not None)
+            transport.write(data)
             transport.close()
         else:
-            transport.write(b"".join(cast(list[bytes], frames)))
+            data = b"".join(cast(list[bytes], frames))
+            transport.write(data)
+        self.queued -= len(data)
+        if self.read_paused:
+            self._read_on_if_drained()
 
 
 class BrokerServer:

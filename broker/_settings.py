@@ -159,6 +159,10 @@ class QueueSettings:
         return dataclasses.replace(self, **fields)
 
 
+# A fresh queue's settings: one shared object, so that most checks for defaults are `is`.
+DEFAULT_SETTINGS: Final = QueueSettings()
+
+
 def _optional(parse: Any) -> Any:
     return lambda value: None if value is None else parse(value)
 

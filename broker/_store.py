@@ -133,7 +133,7 @@ class Coalesced:
     bodies: dict[bytes, bytes] = field(default_factory=dict)
     states: dict[bytes, bytes] = field(default_factory=dict)
     deletes: set[bytes] = field(default_factory=set)
-    queues: dict[bytes, bytes] = field(default_factory=dict)
+    queues: dict[bytes, bytes | None] = field(default_factory=dict)  # None: delete
     results: dict[bytes, bytes | None] = field(default_factory=dict)
     dedup: dict[bytes, bytes | None] = field(default_factory=dict)
     schedules: dict[bytes, bytes | None] = field(default_factory=dict)
@@ -171,7 +171,7 @@ class Coalesced:
         deletes: Iterable[bytes],
         bodies: Iterable[tuple[bytes, bytes]],
         states: Iterable[tuple[bytes, bytes]],
-        queues: Iterable[tuple[bytes, bytes]],
+        queues: Iterable[tuple[bytes, bytes | None]],
         later: Batch | Coalesced,
     ) -> None:
         for key in deletes:
@@ -623,6 +623,9 @@ class Store:
                     queue_.settings.to_wire(),
                 )
             batch.queues.append(encode_queue(queue_.name, cached[1], queue_.totals))
+        for name in changes.forgotten:
+            self._settings_wire.pop(name, None)
+            batch.queues.append((name.encode(), None))
         for message_id, result in changes.results.items():
             stored = None if result is None else encode_result(result)
             batch.results.append((message_key(message_id), stored))
@@ -840,9 +843,8 @@ class Store:
             cursor = txn.cursor(db)
             for start in range(0, len(pairs), _PUT_CHUNK):
                 cursor.putmulti(pairs[start : start + _PUT_CHUNK])
-        for key, value in batch.queues:
-            txn.put(key, value, db=self._queues)
         for db, records in (
+            (self._queues, batch.queues),
             (self._results, batch.results),
             (self._dedup, batch.dedup),
             (self._schedules, batch.schedules),

@@ -346,6 +346,7 @@ class AsyncClient:
     progress = _awaiting(_calls.progress)
     replay = _awaiting(_calls.replay)
     purge_dead = _awaiting(_calls.purge_dead)
+    delete_queue = _awaiting(_calls.delete_queue)
     schedule = _awaiting(_calls.schedule)
     unschedule = _awaiting(_calls.unschedule)
     schedules = _awaiting(_calls.schedules)

@@ -470,6 +470,18 @@ def purge_dead(queue: str) -> Call[int]:
     return Call("purge_dead", {"queue": _queue(queue)}, _field("purged"))
 
 
+def delete_queue(queue: str, *, force: bool = False) -> Call[dict[str, Any]]:
+    """Remove ``queue``: its settings and the bindings into it; long-polls on it get
+    nothing. A queue holding messages (of any state) or schedules is refused with
+    ``BadRequest`` unless ``force``, which deletes them too (a leased message's ack then
+    raises ``LeaseLost``). Returns ``{deleted, messages, schedules, bindings}``: what
+    went with it. ``NotFound`` if there is no such queue."""
+    args: dict[str, Any] = {"queue": _queue(queue)}
+    if force:
+        args["force"] = True
+    return Call("delete_queue", args, dict)
+
+
 def schedule(
     queue: str,
     name: str,

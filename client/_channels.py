@@ -62,7 +62,7 @@ class Gap(NamedTuple):
 
 
 Event = ChannelMessage | JobEvent | Gap
-ADMIN_EVENTS: Final = frozenset({"paused", "resumed", "configured"})
+ADMIN_EVENTS: Final = frozenset({"paused", "resumed", "configured", "queue_deleted"})
 _EVENT_KEYS: Final = frozenset({"seq", "ts", "queue", "id", "event", "attempts"})
 
 

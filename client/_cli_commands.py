@@ -187,6 +187,21 @@ def cmd_purge_dead(client: Client, args: Args) -> int:
     return _show(args, {"purged": purged}, lambda: text)
 
 
+def cmd_delete_queue(client: Client, args: Args) -> int:
+    deleted = client.delete_queue(args.queue, force=args.force)
+    went = [
+        plural(deleted[key], noun)
+        for key, noun in (
+            ("messages", "message"),
+            ("schedules", "schedule"),
+            ("bindings", "binding"),
+        )
+        if deleted[key]
+    ]
+    text = f"deleted {args.queue!r}" + (f" with {', '.join(went)}" if went else "")
+    return _show(args, deleted, lambda: text)
+
+
 def cmd_configure(client: Client, args: Args) -> int:
     changes = parse_settings(args.settings)
     if not changes:
@@ -375,6 +390,7 @@ COMMANDS: Final = {
     "resume": Command(cmd_resume),
     "purge": Command(cmd_purge, destructive=True),
     "purge-dead": Command(cmd_purge_dead, destructive=True),
+    "delete-queue": Command(cmd_delete_queue),  # (--force is the consent to lose messages)
     "configure": Command(cmd_configure),
     "schedules": Command(cmd_schedules),
     "schedule": Command(cmd_schedule),

@@ -190,6 +190,15 @@ def _purge_arguments(parser: argparse.ArgumentParser) -> None:
     _yes_option(parser)
 
 
+def _delete_queue_arguments(parser: argparse.ArgumentParser) -> None:
+    _queue_argument(parser)
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="also delete its messages (reserved ones too), dead letters and schedules",
+    )
+
+
 def _configure_arguments(parser: argparse.ArgumentParser) -> None:
     _queue_argument(parser)
     parser.add_argument(
@@ -395,6 +404,18 @@ examples:
   sluice purge-dead emails --yes""",
         _purge_arguments,
     ),
+    "delete-queue": (
+        "delete a queue, its settings and the bindings into it",
+        """\
+A queue that still holds messages (ready, delayed, reserved or dead) or schedules is
+refused (exit 1) unless --force is given, which deletes those too: workers holding its
+messages get LeaseLost when they ack. Long-polls on it get nothing.
+
+examples:
+  sluice delete-queue emails
+  sluice delete-queue emails --force""",
+        _delete_queue_arguments,
+    ),
     "configure": (
         "change queue settings, or show them",
         """\
@@ -527,9 +548,10 @@ examples:
         """\
 Subscribes to job events: the broker publishes every change of every message on channel
 queue.<queue>.<event> (put, ready, reserved, acked, nacked, expired, dead, replayed,
-cancelled, purged, removed, released, progress) and queue.<queue>.admin (paused, resumed,
-configured). Each line: time (UTC), #seq, queue, event, id, attempts and the event's
-small fields. Patterns of other channels print their published messages too. With
+cancelled, purged, removed, deleted, released, progress) and queue.<queue>.admin
+(paused, resumed, configured, queue_deleted). Each line: time (UTC), #seq, queue, event,
+id, attempts and the event's small fields. Patterns of other channels print their
+published messages too. With
 --from-seq, the events the broker still holds from that seq come first (a "gap" line
 says which are gone). Runs until Ctrl-C (or --count lines). Exit status 1 if it falls
 behind: the message says which --from-seq goes on.

@@ -343,6 +343,7 @@ class Client:
     progress = _blocking(_calls.progress)
     replay = _blocking(_calls.replay)
     purge_dead = _blocking(_calls.purge_dead)
+    delete_queue = _blocking(_calls.delete_queue)
     schedule = _blocking(_calls.schedule)
     unschedule = _blocking(_calls.unschedule)
     schedules = _blocking(_calls.schedules)

@@ -223,9 +223,18 @@ def test_purge_drops_ready_and_delayed(api: Api, client: Client) -> None:
     client.put_many("api.purge", [b"1", b"2"])
     client.put("api.purge", b"3", delay=3600)
     assert api.post("/queues/api.purge/purge") == {"purged": 3}
-    stats = client.stats("api.purge")
-    assert stats["ready"] == stats["delayed"] == 0
+    assert "api.purge" not in [q["name"] for q in client.queues()]  # emptied: forgotten
     assert api.error("POST", "/queues/api.nope/purge") == (404, "NOT_FOUND")
+
+
+def test_delete_queue_refuses_one_in_use_unless_forced(api: Api, client: Client) -> None:
+    client.put("api.delete", b"1")
+    assert api.error("POST", "/queues/api.delete/delete") == (400, "BAD_REQUEST")
+    assert client.stats("api.delete")["ready"] == 1
+    deleted = api.post("/queues/api.delete/delete", {"force": True})
+    assert deleted == {"deleted": True, "messages": 1, "schedules": 0, "bindings": 0}
+    assert api.error("POST", "/queues/api.delete/delete") == (404, "NOT_FOUND")
+    assert api.error("POST", "/queues/api.delete/delete", {"force": 1}) == (400, "BAD_REQUEST")
 
 
 def test_replay_some_then_all_then_purge_dead(api: Api, client: Client) -> None:

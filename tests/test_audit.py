@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -148,6 +149,10 @@ ADMIN_CASES: dict[str, tuple[Prepare, dict[str, Any]]] = {
         lambda c, q: bound(c, q) or {"pattern": "audit.ch", "queue": q},
         {"pattern": "audit.ch", "unbound": True},
     ),
+    "delete_queue": (
+        lambda c, q: {"queue": q, "force": True} if put(c, q, 2) else {},
+        {"force": True, "deleted": True, "messages": 2, "schedules": 0, "bindings": 0},
+    ),
 }
 
 
@@ -227,6 +232,72 @@ def test_an_http_admin_post_is_audited(audited: BrokerProcess, ops: RawConnectio
     line = the_event(audited, op="purge", queue="audit.http")
     assert line["principal"] == "ops" and line["peer"] == "127.0.0.1"
     assert line["outcome"] == "ok" and line["changed"] == {"purged": 1}
+
+
+def http_status(broker: BrokerProcess, method: str, path: str, headers: dict[str, str]) -> int:
+    request = urllib.request.Request(
+        f"{broker.http}/api/v1{path}", method=method, data=b"" if method == "POST" else None
+    )
+    for name, value in headers.items():
+        request.add_header(name, value)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+@pytest.mark.parametrize(
+    ("name", "method", "headers", "status", "reason", "principal"),
+    [
+        (
+            "csrf",
+            "POST",
+            {"Authorization": f"Bearer {OPS_TOKEN}"},
+            403,
+            "no X-Sluice-Request header",
+            "(unknown)",
+        ),
+        ("no-token", "POST", {"X-Sluice-Request": "1"}, 401, "no token", "(unknown)"),
+        (
+            "wrong",
+            "POST",
+            {"X-Sluice-Request": "1", "Authorization": "Bearer nope"},
+            403,
+            "wrong token",
+            "(unknown)",
+        ),
+        ("read", "GET", {}, 401, "no token", "(unknown)"),
+    ],
+)
+def test_http_refusals_before_the_op_are_audited(
+    audited: BrokerProcess,
+    name: str,
+    method: str,
+    headers: dict[str, str],
+    status: int,
+    reason: str,
+    principal: str,
+) -> None:
+    queue = f"audit.http-{name}"
+    path = f"/queues/{queue}/purge" if method == "POST" else f"/queues/{queue}"
+    assert http_status(audited, method, path, headers) == status
+    route = f"{method} /api/v1{path}"
+    line = the_event(audited, route=route)
+    assert line["principal"] == principal and line["peer"] == "127.0.0.1"
+    assert line["reason"] == reason and line["level"] == "warning"
+    assert line["outcome"] == ("UNAUTHORIZED" if status == 401 else "FORBIDDEN")
+    assert "nope" not in json.dumps(line) and OPS_TOKEN not in json.dumps(line)  # no token
+
+
+def test_a_broker_wide_http_read_refused_is_audited_with_its_principal(
+    audited: BrokerProcess,
+) -> None:
+    headers = {"Authorization": f"Bearer {READER_TOKEN}"}  # read on audit.* only
+    assert http_status(audited, "GET", "/connections", headers) == 403
+    line = the_event(audited, route="GET /api/v1/connections")
+    assert line["principal"] == "reader" and line["outcome"] == "FORBIDDEN"
+    assert line["reason"] == "read on every queue needed"
 
 
 def test_sighup_reopens_the_audit_log(tmp_path: Path) -> None:

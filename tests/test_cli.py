@@ -225,8 +225,29 @@ def test_pause_resume_and_purge(shared_broker: BrokerProcess) -> None:
     with shared_broker.client() as client:
         assert client.stats("cli-purge")["ready"] == 2
     assert ok(shared_broker, "purge", "cli-purge", "-y").out.startswith("purged 3 ")
-    assert ok(shared_broker, "purge", "cli-purge", "--yes", "--json").json() == {"purged": 0}
+    emptied = sluice(shared_broker, "purge", "cli-purge", "--yes")  # emptied: forgotten
+    failed(emptied, 1, "sluice: NOT_FOUND: ")
     failed(sluice(shared_broker, "pause", "bad name"), 1, "sluice: BAD_REQUEST: ")
+
+
+def test_delete_queue_refuses_a_queue_in_use_unless_forced(shared_broker: BrokerProcess) -> None:
+    ok(shared_broker, "put", "cli-delete", "a")
+    refused = sluice(shared_broker, "delete-queue", "cli-delete")
+    failed(refused, 1, "sluice: BAD_REQUEST: delete_queue: queue 'cli-delete' is not empty")
+    assert "force=true" in refused.err
+    with shared_broker.client() as client:
+        assert client.stats("cli-delete")["ready"] == 1  # refused: nothing deleted
+    deleted = ok(shared_broker, "delete-queue", "cli-delete", "--force")
+    assert deleted.out == "deleted 'cli-delete' with 1 message\n"
+    failed(sluice(shared_broker, "delete-queue", "cli-delete"), 1, "sluice: NOT_FOUND: ")
+    ok(shared_broker, "pause", "cli-delete")
+    assert ok(shared_broker, "delete-queue", "cli-delete", "--json").json() == {
+        "deleted": True,
+        "messages": 0,
+        "schedules": 0,
+        "bindings": 0,
+    }
+    failed(sluice(shared_broker, "delete-queue", "bad name"), 1, "sluice: BAD_REQUEST: ")
 
 
 def test_configure(shared_broker: BrokerProcess) -> None:

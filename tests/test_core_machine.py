@@ -21,7 +21,13 @@ The model follows the contract in DESIGN.md and the core's docstrings:
   over a second) its ``catchup`` picks which fire; ``overlap="skip"`` skips a slot
   while the last message is not done or dead; a replaced schedule keeps its counters
   and last slot; ``trigger`` fires now. The machine never triggers on a slot, so no two
-  fires share a dedup key.
+  fires share a dedup key;
+- a queue exists while it is in use: while it has a message, settings other than the
+  defaults, a schedule, a binding or a waiter. Queue ``d`` starts with the defaults, so
+  it comes and goes; when it goes, its totals start again from zero. ``delete_queue``
+  refuses a queue holding a message or a schedule unless forced; forced, or on a queue
+  holding neither, it drops all of that, the queue's settings and the bindings into it,
+  and answers the waiters on it (in the order they came) with nothing.
 
 Lease tokens are opaque: the model numbers its own and the test maps them to the core's.
 """
@@ -49,9 +55,9 @@ from broker._lazyheap import LazyHeap
 from broker._ready import ReadyIndex
 from broker._schedules import parse_spec, slot_text
 from broker._subjects import matches
-from protocol import LeaseLost, NotFound, TooLarge
+from protocol import BadRequest, LeaseLost, NotFound, TooLarge
 
-QUEUES = ("a", "b", "c")
+QUEUES = ("a", "b", "c", "d")  # d: default settings, forgotten whenever unused
 START = 1_000.0
 UNKNOWN_ID = 10**9
 UNKNOWN_TOKEN = -1
@@ -131,6 +137,12 @@ class ModelBucket:
 # ---------------------------------------------------------------------- model
 
 
+SETTING_FIELDS = (
+    *("visibility_timeout", "max_attempts", "backoff", "dead_letter_ttl", "max_body"),
+    *("paused", "rate_limit", "max_in_flight"),
+)
+
+
 @dataclass
 class ModelQueue:
     visibility_timeout: float = 30.0
@@ -162,6 +174,11 @@ class ModelQueue:
     def full_bucket(limit: tuple[float, float, int], now: float) -> ModelBucket:
         rate, per, burst = limit
         return ModelBucket(Fraction(per) / Fraction(rate), burst, Fraction(burst), Fraction(now))
+
+    def configured(self) -> bool:
+        """True if any setting differs from a new queue's."""
+        fresh = ModelQueue()
+        return any(getattr(self, name) != getattr(fresh, name) for name in SETTING_FIELDS)
 
     def backoff_delay(self, attempts: int) -> float:
         """With a jitter draw of 0.5 the jitter factor is exactly 1."""
@@ -292,6 +309,55 @@ class Model:
             expires = message.dead_expires_at
             if message.state == "dead" and expires is not None and expires <= now:
                 del self.messages[message.id]
+        self.forget_unused()
+
+    def in_use(self, name: str) -> bool:
+        return (
+            any(m.queue == name for m in self.messages.values())
+            or self.queues[name].configured()
+            or any(queue == name for queue, _ in self.schedules)
+            or any(queue == name for _, queue in self.bindings)
+            or any(name in w.queues for w in self.waiters)
+        )
+
+    def forget_unused(self) -> None:
+        """Forget the queues not in use: their totals start from zero. (Done at the end
+        of each tick, so before each op: a queue left unused by one op is untouched until
+        the next one, and nothing due in a tick reaches a queue not in use.)"""
+        for name in QUEUES:
+            if not self.in_use(name):
+                self.queues[name] = ModelQueue()
+
+    def require(self, name: str) -> None:
+        if not self.in_use(name):
+            raise NotFound("no queue")
+
+    def delete_queue(self, now: float, name: str, force: bool) -> dict[str, Any]:
+        self.tick(now)
+        self.require(name)
+        held: dict[str, int] = {
+            state: self.count(name, state) for state in ("ready", "delayed", "reserved", "dead")
+        }
+        schedules = [key for key in self.schedules if key[0] == name]
+        if not force and (any(held.values()) or schedules):
+            raise BadRequest("not empty", {**held, "schedules": len(schedules)})
+        for waiter in [w for w in self.waiters if name in w.queues]:
+            self.waiters.remove(waiter)
+            self.completions.append((waiter.key, []))
+        for key in schedules:
+            del self.schedules[key]
+        bound = {(pattern, queue) for pattern, queue in self.bindings if queue == name}
+        self.bindings -= bound
+        doomed = [m.id for m in self.messages.values() if m.queue == name]
+        for message_id in doomed:
+            del self.messages[message_id]
+        self.queues[name] = ModelQueue()
+        return {
+            "deleted": True,
+            "messages": len(doomed),
+            "schedules": len(schedules),
+            "bindings": len(bound),
+        }
 
     def _earliest_event(self, now: float) -> tuple[float, int, int, Any] | None:
         events: list[tuple[float, int, int, Any]] = []
@@ -583,6 +649,7 @@ class Model:
 
     def purge(self, now: float, name: str) -> int:
         self.tick(now)
+        self.require(name)
         doomed = [
             m.id
             for m in self.messages.values()
@@ -594,6 +661,7 @@ class Model:
 
     def purge_dead(self, now: float, name: str) -> int:
         self.tick(now)
+        self.require(name)
         doomed = [m.id for m in self.dead(name)]
         for message_id in doomed:
             del self.messages[message_id]
@@ -601,6 +669,7 @@ class Model:
 
     def replay(self, now: float, name: str, ids: list[int] | None) -> int:
         self.tick(now)
+        self.require(name)
         chosen = [m for m in self.dead(name) if ids is None or m.id in ids]
         for message in chosen:  # id order
             message.attempts = 0
@@ -764,7 +833,7 @@ def outcome(call: Any) -> tuple[str, Any]:
     """What a call did: ("ok", result) or (error class name, error details)."""
     try:
         return "ok", call()
-    except (LeaseLost, NotFound, TooLarge) as error:
+    except (LeaseLost, NotFound, TooLarge, BadRequest) as error:
         return type(error).__name__, error.details
 
 
@@ -849,6 +918,7 @@ TOLD_STATE = {  # the state an event leaves its message in (put, nacked, expired
     "cancelled": "gone",
     "purged": "gone",
     "removed": "gone",
+    "deleted": "gone",
 }
 
 
@@ -909,7 +979,7 @@ class CoreMachine(RuleBasedStateMachine):
         now = self.now
         self.core.tick(now)
         return {
-            "queues": [self.core.stats(now, name) for name in QUEUES],
+            "queues": [self.core.stats(now, name) for name in sorted(self.core.queues)],
             "status": {mid: self.core.status(now, mid) for mid in sorted(self.core.messages)},
             "next_deadline": self.core.next_deadline(),
             "pending": [(key, [m.id for m in ms]) for key, ms in self.core._completions],
@@ -1118,16 +1188,18 @@ class CoreMachine(RuleBasedStateMachine):
 
     @rule(pattern=binding_patterns, name=queue_names, bound=st.booleans())
     def bind(self, pattern: str, name: str, bound: bool) -> None:
+        self.model.tick(self.now)
         if bound:
-            assert self.core.bindings.bind(pattern, name) == (
+            assert self.core.bind(self.now, pattern, name) == (
                 (pattern, name) not in self.model.bindings
             )
             self.model.bindings.add((pattern, name))
         else:
-            assert self.core.bindings.unbind(pattern, name) == (
+            assert self.core.unbind(self.now, pattern, name) == (
                 (pattern, name) in self.model.bindings
             )
             self.model.bindings.discard((pattern, name))
+        self.model.forget_unused()
 
     @rule(channel=channel_names, spec=put_specs, step=small_steps)
     def publish(self, channel: str, spec: PutSpec, step: float) -> None:
@@ -1139,6 +1211,17 @@ class CoreMachine(RuleBasedStateMachine):
             expected = outcome(lambda name=name: self.model.put(now, name, [spec]))
             assert outcome(lambda name=name: self.core.put(now, name, [spec])) == expected
 
+    @rule(name=queue_names, force=st.sampled_from([False, False, True]), step=small_steps)
+    def delete_queue(self, name: str, force: bool, step: float) -> None:
+        now = self._later(step)
+        expected = outcome(lambda: self.model.delete_queue(now, name, force))
+        if expected[0] == "ok":
+            assert outcome(lambda: self.core.delete_queue(now, name, force)) == expected
+            return
+        before = self._snapshot()  # refused: nothing changes
+        assert outcome(lambda: self.core.delete_queue(now, name, force)) == expected
+        assert self._snapshot() == before
+
     @rule(changes=st.sampled_from(LIMIT_CHANGES))
     def limit(self, changes: dict[str, Any]) -> None:
         self.model.configure(self.now, "a", changes)
@@ -1148,14 +1231,17 @@ class CoreMachine(RuleBasedStateMachine):
     def replay(self, name: str, data: st.DataObject) -> None:
         known = [*range(1, self.model.next_id), UNKNOWN_ID]
         ids = data.draw(st.none() | st.lists(st.sampled_from(known), max_size=3))
-        assert self.core.replay(self.now, name, ids) == self.model.replay(self.now, name, ids)
+        expected = outcome(lambda: self.model.replay(self.now, name, ids))
+        assert outcome(lambda: self.core.replay(self.now, name, ids)) == expected
 
     @rule(name=queue_names, dead=st.booleans())
     def purge(self, name: str, dead: bool) -> None:
         if dead:
-            assert self.core.purge_dead(self.now, name) == self.model.purge_dead(self.now, name)
+            expected = outcome(lambda: self.model.purge_dead(self.now, name))
+            assert outcome(lambda: self.core.purge_dead(self.now, name)) == expected
         else:
-            assert self.core.purge(self.now, name) == self.model.purge(self.now, name)
+            expected = outcome(lambda: self.model.purge(self.now, name))
+            assert outcome(lambda: self.core.purge(self.now, name)) == expected
 
     @rule(
         how=st.sampled_from(["to next deadline", "just before it", "by a step"]),
@@ -1188,8 +1274,12 @@ class CoreMachine(RuleBasedStateMachine):
         for (_, got), (_, want) in zip(taken, expected, strict=True):
             self._record(want, got)
 
-        assert self.core.list_queues(now) == [self.model.summary(name) for name in QUEUES]
+        existing = [name for name in QUEUES if self.model.in_use(name)]
+        assert self.core.list_queues(now) == [self.model.summary(name) for name in existing]
         for name in QUEUES:
+            if name not in existing:
+                assert outcome(lambda name=name: self.core.stats(now, name))[0] == "NotFound"
+                continue
             assert core_stats(self.core, now, name) == self.model.stats(name, now)
             dead = [m.id for m in self.core.dead_letters(now, name, 1_000)]
             assert dead == [m.id for m in self.model.dead(name)]
@@ -1231,7 +1321,8 @@ class CoreMachine(RuleBasedStateMachine):
         self.events_read = ring.next_seq
         for _, _, queue, kind, message_id, attempts, fields in new:
             if message_id is None:
-                assert kind in ("paused", "resumed", "configured") and queue in QUEUES
+                assert kind in ("paused", "resumed", "configured", "queue_deleted")
+                assert queue in QUEUES
                 continue
             if kind in ("put", "nacked", "expired"):  # (an exhausted one: "dead" follows)
                 state = "delayed" if (fields or {}).get("delay", 0) > 0 else "ready"

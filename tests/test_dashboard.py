@@ -21,7 +21,7 @@ import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from client import Client
-from tests.conftest import BrokerProcess, start_broker, stop_broker
+from tests.conftest import KEEP, BrokerProcess, start_broker, stop_broker
 
 TOKEN = "dashboard-token"
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,6 +116,7 @@ def test_pause_from_the_queue_page_asks_the_token_once(page: Page, client: Clien
 
 
 def test_a_destructive_action_waits_for_confirmation(page: Page, client: Client) -> None:
+    client.configure("web.purge", **KEEP)  # so that the emptied queue stays to be shown
     client.put_many("web.purge", [b"1", b"2"])
     page.goto(page.url.split("#")[0] + "#/queue/web.purge/ready")
     page.click('[data-testid="purge"]')

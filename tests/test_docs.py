@@ -64,8 +64,7 @@ def test_readme_job_events_example_runs_as_written(broker: BrokerProcess) -> Non
 def test_readme_sealed_bodies_example_runs_as_written(broker: BrokerProcess) -> None:
     run_example(readme_python_blocks("Security")[0], broker)  # it asserts what it read
     with broker.client() as client:  # the example put, read and acked one message
-        assert client.stats("payments")["totals"]["acked"] == 1
-        assert client.peek("payments", "ready") == []
+        assert client.queues() == []  # so nothing is left in it: forgotten
 
 
 def test_readme_sync_example_runs_as_written(broker: BrokerProcess) -> None:
@@ -85,9 +84,8 @@ def test_readme_async_example_runs_as_written(broker: BrokerProcess) -> None:
         "made a thumbnail of img-1.png",
         "made a thumbnail of img-2.png",
     ]
-    with broker.client() as client:
-        stats = client.stats("thumbnails")
-    assert stats["totals"]["put"] == 2 and stats["totals"]["acked"] == 2
+    with broker.client() as client:  # both acked: the queue was forgotten
+        assert client.queues() == []
 
 
 def test_readme_channels_example_runs_as_written(broker: BrokerProcess) -> None:
@@ -139,11 +137,8 @@ def test_readme_rate_limit_example_runs_as_written(broker: BrokerProcess) -> Non
     assert took is not None, timed
     # 7 tokens were left of the burst of 10; the other 10 come one every 0.2 s.
     assert 1.8 <= float(took.group(1)) <= 5.0
-    with broker.client() as client:
-        stats = client.stats("webhooks")
-        settings = client.configure("webhooks")
-    assert stats["totals"]["delivered"] == stats["totals"]["acked"] == 20
-    assert settings["rate_limit"] is None and settings["max_in_flight"] is None
+    with broker.client() as client:  # all acked and both limits off: forgotten
+        assert client.queues() == []
 
 
 def test_help_names_every_flag_and_its_environment_variable() -> None:

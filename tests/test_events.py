@@ -198,7 +198,6 @@ def test_a_subscriber_that_never_reads_lags_and_nobody_else_waits(tmp_path: Path
                 client.put_many(queue, [b"y" * 100] * 200)
                 messages = client.reserve(queue, max_messages=200, wait=TIMEOUT)
                 assert client.ack(messages) == 200
-            assert client.stats(queue)["ready"] == 0
             grown = _rss_bytes(broker) - start
             assert grown < 24 * 2**20, f"the broker grew by {grown} bytes for a stuck reader"
             pushed = _pushes_until_lagged(stuck)

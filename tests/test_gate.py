@@ -109,14 +109,13 @@ def test_max_queues_refuses_a_new_queue_with_quota_and_changes_nothing(
             client.put("q.1", b"x")
             client.put("q.2", b"x")
             client.configure("q.3", max_attempts=2)
-            client.bind("orders.*", "q.8")
             before = client.queues()
             for create in (
                 lambda: client.put("q.4", b"x"),
                 lambda: client.reserve(["q.1", "q.5"]),  # one new name: nothing reserved
                 lambda: client.configure("q.6", max_attempts=1),
                 lambda: client.schedule("q.7", "s", b"x", every=60),
-                lambda: client.publish("orders.eu", b"x"),  # bound into a queue not made yet
+                lambda: client.bind("orders.*", "q.8"),  # a binding makes its queue
             ):
                 with pytest.raises(Quota, match="--max-queues"):
                     create()

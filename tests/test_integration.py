@@ -22,7 +22,7 @@ import pytest
 
 from client import AsyncClient, Client, Message
 from client.errors import BadRequest, ConnectionClosed, LeaseLost, NotFound
-from tests.conftest import BrokerProcess, frame, start_broker, stop_broker, wait_for_state
+from tests.conftest import KEEP, BrokerProcess, frame, start_broker, stop_broker, wait_for_state
 
 T = TypeVar("T")
 EPSILON = 1e-6  # float slack when comparing broker timestamps
@@ -67,6 +67,7 @@ def test_sync_put_reserve_ack_round_trip(broker: BrokerProcess) -> None:
     with broker.client() as client:
         assert client.server_info["protocol"] == 1
         assert client.server_info["max_frame"] > 0
+        client.configure("jobs", **KEEP)  # looked at once drained
         before = client.ping()
         message_id = client.put(
             "jobs", b"\x00payload\xff", priority=7, max_attempts=3, headers={"trace": "t1", "n": 2}
@@ -115,6 +116,7 @@ def test_async_put_reserve_ack_round_trip(broker: BrokerProcess) -> None:
     async def scenario() -> None:
         async with broker.async_client() as client:
             assert client.server_info["protocol"] == 1
+            await client.configure("jobs", **KEEP)
             ids = await client.put_many("jobs", [b"a", b"b", b"c"], priority=2)
             assert len(set(ids)) == 3
             messages = await client.reserve("jobs", max_messages=10)
@@ -137,6 +139,7 @@ def test_async_put_reserve_ack_round_trip(broker: BrokerProcess) -> None:
 
 def test_lease_outlives_its_connection(broker: BrokerProcess) -> None:
     with broker.client() as first:
+        first.configure("jobs", **KEEP)
         first.put("jobs", b"x")
         (message,) = first.reserve("jobs")
     with broker.client() as second:
@@ -702,7 +705,7 @@ def test_waiting_consumers_are_served_first_come_first_served(broker: BrokerProc
                 assert message.body == f"m{index}".encode()
             stats = await producer.stats("jobs")
             assert (stats["waiting"], stats["reserved"], stats["ready"]) == (0, 4, 0)
-            assert (await producer.stats("side"))["waiting"] == 0
+            assert "side" not in {q["name"] for q in await producer.queues()}  # unused: gone
         for consumer in consumers:
             await consumer.close()
 
@@ -719,7 +722,7 @@ def test_long_poll_ends_empty_at_its_deadline(broker: BrokerProcess) -> None:
             ended = await consumer.ping()
             assert ended >= started + 0.3 - EPSILON  # broker clock: not answered early
             # The timed-out wait is gone: it must not swallow the next message.
-            assert (await producer.stats("jobs"))["waiting"] == 0
+            assert (await producer.stats("jobs"))["waiting"] == 0  # (seed keeps the queue)
             message_id = await producer.put("jobs", b"after")
             assert (await producer.status(message_id))["state"] == "ready"
             (message,) = await consumer.reserve("jobs", wait=5)
@@ -729,7 +732,7 @@ def test_long_poll_ends_empty_at_its_deadline(broker: BrokerProcess) -> None:
     arun(scenario())
     with broker.client() as client:
         assert client.reserve("sync-jobs", wait=0.2) == []
-        assert client.stats("sync-jobs")["waiting"] == 0
+        assert client.queues() == []  # the wait was all it had: forgotten with it
 
 
 def test_closed_connection_gives_up_its_long_poll(broker: BrokerProcess) -> None:
@@ -743,7 +746,7 @@ def test_closed_connection_gives_up_its_long_poll(broker: BrokerProcess) -> None
 
     arun(scenario())
     with broker.client() as client:
-        wait_for_state(lambda: client.stats("jobs")["waiting"] == 0)
+        wait_for_state(lambda: client.queues() == [])  # the wait was its only use
         message_id = client.put("jobs", b"for whoever comes next")
         assert client.status(message_id)["state"] == "ready"
         assert client.stats("jobs")["totals"]["delivered"] == 0
@@ -753,6 +756,7 @@ def test_long_poll_does_not_block_other_calls_on_its_connection(broker: BrokerPr
     async def scenario() -> None:
         async with broker.async_client() as client:
             waiting = await start_waiting(client, "slow", wait=20)
+            await client.configure("fast", **KEEP)
             put_id = await client.put("fast", b"f")
             (fast,) = await client.reserve("fast")
             assert fast.id == put_id
@@ -778,6 +782,8 @@ def test_many_concurrent_consumers_ack_every_message_exactly_once(
     queue = "load"
 
     async def scenario() -> None:
+        async with broker.async_client() as client:
+            await client.configure(queue, **KEEP)  # else forgotten whenever it drains
         put_bodies: dict[int, bytes] = {}
         acked: list[int] = []
         acked_bodies: dict[int, bytes] = {}
@@ -835,6 +841,7 @@ def test_many_concurrent_consumers_ack_every_message_exactly_once(
 def test_sync_client_shared_by_threads(broker: BrokerProcess) -> None:
     threads, per_thread = 8, 40
     with broker.client() as client:
+        client.configure("jobs", **KEEP)
 
         def produce(index: int) -> list[int]:
             return [client.put("jobs", f"{index}-{n}".encode()) for n in range(per_thread)]

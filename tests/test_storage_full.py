@@ -12,7 +12,7 @@ import pytest
 
 from client import Client, Message
 from client.errors import ErrorCode, StorageFull
-from tests.conftest import BrokerProcess, start_broker, stop_broker, wait_for_state
+from tests.conftest import KEEP, BrokerProcess, start_broker, stop_broker, wait_for_state
 
 QUEUE = "full.jobs"
 MAX_STORAGE = 4 * 1024 * 1024  # --max-storage 4M
@@ -84,6 +84,7 @@ def test_full_store_refuses_puts_keeps_acks_and_loses_nothing(
 
     broker = start("filling")
     with broker.client() as client:
+        client.configure(QUEUE, **KEEP)  # looked at once drained
         stored, refusal = fill(client, 0)
         assert refusal.code is ErrorCode.STORAGE_FULL
         assert 0 < len(stored) * BODY_SIZE < MAX_STORAGE, len(stored)

@@ -30,8 +30,9 @@ from hypothesis.stateful import rule
 
 from broker import Core
 from broker._events import EventRing
+from broker._settings import DEFAULT_SETTINGS
 from broker._store import COUNTER_BLOCK, Store
-from tests.test_core_machine import EVENTS_KEPT, QUEUES, START, CoreMachine
+from tests.test_core_machine import EVENTS_KEPT, START, CoreMachine
 
 
 class StoreMachine(CoreMachine):
@@ -70,8 +71,13 @@ class StoreMachine(CoreMachine):
             "model": copy.deepcopy(self.model),
             "tokens": dict(self.tokens),
             "handed_out": list(self.handed_out),
-            "settings": {name: self.core.queues[name].settings for name in QUEUES},
+            "settings": self._configured(),
         }
+
+    def _configured(self) -> dict[str, Any]:
+        """The settings of each queue whose settings are not the defaults."""
+        queues = self.core.queues.items()
+        return {name: q.settings for name, q in queues if q.settings != DEFAULT_SETTINGS}
 
     @rule()
     def commit(self) -> None:
@@ -117,8 +123,7 @@ class StoreMachine(CoreMachine):
         self.model.tick(self.now)
         self.tokens = dict(self.committed["tokens"])
         self.handed_out = list(self.committed["handed_out"])
-        for name, expected in self.committed["settings"].items():
-            assert self.core.queues[name].settings == expected
+        assert self._configured() == self.committed["settings"]
         # Recovering is itself a change only if it applied something that fell due.
         self.commit()
 

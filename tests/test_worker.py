@@ -38,7 +38,7 @@ from client._worker_common import (
 from client._worker_job import MAX_ERROR_TEXT, error_text
 from client.errors import BadRequest, NotFound
 from client.worker import AsyncJob, Job, load_handler, main
-from tests.conftest import REPO_ROOT, BrokerProcess, start_broker, stop_broker
+from tests.conftest import KEEP, REPO_ROOT, BrokerProcess, start_broker, stop_broker
 
 KINDS = ["threads", "asyncio"]
 STOP_TIMEOUT = 15.0  # seconds for a stopped worker to return
@@ -159,6 +159,7 @@ def test_concurrency_16_drains_2000_jobs_each_acked_once(
             running_now[0] -= 1
 
     with shared_broker.client() as client:
+        client.configure(name, **KEEP)  # else forgotten whenever it drains: totals read
         client.put_many(name, bodies[:1000])
         client.put_many(name, bodies[1000:])
         worker = worker_of(kind, name, record, concurrency=16, **fast(shared_broker))
