@@ -54,6 +54,11 @@ DEFAULT_HTTP_PORT = 7701
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 
 
+class HttpUnavailable(Exception):
+    """The HTTP port cannot be bound; the message says what to do. (Here, not in
+    ``_http``: a broker with HTTP off never imports aiohttp.)"""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     host: str
