@@ -104,6 +104,7 @@ def purge_dead_letters(client: Client, ledger: crash.Ledger) -> None:
     dead = {item["id"] for item in crash.all_dead_letters(client)}
     assert client.purge_dead(crash.QUEUE) == len(dead)
     ledger.gone.update(dead)
+    ledger.purged.update(dead)
     ledger.dead_seen = {}
 
 
@@ -153,6 +154,7 @@ def run_campaign(
     progress: Callable[[str], None] = print,
     progress_every: int = 50,
     recovery_kill_chance: float = RECOVERY_KILL_CHANCE,
+    settle_every: int = SETTLE_EVERY,
 ) -> Summary:
     """The crash campaign; returns its summary (violations listed, not raised)."""
     rng = random.Random(seed)
@@ -186,7 +188,7 @@ def run_campaign(
         for number in range(1, rounds + 1):
             killed_at = crash.run_round(broker, ledger, rng)
             broker = crash.restart_and_check(start, ledger, killed_at)
-            if number % SETTLE_EVERY == 0 or number == rounds:
+            if number % settle_every == 0 or number == rounds:
                 with broker.client() as client:
                     crash.drain(client, ledger)
                     crash.cancel_delayed(client, ledger)

@@ -120,6 +120,7 @@ class Ledger:
     bury_reasons: dict[int, str] = field(default_factory=dict)
     gone: set[int] = field(default_factory=set)  # checked NOT_FOUND after a restart
     cancelled: set[int] = field(default_factory=set)
+    purged: set[int] = field(default_factory=set)  # dead letters purged once accounted for
     done: dict[int, set[str]] = field(default_factory=lambda: defaultdict(set))  # confirmed
     held_at_crash: dict[int, Delivery] = field(default_factory=dict)
     forgotten: set[tuple[int, int]] = field(default_factory=set)  # deliveries a crash forgot
@@ -688,7 +689,7 @@ def account_for_every_put(client: Client, ledger: Ledger) -> None:
     off and it is gone), and every message leased at a crash was delivered again (or died)."""
     dead = {item["id"] for item in all_dead_letters(client)}
     for message_id in ledger.body_of:
-        settled = message_id in ledger.acked or message_id in dead
+        settled = message_id in ledger.acked or message_id in dead or message_id in ledger.purged
         cut_off_ack = message_id in ledger.unknown_acks and message_id in ledger.gone
         assert settled or message_id in ledger.cancelled or cut_off_ack, (
             f"message {message_id} ({ledger.body_of[message_id]!r}) is unaccounted for"

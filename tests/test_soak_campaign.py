@@ -17,7 +17,14 @@ def test_a_short_crash_campaign_finds_no_violation(tmp_path: Path) -> None:
     seed = random.SystemRandom().randrange(2**32)
     lines: list[str] = []
     summary = run_campaign(
-        6, "interval", seed, tmp_path, lines.append, progress_every=3, recovery_kill_chance=1.0
+        6,
+        "interval",
+        seed,
+        tmp_path,
+        lines.append,
+        progress_every=3,
+        recovery_kill_chance=1.0,
+        settle_every=3,  # two settles: the second accounts for dead letters the first purged
     )
     assert summary.violations == [], summary.violations
     assert summary.rounds == 6 and len(lines) == 2
