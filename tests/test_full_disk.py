@@ -5,8 +5,8 @@ The broker learns the disk is full from the disk: no ``--max-storage`` on the tm
 larger than the disk on ext4. Puts must end in ``STORAGE_FULL`` after a bounded number
 (those already admitted go into the log's preallocated segment, so they are durable when
 confirmed); hello, ping, reserve, ack, nack and reads keep answering, every reply within
-the client's timeout; ``/healthz`` says why; and after ``kill -9`` nothing confirmed is
-lost. Skipped, saying why, where the
+the client's timeout (a commit held for want of space would stall them); ``/healthz``
+says why; and after ``kill -9`` nothing confirmed is lost. Skipped, saying why, where the
 disk cannot be made (not root, no mount permission in a container, no loop device, no
 ``mkfs.ext4``); the ext4 image is unmounted and its loop device detached always.
 """
@@ -244,4 +244,43 @@ def test_an_ext4_disk_filled_by_the_broker_then_to_enospc_loses_nothing_confirme
             assert client.ack(batch) == len(batch)
         assert found == set(stored) - acked, "confirmed work was lost on a full ext4 disk"
         assert client.put(QUEUE, b"room again") > 0
+    stop_broker(brokers[-1])
+
+
+RETRIED = "retry.jobs"  # small messages nacked round after round on the full disk
+NACK_ROUNDS = 150  # each a log record of 200 nacks: several segments' worth
+
+
+def test_acks_and_nacks_on_a_full_ext4_disk_are_answered_without_end(
+    ext4_disk: Path, tmp_path: Path, brokers: list[BrokerProcess]
+) -> None:
+    """The checkpoint that deletes a full disk's acked messages needs new LMDB pages
+    before it frees any, and the log recycles a segment only once it is checkpointed: on a
+    disk with no byte left both would wait for each other, and once the log's segments
+    were used up every reply that waits for a commit would be held for ever. The store
+    keeps a space reserve for that moment; every nack below must be answered."""
+    args = ("--data-dir", str(ext4_disk / "data"), "--max-storage", "1G")
+    brokers.append(start_broker(tmp_path / "broker.log", *args))
+    broker = brokers[-1]
+    with broker.client() as client:
+        client.configure(RETRIED, max_attempts=None)
+        client.put_many(RETRIED, [b"r" * 100] * 200)
+        stored = put_batches_until_refused(client, (EXT4_MIB << 20) // BODY)
+        fill_disk(ext4_disk / "filler")
+        while batch := client.reserve(QUEUE, max_messages=500):
+            assert client.ack(batch) == len(batch)
+        for _ in range(NACK_ROUNDS):
+            batch = client.reserve(RETRIED, max_messages=200)
+            assert len(batch) == 200
+            assert client.nack(batch, delay=0, error="full disk") == 200
+        assert client.stats(QUEUE)["totals"]["acked"] == len(stored)
+    broker.process.kill()
+    broker.process.wait()
+    log = broker.log()
+    assert "Traceback" not in log and "commit failed" not in log, log[-3000:]
+    os.unlink(ext4_disk / "filler")
+    brokers.append(start_broker(tmp_path / "restarted.log", *args))
+    with brokers[-1].client() as client:
+        assert client.stats(QUEUE)["ready"] == 0
+        assert client.stats(RETRIED)["ready"] == 200
     stop_broker(brokers[-1])
