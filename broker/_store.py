@@ -37,8 +37,13 @@ checkpointed, so the two would wait on each other until the log ran out of segme
 every commit failed, its replies held for ever. ``space.reserve`` holds the room the
 capacity keeps for the log's next two segments as a real, allocated file; a commit that
 finds no room for its next segment, or a checkpoint (or recovery) that finds none for its
-pages, gives it up, and the checkpoint then writes its deletes in small transactions so
-that each frees pages for the next. It is made again once the disk has room.
+pages, gives it up. It is made again once the disk has room.
+
+A checkpoint (or recovery's application of the log) that does not fit in one transaction,
+on a full disk or with the map at its cap, is written in pieces, each a transaction that
+frees pages for the next (``_write_in_pieces``): the map at its cap must not stop
+checkpoints, or the log would grow past ``--max-storage`` without end and a restart
+could not apply it.
 """
 
 from __future__ import annotations
@@ -117,7 +122,7 @@ _END: Final = (None, b"")
 _RELEASE_MAP_EVERY: Final = 1 << 16  # messages read between dropping LMDB's pages from RSS
 _MADV_DONTNEED: Final = 4
 _PUT_CHUNK: Final = 128  # records per putmulti in a checkpoint
-_DELETE_CHUNK: Final = 64  # messages deleted per transaction when space is short
+_PIECE: Final = 256  # records per transaction when one for the whole batch has no room
 _CHECKPOINT_WAIT: Final = 5.0  # seconds a clean shutdown waits for its checkpoint
 RESERVE_NAME: Final = "space.reserve"  # disk space held for the log, given up when full
 FSYNC_MODES: Final = ("always", "interval", "never")
@@ -485,8 +490,22 @@ class Store:
 
     def _apply_log(self, numbers: list[int]) -> tuple[int, tuple[int, int]]:
         """Write the committed prefix of the log into LMDB, and raise the counters' ceilings
-        by a block, in one synced transaction. Returns how many records it applied, and
-        the ceilings before the raise: the first id and token this run may hand out."""
+        by a block, in one synced transaction (in many if that one does not fit: the map
+        at its cap, or a full disk). Returns how many records it applied, and the ceilings
+        before the raise: the first id and token this run may hand out."""
+        try:
+            return self._apply_log_at_once(numbers)
+        except (lmdb.Error, StorageFull) as error:
+            if not isinstance(error, StorageFull) and not self._disk_is_short():
+                raise
+            self._release_reserve()
+        applied = 0
+        for batch in self._read_log(numbers):
+            self._write_in_pieces(batch)
+            applied += 1
+        return applied, self._raise_counters()
+
+    def _apply_log_at_once(self, numbers: list[int]) -> tuple[int, tuple[int, int]]:
         while True:
             applied = 0
             try:
@@ -494,16 +513,21 @@ class Store:
                     for batch in self._read_log(numbers):
                         self._write(txn, batch)
                         applied += 1
-                    counters = txn.get(b"counters", db=self._meta)
-                    next_id, next_token = decode_counters(counters) if counters else (1, 1)
-                    block = (next_id + COUNTER_BLOCK, next_token + COUNTER_BLOCK)
-                    txn.put(b"counters", encode_counters(*block), db=self._meta)
-                return applied, (next_id, next_token)
+                    return applied, self._raise_counters(txn)
             except lmdb.MapFullError:
                 self._grow()
-            except lmdb.Error:
-                if not (self._disk_is_short() and self._release_reserve()):
-                    raise
+
+    def _raise_counters(self, txn: Any = None) -> tuple[int, int]:
+        """Raise the stored ceilings by a block (in ``txn``, or a transaction of its own);
+        returns them as they were."""
+        if txn is None:
+            with self.env.begin(write=True) as own:
+                return self._raise_counters(own)
+        counters = txn.get(b"counters", db=self._meta)
+        next_id, next_token = decode_counters(counters) if counters else (1, 1)
+        block = (next_id + COUNTER_BLOCK, next_token + COUNTER_BLOCK)
+        txn.put(b"counters", encode_counters(*block), db=self._meta)
+        return next_id, next_token
 
     def _read_log(self, numbers: list[int]) -> Iterator[Batch]:
         """The log's batches in order: each segment's committed prefix. A segment is
@@ -864,16 +888,19 @@ class Store:
 
     def _write_in_pieces(self, batch: Batch) -> None:
         """``batch`` when there is no room to write it in one transaction (a full disk, or
-        the map at its cap): its deletes first, ``_DELETE_CHUNK`` messages a transaction,
-        so the pages each one frees are free for the next (LMDB reuses a page only after
-        the transaction that freed it), then the rest. A transaction copies the pages it
-        changes, so one that deletes a thousand acked messages needs room first; this way
-        acks make the room they need. A crash part way leaves a partial checkpoint in LMDB
-        and the whole log beside it: recovery applies the log again (blind writes)."""
-        deletes = batch.deletes
-        for start in range(0, len(deletes), _DELETE_CHUNK):
-            self._transact(Batch(deletes=deletes[start : start + _DELETE_CHUNK]))
-        self._transact(dataclasses.replace(batch, deletes=[]))
+        the map at its cap): its deletes, then its bodies, then its message records,
+        ``_PIECE`` at a time, each piece a transaction, then the rest. A transaction
+        copies every page it changes and LMDB reuses a page only after the transaction
+        that freed it, so one that deletes a thousand acked messages, or rewrites the
+        record of every message (a nack of them all), needs about as much room again as
+        what it changes; a piece needs little, and frees what it copied for the next.
+        A crash part way leaves a partial checkpoint in LMDB and the whole log beside
+        it: recovery applies the log again (blind writes)."""
+        for name in ("deletes", "bodies", "states"):
+            records = getattr(batch, name)
+            for start in range(0, len(records), _PIECE):
+                self._transact(Batch(**{name: records[start : start + _PIECE]}))
+        self._transact(dataclasses.replace(batch, deletes=[], bodies=[], states=[]))
 
     def _write(self, txn: Any, batch: Batch) -> None:
         """Apply ``batch`` in ``txn``. Bulk puts go in chunks: the checkpoint thread holds
