@@ -40,7 +40,12 @@ def open_store(config: Config, core: Core) -> tuple[Store | None, Recovered | No
             extra=event("in_memory"),
         )
         return None, None
-    store = Store(config.data_dir, fsync=config.fsync, max_storage=config.max_storage)
+    store = Store(
+        config.data_dir,
+        fsync=config.fsync,
+        max_storage=config.max_storage,
+        initial_map=config.initial_map_size,
+    )
     data_dir = os.path.abspath(config.data_dir)
     log.info(
         "recovering from %s (fsync %s)",

@@ -83,6 +83,7 @@ class Config:
     max_queues: int = DEFAULT_MAX_QUEUES
     hello_timeout: float = DEFAULT_HELLO_TIMEOUT  # seconds
     audit_log: str | None = None  # audit events as JSON lines, appended; SIGHUP reopens it
+    initial_map_size: int = 64 << 20  # the LMDB map's first size; it doubles as needed
 
     def summary(self) -> dict[str, Any]:
         """Every setting, safe to log: of the auth token, only whether there is one."""
@@ -213,6 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
         "near it while acks keep working (default: what the disk has free)",
     )
     add(
+        "--initial-map-size",
+        type=_size,
+        default=_env("initial_map_size", "64M"),
+        help="the store's first LMDB map size (at least its file's); it doubles when a "
+        "checkpoint needs more, up to --max-storage (default %(default)s)",
+    )
+    add(
         "--log-level",
         default=_env("log_level", "info"),
         choices=["debug", "info", "warning", "error"],
@@ -339,4 +347,5 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         max_queues=int(args.max_queues),
         hello_timeout=float(args.hello_timeout),
         audit_log=args.audit_log or None,
+        initial_map_size=int(args.initial_map_size),
     )

@@ -247,6 +247,7 @@ class Store:
         segment_size: int = 8 << 20,
         checkpoint_bytes: int = 4 << 20,
         checkpoint_seconds: float = 1.0,
+        initial_map: int = _MIN_MAP,
     ):
         if fsync not in FSYNC_MODES:
             raise ValueError(f"fsync must be one of {FSYNC_MODES}, got {fsync!r}")
@@ -258,6 +259,7 @@ class Store:
         self.checkpoint_bytes = checkpoint_bytes
         self.checkpoint_seconds = checkpoint_seconds
         self._cap = min(max_storage or _NO_LIMIT, _NO_LIMIT)  # the map never grows past it
+        self._initial_map = initial_map
         try:
             os.makedirs(path, exist_ok=True)
             self._lock_file = _lock_dir(path)
@@ -277,7 +279,7 @@ class Store:
         # Checkpoints are always synced: LMDB unsynced may be corrupt after a power cut.
         self.env = lmdb.open(
             path,
-            map_size=max(min(_MIN_MAP, self._cap), existing),
+            map_size=max(min(self._initial_map, self._cap), existing),
             max_dbs=8,
             sync=True,
             metasync=True,
@@ -506,6 +508,7 @@ class Store:
         return applied, self._raise_counters()
 
     def _apply_log_at_once(self, numbers: list[int]) -> tuple[int, tuple[int, int]]:
+        grown = False
         while True:
             applied = 0
             try:
@@ -513,9 +516,14 @@ class Store:
                     for batch in self._read_log(numbers):
                         self._write(txn, batch)
                         applied += 1
-                    return applied, self._raise_counters(txn)
+                    counters = self._raise_counters(txn)
+                break
             except lmdb.MapFullError:
                 self._grow()
+                grown = True
+        if grown:
+            self._grown_and_written()
+        return applied, counters
 
     def _raise_counters(self, txn: Any = None) -> tuple[int, int]:
         """Raise the stored ceilings by a block (in ``txn``, or a transaction of its own);
@@ -877,14 +885,18 @@ class Store:
         """Write ``batch`` in one synced transaction, growing the map when it is full.
         Raises ``StorageFull`` if the map is at its cap, ``lmdb.DiskError`` if the disk
         has no room for the pages the transaction needs."""
+        grown = False
         while True:
             try:
                 with self.env.begin(write=True) as txn:
                     self._write(txn, batch)
                     self.at_checkpoint_step("writing")
-                return
+                break
             except lmdb.MapFullError:
                 self._grow()
+                grown = True
+        if grown:
+            self._grown_and_written()
 
     def _write_in_pieces(self, batch: Batch) -> None:
         """``batch`` when there is no room to write it in one transaction (a full disk, or
@@ -943,6 +955,15 @@ class Store:
             extra=event("store_grown", from_mib=size >> 20, to_mib=new_size >> 20),
         )
         self.env.set_mapsize(new_size)
+
+    def _grown_and_written(self) -> None:
+        """The end of a growth: the transaction that needed the room is committed."""
+        size = self.env.info()["map_size"]
+        log.info(
+            "the store's map is %d MiB; what needed the room is written",
+            size >> 20,
+            extra=event("store_grown_written", mib=size >> 20),
+        )
 
     # ---------------------------------------------------------- the space reserve
 
