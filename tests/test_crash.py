@@ -389,9 +389,15 @@ def ack_all(client: Client, ledger: Ledger, messages: list[Message], *, batched:
     return True
 
 
-def run_round(broker: BrokerProcess, ledger: Ledger, rng: random.Random) -> float:
-    """Producers and consumers until a SIGKILL at a random moment; returns the kill's
-    wall-clock time (after the process is gone)."""
+def run_round(
+    broker: BrokerProcess,
+    ledger: Ledger,
+    rng: random.Random,
+    kill_moment: Callable[[], None] | None = None,
+) -> float:
+    """Producers and consumers until a SIGKILL at a random moment (or when
+    ``kill_moment`` returns); returns the kill's wall-clock time (after the process is
+    gone)."""
     clients = [broker.client() for _ in range(PRODUCERS + CONSUMERS)]
     for client in clients:
         client.connect()
@@ -406,7 +412,10 @@ def run_round(broker: BrokerProcess, ledger: Ledger, rng: random.Random) -> floa
             pool.submit(consume, clients[i], ledger, rngs[i])
             for i in range(PRODUCERS, len(clients))
         ]
-        time.sleep(rng.uniform(*KILL_AFTER))  # the random moment of the crash
+        if kill_moment is None:
+            time.sleep(rng.uniform(*KILL_AFTER))  # the random moment of the crash
+        else:
+            kill_moment()
         broker.process.kill()
         broker.process.wait()
         killed_at = time.time()
