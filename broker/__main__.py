@@ -12,22 +12,23 @@ import ssl
 import sys
 import time
 from collections.abc import Sequence
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import uvloop
 
 from . import __version__
 from ._audit import AuditFile, AuditFileError
 from ._auth import AuthFileError, Authority
-from ._config import Config, parse_config
+from ._config import Config, HttpUnavailable, parse_config
 from ._core import Core
 from ._events import EventRing
-from ._http import HttpServer, HttpUnavailable
-from ._jwt import JwtVerifier
 from ._logging import configure_logging, event, log_dead_letter
 from ._server import BrokerServer, ServerLimits
 from ._store import Recovered, Store, StoreError
 from ._tls import TlsError, quiet_tls_noise, server_context
+
+if TYPE_CHECKING:
+    from ._http import HttpServer
 
 log = logging.getLogger("sluice")
 
@@ -40,7 +41,12 @@ def open_store(config: Config, core: Core) -> tuple[Store | None, Recovered | No
             extra=event("in_memory"),
         )
         return None, None
-    store = Store(config.data_dir, fsync=config.fsync, max_storage=config.max_storage)
+    store = Store(
+        config.data_dir,
+        fsync=config.fsync,
+        max_storage=config.max_storage,
+        initial_map=config.initial_map_size,
+    )
     data_dir = os.path.abspath(config.data_dir)
     log.info(
         "recovering from %s (fsync %s)",
@@ -92,7 +98,11 @@ async def serve(config: Config) -> None:
         max_queues=config.max_queues,
         events=EventRing(config.event_buffer),
     )
-    verifier = JwtVerifier(config.jwt_key, config.jwt_audience) if config.jwt_key else None
+    verifier = None
+    if config.jwt_key:
+        from ._jwt import JwtVerifier  # jwt and cryptography: imported only when used
+
+        verifier = JwtVerifier(config.jwt_key, config.jwt_audience)
     authority = Authority(config.auth_token, config.auth_file, verifier)  # bad: stops here
     audit_file = None if config.audit_log is None else AuditFile(config.audit_log)  # likewise
     tls = server_context(config.tls_cert, config.tls_key, config.tls_client_ca)
@@ -172,6 +182,8 @@ async def start_http(
     server and its address for the log ("off" if none)."""
     if config.http_port is None:
         return None, "off"
+    from ._http import HttpServer  # aiohttp: imported only when HTTP is on (a faster start)
+
     http = HttpServer(server, top_queues=config.metrics_top_queues)
     host, port = await http.start(config.host, config.http_port, tls)
     shown = f"[{host}]" if ":" in host else host

@@ -55,6 +55,11 @@ DEFAULT_HTTP_PORT = 7701
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 
 
+class HttpUnavailable(Exception):
+    """The HTTP port cannot be bound; the message says what to do. (Here, not in
+    ``_http``: a broker with HTTP off never imports aiohttp.)"""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     host: str
@@ -80,6 +85,7 @@ class Config:
     event_buffer: int = EVENT_BUFFER  # job events kept for subscribers' from_seq
     hello_timeout: float = DEFAULT_HELLO_TIMEOUT  # seconds
     audit_log: str | None = None  # audit events as JSON lines, appended; SIGHUP reopens it
+    initial_map_size: int = 64 << 20  # the LMDB map's first size; it doubles as needed
 
     def summary(self) -> dict[str, Any]:
         """Every setting, safe to log: of the auth token, only whether there is one."""
@@ -217,6 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
         "near it while acks keep working (default: what the disk has free)",
     )
     add(
+        "--initial-map-size",
+        type=_size,
+        default=_env("initial_map_size", "64M"),
+        help="the store's first LMDB map size (at least its file's); it doubles when a "
+        "checkpoint needs more, up to --max-storage (default %(default)s)",
+    )
+    add(
         "--log-level",
         default=_env("log_level", "info"),
         choices=["debug", "info", "warning", "error"],
@@ -352,4 +365,5 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         event_buffer=int(args.event_buffer),
         hello_timeout=float(args.hello_timeout),
         audit_log=args.audit_log or None,
+        initial_map_size=int(args.initial_map_size),
     )

@@ -22,6 +22,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ._api import MAX_BODY, add_api_routes
+from ._config import HttpUnavailable
 from ._logging import event
 from ._metrics import exposition, health
 from ._rates import RateSampler
@@ -60,10 +61,6 @@ class _ClientErrors(logging.Filter):
 
 server_log = logging.getLogger("sluice.http.server")
 server_log.addFilter(_ClientErrors())
-
-
-class HttpUnavailable(Exception):
-    """The HTTP port cannot be bound; the message says what to do."""
 
 
 def dashboard_file(name: str) -> bytes:

@@ -91,7 +91,7 @@ def prepare_segment(directory: str, number: int, size: int, recycle: int | None 
         fd = os.open(path + ".tmp", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         if recycle is None:
-            _allocate(fd, size)
+            allocate(fd, size)
         os.pwrite(fd, _HEADER.pack(MAGIC, LOG_FORMAT, 0, number), 0)
         os.fdatasync(fd)
     except BaseException:
@@ -105,7 +105,9 @@ def prepare_segment(directory: str, number: int, size: int, recycle: int | None 
     sync_directory(directory)
 
 
-def _allocate(fd: int, size: int) -> None:
+def allocate(fd: int, size: int) -> None:
+    """Make the file of ``fd`` ``size`` bytes long, its blocks allocated (ENOSPC if the
+    disk lacks them)."""
     try:
         os.posix_fallocate(fd, 0, size)
     except OSError as error:

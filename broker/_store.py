@@ -31,12 +31,27 @@ while the log could prepare its next segment; acks, nacks and other changes are 
 admitted, and the reserve and the prepared segment are what they write into. The capacity
 is ``--max-storage`` or what the disk has free, whichever is smaller. The LMDB map starts
 small and doubles when a checkpoint needs more room, up to the capacity.
+
+A full disk (another process took what admission counted on): a checkpoint needs LMDB
+pages before the acks it writes free any, and the log recycles a segment only once it is
+checkpointed, so the two would wait on each other until the log ran out of segments and
+every commit failed, its replies held for ever. ``space.reserve`` holds the room the
+capacity keeps for the log's next two segments as a real, allocated file; a commit that
+finds no room for its next segment, or a checkpoint (or recovery) that finds none for its
+pages, gives it up. It is made again once the disk has room.
+
+A checkpoint (or recovery's application of the log) that does not fit in one transaction,
+on a full disk or with the map at its cap, is written in pieces, each a transaction that
+frees pages for the next (``_write_in_pieces``): the map at its cap must not stop
+checkpoints, or the log would grow past ``--max-storage`` without end and a restart
+could not apply it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import errno
 import fcntl
 import gc
@@ -108,7 +123,9 @@ _END: Final = (None, b"")
 _RELEASE_MAP_EVERY: Final = 1 << 16  # messages read between dropping LMDB's pages from RSS
 _MADV_DONTNEED: Final = 4
 _PUT_CHUNK: Final = 128  # records per putmulti in a checkpoint
+_PIECE: Final = 256  # records per transaction when one for the whole batch has no room
 _CHECKPOINT_WAIT: Final = 5.0  # seconds a clean shutdown waits for its checkpoint
+RESERVE_NAME: Final = "space.reserve"  # disk space held for the log, given up when full
 FSYNC_MODES: Final = ("always", "interval", "never")
 
 
@@ -231,6 +248,7 @@ class Store:
         segment_size: int = 8 << 20,
         checkpoint_bytes: int = 4 << 20,
         checkpoint_seconds: float = 1.0,
+        initial_map: int = _MIN_MAP,
     ):
         if fsync not in FSYNC_MODES:
             raise ValueError(f"fsync must be one of {FSYNC_MODES}, got {fsync!r}")
@@ -242,6 +260,7 @@ class Store:
         self.checkpoint_bytes = checkpoint_bytes
         self.checkpoint_seconds = checkpoint_seconds
         self._cap = min(max_storage or _NO_LIMIT, _NO_LIMIT)  # the map never grows past it
+        self._initial_map = initial_map
         try:
             os.makedirs(path, exist_ok=True)
             self._lock_file = _lock_dir(path)
@@ -261,7 +280,7 @@ class Store:
         # Checkpoints are always synced: LMDB unsynced may be corrupt after a power cut.
         self.env = lmdb.open(
             path,
-            map_size=max(min(_MIN_MAP, self._cap), existing),
+            map_size=max(min(self._initial_map, self._cap), existing),
             max_dbs=8,
             sync=True,
             metasync=True,
@@ -269,7 +288,8 @@ class Store:
         )
         self._data_file = data_file
         # A small disk or --max-storage gets small segments: the log's two take an 8th.
-        room = existing + shutil.disk_usage(path).free
+        self._reserve_file = os.path.join(path, RESERVE_NAME)
+        room = existing + shutil.disk_usage(path).free + self._reserve_size()
         if self.max_storage is not None:
             room = min(room, self.max_storage)
         self.segment_size = max(_MIN_SEGMENT, min(self._segment_size_wanted, room // 16))
@@ -305,6 +325,7 @@ class Store:
         self._admit_measure_due = 0.0
         self._disk_free = 1 << 62  # as last measured
         self.disk_full: str | None = None  # why the log could not prepare a segment
+        self._reserve_lock = threading.Lock()  # taken to make or give up the reserve
         self.checkpoint_error: str | None = None
         # The log, as the committing thread sees it.
         self._segment: _log.Segment | None = None
@@ -433,8 +454,9 @@ class Store:
         for number in numbers[:-_SPARE_SEGMENTS]:
             os.unlink(os.path.join(self.path, _log.segment_name(number)))
         next_number = numbers[-1] + 1 if numbers else 1
-        self._prepare(next_number)
+        self._prepare(next_number, release_reserve=True)
         self._segment = _log.open_segment(self.path, next_number)
+        self._keep_reserve()
         with self.env.begin() as txn:
             queues = [decode_queue(key, value) for key, value in txn.cursor(self._queues)]
             results = [decode_result(k, v) for k, v in txn.cursor(self._results)]
@@ -473,9 +495,23 @@ class Store:
 
     def _apply_log(self, numbers: list[int]) -> tuple[int, tuple[int, int, int]]:
         """Write the committed prefix of the log into LMDB, and raise the counters' ceilings
-        by a block, in one synced transaction. Returns how many records it applied, and
-        the ceilings before the raise: the first id, token and event seq this run may hand
-        out."""
+        by a block, in one synced transaction (in many if that one does not fit: the map
+        at its cap, or a full disk). Returns how many records it applied, and the ceilings
+        before the raise: the first id, token and event seq this run may hand out."""
+        try:
+            return self._apply_log_at_once(numbers)
+        except (lmdb.Error, StorageFull) as error:
+            if not isinstance(error, StorageFull) and not self._disk_is_short():
+                raise
+            self._release_reserve()
+        applied = 0
+        for batch in self._read_log(numbers):
+            self._write_in_pieces(batch)
+            applied += 1
+        return applied, self._raise_counters()
+
+    def _apply_log_at_once(self, numbers: list[int]) -> tuple[int, tuple[int, int, int]]:
+        grown = False
         while True:
             applied = 0
             try:
@@ -483,13 +519,27 @@ class Store:
                     for batch in self._read_log(numbers):
                         self._write(txn, batch)
                         applied += 1
-                    counters = txn.get(b"counters", db=self._meta)
-                    ceilings = decode_counters(counters) if counters else (1, 1, 1)
-                    block = [ceiling + COUNTER_BLOCK for ceiling in ceilings]
-                    txn.put(b"counters", encode_counters(*block), db=self._meta)
-                return applied, ceilings
+                    counters = self._raise_counters(txn)
+                break
             except lmdb.MapFullError:
                 self._grow()
+                grown = True
+        if grown:
+            self._grown_and_written()
+        return applied, counters
+
+    def _raise_counters(self, txn: Any = None) -> tuple[int, int, int]:
+        """Raise the stored ceilings by a block (in ``txn``, or a transaction of its own);
+        returns them as they were: the first id, token and event seq this run may hand
+        out."""
+        if txn is None:
+            with self.env.begin(write=True) as own:
+                return self._raise_counters(own)
+        counters = txn.get(b"counters", db=self._meta)
+        ceilings = decode_counters(counters) if counters else (1, 1, 1)
+        block = [ceiling + COUNTER_BLOCK for ceiling in ceilings]
+        txn.put(b"counters", encode_counters(*block), db=self._meta)
+        return ceilings
 
     def _read_log(self, numbers: list[int]) -> Iterator[Batch]:
         """The log's batches in order: each segment's committed prefix. A segment is
@@ -719,7 +769,7 @@ class Store:
         size = max(self.segment_size, need + _log.HEADER_SIZE)
         with self._spare_lock:  # the checkpoint thread may be preparing the spare
             if self._spare != number or size > self.segment_size:
-                self._prepare(number, size)
+                self._prepare(number, size, release_reserve=True)
             self._spare = None
             segment = _log.open_segment(self.path, number)
             self._segment = segment
@@ -735,17 +785,26 @@ class Store:
             self._spare_requested = number
             self._jobs.put(_Spare(number))
 
-    def _prepare(self, number: int, size: int | None = None) -> None:
+    def _prepare(
+        self, number: int, size: int | None = None, *, release_reserve: bool = False
+    ) -> None:
         """Make segment ``number`` from a recycled one if there is one, else anew. Records
-        why in ``disk_full`` if the disk has no room, and raises."""
+        why in ``disk_full`` if the disk has no room, and raises. ``release_reserve``: a
+        commit (or recovery) needs it now, so on a full disk give up the space reserve and
+        try once more (a spare made ahead of need never takes it: puts are refused then)."""
         size = self.segment_size if size is None else size
         with self._recycle_lock:
             fits = self._recyclable and size <= self.segment_size
             recycle = self._recyclable.pop(0) if fits else None
         try:
-            _log.prepare_segment(self.path, number, size, recycle)
+            try:
+                _log.prepare_segment(self.path, number, size, recycle)
+            except OSError as error:
+                if not (_no_room(error) and release_reserve and self._release_reserve()):
+                    raise
+                _log.prepare_segment(self.path, number, size, recycle)
         except OSError as error:
-            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            if _no_room(error):
                 self.disk_full = f"no room for the next log segment ({error.strerror})"
             raise
         self.disk_full = None
@@ -813,14 +872,12 @@ class Store:
     def _checkpoint(self, job: _Checkpoint) -> None:
         self.at_checkpoint_step("started")
         batch = job.changes.as_batch()
-        while True:
-            try:
-                with self.env.begin(write=True) as txn:
-                    self._write(txn, batch)
-                    self.at_checkpoint_step("writing")
-                break
-            except lmdb.MapFullError:
-                self._grow()
+        try:
+            self._transact(batch)
+        except (lmdb.Error, StorageFull) as error:
+            if not isinstance(error, StorageFull) and self._disk_is_short():
+                self._release_reserve()  # acks must be checkpointed: the log needs recycling
+            self._write_in_pieces(batch)
         self.at_checkpoint_step("written")
         self.checkpoints += 1
         self._measurements.put((self._measure_used(), job.changes.admitted))
@@ -832,6 +889,40 @@ class Store:
                     os.unlink(os.path.join(self.path, _log.segment_name(number)))
         _log.sync_directory(self.path)
         self.at_checkpoint_step("dropped")
+        self._keep_reserve()
+
+    def _transact(self, batch: Batch) -> None:
+        """Write ``batch`` in one synced transaction, growing the map when it is full.
+        Raises ``StorageFull`` if the map is at its cap, ``lmdb.DiskError`` if the disk
+        has no room for the pages the transaction needs."""
+        grown = False
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    self._write(txn, batch)
+                    self.at_checkpoint_step("writing")
+                break
+            except lmdb.MapFullError:
+                self._grow()
+                grown = True
+        if grown:
+            self._grown_and_written()
+
+    def _write_in_pieces(self, batch: Batch) -> None:
+        """``batch`` when there is no room to write it in one transaction (a full disk, or
+        the map at its cap): its deletes, then its bodies, then its message records,
+        ``_PIECE`` at a time, each piece a transaction, then the rest. A transaction
+        copies every page it changes and LMDB reuses a page only after the transaction
+        that freed it, so one that deletes a thousand acked messages, or rewrites the
+        record of every message (a nack of them all), needs about as much room again as
+        what it changes; a piece needs little, and frees what it copied for the next.
+        A crash part way leaves a partial checkpoint in LMDB and the whole log beside
+        it: recovery applies the log again (blind writes)."""
+        for name in ("deletes", "bodies", "states"):
+            records = getattr(batch, name)
+            for start in range(0, len(records), _PIECE):
+                self._transact(Batch(**{name: records[start : start + _PIECE]}))
+        self._transact(dataclasses.replace(batch, deletes=[], bodies=[], states=[]))
 
     def _write(self, txn: Any, batch: Batch) -> None:
         """Apply ``batch`` in ``txn``. Bulk puts go in chunks: the checkpoint thread holds
@@ -874,6 +965,68 @@ class Store:
         )
         self.env.set_mapsize(new_size)
 
+    def _grown_and_written(self) -> None:
+        """The end of a growth: the transaction that needed the room is committed."""
+        size = self.env.info()["map_size"]
+        log.info(
+            "the store's map is %d MiB; what needed the room is written",
+            size >> 20,
+            extra=event("store_grown_written", mib=size >> 20),
+        )
+
+    # ---------------------------------------------------------- the space reserve
+
+    def _reserve_size(self) -> int:
+        """Bytes the reserve file holds now (0: none)."""
+        try:
+            return os.path.getsize(self._reserve_file)
+        except OSError:
+            return 0
+
+    def _keep_reserve(self) -> None:
+        """Make the reserve file (two segments, the room capacity keeps for the log) if
+        it is missing and the disk has room to spare for it. Best effort, and not synced:
+        its blocks are taken when it is allocated, and a crash that loses it (or leaves
+        it short) just has it made again."""
+        size = 2 * self.segment_size
+        with self._reserve_lock:
+            if self._reserve_size() >= size:
+                return
+            if shutil.disk_usage(self.path).free < 2 * size:
+                return  # it would take the last of the disk; it comes back with room
+            try:
+                fd = os.open(self._reserve_file, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                try:
+                    _log.allocate(fd, size)
+                finally:
+                    os.close(fd)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.unlink(self._reserve_file)
+
+    def _disk_is_short(self) -> bool:
+        """True if the disk has less room than the log's next two segments: a write to
+        LMDB that failed then failed for want of space (LMDB reports a write cut short by
+        a full disk as an I/O error, not always as ENOSPC)."""
+        return shutil.disk_usage(self.path).free < 2 * self.segment_size
+
+    def _release_reserve(self) -> bool:
+        """Give the reserve's space back to the disk (it is full, and a commit or a
+        checkpoint needs room); True if there was one."""
+        with self._reserve_lock:
+            size = self._reserve_size()
+            try:
+                os.unlink(self._reserve_file)
+            except FileNotFoundError:
+                return False
+        log.warning(
+            "the disk is full: released the %d KiB space reserve so that acks can still be "
+            "logged and checkpointed",
+            size >> 10,
+            extra=event("space_reserve_released", kib=size >> 10),
+        )
+        return True
+
     # ------------------------------------------------------------- measuring
 
     def _measure_used(self) -> int:
@@ -902,7 +1055,7 @@ class Store:
         self._measure_due = time.monotonic() + _MEASURE_EVERY
         file_size = os.path.getsize(self._data_file)
         self._disk_free = shutil.disk_usage(self.path).free
-        capacity = file_size + self._disk_free
+        capacity = file_size + self._disk_free + self._reserve_size()  # it is for the log
         if self.max_storage is not None:
             capacity = min(capacity, self.max_storage)
         capacity -= 2 * self.segment_size
@@ -938,6 +1091,10 @@ def _gc_paused() -> Iterator[None]:
 
 def _no_fault(step: str) -> None:
     pass
+
+
+def _no_room(error: OSError) -> bool:
+    return error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def _lock_dir(path: str) -> IO[str]:

@@ -15,11 +15,19 @@ restart is checked as ``test_crash`` checks it: every confirmed put is there wit
 priority and headers, no confirmed ack is delivered again, leases held at the crash run
 out at their deadlines, due times, dead letters with their reasons and the queue's
 settings are kept, and ids and lease tokens are never handed out twice. Every
-``SETTLE_EVERY`` rounds the queue is drained, every put accounted for and the dead letters
-purged (so the backlog stays within one peek and the checks stay small). Prints a line per
+``SETTLE_EVERY`` rounds the queue is drained, every put accounted for, every delivery so
+far checked (attempts rising, none after a confirmed ack, tokens and ids never reused: the
+history grows by hundreds of deliveries a round, so this is not redone at every restart)
+and the dead letters purged (so the backlog stays within one peek and the checks stay
+small). A tenth of the
+rounds are growth rounds: the brokers run with a 1 MiB first map (``--initial-map-size``),
+a client puts ballast the map has no room for, and the kill comes the moment the broker
+logs that it grows its map; when it lands before the growth is written, the restart's
+recovery grows the map too, and is killed the same way. Prints a line per
 ``--progress-every`` rounds and a summary: rounds, operations confirmed, kills during
-recovery, violations (the first stops the campaign, with its seed), and recovery times
-(p50, p99, max) as the broker logged them.
+recovery, kills during map growth (those that landed before the broker logged the growth
+written, of those tried), violations (the first stops the campaign, with its seed), and
+recovery times (p50, p99, max) as the broker logged them.
 Seeded: ``--seed`` replays the workload's choices (not the threads' timing).
 
 ``fuzz``: frames from ``tests/fuzz.py`` over many connections against one durable broker
@@ -45,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import os
 import random
 import re
@@ -59,7 +68,9 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +85,18 @@ from tests.fuzz import FrameSource, frame
 SETTLE_EVERY = 10  # rounds between drains that account for every put
 RECOVERY_KILL_CHANCE = 0.2  # of a restart being killed before it listens
 RECOVERED = re.compile(r"recovered \d+ messages .* in ([0-9.]+) s")
+# Map growth: brokers start with a 1 MiB map (at a restart, the map is the file's size),
+# so a checkpoint that needs pages past the file's end grows it. In a growth round a
+# client puts BALLAST (kept for good, so each one needs new pages) and the broker is
+# killed the moment it logs GROWING; the kill landed during the growth if it did not log
+# GROWN (the transaction that needed the room committed) first.
+GROWTH_KILL_CHANCE = 0.1
+INITIAL_MAP = ("--initial-map-size", "1M")
+BALLAST_QUEUE = "crash.ballast"
+BALLAST = [bytes(60_000)] * 4
+GROWTH_WAIT = 1.5  # seconds a growth round waits for the broker to grow its map
+GROWING = "growing the store's map"
+GROWN = "what needed the room is written"
 
 
 @dataclass
@@ -82,6 +105,8 @@ class Summary:
     confirmed: int = 0  # puts, acks, nacks, buries and touches the broker confirmed
     recovery_kills: int = 0  # restarts killed before they listened
     recovery_kill_tries: int = 0
+    growth_kills: int = 0  # kills that landed while the LMDB map was growing
+    growth_kill_tries: int = 0
     violations: list[str] = field(default_factory=list)
     recoveries: list[float] = field(default_factory=list)  # seconds, as the broker logged
 
@@ -92,6 +117,7 @@ class Summary:
             f"rounds               {self.rounds}",
             f"operations confirmed {self.confirmed}",
             f"kills during recovery {self.recovery_kills} (of {self.recovery_kill_tries} tried)",
+            f"kills during map growth {self.growth_kills} (of {self.growth_kill_tries} tried)",
             f"violations           {len(self.violations)}",
             f"recovery p50         {statistics.median(recoveries) * 1000:.1f} ms",
             f"recovery p99         {p99 * 1000:.1f} ms",
@@ -104,6 +130,7 @@ def purge_dead_letters(client: Client, ledger: crash.Ledger) -> None:
     dead = {item["id"] for item in crash.all_dead_letters(client)}
     assert client.purge_dead(crash.QUEUE) == len(dead)
     ledger.gone.update(dead)
+    ledger.purged.update(dead)
     ledger.dead_seen = {}
 
 
@@ -121,14 +148,13 @@ def recovery_seconds(broker: BrokerProcess) -> float | None:
     return float(found.group(1)) if found else None
 
 
-def kill_while_recovering(data_dir: Path, fsync: str, log_path: Path, wait: float) -> bool:
-    """Start a broker on ``data_dir``, SIGKILL it after ``wait`` seconds; True if it had
-    not yet said it listens (it died starting or recovering)."""
+def spawn_broker(data_dir: Path, fsync: str, log_path: Path) -> subprocess.Popen[bytes]:
+    """A broker on ``data_dir``, its stdout a pipe (readable once it listens)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
     command = [sys.executable, "-m", "broker", "--port", "0", "--http-port", "0"]
-    command += ["--data-dir", str(data_dir), "--fsync", fsync]
+    command += ["--data-dir", str(data_dir), "--fsync", fsync, *INITIAL_MAP]
     with log_path.open("w") as log_file:
-        process = subprocess.Popen(
+        return subprocess.Popen(
             command,
             cwd=REPO_ROOT,
             env=env,
@@ -136,13 +162,63 @@ def kill_while_recovering(data_dir: Path, fsync: str, log_path: Path, wait: floa
             stdout=subprocess.PIPE,
             stderr=log_file,
         )
-    time.sleep(wait)
+
+
+def kill(process: subprocess.Popen[bytes]) -> bool:
+    """SIGKILL ``process``; True if it had not yet said it listens."""
     assert process.stdout is not None
     listening = bool(select.select([process.stdout], [], [], 0)[0])
     process.kill()
     process.wait()
     process.stdout.close()
     return not listening
+
+
+def kill_while_recovering(data_dir: Path, fsync: str, log_path: Path, wait: float) -> bool:
+    """Start a broker on ``data_dir``, SIGKILL it after ``wait`` seconds; True if it had
+    not yet said it listens (it died starting or recovering)."""
+    process = spawn_broker(data_dir, fsync, log_path)
+    time.sleep(wait)
+    return kill(process)
+
+
+def kill_while_recovery_grows(data_dir: Path, fsync: str, log_path: Path) -> bool:
+    """Start a broker on ``data_dir`` whose log holds ballast its map has no room for,
+    SIGKILL it the moment it logs that it grows the map while recovering; True if that
+    growth had not been written yet."""
+    process = spawn_broker(data_dir, fsync, log_path)
+    assert process.stdout is not None
+    deadline = time.monotonic() + GROWTH_WAIT
+    with log_path.open(errors="replace") as log:
+        seen = ""
+        while time.monotonic() < deadline and GROWING not in seen:
+            if select.select([process.stdout], [], [], 0.001)[0]:
+                break  # listening: recovery is over
+            seen = seen[-len(GROWING) :] + log.read()
+    recovering = kill(process)
+    return recovering and killed_while_growing(log_path.read_text(errors="replace"))
+
+
+def grow_the_map(broker: BrokerProcess) -> None:
+    """Put ballast, then return the moment the broker logs that it grows its map (or after
+    ``GROWTH_WAIT`` seconds without it)."""
+    with broker.log_path.open(errors="replace") as log:
+        log.seek(0, os.SEEK_END)  # a growth while recovering is not this one
+        with broker.client() as client:
+            client.put_many(BALLAST_QUEUE, BALLAST)
+        deadline = time.monotonic() + GROWTH_WAIT
+        seen = ""
+        while time.monotonic() < deadline:
+            seen = seen[-len(GROWING) :] + log.read()
+            if GROWING in seen:
+                return
+            time.sleep(0.001)
+
+
+def killed_while_growing(log: str) -> bool:
+    """True if the killed broker's last map growth (in its ``log``) had not been written."""
+    growing = log.rfind(GROWING)
+    return growing >= 0 and GROWN not in log[growing:]
 
 
 def run_campaign(
@@ -153,6 +229,8 @@ def run_campaign(
     progress: Callable[[str], None] = print,
     progress_every: int = 50,
     recovery_kill_chance: float = RECOVERY_KILL_CHANCE,
+    settle_every: int = SETTLE_EVERY,
+    growth_kill_chance: float = GROWTH_KILL_CHANCE,
 ) -> Summary:
     """The crash campaign; returns its summary (violations listed, not raised)."""
     rng = random.Random(seed)
@@ -161,17 +239,22 @@ def run_campaign(
     data_dir = workdir / "data"
     started: list[BrokerProcess] = []
     startup = 0.5  # seconds a start takes, measured: where a recovery kill may land
+    recovery_grows = False  # the next start's recovery is to grow the map
 
     def start(epoch: int) -> BrokerProcess:
-        nonlocal startup
+        nonlocal startup, recovery_grows
         log_path = workdir / f"broker-{epoch % 2}.log"  # two logs, rewritten in turn
-        if epoch and rng.random() < recovery_kill_chance:
+        if recovery_grows:
+            summary.growth_kill_tries += 1
+            summary.growth_kills += kill_while_recovery_grows(data_dir, fsync, log_path)
+        elif epoch and rng.random() < recovery_kill_chance:
             summary.recovery_kill_tries += 1
             wait = rng.uniform(0.0, startup)
             if kill_while_recovering(data_dir, fsync, log_path, wait):
                 summary.recovery_kills += 1
         began = time.monotonic()
-        broker = start_broker(log_path, "--data-dir", str(data_dir), "--fsync", fsync)
+        broker = start_broker(log_path, "--data-dir", str(data_dir), "--fsync", fsync, *INITIAL_MAP)
+        recovery_grows = False
         startup = time.monotonic() - began
         started.append(broker)
         seconds = recovery_seconds(broker)
@@ -184,9 +267,17 @@ def run_campaign(
         with broker.client() as client:
             ledger.settings = client.configure(crash.QUEUE, **crash.SETTINGS)
         for number in range(1, rounds + 1):
-            killed_at = crash.run_round(broker, ledger, rng)
-            broker = crash.restart_and_check(start, ledger, killed_at)
-            if number % SETTLE_EVERY == 0 or number == rounds:
+            growth_round = rng.random() < growth_kill_chance
+            moment = partial(grow_the_map, broker) if growth_round else None
+            killed_at = crash.run_round(broker, ledger, rng, moment)
+            if growth_round:
+                summary.growth_kill_tries += 1
+                grew = killed_while_growing(broker.log())
+                summary.growth_kills += grew
+                recovery_grows = grew  # the restart applies the log: it grows the map too
+            # The whole history (every delivery so far) is checked at each settle, below.
+            broker = crash.restart_and_check(start, ledger, killed_at, history=False)
+            if number % settle_every == 0 or number == rounds:
                 with broker.client() as client:
                     crash.drain(client, ledger)
                     crash.cancel_delayed(client, ledger)
@@ -572,15 +663,34 @@ Run = tuple[str, "Summary | FuzzSummary | StormSummary | ClientsSummary"]
 
 
 def crash_runs(args: argparse.Namespace, seed: int, workdir: Path) -> list[Run]:
+    """One campaign per fsync mode, side by side in processes of their own (a round is
+    mostly waiting: for the kill's moment, a start, leases to run out), each on its own
+    data dir with the same seed."""
     modes = [args.fsync] if args.fsync else ["always", "interval"]
-    runs: list[Run] = []
     for mode in modes:
         print(f"crash campaign: {args.rounds} rounds, fsync {mode}, seed {seed}", flush=True)
-        where = workdir / f"crash-{mode}"
-        where.mkdir()
-        summary = run_campaign(args.rounds, mode, seed, where, _progress, args.progress_every)
-        runs.append((f"crash, fsync {mode}", summary))
-    return runs
+        (workdir / f"crash-{mode}").mkdir()
+    if len(modes) == 1:
+        summaries = [campaign_of(args.rounds, modes[0], seed, workdir, args.progress_every)]
+    else:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(len(modes), mp_context=context) as pool:
+            futures = [
+                pool.submit(campaign_of, args.rounds, mode, seed, workdir, args.progress_every)
+                for mode in modes
+            ]
+            summaries = [future.result() for future in futures]
+    return [(f"crash, fsync {mode}", s) for mode, s in zip(modes, summaries, strict=True)]
+
+
+def campaign_of(rounds: int, mode: str, seed: int, workdir: Path, progress_every: int) -> Summary:
+    """One mode's campaign in ``workdir/crash-<mode>``, its progress lines tagged."""
+    progress = partial(_tagged_progress, f"[fsync {mode}] ")
+    return run_campaign(rounds, mode, seed, workdir / f"crash-{mode}", progress, progress_every)
+
+
+def _tagged_progress(tag: str, line: str) -> None:
+    print(tag + line, flush=True)
 
 
 def fuzz_runs(args: argparse.Namespace, seed: int, workdir: Path) -> list[Run]:

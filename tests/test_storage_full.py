@@ -6,6 +6,7 @@ and loses nothing it confirmed when it is killed with SIGKILL, full or not.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -196,4 +197,39 @@ def test_a_full_store_refuses_triggers_and_skips_schedule_fires(
         assert after["runs"] == before["runs"] and [s["name"] for s in client.schedules()] == [
             "big"
         ]
+    stop_broker(brokers[-1])
+
+
+def log_segments(data: Path) -> int:
+    return sum(1 for name in os.listdir(data) if name.endswith(".wal"))
+
+
+def test_a_store_at_its_cap_keeps_checkpointing_and_restarts(
+    tmp_path: Path, brokers: list[BrokerProcess]
+) -> None:
+    """A full 4 MiB store has its LMDB map at the cap. A checkpoint that rewrites the
+    record of every message (a nack of them all) needs about as much room again: it is
+    written in pieces, so checkpoints go on, the log stays a few segments long instead of
+    growing past --max-storage, and a restart after kill -9 can apply it."""
+    data = tmp_path / "data"
+    args = ("--data-dir", str(data), "--max-storage", "4M")
+    brokers.append(start_broker(tmp_path / "filling.log", *args))
+    with brokers[-1].client(timeout=30) as client:
+        client.configure(QUEUE, max_attempts=None)
+        stored = 0
+        with pytest.raises(StorageFull):
+            while True:
+                client.put_many(QUEUE, [b"s" * 100] * 100)
+                stored += 100
+        for _ in range(3):
+            leased = reserve_all(client, stored)
+            assert client.nack(leased, delay=0, error="again") == stored
+        wait_for_state(lambda: log_segments(data) <= 4, "checkpoints stopped at the cap")
+    log = brokers[-1].log()
+    assert "checkpoint failed" not in log, log[-3000:]
+    brokers[-1].process.kill()
+    brokers[-1].process.wait()
+    brokers.append(start_broker(tmp_path / "restarted.log", *args))
+    with brokers[-1].client(timeout=30) as client:
+        assert counts(client) == (stored, 0, 0, 0)
     stop_broker(brokers[-1])
