@@ -113,25 +113,26 @@ LIMIT_CHANGES: list[dict[str, Any]] = [
 
 @dataclass
 class ModelBucket:
-    """A token bucket in exact fractions: full at the start, one token per interval."""
+    """A token bucket in exact fractions: full at the start, one token per interval. It is
+    kept as the time it has been filling from (``base``): at ``t`` it holds
+    ``min(burst, floor((t - base) / interval))`` tokens. So what it holds is a function of
+    the time alone, and asking at a later time than an event being applied (a serve at
+    the tick's end) cannot move the next token's time."""
 
     interval: Fraction
     burst: int
-    tokens: Fraction
-    at: Fraction
-
-    def refill(self, now: float) -> None:
-        elapsed = Fraction(now) - self.at
-        if elapsed > 0:
-            self.tokens = min(Fraction(self.burst), self.tokens + elapsed / self.interval)
-            self.at = Fraction(now)
+    base: Fraction
 
     def available(self, now: float) -> int:
-        self.refill(now)
-        return math.floor(self.tokens)
+        return min(self.burst, math.floor((Fraction(now) - self.base) / self.interval))
+
+    def take(self, now: float) -> None:
+        full_from = Fraction(now) - self.burst * self.interval
+        self.base = max(self.base, full_from) + self.interval
 
     def next_token(self) -> float:
-        return float(self.at + (1 - self.tokens) * self.interval)
+        """When it next holds a token (meaningful while it holds none)."""
+        return float(self.base + self.interval)
 
 
 # ---------------------------------------------------------------------- model
@@ -173,7 +174,8 @@ class ModelQueue:
     @staticmethod
     def full_bucket(limit: tuple[float, float, int], now: float) -> ModelBucket:
         rate, per, burst = limit
-        return ModelBucket(Fraction(per) / Fraction(rate), burst, Fraction(burst), Fraction(now))
+        interval = Fraction(per) / Fraction(rate)
+        return ModelBucket(interval, burst, Fraction(now) - burst * interval)
 
     def configured(self) -> bool:
         """True if any setting differs from a new queue's."""
@@ -298,8 +300,10 @@ class Model:
                 self.queues[subject.queue].totals["expired"] += 1
                 self._retry(subject, time, None, "lease expired")
                 self._serve([subject.queue], now)
-            elif kind == 2:
-                self._serve([subject], now)  # a token came due
+            elif kind == 2:  # a token came due: it serves a waiter (else it is due for ever)
+                waiting = len(self.waiters)
+                self._serve([subject], now)
+                assert len(self.waiters) < waiting, "a token came due and served nobody"
             elif kind == 3:
                 self._come_due(subject, now)
             else:
@@ -385,7 +389,6 @@ class Model:
                 continue
             if self.count(name, "ready") == 0 or self._at_cap(name):
                 continue
-            assert queue.bucket.tokens < 1  # else the waiters would have been served
             times[name] = queue.bucket.next_token()
         return times
 
@@ -500,7 +503,7 @@ class Model:
             quotas[message.queue] -= 1
             bucket = self.queues[message.queue].bucket
             if bucket is not None:
-                bucket.tokens -= 1
+                bucket.take(now)
             self._lease(message, now, visibility)
             assert message.token is not None
             taken.append((message.id, message.token))
@@ -1348,3 +1351,36 @@ class CoreMachine(RuleBasedStateMachine):
 
 CoreMachine.TestCase.settings = settings(max_examples=600, stateful_step_count=50, deadline=None)
 test_core_machine = CoreMachine.TestCase
+
+
+def test_a_serve_at_the_end_of_a_tick_does_not_move_a_rate_limited_queues_next_token() -> None:
+    """Found by the store machine: a delayed message of queue c came due and was served,
+    at the tick's end, to a waiter on a and c; reading a's bucket at that later time must
+    leave a's own waiters served at its token's time, in the model as in the core."""
+    machine = CoreMachine()
+
+    def ack(delivery: tuple[int, int], step: float) -> None:
+        now = machine._later(step)
+        expected = outcome(lambda: machine.model.ack(now, [delivery]))
+        machine._check(lambda: machine.core.ack(now, [machine._core_delivery(delivery)]), expected)
+        machine.core_matches_model()
+
+    machine.fill(
+        [
+            ("b", PutSpec(body=b"")),
+            ("c", PutSpec(body=b"", priority=1, visibility_timeout=2.0)),
+            ("a", PutSpec(body=b"", delay=0.5)),
+            ("a", PutSpec(body=b"", delay=0.5, visibility_timeout=2.0)),
+        ]
+    )
+    machine.configure("a", {"max_attempts": 1})
+    machine.reserve_and_wait([(["a"], 1, None, 0.5)], 0.0)
+    machine.limit({"rate_limit": {"rate": 1, "per": 2, "burst": 1}, "max_in_flight": 2})
+    machine.reserve_and_wait([(["c"], 1, None, 0.5), (["a"], 1, None, 10.0)], 0.0)
+    machine.reserve_and_wait([(["a", "b"], 1, None, 0.5)], 0.0)
+    machine.reserve_and_wait([(["a"], 1, None, 3.0)], 2.5)
+    machine.reserve_and_wait([(["a", "c"], 1, None, 3.0)], 0.0)
+    machine.core_matches_model()
+    ack(machine.handed_out[1], 0.0)
+    ack(machine.handed_out[2], 2.5)
+    machine.events_tell_every_change()
