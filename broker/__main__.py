@@ -115,6 +115,7 @@ async def serve(config: Config) -> None:
         fsync_interval=config.fsync_interval,
         max_connections=config.max_connections,
         hello_timeout=config.hello_timeout,
+        event_linger=config.event_linger,
     )
     server = BrokerServer(core, limits, store=store, authority=authority)
     server.metrics.recovered = recovered

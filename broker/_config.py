@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from typing import Any, Final
 
 from protocol import DEFAULT_MAX_FRAME
 
-from ._events import EVENT_BUFFER, MIN_EVENT_BUFFER
+from ._events import EVENT_BUFFER, EVENT_LINGER, MIN_EVENT_BUFFER
 from ._gate import DEFAULT_HELLO_TIMEOUT, DEFAULT_MAX_CONNECTIONS
 
 DEFAULT_MAX_QUEUES: Final = 100_000
@@ -83,6 +84,7 @@ class Config:
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     max_queues: int = DEFAULT_MAX_QUEUES
     event_buffer: int = EVENT_BUFFER  # job events kept for subscribers' from_seq
+    event_linger: float = EVENT_LINGER  # seconds they are kept after the last subscriber
     hello_timeout: float = DEFAULT_HELLO_TIMEOUT  # seconds
     audit_log: str | None = None  # audit events as JSON lines, appended; SIGHUP reopens it
     initial_map_size: int = 64 << 20  # the LMDB map's first size; it doubles as needed
@@ -153,6 +155,18 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if not 1 <= value <= 10_000_000:
         raise argparse.ArgumentTypeError(f"must be 1-10000000, got {value}")
+    return value
+
+
+def _linger(text: str) -> float:
+    if text == "always":
+        return math.inf
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be seconds or 'always', got {text!r}") from None
+    if not 0 <= value <= 86_400:  # (NaN is refused here too)
+        raise argparse.ArgumentTypeError(f"must be 0-86400 seconds or 'always', got {text}")
     return value
 
 
@@ -320,6 +334,16 @@ def build_parser() -> argparse.ArgumentParser:
         "(default %(default)s)",
     )
     add(
+        "--event-linger",
+        type=_linger,
+        default=_env("event_linger", str(EVENT_LINGER)),
+        metavar="SECONDS",
+        help="job events are kept while someone subscribes to them and for this long after "
+        "the last such subscription ends, so a subscriber that reconnects within it misses "
+        "nothing; otherwise they are only numbered, which costs next to nothing "
+        "(default %(default)s; 'always' keeps them always)",
+    )
+    add(
         "--hello-timeout",
         type=_positive_seconds,
         default=_env("hello_timeout", str(DEFAULT_HELLO_TIMEOUT)),
@@ -363,6 +387,7 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         max_connections=int(args.max_connections),
         max_queues=int(args.max_queues),
         event_buffer=int(args.event_buffer),
+        event_linger=float(args.event_linger),
         hello_timeout=float(args.hello_timeout),
         audit_log=args.audit_log or None,
         initial_map_size=int(args.initial_map_size),

@@ -24,6 +24,7 @@ from typing import Any, Final
 
 EVENT_BUFFER: Final = 100_000  # events kept by default (--event-buffer)
 MIN_EVENT_BUFFER: Final = 1_000
+EVENT_LINGER: Final = 300.0  # seconds events are kept after the last subscriber (--event-linger)
 EVENT_PREFIX: Final = "queue"  # the first token of every event channel
 ADMIN_EVENTS: Final = frozenset({"paused", "resumed", "configured", "queue_deleted"})
 MAX_ERROR: Final = 1024  # characters of an error or reason an event carries
@@ -35,15 +36,24 @@ DEFAULT_FIELDS: Final[dict[str, dict[str, Any]]] = {"put": {"priority": 0, "dela
 
 
 class EventRing:
-    """The last ``capacity`` events, and the seq the next one gets."""
+    """The last ``capacity`` events, and the seq the next one gets. While not
+    ``recording`` an event is only numbered (the server stops recording while nobody
+    subscribes to events, see ``_feed``); what it holds is always the events from
+    ``first_seq`` to ``next_seq - 1``, one after the other."""
 
-    __slots__ = ("events", "next_seq")
+    __slots__ = ("events", "next_seq", "recording")
 
     def __init__(self, capacity: int = EVENT_BUFFER, next_seq: int = 1) -> None:
         if capacity < 1:
             raise ValueError("an event ring holds at least one event")
         self.events: collections.deque[Event] = collections.deque(maxlen=capacity)
         self.next_seq = next_seq
+        self.recording = True
+
+    def stop(self) -> None:
+        """Number events from now on without keeping them; forget those held."""
+        self.recording = False
+        self.events.clear()
 
     def emit(
         self,
@@ -56,7 +66,8 @@ class EventRing:
     ) -> None:
         seq = self.next_seq
         self.next_seq = seq + 1
-        self.events.append((seq, now, queue, event, message_id, attempts, fields))
+        if self.recording:
+            self.events.append((seq, now, queue, event, message_id, attempts, fields))
 
     @property
     def first_seq(self) -> int:

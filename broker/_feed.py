@@ -15,6 +15,7 @@ live subscription that falls behind does.
 
 from __future__ import annotations
 
+import math
 from typing import Final
 
 from protocol import BadRequest, encode_frame, pack
@@ -26,9 +27,18 @@ _EVENT: Final = pack("event")
 
 
 class EventFeed:
-    def __init__(self, ring: EventRing, channels: Channels) -> None:
+    """With ``linger`` (seconds), the ring records only while some subscription may
+    match job events, and for ``linger`` seconds after the last one ended (so one that
+    drops and comes back within that time misses nothing); otherwise events are only
+    numbered, which costs next to nothing. None (or infinity): it always records."""
+
+    def __init__(self, ring: EventRing, channels: Channels, linger: float | None = None) -> None:
         self.ring = ring
         self.channels = channels
+        self.linger = None if linger == math.inf else linger
+        self.idle_since: float | None = None  # when the last event subscription was seen
+        if self.linger is not None:
+            ring.stop()  # nobody subscribes yet
         self.published = ring.next_seq - 1
         # Replays not done, in the order they started, each with the gap frame still to
         # send before its first event (None once sent, or if there is none).
@@ -44,6 +54,13 @@ class EventFeed:
             )
         return value
 
+    def watched(self) -> None:
+        """A subscription that may match job events began: record them (again)."""
+        self.idle_since = None
+        if not self.ring.recording:
+            self.ring.recording = True  # from the next event on; none before was wanted
+            self.published = self.ring.next_seq - 1
+
     def start(self, subscription: Subscription, from_seq: int) -> None:
         """Replay held events from ``from_seq`` to ``subscription`` (from the next
         ``go_on``: after the subscribe's reply), then go live."""
@@ -56,13 +73,14 @@ class EventFeed:
         subscription.cursor = max(from_seq, first)
         self.replaying[subscription] = gap
 
-    def publish(self) -> None:
+    def publish(self, now: float) -> None:
         """Hand the events made since the last call to the live subscriptions."""
         last = self.ring.next_seq - 1
         if last == self.published:
             return
         start, self.published = self.published + 1, last
         if self.channels.event_subscriptions == 0:
+            self._idle(now)
             return
         first = self.ring.first_seq
         if start < first:  # one turn made more events than the ring holds
@@ -77,6 +95,14 @@ class EventFeed:
                     continue  # replaying: it takes this one from the ring in turn
                 if not subscription.sink.push(subscription.frame(_EVENT, body), SUBSCRIBER_BUFFER):
                     self.channels.lagged(subscription, {"seq": event[0]})
+
+    def _idle(self, now: float) -> None:
+        if self.linger is None or not self.ring.recording:
+            return
+        if self.idle_since is None:
+            self.idle_since = now
+        elif now - self.idle_since >= self.linger:
+            self.ring.stop()
 
     def go_on(self) -> bool:
         """Replay on wherever the peer is not behind. True if a replay is unfinished

@@ -354,6 +354,8 @@ def _subscribe(call: Call, args: Args) -> Any:
             raise BadRequest("subscribe: this view keeps no job events to replay")
         from_seq = call.feed.check_from_seq(args.raw("from_seq"))
     subscription = call.channels.subscribe(owner, request_id, args.raw("patterns"), call.sink)
+    if subscription.events and call.feed is not None:
+        call.feed.watched()
     if from_seq is not None:
         assert call.feed is not None
         call.feed.start(subscription, from_seq)

@@ -104,6 +104,9 @@ class ServerLimits:
     fsync_interval: float = 0.1  # seconds between syncs in fsync "interval" mode
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     hello_timeout: float = DEFAULT_HELLO_TIMEOUT  # seconds a connection has to say hello
+    # Seconds job events are still recorded after the last subscription to them ended
+    # (None: always recorded; see _feed).
+    event_linger: float | None = None
 
 
 class Connection(asyncio.Protocol):
@@ -434,7 +437,7 @@ class BrokerServer:
         self.clock = clock
         self.store = store
         self.channels = Channels()
-        self.feed = EventFeed(core.events, self.channels)
+        self.feed = EventFeed(core.events, self.channels, limits.event_linger)
         # Group commit: batches are numbered 1, 2, ... by the store; replies wait in `_held`
         # for the batch number they need. `_stalled`: a batch failed and waits to be tried
         # again; nothing after it may commit first.
@@ -681,7 +684,7 @@ class BrokerServer:
         fail), and replay on to those catching up."""
         feed = self.feed
         if not self._stalled:
-            feed.publish()
+            feed.publish(self.clock())
         if feed.replaying and feed.go_on() and not self._turn_scheduled:
             # Some peer took all it was given: give it more in a turn of its own.
             self._turn_scheduled = True

@@ -5,6 +5,8 @@ the broker's memory stays bounded and other clients carry on), admin events, bad
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,7 @@ import pytest
 from client import ChannelMessage, Client, Gap, JobEvent
 from client.errors import BadRequest, Lagged
 
-from .conftest import BrokerProcess, RawConnection, start_broker, stop_broker
+from .conftest import REPO_ROOT, BrokerProcess, RawConnection, start_broker, stop_broker
 from .test_channels import _rss_bytes
 from .test_metrics import scrape, value
 
@@ -139,6 +141,7 @@ def test_a_seq_older_than_the_ring_gets_a_gap_first(tmp_path: Path) -> None:
     broker = start_broker(tmp_path / "broker.log", "--event-buffer", "1000")
     try:
         with broker.client() as client:
+            client.subscribe("queue.ev.gap.none")  # someone watches: events are kept
             client.put_many("ev.gap", [b"x"] * 1500)
             watcher = client.subscribe("queue.ev.gap.put", from_seq=1)
             first = watcher.get(TIMEOUT)
@@ -282,3 +285,50 @@ def test_metrics_count_subscriptions_events_and_lagging(tmp_path: Path) -> None:
             assert value(samples, "sluice_event_buffer_events") == 1000
     finally:
         stop_broker(broker)
+
+
+def test_with_nobody_subscribed_events_are_numbered_not_kept(tmp_path: Path) -> None:
+    broker = start_broker(tmp_path / "broker.log", "--in-memory", "--event-linger", "0")
+    try:
+        with broker.client() as client:
+            client.put("ev.nobody", b"before anyone")  # seq 1: nobody watches, not kept
+            watcher = client.subscribe("queue.ev.nobody.*", from_seq=1)
+            gap = watcher.get(TIMEOUT)
+            assert gap == Gap(1, 2), "numbered, and the subscriber is told it is gone"
+            client.put("ev.nobody", b"watched")  # seq 2: kept
+            (watched,) = events_of(watcher, 1)
+            assert watched.seq == 2
+            watcher.unsubscribe()
+            client.put("ev.nobody", b"in the linger")  # seq 3: 0 s of linger start now
+            client.put("ev.nobody", b"after it")  # seq 4: the ring stopped, and forgot
+            again = client.subscribe("queue.ev.nobody.*", from_seq=2)
+            assert again.get(TIMEOUT) == Gap(2, 5)
+            client.put("ev.nobody", b"watched again")
+            (live,) = events_of(again, 1)
+            assert live.seq == 5, "numbering went on while nothing was kept"
+    finally:
+        stop_broker(broker)
+
+
+def test_event_linger_always_keeps_them_with_nobody_subscribed(tmp_path: Path) -> None:
+    broker = start_broker(tmp_path / "broker.log", "--in-memory", "--event-linger", "always")
+    try:
+        with broker.client() as client:
+            job = client.put("ev.always", b"x")
+            watcher = client.subscribe("queue.ev.always.*", from_seq=0)
+            (put,) = events_of(watcher, 1)
+            assert (put.seq, put.event, put.id) == (1, "put", job)
+    finally:
+        stop_broker(broker)
+
+
+@pytest.mark.parametrize("bad", ["-1", "soon", "nan", "86401"])
+def test_bad_event_linger_is_refused_at_start(bad: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "broker", "--in-memory", "--event-linger", bad],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2 and "argument --event-linger" in done.stderr, done.stderr

@@ -3,6 +3,7 @@ bounds and reads, and the feed that hands events to subscriptions (a fake sink).
 
 from __future__ import annotations
 
+import collections
 from typing import Any
 
 import pytest
@@ -145,7 +146,7 @@ def published(capacity: int, events: int) -> tuple[EventRing, Channels, EventFee
     feed = EventFeed(ring, channels)
     for n in range(events):
         ring.emit(T0, "put", "q", n, 0)
-    feed.publish()
+    feed.publish(T0)
     return ring, channels, feed
 
 
@@ -162,7 +163,7 @@ def test_a_replay_goes_on_as_its_peer_reads_and_then_is_live() -> None:
     assert feed.go_on() is False  # done: live from now
     assert [f[2]["seq"] for f in sink.frames] == list(range(10, 51))
     ring.emit(T0, "acked", "q", 1, 1)
-    feed.publish()
+    feed.publish(T0)
     assert sink.frames[-1][1:] == ["event", payload(ring.events[-1])]
 
 
@@ -175,7 +176,7 @@ def test_a_replay_overtaken_by_the_ring_ends_lagged_and_a_gap_comes_first() -> N
     assert sink.frames[0] == [7, "gap", {"from_seq": 2, "first_seq": 6}]
     for n in range(20):
         ring.emit(T0, "put", "q", n, 0)
-    feed.publish()
+    feed.publish(T0)
     sink.room = 10**6
     feed.go_on()
     assert sink.frames[-1][1] == "lagged" and subscription.ended
@@ -189,3 +190,27 @@ def test_from_seq_must_be_a_seq_that_was_or_is_next() -> None:
     for bad in (-1, 2, "1", 1.0, True, None):
         with pytest.raises(BadRequest):
             feed.check_from_seq(bad)
+
+
+def test_with_a_linger_events_are_kept_only_while_watched_and_for_the_linger_after() -> None:
+    ring, channels = EventRing(capacity=100), Channels()
+    feed = EventFeed(ring, channels, linger=10.0)
+    ring.emit(T0, "put", "q", 1, 0)  # nobody watches: numbered, not kept
+    feed.publish(T0)
+    assert (ring.first_seq, ring.next_seq, len(ring.events)) == (2, 2, 0)
+    subscription = channels.subscribe(1, 7, ["queue.>"], FakeSink(room=10**6))
+    feed.watched()
+    ring.emit(T0, "put", "q", 2, 0)
+    feed.publish(T0)
+    channels.unsubscribe(1, subscription.request_id)
+    for now in (T0 + 1, T0 + 10.5):  # the linger starts at the first turn with nobody
+        ring.emit(now, "put", "q", 3, 0)
+        feed.publish(now)
+    assert [e[0] for e in ring.events] == [2, 3, 4], "kept through the linger"
+    ring.emit(T0 + 11.5, "put", "q", 4, 0)
+    feed.publish(T0 + 11.5)
+    assert ring.events == collections.deque() and not ring.recording
+    assert ring.first_seq == ring.next_seq == 6, "the held ones are forgotten: a gap"
+    channels.subscribe(1, 8, ["queue.q.put"], FakeSink(room=10**6))
+    feed.watched()
+    assert ring.recording and feed.published == 5

@@ -53,6 +53,7 @@ def test_lines_of_one_queue_from_a_seq(broker: BrokerProcess) -> None:
 
 def test_json_lines(broker: BrokerProcess) -> None:
     with broker.client() as client:
+        client.subscribe("queue.>")  # someone watches: the broker keeps the events
         job = client.put("tail_json", b"x")
         client.pause("tail_json")
     run = ok(
@@ -78,6 +79,7 @@ def test_a_gap_line_when_the_ring_has_moved_on(tmp_path: Path) -> None:
     broker = start_broker(tmp_path / "broker.log", "--event-buffer", "1000")
     try:
         with broker.client() as client:
+            client.subscribe("queue.>")
             client.put_many("tail.gap", [b"x"] * 1200)
         run = ok(broker, "tail", "--from-seq", "1", "--count", "2")
         gap, first = run.out.splitlines()
@@ -90,6 +92,7 @@ def test_a_gap_line_when_the_ring_has_moved_on(tmp_path: Path) -> None:
 
 def test_ctrl_c_ends_it_quietly(broker: BrokerProcess) -> None:
     with broker.client() as client:
+        client.subscribe("queue.>")
         client.put("tail.int", b"x")
     process = subprocess.Popen(
         [sys.executable, "-m", "client.cli", "tail", "--from-seq", "0"],
@@ -129,6 +132,7 @@ def test_falling_behind_ends_it_saying_where_to_go_on(
     broker: BrokerProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with broker.client() as client:
+        client.subscribe("queue.nothing.*")
         client.put_many("tail.behind", [b"x"] * 3)
         monkeypatch.setattr("client._channels.MAX_INBOX", 0)  # the first event overflows it
         args = build_parser().parse_args(["tail", "--from-seq", "2", "--count", "5"])
