@@ -981,7 +981,7 @@ class Core:
         )
         self._forget(message, Event.ACK)
         fields = None if result is NO_RESULT else {"result_size": len(pack(result))}
-        self._emit(now, "acked", message, fields)
+        self.events.emit(now, "acked", queue.name, message.id, message.attempts, fields)
 
     def _ended(
         self, message: Message, now: float, outcome_of: Callable[[], dict[str, Any]]
@@ -1100,9 +1100,9 @@ class Core:
     def _forget(self, message: Message, event: Event) -> None:
         self._move(message, event)
         del self.messages[message.id]
-        queue = message.queue
-        if not queue.counts[State.READY]:  # (the first test of unused(), here inline)
-            self._drop_if_unused(queue)
+        counts = message.queue.counts
+        if not counts[State.READY] and not counts[State.RESERVED]:  # (unused()'s first tests)
+            self._drop_if_unused(message.queue)
 
     def _discard_waiting(self, message: Message, event: Event, now: float) -> None:
         """Remove a ready or delayed message (cancel, purge)."""
