@@ -24,7 +24,7 @@ import pytest
 
 from client import Client
 from client.errors import StorageFull
-from tests.conftest import BrokerProcess, start_broker, stop_broker
+from tests.conftest import KEEP, BrokerProcess, start_broker, stop_broker
 from tests.test_metrics import free_port, http_get
 
 DISK_MIB = 24
@@ -263,6 +263,7 @@ def test_acks_and_nacks_on_a_full_ext4_disk_are_answered_without_end(
     brokers.append(start_broker(tmp_path / "broker.log", *args))
     broker = brokers[-1]
     with broker.client() as client:
+        client.configure(QUEUE, **KEEP)  # kept once drained: its totals are read below
         client.configure(RETRIED, max_attempts=None)
         client.put_many(RETRIED, [b"r" * 100] * 200)
         stored = put_batches_until_refused(client, (EXT4_MIB << 20) // BODY)
