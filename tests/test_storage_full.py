@@ -19,6 +19,7 @@ QUEUE = "full.jobs"
 MAX_STORAGE = 4 * 1024 * 1024  # --max-storage 4M
 BODY_SIZE = 8 * 1024
 MAX_PUTS = 2000  # a 4 MiB store must refuse long before this many 8 KiB bodies
+FIRE_SIZE = 256 * 1024  # a schedule's body in the full-store test: 32 fillers' worth
 
 
 def body(number: int) -> bytes:
@@ -179,13 +180,16 @@ def test_a_full_store_refuses_triggers_and_skips_schedule_fires(
 ) -> None:
     args = ("--data-dir", str(tmp_path / "data"), "--max-storage", "4M")
     brokers.append(start_broker(tmp_path / "broker.log", *args))
+    # Fires far larger than the filler: once an 8 KiB put is refused, the room a later
+    # measurement of the store may find (estimates are a little generous) cannot take one.
+    big = b"s" * FIRE_SIZE
     with brokers[-1].client() as client:
-        client.schedule(QUEUE, "big", body(0), every=0.2)
+        client.schedule(QUEUE, "big", big, every=0.2)
         fill(client, 1)
         with pytest.raises(StorageFull):
             client.trigger(QUEUE, "big")
         with pytest.raises(StorageFull):
-            client.schedule(QUEUE, "another", body(1), every=60)
+            client.schedule(QUEUE, "another", big, every=60)
         ready = counts(client)[0]
         [before] = client.schedules(QUEUE)
         wait_for_state(
