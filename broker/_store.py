@@ -63,7 +63,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import IO, Any, Final
+from typing import IO, Any, Final, TypeVar
 
 import lmdb
 import msgpack
@@ -119,6 +119,7 @@ _MEASURE_ON_ADMIT: Final = 0.05  # ... when puts are coming in
 _RETRY_CHECKPOINT_AFTER: Final = 1.0
 _SPARE_SEGMENTS: Final = 2  # checkpointed segments kept to be recycled
 _MIN_SEGMENT: Final = 64 << 10
+T = TypeVar("T")
 _END: Final = (None, b"")
 _RELEASE_MAP_EVERY: Final = 1 << 16  # messages read between dropping LMDB's pages from RSS
 _MADV_DONTNEED: Final = 4
@@ -511,22 +512,14 @@ class Store:
         return applied, self._raise_counters()
 
     def _apply_log_at_once(self, numbers: list[int]) -> tuple[int, tuple[int, int, int]]:
-        grown = False
-        while True:
+        def apply(txn: Any) -> tuple[int, tuple[int, int, int]]:
             applied = 0
-            try:
-                with self.env.begin(write=True) as txn:
-                    for batch in self._read_log(numbers):
-                        self._write(txn, batch)
-                        applied += 1
-                    counters = self._raise_counters(txn)
-                break
-            except lmdb.MapFullError:
-                self._grow()
-                grown = True
-        if grown:
-            self._grown_and_written()
-        return applied, counters
+            for batch in self._read_log(numbers):
+                self._write(txn, batch)
+                applied += 1
+            return applied, self._raise_counters(txn)
+
+        return self._growing(apply)
 
     def _raise_counters(self, txn: Any = None) -> tuple[int, int, int]:
         """Raise the stored ceilings by a block (in ``txn``, or a transaction of its own);
@@ -895,18 +888,28 @@ class Store:
         """Write ``batch`` in one synced transaction, growing the map when it is full.
         Raises ``StorageFull`` if the map is at its cap, ``lmdb.DiskError`` if the disk
         has no room for the pages the transaction needs."""
+
+        def write(txn: Any) -> None:
+            self._write(txn, batch)
+            self.at_checkpoint_step("writing")
+
+        self._growing(write)
+
+    def _growing(self, work: Callable[[Any], T]) -> T:
+        """``work(txn)`` in one synced write transaction, run again from the start on a
+        grown map each time the map is full (``_grow`` raises at the cap)."""
         grown = False
         while True:
             try:
                 with self.env.begin(write=True) as txn:
-                    self._write(txn, batch)
-                    self.at_checkpoint_step("writing")
+                    result = work(txn)
                 break
             except lmdb.MapFullError:
                 self._grow()
                 grown = True
         if grown:
             self._grown_and_written()
+        return result
 
     def _write_in_pieces(self, batch: Batch) -> None:
         """``batch`` when there is no room to write it in one transaction (a full disk, or
