@@ -54,9 +54,15 @@ def open_store(config: Config, core: Core) -> tuple[Store | None, Recovered | No
         config.fsync,
         extra=event("recovering", data_dir=data_dir, fsync=config.fsync),
     )
-    recovered = store.recover(core, time.time())
-    # What recovery loaded lives long: keep the cyclic GC from walking it again and again.
-    gc.freeze()
+    # The cyclic GC is paused while recovering: a million new objects would start a full
+    # collection over all of them again and again (recovery makes no cycles). What it
+    # loaded lives long, so it is frozen out of the collector's sight before it resumes.
+    gc.disable()
+    try:
+        recovered = store.recover(core, time.time())
+    finally:
+        gc.freeze()
+        gc.enable()
     states = ", ".join(f"{count} {state}" for state, count in recovered.by_state.items())
     log.info(
         "recovered %d messages (%s) in %d queues in %.3f s",

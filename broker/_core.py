@@ -256,10 +256,11 @@ class Core:
         bindings: Iterable[Binding] = (),
     ) -> None:
         """Rebuild every index from stored records, on an empty core. Each message comes
-        with its queue's name and its state, ordering ``seq`` and deadlines already set
-        (``Message.queue`` is filled in here). Then applies what fell due while the broker
-        was down: a lease whose deadline passed expires now, its attempt counted, and a
-        schedule whose slots came due catches up as its ``catchup`` says."""
+        with its queue's name and its state, ordering ``seq``, deadlines and in-memory
+        times already set (``decode_message``; ``Message.queue`` is filled in here).
+        Then applies what fell due while the broker was down: a lease whose deadline
+        passed expires now, its attempt counted, and a schedule whose slots came due
+        catches up as its ``catchup`` says."""
         if self.messages or self.queues:
             raise RuntimeError("recover() needs an empty core")
         for name, settings, totals in queues:
@@ -271,11 +272,14 @@ class Core:
         highest_seq = highest_token = 0
         by_name = self.queues
         known = self.messages
+        ready_state = State.READY
         for queue_name, message in messages:
             queue = by_name.get(queue_name) or self._queue(queue_name)
             message.queue = queue
-            message.restore_times()
-            if message.state is State.READY:  # the common case, without a call
+            known[message.id] = message
+            if message.seq > highest_seq:
+                highest_seq = message.seq
+            if message.state is ready_state:  # the common case, counted below
                 ready = ready_of.get(queue)
                 if ready is None:
                     ready = ready_of[queue] = []
@@ -290,22 +294,21 @@ class Core:
                 if loaded is None:
                     loaded = entries[heap] = []
                 loaded.append(entry)
-            known[message.id] = message
-            queue.counts[message.state] += 1
-            if message.seq > highest_seq:
-                highest_seq = message.seq
+                queue.counts[message.state] += 1
         for heap, loaded in entries.items():
             heap.load(loaded)
         for queue, ready in ready_of.items():
             queue.ready.load(ready)
+            queue.counts[ready_state] += len(ready)
         highest_id = max(known, default=0)
         for message_id, result in results:
             self.results.keep(message_id, result)
         for queue_name, dedup_key, ended in dedup:  # ended keys; live ones follow
             self.dedup.restore(queue_name, dedup_key, ended)
         for message in self.messages.values():
-            if message.key is not None and message.state is not State.DEAD:
-                self.dedup.live(message.queue.name, message.key, message.id)
+            rare = message.rare  # (read directly: this runs once per message)
+            if rare is not None and rare.key is not None and message.state is not State.DEAD:
+                self.dedup.live(message.queue.name, rare.key, message.id)
         self.results.changed = {} if self._changed is not None else None
         self.dedup.changed = {} if self._changed is not None else None
         self._seq = highest_seq
@@ -906,7 +909,7 @@ class Core:
 
     def _make_ready(self, message: Message, event: Event, now: float) -> None:
         self._move(message, event)
-        message.ready_at = now
+        message.since = now
         message.seq = self._next_seq()
         message.due_at = None
         message.queue.ready.push(message)
@@ -931,7 +934,7 @@ class Core:
         if ranks is not None:  # (before the lease gives it a new seq)
             ranks.remove(message.priority, message.seq)
         self._move(message, Event.RESERVE)
-        message.reserved_at = now
+        message.since = now
         message.attempts += 1
         message.lease_token = self._next_token
         self._next_token += 1
@@ -971,7 +974,7 @@ class Core:
     def _finish(self, message: Message, now: float, result: Any) -> None:
         queue = message.queue
         queue.totals["acked"] += 1
-        queue.processing.observe(now - message.reserved_at)
+        queue.processing.observe(now - message.since)
         value = None if result is NO_RESULT else result
         if result is not NO_RESULT and queue.settings.result_ttl > 0:
             kept = StoredResult(queue.name, value, now, now + queue.settings.result_ttl)

@@ -114,9 +114,8 @@ class Message:
         "priority",
         "queue",
         "rare",
-        "ready_at",
-        "reserved_at",
         "seq",
+        "since",
         "state",
         "stored",
     )
@@ -156,17 +155,9 @@ class Message:
         self.lease_duration = 0.0
         # The number of the store batch that wrote its body (its put), or NOT_STORED.
         self.stored = NOT_STORED
-        # In memory only, for metrics: when it last became ready, and was last reserved.
-        self.ready_at = now
-        self.reserved_at = now
-
-    def restore_times(self) -> None:
-        """After recovery, set the times the store does not keep: ``ready_at`` to
-        ``enqueued_at`` (so a recovered backlog never looks younger than it is), and
-        ``reserved_at`` to when the current lease started or was last touched."""
-        self.ready_at = self.enqueued_at
-        deadline = self.lease_deadline
-        self.reserved_at = self.enqueued_at if deadline is None else deadline - self.lease_duration
+        # In memory only, for metrics: when it entered its state, if ready (it became
+        # ready) or reserved (it was leased); other states leave it as it was.
+        self.since = now
 
     @property
     def effective_max_attempts(self) -> int | None:

@@ -156,8 +156,8 @@ def oldest_ready_at(core: Core, queue: Queue) -> float | None:
         return None
     if ready > OLDEST_SCAN_LIMIT:
         top = queue.ready.peek()
-        return None if top is None else top.ready_at
-    return min((message.ready_at for message in queue.ready.in_order()), default=None)
+        return None if top is None else top.since
+    return min((message.since for message in queue.ready.in_order()), default=None)
 
 
 _QUEUE_TOTALS: Final = {

@@ -5,12 +5,15 @@ Message ids are 8-byte big-endian keys, so the message databases are in id order
 
 - ``bodies``: id -> ``RECORD_FORMAT`` byte + body. Written once, at put; deleted with the
   message.
-- ``messages``: id -> msgpack ``[RECORD_FORMAT, queue, state, priority, seq, attempts,
-  max_attempts, visibility_timeout, enqueued_at, due_at, lease_token, lease_deadline,
-  lease_duration, last_error, dead_reason, dead_at, dead_expires_at, headers, key,
-  progress]``: the small record that reserve, nack, touch and expiry rewrite. (Format 1
-  records lack the last two fields; they are still read.) ``seq`` orders ready messages of
-  equal priority (and ties between equal deadlines), as in the core.
+- ``messages``: id -> msgpack ``[MESSAGE_FORMAT, queue, state code, priority, seq,
+  attempts, enqueued_at, due_at, lease_token, lease_deadline, lease_duration,
+  max_attempts, visibility_timeout, last_error, dead_reason, dead_at, dead_expires_at,
+  headers, key, progress]``: the small record that reserve, nack, touch and expiry
+  rewrite. Unset fields at the end are left off (``lease_duration`` 0 is unset), so a
+  ready message without options has 7; the state code is the index in
+  ``_STATE_CODES``. (Formats 1 and 2 had every field, in another order, with the state
+  by name: they are still read.) ``seq`` orders ready messages of equal priority (and
+  ties between equal deadlines), as in the core.
 - ``queues``: name (UTF-8) -> msgpack ``[RECORD_FORMAT, settings map, totals map]``, while
   the queue is in use; deleted when the core forgets it (in a log record, value nil).
 - ``results``: id -> msgpack ``[RECORD_FORMAT, queue, result, done_at, expires_at]``, the
@@ -46,7 +49,8 @@ from ._schedules import Schedule, parse_spec
 from ._settings import QueueSettings
 
 RECORD_FORMAT: Final = 2
-READABLE: Final = (1, 2)  # record formats this version reads
+MESSAGE_FORMAT: Final = 3  # of ``messages`` records alone (see the module's docstring)
+READABLE: Final = (1, 2, 3)  # message record formats this version reads
 BATCH_FORMAT: Final = 4  # the layout of a log record (``Batch.pack``)
 # Fields per format: 1 had no schedules, 2 no bindings; 4 is 3 where a queue's value may be
 # nil (delete it), so a version that cannot delete one refuses the log instead.
@@ -173,90 +177,134 @@ def estimate_size(body: bytes, headers: Headers | None) -> int:
 
 
 _NO_RARE: Final = Rare()  # a message's rare fields when it has none
+# Format 3 names a state by its number here: a small int decodes without a new object.
+_STATE_CODES: Final = (State.READY, State.DELAYED, State.RESERVED, State.DEAD)
+_CODE_OF: Final = {state: code for code, state in enumerate(_STATE_CODES)}
+_FULL: Final = 20  # fields of a format 3 record with none left off
+_LEAST: Final = 7  # ... with everything after ``enqueued_at`` left off
+_NO_LEASE: Final = 11  # ... with nothing from ``due_at`` on: no deadline, lease or rare field
+_PADDING: Final = tuple((None,) * (_FULL - length) for length in range(_FULL + 1))
 
 
 def encode_message(message: Message) -> bytes:
+    """Format 3: the fields every message has, then the rest in the order below, with the
+    unset ones at the end left off (a ready message with no options: 7 fields)."""
     rare = message.rare or _NO_RARE
-    record: bytes = msgpack.packb(
-        [
-            RECORD_FORMAT,
-            message.queue.name,
-            message.state.value,
-            message.priority,
-            message.seq,
-            message.attempts,
-            rare.max_attempts,
-            rare.visibility_timeout,
-            message.enqueued_at,
-            message.due_at,
-            message.lease_token,
-            message.lease_deadline,
-            message.lease_duration,
-            rare.last_error,
-            rare.dead_reason,
-            rare.dead_at,
-            rare.dead_expires_at,
-            rare.headers,
-            rare.key,
-            list(rare.progress) if rare.progress is not None else None,
-        ]
-    )
-    return record
-
-
-_NONE_AFTER_LEASE: Final = (None,) * 7  # last_error ... progress, all unset
+    record = [
+        MESSAGE_FORMAT,
+        message.queue.name,
+        _CODE_OF[message.state],
+        message.priority,
+        message.seq,
+        message.attempts,
+        message.enqueued_at,
+        message.due_at,
+        message.lease_token,
+        message.lease_deadline,
+        message.lease_duration or None,
+        rare.max_attempts,
+        rare.visibility_timeout,
+        rare.last_error,
+        rare.dead_reason,
+        rare.dead_at,
+        rare.dead_expires_at,
+        rare.headers,
+        rare.key,
+        list(rare.progress) if rare.progress is not None else None,
+    ]
+    while record[-1] is None:
+        record.pop()
+    packed: bytes = msgpack.packb(record)
+    return packed
 
 
 def decode_message(message_id: int, body: bytes, value: bytes) -> tuple[str, Message]:
-    record = msgpack.unpackb(value, use_list=False)
-    if len(record) != 20 and record and record[0] == 1 and len(record) == 18:
-        record = (*record, None, None)  # format 1: no dedup key, no progress
-    elif len(record) != 20 or record[0] != RECORD_FORMAT:
-        raise StoreCorrupt(f"message {message_id}: record format {record[:1]} unknown")
-    (
-        _,
-        queue_name,
-        state,
-        priority,
-        seq,
-        attempts,
-        max_attempts,
-        visibility_timeout,
-        enqueued_at,
-        due_at,
-        lease_token,
-        lease_deadline,
-        lease_duration,
-        last_error,
-        dead_reason,
-        dead_at,
-        dead_expires_at,
-        headers,
-        key,
-        progress,
-    ) = record
-    message = Message.__new__(Message)
-    message.id = message_id
-    message.body = body
-    message.state = _STATES[state]
-    message.priority = priority
-    message.seq = seq
-    message.attempts = attempts
-    message.enqueued_at = enqueued_at
-    message.due_at = due_at
-    message.lease_token = lease_token
-    message.lease_deadline = lease_deadline
-    message.lease_duration = lease_duration
-    message.rare = None
-    if record[6:8] != (None, None) or record[13:] != _NONE_AFTER_LEASE:
+    """The message and its queue's name. ``since``, which the store does not keep, is set
+    so that a recovered backlog never looks younger than it is: to ``enqueued_at``, or
+    for a leased message to when its lease started or was last touched. Recovery calls
+    this once per message, so it takes the fewest steps it can (most records are format
+    3 with 7 fields)."""
+    try:
+        record = msgpack.unpackb(value, use_list=False)
+        length = len(record)
+        if length < _LEAST or record[0] != MESSAGE_FORMAT or length > _FULL:
+            record = _older_record(message_id, record)
+            length = len(record)
+        (
+            _,
+            queue_name,
+            code,
+            priority,
+            seq,
+            attempts,
+            enqueued_at,
+            due_at,
+            lease_token,
+            lease_deadline,
+            lease_duration,
+            max_attempts,
+            visibility_timeout,
+            last_error,
+            dead_reason,
+            dead_at,
+            dead_expires_at,
+            headers,
+            key,
+            progress,
+        ) = record + _PADDING[length]
+        message = Message.__new__(Message)
+        message.id = message_id
+        message.body = body
+        message.state = _STATE_CODES[code]
+        message.priority = priority
+        message.seq = seq
+        message.attempts = attempts
+        message.enqueued_at = enqueued_at
+        message.due_at = due_at
+        message.lease_token = lease_token
+        message.lease_deadline = lease_deadline
+        message.lease_duration = lease_duration = lease_duration or 0.0
+        message.since = enqueued_at if lease_deadline is None else lease_deadline - lease_duration
+        message.stored = RECOVERED
+        if length <= _NO_LEASE:
+            message.rare = None
+            return queue_name, message
         rare = message.rare = Rare()
         rare.max_attempts, rare.visibility_timeout = max_attempts, visibility_timeout
         rare.last_error, rare.dead_reason = last_error, dead_reason
         rare.dead_at, rare.dead_expires_at = dead_at, dead_expires_at
         rare.headers, rare.key = headers, key
         rare.progress = tuple(progress) if progress is not None else None
-    message.stored = RECOVERED
-    return queue_name, message
+        return queue_name, message
+    except (TypeError, ValueError, IndexError, KeyError) as error:  # (free until raised)
+        raise StoreCorrupt(f"message {message_id}: record unreadable ({error})") from None
+
+
+def _older_record(message_id: int, record: Any) -> tuple[Any, ...]:
+    """A format 1 or 2 record as format 3 would hold it."""
+    if not isinstance(record, tuple):
+        raise StoreCorrupt(f"message {message_id}: record {record!r} is not a list")
+    if record[:1] == (1,) and len(record) == 18:
+        record = (*record, None, None)  # format 1: no dedup key, no progress
+    elif record[:1] != (2,) or len(record) != _FULL or record[2] not in _STATES:
+        raise StoreCorrupt(f"message {message_id}: record format {record[:1]} unknown")
+    (_, queue_name, state, priority, seq, attempts, max_attempts, visibility_timeout) = record[:8]
+    converted = [
+        MESSAGE_FORMAT,
+        queue_name,
+        _CODE_OF[_STATES[state]],
+        priority,
+        seq,
+        attempts,
+        *record[8:12],
+        record[12] or None,
+        max_attempts,
+        visibility_timeout,
+        *record[13:],
+    ]
+    while converted[-1] is None:
+        converted.pop()
+    return tuple(converted)
 
 
 def decode_queue(key: bytes, value: bytes) -> tuple[str, QueueSettings, dict[str, int]]:

@@ -18,7 +18,9 @@ only recycled once the transaction is durable.
 
 Layout of the data dir: ``data.mdb`` (LMDB, the databases and records of ``_records``),
 ``log-*.wal`` (``_log``), ``sluice.lock``. ``meta/format`` holds ``STORE_FORMAT``; a data
-dir of format 1 or 2 (LMDB alone, no log) is upgraded in place on open.
+dir of format 1 or 2 (LMDB alone, no log) or 3 (the same, but message records of
+format 2 alone) is upgraded in place on open: only the format is written, as the older
+records are still read and each is rewritten in the new format when it next changes.
 
 Ids, lease tokens and job event seqs: the counters record holds ceilings, raised
 ``COUNTER_BLOCK`` ahead of what the core has handed out, so a lease token may go out
@@ -54,7 +56,6 @@ import ctypes
 import dataclasses
 import errno
 import fcntl
-import gc
 import logging
 import os
 import queue
@@ -109,8 +110,8 @@ __all__ = ["Batch", "Recovered", "Store", "StoreCorrupt", "StoreError", "StoreLo
 
 log = logging.getLogger("sluice.store")
 
-STORE_FORMAT: Final = 3  # LMDB + log; 1 and 2 were LMDB alone
-_UPGRADABLE: Final = (1, 2)
+STORE_FORMAT: Final = 4  # LMDB + log; 1 and 2 were LMDB alone, 3 had message records of format 2
+_UPGRADABLE: Final = (1, 2, 3)
 COUNTER_BLOCK: Final = 1 << 16  # ids and tokens reserved ahead of use
 _MIN_MAP: Final = 64 * 1024 * 1024
 _NO_LIMIT: Final = 1 << 46  # 64 TiB: the map never needs to be bigger than the disk
@@ -422,8 +423,8 @@ class Store:
             txn.put(b"format", msgpack.packb(STORE_FORMAT))
         if version is not None:
             log.warning(
-                "upgraded data dir %s from format %d to %d (a log beside LMDB); brokers "
-                "older than this one can no longer open it",
+                "upgraded data dir %s from format %d to %d; brokers older than this one "
+                "can no longer open it",
                 self.path,
                 version,
                 STORE_FORMAT,
@@ -465,9 +466,7 @@ class Store:
             schedules = [decode_schedule(k, v) for k, v in txn.cursor(self._schedules)]
             bindings = [decode_binding(k, v) for k, v in txn.cursor(self._bindings)]
         # Nothing writes while recovering, so a second read transaction sees the same data.
-        # The cyclic GC is paused meanwhile: a million new objects would start a full
-        # collection over all of them again and again (no cycles are made here).
-        with _gc_paused(), self.env.begin() as txn:
+        with self.env.begin() as txn:
             # Streamed straight into the core: no list of every message on the side.
             core.recover(
                 now,
@@ -548,27 +547,21 @@ class Store:
 
     def _read_messages(self, txn: Any) -> Iterator[tuple[str, Message]]:
         """Walk the state and body databases side by side (both are in id order, and
-        8-byte big-endian keys compare as the ids do)."""
+        8-byte big-endian keys compare as the ids do). Once per message: kept short."""
         bodies = txn.cursor(self._bodies).iternext()
         body_key, body = next(bodies, _END)
-        for read, (key, state) in enumerate(txn.cursor(self._states).iternext(), 1):
-            if read % _RELEASE_MAP_EVERY == 0:
-                _release_mapped_pages(self._data_file)
-            while body_key is not None and body_key < key:
-                orphan = key_id(body_key)
-                log.warning(
-                    "dropping a body without a message record: id %d",
-                    orphan,
-                    extra=event("orphan_body_dropped", id=orphan),
-                )
-                body_key, body = next(bodies, _END)
-            message_id = int.from_bytes(key, "big")
+        unreleased = 0
+        for key, state in txn.cursor(self._states).iternext():
             if body_key != key:
-                raise StoreCorrupt(f"message {message_id} has a record but no body")
+                body_key, body = _skip_orphan_bodies(bodies, body_key, body, key)
             if body[0] != RECORD_FORMAT:
-                raise StoreCorrupt(f"message {message_id}: body format {body[:1]!r} unknown")
-            yield decode_message(message_id, body[1:], state)
+                raise StoreCorrupt(f"message {key_id(key)}: body format {body[:1]!r} unknown")
+            yield decode_message(int.from_bytes(key, "big"), body[1:], state)
             body_key, body = next(bodies, _END)
+            unreleased += 1
+            if unreleased == _RELEASE_MAP_EVERY:
+                _release_mapped_pages(self._data_file)
+                unreleased = 0
         _release_mapped_pages(self._data_file)
 
     # ------------------------------------------------- admission (loop thread)
@@ -1081,15 +1074,22 @@ def _release_mapped_pages(data_file: str) -> None:
         return
 
 
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
+def _skip_orphan_bodies(
+    bodies: Iterator[tuple[bytes, bytes]], body_key: bytes | None, body: bytes, key: bytes
+) -> tuple[bytes, bytes]:
+    """Drop the bodies before ``key`` (a message whose record is gone: logged), and return
+    ``key``'s; raises ``StoreCorrupt`` if it has none."""
+    while body_key is not None and body_key < key:
+        orphan = key_id(body_key)
+        log.warning(
+            "dropping a body without a message record: id %d",
+            orphan,
+            extra=event("orphan_body_dropped", id=orphan),
+        )
+        body_key, body = next(bodies, _END)
+    if body_key != key:
+        raise StoreCorrupt(f"message {key_id(key)} has a record but no body")
+    return body_key, body
 
 
 def _no_fault(step: str) -> None:

@@ -101,7 +101,7 @@ def test_deliveries_stay_within_the_bucket_and_the_cap(
 
     def took(messages: list[Any]) -> None:
         held.extend(messages)
-        times.extend(m.reserved_at for m in messages)
+        times.extend(m.since for m in messages)
 
     for action, count, step in workload:
         now += step
@@ -129,7 +129,7 @@ def test_a_greedy_consumer_gets_the_burst_then_the_rate() -> None:
     times = []
     now = START
     while now < START + 3.0:
-        times += [m.reserved_at for m in core.reserve(now, ["q"], 100)]
+        times += [m.since for m in core.reserve(now, ["q"], 100)]
         now += 0.01
     # 5 at once, then one every 0.1 s for 3 s: 5 + 29 or 30 (the clock steps by 0.01).
     assert 5 + 29 <= len(times) <= 5 + 30
@@ -150,7 +150,7 @@ def test_a_parked_reserve_is_served_when_the_next_token_comes_due() -> None:
     core.tick(START + 2.0)
     [(key, messages)] = core.take_completions()
     assert key == "w" and len(messages) == 1  # type: ignore[arg-type]
-    assert messages[0].reserved_at == START + 2.0  # type: ignore[index]
+    assert messages[0].since == START + 2.0  # type: ignore[index]
 
 
 def test_a_refill_wakes_only_as_many_waiters_as_it_has_tokens() -> None:

@@ -6,8 +6,9 @@
 - The store: the same cuts on a real data dir recover exactly the batches committed
   before the cut; a crash at each step of a checkpoint (before, during and after its
   LMDB transaction, before and after the log is recycled) loses nothing committed.
-- An existing data dir of format 2 (LMDB alone, made by the broker before the log) is
-  upgraded on open, with everything in it; a newer format is refused with advice.
+- An existing data dir of format 2 (LMDB alone, made by the broker before the log), or of
+  format 3 (message records of format 2, in LMDB and in the log), is upgraded on open,
+  with everything in it; a newer format is refused with advice.
 """
 
 from __future__ import annotations
@@ -318,6 +319,51 @@ def test_a_format_2_data_dir_is_upgraded_with_everything_in_it(tmp_path: Path) -
     store.close()
     reopened = Store(str(tmp_path))
     assert reopened.upgraded_from is None
+    reopened.close()
+
+
+def test_a_format_3_data_dir_is_upgraded_with_everything_in_it(tmp_path: Path) -> None:
+    """Made by the broker before message records of format 3, killed with part of its
+    changes checkpointed into LMDB and the rest only in its log."""
+    with tarfile.open(FIXTURES / "store-format-3.tar.gz") as archive:
+        archive.extractall(tmp_path, filter="data")
+    store = Store(str(tmp_path))
+    assert store.upgraded_from == 3
+    core = Core(track_changes=True)
+    store.recover(core, T0 + 1)
+    messages = sorted(core.messages.values(), key=lambda message: message.id)
+    assert [(m.id, m.queue.name, m.state.value, m.attempts) for m in messages] == [
+        (1, "emails", "delayed", 1),
+        (2, "emails", "reserved", 1),
+        (3, "emails", "dead", 1),
+        (4, "emails", "delayed", 0),
+        (5, "emails", "ready", 0),
+        (7, "other", "ready", 0),
+    ]
+    plain, urgent, keyed, later, big, last = messages
+    assert (plain.last_error, plain.due_at) == ("try later", T0 + 100)
+    assert (urgent.priority, urgent.progress, urgent.lease_deadline) == (
+        5,
+        (40.0, "halfway"),
+        T0 + 1000,
+    )
+    assert (keyed.dead_reason, keyed.key, keyed.headers) == ("bad mail", "k-1", {"trace": "abc"})
+    assert (later.due_at, later.rare) == (T0 + 500, None)
+    assert (big.body, big.max_attempts, big.visibility_timeout) == (b"x" * 5000, 9, 30.0)
+    assert (last.body, last.rare) == (b"last", None)
+    assert core.queues["emails"].settings.max_attempts == 2
+    assert core.results.get(6, T0 + 1) is not None  # acked in the log, with a result
+    (leased,) = core.reserve(T0 + 1, ["emails"], 1)  # big: its record now in format 3
+    assert leased is big
+    commit(store, core)
+    expected = {m.id: m.status() for m in core.messages.values()}
+    store.close()
+    reopened = Store(str(tmp_path))
+    assert reopened.upgraded_from is None
+    again = Core(track_changes=True)
+    reopened.recover(again, T0 + 1)
+    assert {m.id: m.status() for m in again.messages.values()} == expected
+    assert again.messages[5].state.value == "reserved"
     reopened.close()
 
 
