@@ -176,7 +176,6 @@ def estimate_size(body: bytes, headers: Headers | None) -> int:
     return size * 2
 
 
-_NO_RARE: Final = Rare()  # a message's rare fields when it has none
 # Format 3 names a state by its number here: a small int decodes without a new object.
 _STATE_CODES: Final = (State.READY, State.DELAYED, State.RESERVED, State.DEAD)
 _CODE_OF: Final = {state: code for code, state in enumerate(_STATE_CODES)}
@@ -189,7 +188,6 @@ _PADDING: Final = tuple((None,) * (_FULL - length) for length in range(_FULL + 1
 def encode_message(message: Message) -> bytes:
     """Format 3: the fields every message has, then the rest in the order below, with the
     unset ones at the end left off (a ready message with no options: 7 fields)."""
-    rare = message.rare or _NO_RARE
     record = [
         MESSAGE_FORMAT,
         message.queue.name,
@@ -202,16 +200,20 @@ def encode_message(message: Message) -> bytes:
         message.lease_token,
         message.lease_deadline,
         message.lease_duration or None,
-        rare.max_attempts,
-        rare.visibility_timeout,
-        rare.last_error,
-        rare.dead_reason,
-        rare.dead_at,
-        rare.dead_expires_at,
-        rare.headers,
-        rare.key,
-        list(rare.progress) if rare.progress is not None else None,
     ]
+    rare = message.rare
+    if rare is not None:
+        record += (
+            rare.max_attempts,
+            rare.visibility_timeout,
+            rare.last_error,
+            rare.dead_reason,
+            rare.dead_at,
+            rare.dead_expires_at,
+            rare.headers,
+            rare.key,
+            list(rare.progress) if rare.progress is not None else None,
+        )
     while record[-1] is None:
         record.pop()
     packed: bytes = msgpack.packb(record)
