@@ -333,10 +333,11 @@ class Core:
     def _index_of(self, message: Message) -> tuple[LazyHeap, Entry]:
         """The heap a recovered message that is not ready belongs in, and its entry."""
         state = message.state
-        if state is State.DELAYED and message.due_at is not None:
-            return self._delayed, (message.due_at, message.seq, message.id)
-        if state is State.RESERVED and message.lease_deadline is not None:
-            return self._leases, (message.lease_deadline, message.seq, message.id)
+        deadline = message.deadline
+        if state is State.DELAYED and deadline is not None:
+            return self._delayed, (deadline, message.seq, message.id)
+        if state is State.RESERVED and deadline is not None:
+            return self._leases, (deadline, message.seq, message.id)
         if state is State.DEAD:
             expires_at = message.dead_expires_at
             return self._dead_expiry, (
@@ -911,7 +912,7 @@ class Core:
         self._move(message, event)
         message.since = now
         message.seq = self._next_seq()
-        message.due_at = None
+        message.deadline = None
         message.queue.ready.push(message)
         ranks = message.queue.ranks
         if ranks is not None:  # someone asked a position here: keep the index in step
@@ -920,12 +921,12 @@ class Core:
     def _make_delayed(self, message: Message, event: Event, due_at: float) -> None:
         self._move(message, event)
         message.seq = self._next_seq()
-        message.due_at = due_at
+        message.deadline = due_at
         self._schedule(self._delayed, (due_at, message.seq, message.id))
 
     def _push_lease(self, message: Message, deadline: float) -> None:
         message.seq = self._next_seq()
-        message.lease_deadline = deadline
+        message.deadline = deadline
         self._schedule(self._leases, (deadline, message.seq, message.id))
         self._changed_message(message)
 
@@ -950,7 +951,7 @@ class Core:
 
     def _end_lease(self, message: Message) -> None:
         """The lease's heap entry goes stale: the caller moves the message on."""
-        message.lease_token = message.lease_deadline = None
+        message.lease_token = message.deadline = None
         message.seq = self._next_seq()  # stale before discard(), which may compact
         self._leases.discard()
 
@@ -1084,7 +1085,7 @@ class Core:
         self._move(message, event)
         message.dead_reason = reason
         message.dead_at = now
-        message.due_at = None
+        message.deadline = None
         queue = message.queue
         queue.add_dead(message)
         queue.totals["dead_lettered"] += 1
@@ -1170,7 +1171,7 @@ class Core:
 
     def _expire_lease(self, message: Message, deadline: float, now: float) -> None:
         """Same as a nack with no delay, applied at the lease's deadline."""
-        message.lease_token = message.lease_deadline = None
+        message.lease_token = message.deadline = None
         message.queue.totals["expired"] += 1
         self._retry(message, deadline, None, LEASE_EXPIRED, "expired")
         self._serve_waiters(message.queue, now)

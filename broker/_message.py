@@ -105,10 +105,9 @@ class Message:
     __slots__ = (
         "attempts",
         "body",
-        "due_at",
+        "deadline",
         "enqueued_at",
         "id",
-        "lease_deadline",
         "lease_duration",
         "lease_token",
         "priority",
@@ -149,15 +148,26 @@ class Message:
         self.state = State.NEW
         self.seq = 0
         self.attempts = 0
-        self.due_at: float | None = None
+        # When it falls due (delayed) or its lease runs out (reserved); None otherwise.
+        # One field for both, as a message is never delayed and reserved at once.
+        self.deadline: float | None = None
         self.lease_token: int | None = None
-        self.lease_deadline: float | None = None
         self.lease_duration = 0.0
         # The number of the store batch that wrote its body (its put), or NOT_STORED.
         self.stored = NOT_STORED
         # In memory only, for metrics: when it entered its state, if ready (it became
         # ready) or reserved (it was leased); other states leave it as it was.
         self.since = now
+
+    @property
+    def due_at(self) -> float | None:
+        """When a delayed message becomes ready (None in other states)."""
+        return self.deadline if self.state is State.DELAYED else None
+
+    @property
+    def lease_deadline(self) -> float | None:
+        """When a reserved message's lease runs out (None in other states)."""
+        return self.deadline if self.state is State.RESERVED else None
 
     @property
     def effective_max_attempts(self) -> int | None:
@@ -177,7 +187,7 @@ class Message:
             "max_attempts": self.effective_max_attempts,
             "enqueued_at": self.enqueued_at,
             "lease": self.lease_token,
-            "lease_deadline": self.lease_deadline,
+            "lease_deadline": self.deadline,  # (delivered: reserved)
         }
         rare = self.rare
         if rare is not None and rare.headers:

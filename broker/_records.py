@@ -188,17 +188,18 @@ _PADDING: Final = tuple((None,) * (_FULL - length) for length in range(_FULL + 1
 def encode_message(message: Message) -> bytes:
     """Format 3: the fields every message has, then the rest in the order below, with the
     unset ones at the end left off (a ready message with no options: 7 fields)."""
+    state, deadline = message.state, message.deadline
     record = [
         MESSAGE_FORMAT,
         message.queue.name,
-        _CODE_OF[message.state],
+        _CODE_OF[state],
         message.priority,
         message.seq,
         message.attempts,
         message.enqueued_at,
-        message.due_at,
+        deadline if state is State.DELAYED else None,  # due_at
         message.lease_token,
-        message.lease_deadline,
+        deadline if state is State.RESERVED else None,  # lease_deadline
         message.lease_duration or None,
     ]
     rare = message.rare
@@ -262,9 +263,8 @@ def decode_message(message_id: int, body: bytes, value: bytes) -> tuple[str, Mes
         message.seq = seq
         message.attempts = attempts
         message.enqueued_at = enqueued_at
-        message.due_at = due_at
+        message.deadline = due_at if due_at is not None else lease_deadline
         message.lease_token = lease_token
-        message.lease_deadline = lease_deadline
         message.lease_duration = lease_duration = lease_duration or 0.0
         message.since = enqueued_at if lease_deadline is None else lease_deadline - lease_duration
         message.stored = RECOVERED

@@ -95,11 +95,10 @@ def messages(draw: st.DrawFn) -> Message:
     message.seq = draw(st.integers(0, 2**62))
     message.attempts = draw(st.integers(0, 1000))
     message.enqueued_at = draw(times)
-    message.due_at = draw(maybe_time)
-    leased = draw(st.booleans())
+    delayed, leased = message.state is State.DELAYED, message.state is State.RESERVED
+    message.deadline = draw(times) if delayed or leased else None
     message.lease_token = draw(st.integers(1, 2**62)) if leased else None
-    message.lease_deadline = draw(times) if leased else None
-    message.lease_duration = draw(st.floats(0.001, 1e6)) if leased else draw(st.just(0.0))
+    message.lease_duration = draw(st.floats(0.001, 1e6)) if leased else 0.0
     message.stored = RECOVERED
     message.rare = None
     if draw(st.booleans()):
@@ -117,7 +116,7 @@ def messages(draw: st.DrawFn) -> Message:
 
 def fields_of(message: Message) -> dict[str, Any]:
     names = [name for name in Message.__slots__ if name not in ("queue", "rare", "since")]
-    fields = {name: getattr(message, name) for name in names}
+    fields = {name: getattr(message, name) for name in (*names, "due_at", "lease_deadline")}
     fields.update((name, getattr(message, name)) for name in RARE_FIELDS)
     return fields
 
