@@ -321,6 +321,9 @@ class Store:
         self.pending = 0
         self.in_flight = 0
         self.commits = 0
+        # Puts were refused for size: they stay refused until the estimate is a margin
+        # below the capacity (``_refusal``).
+        self._refusing = False
         self.checkpoints = 0
         self._measurements: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
         self._measure_due = 0.0
@@ -609,8 +612,13 @@ class Store:
             return self.disk_full
         if not self._log_has_room(need):
             return "the disk has no room for the log's next segment"
-        if self._estimate() + need > self.capacity:
-            return f"about {self._estimate() // 1024} KiB used of {self.capacity // 1024} KiB"
+        estimate = self._estimate()
+        if estimate + need > self.capacity or (
+            self._refusing and estimate > self.capacity - _refusal_margin(self.capacity)
+        ):
+            self._refusing = True
+            return f"about {estimate // 1024} KiB used of {self.capacity // 1024} KiB"
+        self._refusing = False
         return None
 
     def _log_has_room(self, need: int) -> bool:
@@ -1059,6 +1067,15 @@ class Store:
             capacity = min(capacity, self.max_storage)
         capacity -= 2 * self.segment_size
         return capacity - max(1 << 20, min(64 << 20, capacity // 20))
+
+
+def _refusal_margin(capacity: int) -> int:
+    """How far under the capacity the estimate must fall before puts refused for size are
+    admitted again: 1% of it, at least 64 KiB. The estimate counts what the last
+    checkpoint has not measured generously, so the next measurement alone may find a
+    little room; without the margin, puts would flap between refused and stored until
+    consumers free space. Acks and purges do that; a measurement does not."""
+    return max(64 << 10, capacity // 100)
 
 
 def _release_mapped_pages(data_file: str) -> None:

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from broker import Core
+from broker._message import PutSpec
+from broker._store import Store, _refusal_margin
 from client import Client, Message
 from client.errors import ErrorCode, StorageFull
 from tests.conftest import KEEP, BrokerProcess, start_broker, stop_broker, wait_for_state
@@ -243,3 +246,21 @@ def test_a_store_at_its_cap_keeps_checkpointing_and_restarts(
     with brokers[-1].client(timeout=30) as client:
         assert counts(client) == (stored, 0, 0, 0)
     stop_broker(brokers[-1])
+
+
+def test_puts_refused_for_size_stay_refused_until_a_margin_is_free(tmp_path: Path) -> None:
+    """A measurement that finds a little of what the estimate held back does not let puts
+    in again (they would flap between refused and stored); freeing the margin does."""
+    store = Store(str(tmp_path), max_storage=MAX_STORAGE)
+    store.recover(Core(), 0.0)
+    spec = PutSpec(body=body(0))
+    while store.admits(spec):
+        pass
+    margin = _refusal_margin(store.capacity)
+    store.used -= margin // 2  # a checkpoint measured less than was estimated
+    assert not store.admits(spec), "a small measurement let puts in again"
+    assert store.full() is not None
+    store.used -= margin  # consumers acked
+    assert store.admits(spec)
+    assert store.full() is None
+    store.close()
