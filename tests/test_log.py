@@ -322,13 +322,20 @@ def test_checkpoints_leave_no_store_pages_resident(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ formats
 
 
-def test_a_format_2_data_dir_is_upgraded_with_everything_in_it(tmp_path: Path) -> None:
-    with tarfile.open(FIXTURES / "store-format-2.tar.gz") as archive:
+def recover_fixture(tmp_path: Path, version: int) -> tuple[Store, Core]:
+    """The data dir of store format ``version`` in ``fixtures``, opened (and so upgraded)
+    and recovered; the store says which format it was upgraded from."""
+    with tarfile.open(FIXTURES / f"store-format-{version}.tar.gz") as archive:
         archive.extractall(tmp_path, filter="data")
     store = Store(str(tmp_path))
-    assert store.upgraded_from == 2
+    assert store.upgraded_from == version
     core = Core(track_changes=True)
     store.recover(core, T0 + 1)
+    return store, core
+
+
+def test_a_format_2_data_dir_is_upgraded_with_everything_in_it(tmp_path: Path) -> None:
+    store, core = recover_fixture(tmp_path, 2)
     states = sorted((m.id, m.state.value, m.attempts) for m in core.messages.values())
     assert states == [
         (1, "delayed", 1),
@@ -354,12 +361,7 @@ def test_a_format_2_data_dir_is_upgraded_with_everything_in_it(tmp_path: Path) -
 def test_a_format_3_data_dir_is_upgraded_with_everything_in_it(tmp_path: Path) -> None:
     """Made by the broker before message records of format 3, killed with part of its
     changes checkpointed into LMDB and the rest only in its log."""
-    with tarfile.open(FIXTURES / "store-format-3.tar.gz") as archive:
-        archive.extractall(tmp_path, filter="data")
-    store = Store(str(tmp_path))
-    assert store.upgraded_from == 3
-    core = Core(track_changes=True)
-    store.recover(core, T0 + 1)
+    store, core = recover_fixture(tmp_path, 3)
     messages = sorted(core.messages.values(), key=lambda message: message.id)
     assert [(m.id, m.queue.name, m.state.value, m.attempts) for m in messages] == [
         (1, "emails", "delayed", 1),
