@@ -5,8 +5,10 @@ the broker's memory stays bounded and other clients carry on), admin events, bad
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -287,39 +289,42 @@ def test_metrics_count_subscriptions_events_and_lagging(tmp_path: Path) -> None:
         stop_broker(broker)
 
 
-def test_with_nobody_subscribed_events_are_numbered_not_kept(tmp_path: Path) -> None:
-    broker = start_broker(tmp_path / "broker.log", "--in-memory", "--event-linger", "0")
+@contextlib.contextmanager
+def broker_client(tmp_path: Path, *args: str) -> Iterator[Client]:
+    """A client of a broker started with ``args``, stopped when the block ends."""
+    broker = start_broker(tmp_path / "broker.log", *args)
     try:
         with broker.client() as client:
-            client.put("ev.nobody", b"before anyone")  # seq 1: nobody watches, not kept
-            watcher = client.subscribe("queue.ev.nobody.*", from_seq=1)
-            gap = watcher.get(TIMEOUT)
-            assert gap == Gap(1, 2), "numbered, and the subscriber is told it is gone"
-            client.put("ev.nobody", b"watched")  # seq 2: kept
-            (watched,) = events_of(watcher, 1)
-            assert watched.seq == 2
-            watcher.unsubscribe()
-            client.put("ev.nobody", b"in the linger")  # seq 3: 0 s of linger start now
-            client.put("ev.nobody", b"after it")  # seq 4: the ring stopped, and forgot
-            again = client.subscribe("queue.ev.nobody.*", from_seq=2)
-            assert again.get(TIMEOUT) == Gap(2, 5)
-            client.put("ev.nobody", b"watched again")
-            (live,) = events_of(again, 1)
-            assert live.seq == 5, "numbering went on while nothing was kept"
+            yield client
     finally:
         stop_broker(broker)
+
+
+def test_with_nobody_subscribed_events_are_numbered_not_kept(tmp_path: Path) -> None:
+    with broker_client(tmp_path, "--in-memory", "--event-linger", "0") as client:
+        client.put("ev.nobody", b"before anyone")  # seq 1: nobody watches, not kept
+        watcher = client.subscribe("queue.ev.nobody.*", from_seq=1)
+        gap = watcher.get(TIMEOUT)
+        assert gap == Gap(1, 2), "numbered, and the subscriber is told it is gone"
+        client.put("ev.nobody", b"watched")  # seq 2: kept
+        (watched,) = events_of(watcher, 1)
+        assert watched.seq == 2
+        watcher.unsubscribe()
+        client.put("ev.nobody", b"in the linger")  # seq 3: 0 s of linger start now
+        client.put("ev.nobody", b"after it")  # seq 4: the ring stopped, and forgot
+        again = client.subscribe("queue.ev.nobody.*", from_seq=2)
+        assert again.get(TIMEOUT) == Gap(2, 5)
+        client.put("ev.nobody", b"watched again")
+        (live,) = events_of(again, 1)
+        assert live.seq == 5, "numbering went on while nothing was kept"
 
 
 def test_event_linger_always_keeps_them_with_nobody_subscribed(tmp_path: Path) -> None:
-    broker = start_broker(tmp_path / "broker.log", "--in-memory", "--event-linger", "always")
-    try:
-        with broker.client() as client:
-            job = client.put("ev.always", b"x")
-            watcher = client.subscribe("queue.ev.always.*", from_seq=0)
-            (put,) = events_of(watcher, 1)
-            assert (put.seq, put.event, put.id) == (1, "put", job)
-    finally:
-        stop_broker(broker)
+    with broker_client(tmp_path, "--in-memory", "--event-linger", "always") as client:
+        job = client.put("ev.always", b"x")
+        watcher = client.subscribe("queue.ev.always.*", from_seq=0)
+        (put,) = events_of(watcher, 1)
+        assert (put.seq, put.event, put.id) == (1, "put", job)
 
 
 @pytest.mark.parametrize("bad", ["-1", "soon", "nan", "86401"])

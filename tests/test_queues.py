@@ -21,12 +21,18 @@ def recovered_queue_records(broker: BrokerProcess) -> int:
     return int(line.split(" in ")[1].split(" queues")[0])
 
 
+def start_on(data: str, log_path: Path, brokers: list[BrokerProcess]) -> BrokerProcess:
+    """A broker on the data dir ``data``, killed at the end of the test if still up."""
+    broker = start_broker(log_path, "--data-dir", data)
+    brokers.append(broker)
+    return broker
+
+
 def test_reserves_on_distinct_names_leave_no_queue_even_after_a_restart(
     tmp_path: Path, brokers: list[BrokerProcess]
 ) -> None:
     data = str(tmp_path / "data")
-    broker = start_broker(tmp_path / "first.log", "--data-dir", data)
-    brokers.append(broker)
+    broker = start_on(data, tmp_path / "first.log", brokers)
     with broker.client() as client:
         client.put("kept", b"stays")
         for n in range(RESERVES):
@@ -37,8 +43,7 @@ def test_reserves_on_distinct_names_leave_no_queue_even_after_a_restart(
         client.configure("configured", max_attempts=9)
         assert sorted(q["name"] for q in client.queues()) == ["configured", "kept"]
     stop_broker(broker)
-    again = start_broker(tmp_path / "second.log", "--data-dir", data)
-    brokers.append(again)
+    again = start_on(data, tmp_path / "second.log", brokers)
     assert recovered_queue_records(again) == 2  # the store deleted the rest
     assert listed(again) == ["configured", "kept"]
     stop_broker(again)
@@ -48,8 +53,7 @@ def test_a_forgotten_queue_stays_forgotten_after_kill_9(
     tmp_path: Path, brokers: list[BrokerProcess]
 ) -> None:
     data = str(tmp_path / "data")
-    broker = start_broker(tmp_path / "first.log", "--data-dir", data)
-    brokers.append(broker)
+    broker = start_on(data, tmp_path / "first.log", brokers)
     with broker.client() as client:
         for n in range(20):
             client.put(f"job.{n}", b"x")
@@ -58,8 +62,7 @@ def test_a_forgotten_queue_stays_forgotten_after_kill_9(
         client.put("kept", b"y")
     broker.process.kill()
     broker.process.wait()
-    again = start_broker(tmp_path / "second.log", "--data-dir", data)
-    brokers.append(again)
+    again = start_on(data, tmp_path / "second.log", brokers)
     assert listed(again) == ["kept"]
     assert recovered_queue_records(again) <= 1
     stop_broker(again)
@@ -116,8 +119,7 @@ def test_a_waiting_reserve_on_a_deleted_queue_gets_nothing_and_others_go_on(
 
 def test_a_confirmed_delete_survives_kill_9(tmp_path: Path, brokers: list[BrokerProcess]) -> None:
     data = str(tmp_path / "data")
-    broker = start_broker(tmp_path / "first.log", "--data-dir", data)
-    brokers.append(broker)
+    broker = start_on(data, tmp_path / "first.log", brokers)
     with broker.client() as client:
         client.configure("doomed", max_attempts=2)
         client.put_many("doomed", [b"1", b"2", b"3"])
@@ -128,8 +130,7 @@ def test_a_confirmed_delete_survives_kill_9(tmp_path: Path, brokers: list[Broker
         assert client.delete_queue("doomed", force=True)["messages"] == 3
     broker.process.kill()
     broker.process.wait()
-    again = start_broker(tmp_path / "second.log", "--data-dir", data)
-    brokers.append(again)
+    again = start_on(data, tmp_path / "second.log", brokers)
     with again.client() as client:
         assert [queue["name"] for queue in client.queues()] == ["kept"]
         assert client.schedules() == [] and client.bindings() == []
