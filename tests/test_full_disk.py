@@ -130,6 +130,22 @@ def bodies(client: Client) -> set[bytes]:
     return found
 
 
+def kill_free_and_restart(
+    broker: BrokerProcess,
+    filler: Path,
+    log_path: Path,
+    args: tuple[str, ...],
+    brokers: list[BrokerProcess],
+) -> None:
+    """``kill -9`` the broker (its log without a traceback), free the disk by deleting
+    ``filler``, and start it again with ``args``: ``brokers[-1]``."""
+    broker.process.kill()
+    broker.process.wait()
+    assert "Traceback" not in broker.log(), broker.log()[-3000:]
+    os.unlink(filler)
+    brokers.append(start_broker(log_path, *args))
+
+
 def test_a_disk_filled_by_another_process_refuses_puts_and_keeps_everything_else(
     small_disk: Path, tmp_path: Path, brokers: list[BrokerProcess]
 ) -> None:
@@ -159,11 +175,7 @@ def test_a_disk_filled_by_another_process_refuses_puts_and_keeps_everything_else
         assert status == 503 and "storage is full" in reason, (status, reason)
         assert "puts are refused; acks and reads still work" in reason, reason
         acked = {message.body for message in messages[:50]}
-    broker.process.kill()
-    broker.process.wait()
-    assert "Traceback" not in broker.log(), broker.log()[-3000:]
-    os.unlink(small_disk / "filler")
-    brokers.append(start_broker(tmp_path / "restarted.log", *args))
+    kill_free_and_restart(broker, small_disk / "filler", tmp_path / "restarted.log", args, brokers)
     with brokers[-1].client() as client:
         assert bodies(client) == set(stored) - acked, "confirmed work was lost on a full disk"
         client.put(QUEUE, b"room again")
@@ -231,11 +243,7 @@ def test_an_ext4_disk_filled_by_the_broker_then_to_enospc_loses_nothing_confirme
         assert client.nack(messages[200:], delay=0, error="disk full") == 100
         assert client.stats(QUEUE)["ready"] == len(stored) - 200
         acked = {message.body for message in messages[:200]}
-    broker.process.kill()
-    broker.process.wait()
-    assert "Traceback" not in broker.log(), broker.log()[-3000:]
-    os.unlink(ext4_disk / "filler")
-    brokers.append(start_broker(tmp_path / "restarted.log", *args))
+    kill_free_and_restart(broker, ext4_disk / "filler", tmp_path / "restarted.log", args, brokers)
     with brokers[-1].client() as client:
         assert client.stats(QUEUE)["ready"] == len(stored) - len(acked)
         found: set[bytes] = set()
