@@ -455,6 +455,8 @@ class Store:
         applied, (next_id, next_token, next_event) = self._apply_log(numbers)
         self.used = self._measure_used()
         self.capacity = self._measure_capacity(self.used)
+        # A store left full (within the margin) is still full: as if puts had been refused.
+        self._refusing = self.used > self.capacity - _refusal_margin(self.capacity)
         self._recyclable = numbers[-_SPARE_SEGMENTS:]
         for number in numbers[:-_SPARE_SEGMENTS]:
             os.unlink(os.path.join(self.path, _log.segment_name(number)))
@@ -1074,8 +1076,9 @@ def _refusal_margin(capacity: int) -> int:
     admitted again: 1% of it, at least 64 KiB. The estimate counts what the last
     checkpoint has not measured generously, so the next measurement alone may find a
     little room; without the margin, puts would flap between refused and stored until
-    consumers free space. Acks and purges do that; a measurement does not."""
-    return max(64 << 10, capacity // 100)
+    consumers free space. Acks and purges do that; a measurement does not. Never more
+    than a quarter of a small capacity, so an empty store always admits puts."""
+    return min(max(64 << 10, capacity // 100), max(0, capacity) // 4)
 
 
 def _release_mapped_pages(data_file: str) -> None:
