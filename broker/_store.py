@@ -122,7 +122,8 @@ _SPARE_SEGMENTS: Final = 2  # checkpointed segments kept to be recycled
 _MIN_SEGMENT: Final = 64 << 10
 T = TypeVar("T")
 _END: Final = (None, b"")
-_RELEASE_MAP_EVERY: Final = 1 << 16  # messages read between dropping LMDB's pages from RSS
+_RELEASE_MAP_EVERY: Final = 1 << 16  # records read (recovery) or written (checkpoints)
+# between dropping LMDB's pages from this process's RSS
 _MADV_DONTNEED: Final = 4
 _PUT_CHUNK: Final = 128  # records per putmulti in a checkpoint
 _PIECE: Final = 256  # records per transaction when one for the whole batch has no room
@@ -325,6 +326,7 @@ class Store:
         # below the capacity (``_refusal``).
         self._refusing = False
         self.checkpoints = 0
+        self._unreleased = 0  # records checkpointed since LMDB's pages were last dropped
         self._measurements: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
         self._measure_due = 0.0
         self._admit_measure_due = 0.0
@@ -877,9 +879,12 @@ class Store:
         self.at_checkpoint_step("written")
         self.checkpoints += 1
         self._measurements.put((self._measure_used(), job.changes.admitted))
-        # The transaction read the B-tree's pages through the map: left resident, they
+        # The transactions read the B-tree's pages through the map: left resident, they
         # would count in the broker's RSS as the store grows (173 MiB after a 1M drain).
-        _release_mapped_pages(self._data_file)
+        self._unreleased += len(batch)
+        if self._unreleased >= _RELEASE_MAP_EVERY:
+            _release_mapped_pages(self._data_file)
+            self._unreleased = 0
         with self._recycle_lock:
             for number in job.segments:
                 if len(self._recyclable) < _SPARE_SEGMENTS:
