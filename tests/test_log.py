@@ -23,7 +23,7 @@ import lmdb
 import msgpack
 import pytest
 
-from broker import Core, _log
+from broker import Core, _log, _store
 from broker._message import PutSpec
 from broker._store import STORE_FORMAT, Store, StoreCorrupt, _Checkpoint
 
@@ -302,13 +302,11 @@ def resident_kib(path: Path) -> int:
     return total
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux /proc")
-def test_checkpoints_leave_no_store_pages_resident(tmp_path: Path) -> None:
-    """A checkpoint reads LMDB's B-tree through its map (deletes read every leaf they
-    touch): left resident, those pages count in the broker's RSS (27 MiB here, before).
-    They are dropped every 65,536 records checkpointed."""
+def checkpoint_and_drain(tmp_path: Path) -> int:
+    """Put 20 MB of bodies and ack all of them (80,000 records, checkpointed as they
+    come), then return the KiB of the store's map left resident in this process."""
     store, core = open_store(tmp_path, checkpoint_bytes=1 << 20)
-    for _ in range(40):  # 20 MB of bodies, then all of them acked: 80,000 records
+    for _ in range(40):
         core.put(T0, "q", [PutSpec(body=bytes(500)) for _ in range(1000)])
         commit(store, core)
     while leased := core.reserve(T0, ["q"], 1000, visibility_timeout=1000.0):
@@ -316,8 +314,24 @@ def test_checkpoints_leave_no_store_pages_resident(tmp_path: Path) -> None:
         commit(store, core)
     assert store.checkpoint_now()
     assert store.checkpoints >= 10
-    assert resident_kib(tmp_path / "data.mdb") < 1024
+    resident = resident_kib(tmp_path / "data.mdb")
     store.close()
+    return resident
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux /proc")
+def test_checkpoints_drop_the_store_pages_they_leave_resident(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint reads LMDB's B-tree through its map (deletes read every leaf they
+    touch): left resident, those pages count in the broker's RSS. The store drops them
+    once every ``_RELEASE_MAP_EVERY`` records checkpointed; which checkpoint crosses that
+    line depends on how the checkpoints coalesced, so the line is set here: never (the
+    pages stay) and every checkpoint (they are gone after the last one)."""
+    monkeypatch.setattr(_store, "_RELEASE_MAP_EVERY", 1 << 40)
+    assert checkpoint_and_drain(tmp_path / "kept") > 4096
+    monkeypatch.setattr(_store, "_RELEASE_MAP_EVERY", 1)
+    assert checkpoint_and_drain(tmp_path / "dropped") < 1024
 
 
 # ------------------------------------------------------------------ formats
