@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint typecheck pytest slow soak clean chromium
+.PHONY: install run test lint typecheck pytest slow soak clean debian-packages
 
 install: $(STAMP)
 
@@ -26,19 +26,24 @@ typecheck: $(STAMP)
 
 # Two processes, a test file each at a time (module-scoped brokers stay per process):
 # 400 s -> 222 s on a 2-core machine.
-pytest: $(STAMP) chromium
+pytest: $(STAMP) debian-packages
 	$(BIN)/pytest -q -n 2 --dist loadfile
 
-# The dashboard's browser tests need Chromium: Debian's package, installed when missing
-# and this runs as root (as CI does). Playwright drives it; it downloads no browser.
-chromium:
-	@command -v chromium >/dev/null 2>&1 || { \
+# Debian packages the suite runs for real, installed when missing and this runs as root
+# (as CI does): chromium for the dashboard's browser tests (Playwright drives it; it
+# downloads no browser), beanstalkd for the bench harness's peer test.
+DEBIAN_PACKAGES := chromium beanstalkd
+debian-packages:
+	@missing=""; for package in $(DEBIAN_PACKAGES); do \
+	  command -v $$package >/dev/null 2>&1 || missing="$$missing $$package"; done; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	  else \
-	    echo "chromium is missing: install Debian's chromium package (apt-get install chromium)" \
-	      "to run the browser tests" >&2; exit 1; \
-	  fi; }
+	    echo "missing Debian packages:$$missing (apt-get install$$missing)" \
+	      "to run the browser and bench peer tests" >&2; exit 1; \
+	  fi; \
+	fi
 
 # The README's test command: lint, types, then the whole suite (slow soaks included).
 test: lint typecheck pytest
