@@ -122,8 +122,8 @@ _SPARE_SEGMENTS: Final = 2  # checkpointed segments kept to be recycled
 _MIN_SEGMENT: Final = 64 << 10
 T = TypeVar("T")
 _END: Final = (None, b"")
-_RELEASE_MAP_EVERY: Final = 1 << 16  # records read (recovery) or written (checkpoints)
-# between dropping LMDB's pages from this process's RSS
+# Records read (recovery) or checkpointed between dropping LMDB's pages from the RSS.
+_RELEASE_MAP_EVERY: Final = 1 << 16
 _MADV_DONTNEED: Final = 4
 _PUT_CHUNK: Final = 128  # records per putmulti in a checkpoint
 _PIECE: Final = 256  # records per transaction when one for the whole batch has no room
@@ -458,7 +458,7 @@ class Store:
         self.used = self._measure_used()
         self.capacity = self._measure_capacity(self.used)
         # A store left full (within the margin) is still full: as if puts had been refused.
-        self._refusing = self.used > self.capacity - _refusal_margin(self.capacity)
+        self._refusing = self._within_refusal_margin(self.used)
         self._recyclable = numbers[-_SPARE_SEGMENTS:]
         for number in numbers[:-_SPARE_SEGMENTS]:
             os.unlink(os.path.join(self.path, _log.segment_name(number)))
@@ -618,12 +618,17 @@ class Store:
             return "the disk has no room for the log's next segment"
         estimate = self._estimate()
         if estimate + need > self.capacity or (
-            self._refusing and estimate > self.capacity - _refusal_margin(self.capacity)
+            self._refusing and self._within_refusal_margin(estimate)
         ):
             self._refusing = True
             return f"about {estimate // 1024} KiB used of {self.capacity // 1024} KiB"
         self._refusing = False
         return None
+
+    def _within_refusal_margin(self, used: int) -> bool:
+        """True if ``used`` bytes leave less than the refusal margin free: puts once
+        refused for size stay refused (see ``_refusal_margin``)."""
+        return used > self.capacity - _refusal_margin(self.capacity)
 
     def _log_has_room(self, need: int) -> bool:
         """True unless the disk is too full for the log's next segment and the current
