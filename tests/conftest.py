@@ -26,8 +26,14 @@ from typing import Any
 
 import msgpack
 import pytest
+from hypothesis import settings
 
 from client import AsyncClient, Client
+
+# No per-example deadline: the machines tests run on are shared and noisy, and a test must
+# not fail because one example was slow (tests do not time things).
+settings.register_profile("sluice", deadline=None)
+settings.load_profile("sluice")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 10.0  # seconds for the daemon to print its listening line

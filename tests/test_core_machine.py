@@ -1349,7 +1349,7 @@ class CoreMachine(RuleBasedStateMachine):
             assert counted == live, f"{name} heap counts {counted} live entries, has {live}"
 
 
-CoreMachine.TestCase.settings = settings(max_examples=600, stateful_step_count=50, deadline=None)
+CoreMachine.TestCase.settings = settings(max_examples=600, stateful_step_count=50)
 test_core_machine = CoreMachine.TestCase
 
 

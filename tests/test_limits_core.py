@@ -84,7 +84,7 @@ workloads = st.lists(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(
     rate=st.sampled_from([1.0, 2.0, 5.0, 13.0]),
     per=st.sampled_from([0.5, 1.0, 3.0]),

@@ -327,7 +327,6 @@ def test_split_single_frame_at_every_pair_of_points() -> None:
 # --------------------------------------------------------------------------- round trips
 
 
-@settings(deadline=None)
 @given(req=requests, data=st.data())
 @example(
     req=Request(request_id=MAX_REQUEST_ID, op="put", args={"body": b"\x00\xff", "n": [b""]}),
@@ -347,7 +346,6 @@ def test_request_round_trip(req: Request, data: st.DataObject | None) -> None:
     assert request_id_of(obj) == req.request_id
 
 
-@settings(deadline=None)
 @given(reply=ok_replies, data=st.data())
 def test_ok_reply_round_trip(reply: Reply, data: st.DataObject) -> None:
     obj = decode_in_chunks(encode_frame(reply.to_wire()), data)
@@ -356,7 +354,6 @@ def test_ok_reply_round_trip(reply: Reply, data: st.DataObject) -> None:
     assert back == reply
 
 
-@settings(deadline=None)
 @given(reply=error_replies(), data=st.data())
 def test_error_reply_round_trip(reply: Reply, data: st.DataObject) -> None:
     obj = decode_in_chunks(encode_frame(reply.to_wire()), data)
@@ -633,7 +630,6 @@ def _deep_request(depth: int) -> bytes:
 
 @settings(
     max_examples=300,
-    deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 @given(
@@ -695,7 +691,6 @@ def _run_stream(parts: list[bytes], max_frame: int, cut_seeds: list[int]) -> Non
     assert 0 <= d.buffered <= len(stream)
 
 
-@settings(deadline=None)
 @given(stream=st.binary(max_size=200), data=st.data())
 def test_fuzz_random_bytes_default_decoder(stream: bytes, data: st.DataObject) -> None:
     cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=8), label="cuts")

@@ -128,5 +128,5 @@ class StoreMachine(CoreMachine):
         self.commit()
 
 
-StoreMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+StoreMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40)
 test_store_machine = StoreMachine.TestCase

@@ -47,7 +47,7 @@ def test_matches(pattern: str, channel: str, expected: bool) -> None:
     assert trie.match(channel) == ({"x"} if expected else set())
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(
     st.lists(st.tuples(patterns, st.integers(0, 5)), max_size=30),
     st.lists(st.tuples(patterns, st.integers(0, 5)), max_size=30),
