@@ -365,8 +365,9 @@ class Core:
         self.make_room((queue_name,))
         queue = self._queue(queue_name)
         ids = PutIds()
+        seq = self._next_seq()  # one for the whole put: its messages' ids order them
         for index, spec in enumerate(specs):
-            message_id, duplicate = self._put_one(queue, spec, now)
+            message_id, duplicate = self._put_one(queue, spec, now, seq)
             ids.append(message_id)
             if duplicate:
                 ids.duplicates.append(index)
@@ -375,7 +376,7 @@ class Core:
             self._drop_if_unused(queue)
         return ids
 
-    def _put_one(self, queue: Queue, spec: PutSpec, now: float) -> tuple[int, bool]:
+    def _put_one(self, queue: Queue, spec: PutSpec, now: float, seq: int) -> tuple[int, bool]:
         """Store one message; returns its id and False, or, if its dedup key is taken,
         the existing message's id and True (nothing is stored then)."""
         if spec.key is not None:
@@ -387,9 +388,9 @@ class Core:
         self._next_id += 1
         self.messages[message.id] = message
         if spec.delay > 0:
-            self._make_delayed(message, Event.PUT_DELAYED, now + spec.delay)
+            self._make_delayed(message, Event.PUT_DELAYED, now + spec.delay, seq)
         else:
-            self._make_ready(message, Event.PUT_READY, now)
+            self._make_ready(message, Event.PUT_READY, now, seq)
         queue.totals["put"] += 1
         plain = not spec.priority and not spec.delay  # (its fields are the defaults)
         fields = None if plain else {"priority": spec.priority, "delay": spec.delay}
@@ -593,9 +594,11 @@ class Core:
         first ask in a queue indexes its ready messages (see ``_position``)."""
         queue = message.queue
         if queue.ranks is None:
-            keys = (delivery_key(m.priority, m.seq) for m in queue.ready.in_order())
+            keys = (delivery_key(m.priority, m.seq, m.id) for m in queue.ready.in_order())
             queue.ranks = ReadyRanks(keys)
-        return queue.ranks.place(message.priority, message.seq, now, queue.totals["delivered"])
+        return queue.ranks.place(
+            message.priority, message.seq, message.id, now, queue.totals["delivered"]
+        )
 
     def stats(self, now: float, queue_name: str) -> dict[str, Any]:
         self.tick(now)
@@ -908,19 +911,24 @@ class Core:
         if entry[0] < self._due_hint:
             self._due_hint = entry[0]
 
-    def _make_ready(self, message: Message, event: Event, now: float) -> None:
+    def _make_ready(
+        self, message: Message, event: Event, now: float, seq: int | None = None
+    ) -> None:
+        """``seq``: the put's, for a message just put (None: a fresh one)."""
         self._move(message, event)
         message.since = now
-        message.seq = self._next_seq()
+        message.seq = self._next_seq() if seq is None else seq
         message.deadline = None
         message.queue.ready.push(message)
         ranks = message.queue.ranks
         if ranks is not None:  # someone asked a position here: keep the index in step
-            ranks.add(message.priority, message.seq)
+            ranks.add(message.priority, message.seq, message.id)
 
-    def _make_delayed(self, message: Message, event: Event, due_at: float) -> None:
+    def _make_delayed(
+        self, message: Message, event: Event, due_at: float, seq: int | None = None
+    ) -> None:
         self._move(message, event)
-        message.seq = self._next_seq()
+        message.seq = self._next_seq() if seq is None else seq
         message.deadline = due_at
         self._schedule(self._delayed, (due_at, message.seq, message.id))
 
@@ -933,7 +941,7 @@ class Core:
     def _lease(self, message: Message, now: float, visibility_timeout: float | None) -> None:
         ranks = message.queue.ranks
         if ranks is not None:  # (before the lease gives it a new seq)
-            ranks.remove(message.priority, message.seq)
+            ranks.remove(message.priority, message.seq, message.id)
         self._move(message, Event.RESERVE)
         message.since = now
         message.attempts += 1
@@ -1112,7 +1120,7 @@ class Core:
         """Remove a ready or delayed message (cancel, purge)."""
         ready = message.state is State.READY
         if ready and message.queue.ranks is not None:
-            message.queue.ranks.remove(message.priority, message.seq)
+            message.queue.ranks.remove(message.priority, message.seq, message.id)
         self._ended(message, now, lambda: {"id": message.id, "state": "gone"})
         self._forget(message, event)
         (message.queue.ready if ready else self._delayed).discard()
@@ -1296,7 +1304,7 @@ class Core:
         """Put the schedule's message for a slot (``spec``, whose dedup key makes a slot
         put at most one message); returns its id."""
         queue = self._queue(schedule.queue)
-        message_id, _ = self._put_one(queue, spec, now)
+        message_id, _ = self._put_one(queue, spec, now, self._next_seq())
         schedule.last_message_id = message_id
         self._serve_waiters(queue, now)
         return message_id

@@ -96,8 +96,9 @@ class _Rarely(Generic[T]):
 
 class Message:
     """One message. ``seq`` is stamped from the core's counter each time the message enters
-    a heap; a heap entry whose seq differs from the message's is stale. Among ready
-    messages of equal priority, the lower seq became ready first.
+    a heap, never the same one twice; a heap entry whose seq differs from the message's is
+    stale. Among ready messages of equal priority, the lower seq became ready first; the
+    messages of one put share one seq (one int for all), and the lower id goes first.
 
     Fields most messages never set live in ``rare`` (None until one is): reading them
     here works the same, and a plain message is 9 slots smaller (72 bytes)."""

@@ -7,8 +7,9 @@ messages' delivery keys in a sorted list (O(ready log ready), once). From then o
 keeps it in step, O(log n) each time a message of that queue becomes ready or stops being
 ready; queues nobody asks about cost nothing.
 
-The delivery key orders as the ready heap does (higher priority first, then the one ready
-first), packed in one int: ``(PRIORITY_MAX - priority) << 64 | seq``.
+The delivery key orders as the ready FIFOs do (higher priority first, then the one ready
+first, then the lower id: one put's messages share a seq), packed in one int:
+``(PRIORITY_MAX - priority) << 128 | seq << 64 | id``.
 
 The estimate (``eta_s``) comes from the queue's deliveries between the asks of the last
 ``RATE_WINDOW`` seconds; absent until two asks at least ``MIN_SPAN`` apart have seen
@@ -29,8 +30,8 @@ SAMPLE_EVERY: Final = 1.0  # seconds: asks closer together than this share a sam
 MIN_SPAN: Final = 1.0  # seconds of deliveries needed before an estimate
 
 
-def delivery_key(priority: int, seq: int) -> int:
-    return (PRIORITY_MAX - priority) << 64 | seq
+def delivery_key(priority: int, seq: int, message_id: int) -> int:
+    return (PRIORITY_MAX - priority) << 128 | seq << 64 | message_id
 
 
 class ReadyRanks:
@@ -43,17 +44,19 @@ class ReadyRanks:
     def __len__(self) -> int:
         return len(self._keys)
 
-    def add(self, priority: int, seq: int) -> None:
-        self._keys.add(delivery_key(priority, seq))
+    def add(self, priority: int, seq: int, message_id: int) -> None:
+        self._keys.add(delivery_key(priority, seq, message_id))
 
-    def remove(self, priority: int, seq: int) -> None:
-        self._keys.discard(delivery_key(priority, seq))
+    def remove(self, priority: int, seq: int, message_id: int) -> None:
+        self._keys.discard(delivery_key(priority, seq, message_id))
 
-    def place(self, priority: int, seq: int, now: float, delivered: int) -> dict[str, Any]:
+    def place(
+        self, priority: int, seq: int, message_id: int, now: float, delivered: int
+    ) -> dict[str, Any]:
         """``position`` of the ready message with this key (how many ready messages of
         its queue come before it), and ``eta_s`` when known; ``delivered`` is the
         queue's delivery total so far."""
-        position = self._keys.bisect_left(delivery_key(priority, seq))
+        position = self._keys.bisect_left(delivery_key(priority, seq, message_id))
         place: dict[str, Any] = {"position": position}
         rate = self._delivery_rate(now, delivered)
         if rate is not None:

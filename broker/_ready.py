@@ -3,9 +3,10 @@ priority the message that became ready first.
 
 One FIFO of messages per priority present, and a heap of those priorities. A message goes
 in at the back of its priority's FIFO as it becomes ready (it gets a fresh ``seq`` then,
-above every other message's, so each FIFO is in ``seq`` order), and leaves from the front
-when it is reserved. A ready message that is cancelled or purged stays in its slot,
-stale, until it reaches the front or the FIFOs are compacted (``discard`` counts them).
+above every other message's but those put with it, which share it and go in id order), so
+each FIFO is in ``(seq, id)`` order; it leaves from the front when it is reserved. A ready
+message that is cancelled or purged stays in its slot, stale, until it reaches the front or
+the FIFOs are compacted (``discard`` counts them).
 
 The contract that makes a slot's liveness plain: a message holds at most one slot. It can
 become ready again only after leaving ready, and it leaves ready either from the front
@@ -28,12 +29,12 @@ from ._lifecycle import State
 from ._message import Message
 
 COMPACT_MIN: Final = 1024  # stale slots tolerated before compacting is considered
-_seq: Final = attrgetter("seq")
+_seq_then_id: Final = attrgetter("seq", "id")
 
 
-def delivery_order(message: Message) -> tuple[int, int]:
+def delivery_order(message: Message) -> tuple[int, int, int]:
     """The key ready messages are delivered in, smallest first (across queues too)."""
-    return -message.priority, message.seq
+    return -message.priority, message.seq, message.id
 
 
 class ReadyIndex:
@@ -109,7 +110,7 @@ class ReadyIndex:
                 same = by_priority[message.priority] = []
             same.append(message)
         for priority, same in by_priority.items():
-            same.sort(key=_seq)
+            same.sort(key=_seq_then_id)
             self._fifos[priority] = collections.deque(same)
             self._slots += len(same)
         self._priorities = [-priority for priority in by_priority]

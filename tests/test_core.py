@@ -1022,6 +1022,20 @@ def test_peek_shows_each_state_in_its_order_and_changes_nothing() -> None:
         core.peek(T0, "missing", State.READY, 10)
 
 
+def test_one_puts_messages_share_a_seq_and_keep_their_order() -> None:
+    """A put stamps one seq on all its messages (one int, not one each): peek pages,
+    positions and reserves across queues still order them by id within the put."""
+    core = make_core()
+    first = put(core, T0, "a")
+    batch = list(core.put(T0, "b", [PutSpec(body=b"x") for _ in range(4)]))
+    later = put(core, T0, "a")
+    assert len({core.messages[message_id].seq for message_id in batch}) == 1
+    pages = core.peek(T0, "b", State.READY, 2, after=batch[1])
+    assert [message.id for message in pages] == batch[2:]
+    assert [core.status(T0, message_id)["position"] for message_id in batch] == [0, 1, 2, 3]
+    assert reserve_ids(core, T0, ("a", "b")) == [first, *batch, later]
+
+
 def test_peek_pages_after_a_message_in_each_states_order() -> None:
     core = make_core()
     ready = [put(core, T0, priority=p) for p in (1, 5, 5, 9)]
