@@ -122,8 +122,9 @@ _SPARE_SEGMENTS: Final = 2  # checkpointed segments kept to be recycled
 _MIN_SEGMENT: Final = 64 << 10
 T = TypeVar("T")
 _END: Final = (None, b"")
-# Records read (recovery) or checkpointed between dropping LMDB's pages from the RSS.
-_RELEASE_MAP_EVERY: Final = 1 << 16
+# Records read (recovery) or checkpointed between dropping LMDB's pages from the RSS (and
+# handing the heap's free memory back): 16,384 records' pages are a few MiB.
+_RELEASE_MAP_EVERY: Final = 1 << 14
 _MADV_DONTNEED: Final = 4
 _PUT_CHUNK: Final = 128  # records per putmulti in a checkpoint
 _PIECE: Final = 256  # records per transaction when one for the whole batch has no room
@@ -326,7 +327,7 @@ class Store:
         # below the capacity (``_refusal``).
         self._refusing = False
         self.checkpoints = 0
-        self._unreleased = 0  # records checkpointed since LMDB's pages were last dropped
+        self._unreleased = 0  # records written since LMDB's pages were last dropped
         self._measurements: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
         self._measure_due = 0.0
         self._admit_measure_due = 0.0
@@ -567,9 +568,9 @@ class Store:
             body_key, body = next(bodies, _END)
             unreleased += 1
             if unreleased == _RELEASE_MAP_EVERY:
-                _release_mapped_pages(self._data_file)
+                _release_memory(self._data_file)
                 unreleased = 0
-        _release_mapped_pages(self._data_file)
+        _release_memory(self._data_file)
 
     # ------------------------------------------------- admission (loop thread)
 
@@ -884,12 +885,6 @@ class Store:
         self.at_checkpoint_step("written")
         self.checkpoints += 1
         self._measurements.put((self._measure_used(), job.changes.admitted))
-        # The transactions read the B-tree's pages through the map: left resident, they
-        # would count in the broker's RSS as the store grows (173 MiB after a 1M drain).
-        self._unreleased += len(batch)
-        if self._unreleased >= _RELEASE_MAP_EVERY:
-            _release_mapped_pages(self._data_file)
-            self._unreleased = 0
         with self._recycle_lock:
             for number in job.segments:
                 if len(self._recyclable) < _SPARE_SEGMENTS:
@@ -946,13 +941,18 @@ class Store:
     def _write(self, txn: Any, batch: Batch) -> None:
         """Apply ``batch`` in ``txn``. Bulk puts go in chunks: the checkpoint thread holds
         the GIL for a whole ``putmulti``, and the event loop must get it back soon."""
-        for key in batch.deletes:
-            txn.delete(key, db=self._bodies)
-            txn.delete(key, db=self._states)
+        deletes = batch.deletes
+        for start in range(0, len(deletes), _PUT_CHUNK):
+            chunk = deletes[start : start + _PUT_CHUNK]
+            for key in chunk:
+                txn.delete(key, db=self._bodies)
+                txn.delete(key, db=self._states)
+            self._count_written(len(chunk))
         for db, pairs in ((self._bodies, batch.bodies), (self._states, batch.states)):
             cursor = txn.cursor(db)
             for start in range(0, len(pairs), _PUT_CHUNK):
                 cursor.putmulti(pairs[start : start + _PUT_CHUNK])
+                self._count_written(min(_PUT_CHUNK, len(pairs) - start))
         for db, records in (
             (self._queues, batch.queues),
             (self._results, batch.results),
@@ -967,6 +967,18 @@ class Store:
                     txn.put(key, record, db=db)
         if batch.counters is not None:
             txn.put(b"counters", batch.counters, db=self._meta)
+
+    def _count_written(self, records: int) -> None:
+        """A transaction reads the B-tree's pages through the map (a delete reads every
+        leaf it touches): left resident, they would count in the broker's RSS as the
+        store grows (173 MiB after a 1M drain), so they are dropped every
+        ``_RELEASE_MAP_EVERY`` records written, within a transaction too (dropping a
+        page of a read-only map is safe at any time: it is read again from the page
+        cache). One checkpoint of a drain holds about a second's acks."""
+        self._unreleased += records
+        if self._unreleased >= _RELEASE_MAP_EVERY:
+            _release_memory(self._data_file)
+            self._unreleased = 0
 
     def _grow(self) -> None:
         size = self.env.info()["map_size"]
@@ -1091,16 +1103,28 @@ def _refusal_margin(capacity: int) -> int:
     return min(max(64 << 10, capacity // 100), max(0, capacity) // 4)
 
 
-def _release_mapped_pages(data_file: str) -> None:
+def _release_memory(data_file: str) -> None:
     """Drop this process's resident pages of LMDB's read-only map of ``data_file`` (Linux:
     madvise DONTNEED; a later read faults them back in from the page cache), so reading a
     large store once, or checkpointing into it, does not leave its whole file in the
-    broker's RSS. Best effort."""
+    broker's RSS; and hand the C heap's free memory back to the system (glibc's
+    malloc_trim: LMDB's page buffers and the checkpoint's large lists are freed there,
+    but stay resident until trimmed; 7 MiB after a 1M-message fill). Best effort."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return
+    _release_mapped_pages(libc, data_file)
+    trim = getattr(libc, "malloc_trim", None)  # (glibc only)
+    if trim is not None:
+        trim(0)
+
+
+def _release_mapped_pages(libc: ctypes.CDLL, data_file: str) -> None:
     try:
         with open("/proc/self/maps") as maps:
             path = os.path.realpath(data_file)
             regions = [line.split() for line in maps if line.rstrip().endswith(path)]
-        libc = ctypes.CDLL(None, use_errno=True)
         for region in regions:
             start, end = (int(part, 16) for part in region[0].split("-"))
             libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
