@@ -210,7 +210,7 @@ class Coalesced:
             0,
             list(self.bodies.items()),
             list(self.states.items()),
-            list(self.deletes),
+            sorted(self.deletes),  # in key order: each leaf read once, in one stretch
             list(self.queues.items()),
             list(self.results.items()),
             list(self.dedup.items()),

@@ -25,7 +25,8 @@ import pytest
 
 from broker import Core, _log, _store
 from broker._message import PutSpec
-from broker._store import STORE_FORMAT, Store, StoreCorrupt, _Checkpoint
+from broker._records import Batch, message_key
+from broker._store import STORE_FORMAT, Coalesced, Store, StoreCorrupt, _Checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures"
 T0 = 1_800_000_000.0
@@ -348,6 +349,16 @@ def recover_fixture(tmp_path: Path, version: int) -> tuple[Store, Core]:
     core = Core(track_changes=True)
     store.recover(core, T0 + 1)
     return store, core
+
+
+def test_a_checkpoint_deletes_in_key_order() -> None:
+    """The acks since the last checkpoint are a set; written in its hash order, each run of
+    ``_RELEASE_MAP_EVERY`` deletes would read leaves all over the tree (17 MiB of the map
+    resident during a 300,000-message drain, against 3.5 MiB in key order)."""
+    changes = Coalesced()
+    keys = [message_key(message_id) for message_id in range(1, 5000)]
+    changes.add(Batch(1, deletes=keys[::-1][:2500] + keys[:2499]), 0)
+    assert changes.as_batch().deletes == keys
 
 
 def test_a_format_2_data_dir_is_upgraded_with_everything_in_it(tmp_path: Path) -> None:
