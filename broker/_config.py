@@ -25,8 +25,9 @@ Listens for the Sluice wire protocol (length-prefixed msgpack over TCP) and prin
 "sluice listening on HOST:PORT" once it accepts connections. SIGTERM or SIGINT stops it
 gracefully: it stops accepting, answers what is in flight, and exits 0.
 
-Every change is written ahead to an LMDB store in --data-dir before the client hears
-"done", and a restart recovers everything from it. --in-memory keeps nothing on disk.
+Every change is appended to a write-ahead log in --data-dir before the client hears
+"done"; checkpoints move it into an LMDB store there, and a restart recovers everything
+from the two. --in-memory keeps nothing on disk.
 """
 
 EPILOG = """\
