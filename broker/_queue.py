@@ -17,6 +17,10 @@ from ._ready import ReadyIndex
 from ._settings import DEFAULT_SETTINGS, QueueSettings
 
 TOTALS = ("put", "delivered", "acked", "nacked", "expired", "dead_lettered")
+# Every queue's ``dead`` until its first dead letter: read-only by contract (only
+# ``add_dead`` inserts, and it gives the queue its own first). A queue is made again each
+# time a put finds it forgotten, and a SortedDict is half of what making one costs.
+_NO_DEAD: SortedDict = SortedDict()
 
 
 class Waiter:
@@ -75,7 +79,7 @@ class Queue:
         self.ready = ReadyIndex()
         self.counts = {State.READY: 0, State.DELAYED: 0, State.RESERVED: 0, State.DEAD: 0}
         self.totals = dict.fromkeys(TOTALS, 0)
-        self.dead: SortedDict = SortedDict()  # message id -> Message
+        self.dead: SortedDict = _NO_DEAD  # message id -> Message
         self.waiters: OrderedDict[int, Waiter] = OrderedDict()  # waiter seq -> Waiter
         self.processing = Histogram(PROCESSING_SECONDS)
         self.limits: Limits | None = None  # set while a rate limit or cap is configured
@@ -147,4 +151,6 @@ class Queue:
         }
 
     def add_dead(self, message: Message) -> None:
+        if self.dead is _NO_DEAD:
+            self.dead = SortedDict()
         self.dead[message.id] = message
