@@ -41,6 +41,8 @@ from typing import Any, Final
 
 import msgpack
 
+from protocol import pack as _pack  # one shared Packer: a packb builds one per call
+
 from ._lifecycle import State
 from ._message import RECOVERED, Headers, Message, Rare
 from ._outcomes import DedupEntry, StoredResult
@@ -115,7 +117,7 @@ class Batch:
             self.schedules,
             self.bindings,
         ]
-        packed: bytes = msgpack.packb(fields)
+        packed: bytes = _pack(fields)
         return packed
 
 
@@ -147,24 +149,24 @@ def encode_queue(
     name: str, settings: dict[str, Any], totals: dict[str, int]
 ) -> tuple[bytes, bytes]:
     """A queue's record from its settings' wire form and its totals."""
-    value: bytes = msgpack.packb([RECORD_FORMAT, settings, totals])
+    value: bytes = _pack([RECORD_FORMAT, settings, totals])
     return name.encode(), value
 
 
 def encode_result(result: StoredResult) -> bytes:
     fields = [RECORD_FORMAT, result.queue, result.value, result.done_at, result.expires_at]
-    value: bytes = msgpack.packb(fields)
+    value: bytes = _pack(fields)
     return value
 
 
 def encode_dedup(entry: DedupEntry) -> bytes:
     fields = [RECORD_FORMAT, entry.message_id, entry.expires_at, entry.ended_as]
-    value: bytes = msgpack.packb(fields)
+    value: bytes = _pack(fields)
     return value
 
 
 def encode_counters(id_ceiling: int, token_ceiling: int, event_ceiling: int) -> bytes:
-    value: bytes = msgpack.packb([RECORD_FORMAT, id_ceiling, token_ceiling, event_ceiling])
+    value: bytes = _pack([RECORD_FORMAT, id_ceiling, token_ceiling, event_ceiling])
     return value
 
 
@@ -217,7 +219,7 @@ def encode_message(message: Message) -> bytes:
         )
     while record[-1] is None:
         record.pop()
-    packed: bytes = msgpack.packb(record)
+    packed: bytes = _pack(record)
     return packed
 
 
@@ -324,7 +326,7 @@ def named_key(queue_name: str, name: str) -> bytes:
 
 def encode_schedule(schedule: Schedule) -> bytes:
     fields = [RECORD_FORMAT, schedule.spec.to_wire(), schedule.created_at, schedule.state()]
-    value: bytes = msgpack.packb(fields)
+    value: bytes = _pack(fields)
     return value
 
 
@@ -374,7 +376,7 @@ def binding_key(pattern: str, queue: str) -> bytes:
     return pattern.encode() + b"\x00" + queue.encode()
 
 
-BINDING_RECORD: Final = msgpack.packb([RECORD_FORMAT])
+BINDING_RECORD: Final = _pack([RECORD_FORMAT])
 
 
 def decode_binding(key: bytes, value: bytes) -> tuple[str, str]:
