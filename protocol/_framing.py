@@ -35,18 +35,30 @@ class _NeedData:
 
 NEED_DATA: Final = _NeedData()
 
-_packer = msgpack.Packer(use_bin_type=True, autoreset=True)
+# One Packer for every pack (msgpack.packb makes one per call). A Packer keeps its buffer
+# as large as the largest object it packed, so it is replaced after one over this size.
+_RENEW_AFTER: Final = 1 << 20
+
+
+def _new_packer() -> msgpack.Packer:
+    return msgpack.Packer(use_bin_type=True, autoreset=True)
+
+
+_packer = _new_packer()
 
 
 def pack(obj: Any) -> bytes:
     """msgpack-encode one object (str as str, bytes as bin)."""
+    global _packer
     packed: bytes = _packer.pack(obj)
+    if len(packed) > _RENEW_AFTER:
+        _packer = _new_packer()  # drop the buffer that grew for it
     return packed
 
 
 def encode_frame(obj: Any) -> bytes:
     """Return the frame (header + payload) that carries ``obj``."""
-    payload: bytes = _packer.pack(obj)
+    payload = pack(obj)
     return HEADER.pack(len(payload)) + payload
 
 

@@ -930,3 +930,36 @@ def test_protocol_imports_neither_asyncio_nor_socket() -> None:
 def test_import_check_can_detect_imports() -> None:
     # The probe above is meaningful: it does see the modules when they are imported.
     assert _imported_after("import asyncio; ") == ["True", "True"]
+
+
+# --------------------------------------------------------------------------- memory
+
+_RETAINED_AFTER_PACKING = """
+import sys
+from protocol import encode_frame, pack
+def anon_kib():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("RssAnon"))
+body = bytes(64 << 20)
+before = anon_kib()
+frame = encode_frame([1, "put", {"body": body}])
+del frame
+pack([1])  # a small one after it
+print(anon_kib() - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_packing_a_large_frame_keeps_no_buffer_of_its_size() -> None:
+    """The shared Packer grows its buffer to the largest object it packs and keeps it:
+    after a 64 MiB frame it is replaced, so the process holds none of that (about 64 MiB
+    stayed with the one Packer kept)."""
+    out = subprocess.run(
+        [sys.executable, "-c", _RETAINED_AFTER_PACKING],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert int(out.stdout) < 8 << 10  # KiB
