@@ -56,6 +56,7 @@ import ctypes
 import dataclasses
 import errno
 import fcntl
+import functools
 import logging
 import os
 import queue
@@ -122,11 +123,10 @@ _SPARE_SEGMENTS: Final = 2  # checkpointed segments kept to be recycled
 _MIN_SEGMENT: Final = 64 << 10
 T = TypeVar("T")
 _END: Final = (None, b"")
-# Records written between dropping LMDB's pages from the RSS and handing the heap's free
-# memory back, within a checkpoint (16,384 records' pages are a few MiB; every checkpoint
-# does it once more at its end), and records read by recovery between
-# dropping the pages alone (a trim there costs ~4 ms each, 0.3 s in a 1M recovery at 16,384).
+# Records a checkpoint writes between releases of memory (``_count_written``).
 _RELEASE_MAP_EVERY: Final = 1 << 14
+# Records recovery reads between drops of LMDB's pages, without a heap trim (one costs
+# ~4 ms there: 0.3 s of a 1M recovery at 16,384 records).
 _RELEASE_READ_EVERY: Final = 1 << 16
 _MADV_DONTNEED: Final = 4
 _PUT_CHUNK: Final = 128  # records per putmulti in a checkpoint
@@ -1142,8 +1142,9 @@ def _release_mapped_pages(data_file: str) -> None:
         return
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL:
-    """This process's C library (raises ``OSError`` where there is none to load)."""
+    """This process's C library, loaded once (raises ``OSError`` where there is none)."""
     return ctypes.CDLL(None, use_errno=True)
 
 
