@@ -13,7 +13,9 @@ def report_medians(title: str, run: Callable[[], dict[str, float]], repeat: int)
     print(f"{title}, median of {repeat} runs")
     width = max(len(key) for key in runs[0])
     for key in runs[0]:
-        print(f"  {key:<{width}} {statistics.median(r[key] for r in runs):>12,.0f}")
+        median = statistics.median(r[key] for r in runs)
+        shown = f"{median:,.0f}" if median >= 100 else f"{median:.1f}"  # small: 1 decimal
+        print(f"  {key:<{width}} {shown:>12}")
 
 
 def jobs_main(doc: str, title: str, run: Callable[[int], dict[str, float]]) -> None:

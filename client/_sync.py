@@ -124,7 +124,7 @@ class Client:
             if split is not None and len(call.args[split.key]) > limits.max_batch:
                 parts = split_call(call, limits.max_batch)
             if parts is None:
-                ((ok, value),) = self._round_trips([call], call.wait)
+                ok, value = self._round_trip(call.op, call.args, call.wait)
             else:
                 answers = self._round_trips(parts, call.wait)
         if parts is None:
@@ -146,7 +146,7 @@ class Client:
         self._sock, self._decoder = sock, FrameDecoder(MAX_REPLY_FRAME)
         try:
             hello = Call("hello", hello_args(self.client_name, self.auth_token), dict)
-            ((ok, value),) = self._round_trips([hello], 0)
+            ok, value = self._round_trip(hello.op, hello.args, 0)
             if not ok:
                 raise value
         except SluiceError:
@@ -169,31 +169,47 @@ class Client:
         """Send the requests of ``calls`` in one write (pipelined) and read replies until
         each has its own: their ``(ok, result or error)`` in order. No reply within
         ``timeout + wait`` seconds is ``Timeout``."""
-        sock = self._sock
-        assert sock is not None
-        op = calls[0].op
+        if len(calls) == 1:
+            return [self._round_trip(calls[0].op, calls[0].args, wait)]
         first = next(self._ids)  # the requests' ids are first, first + 1, ...
         for _ in range(len(calls) - 1):
             next(self._ids)
         frames = [encode_frame([first + n, c.op, c.args]) for n, c in enumerate(calls)]
         for frame in frames:
             if len(frame) > self._limits.frame_bytes:
-                raise too_large(frame, op, self._limits)  # before anything is sent
-        answers: list[tuple[bool, Any] | None] = [None] * len(calls)
-        missing = len(calls)
+                raise too_large(frame, calls[0].op, self._limits)  # before anything is sent
+        return self._exchange(b"".join(frames), first, len(calls), calls[0].op, wait)
+
+    def _round_trip(self, op: str, args: dict[str, Any], wait: float) -> tuple[bool, Any]:
+        """``_round_trips`` of one request (the usual case, without its lists)."""
+        request_id = next(self._ids)
+        frame = encode_frame([request_id, op, args])
+        if len(frame) > self._limits.frame_bytes:
+            raise too_large(frame, op, self._limits)
+        return self._exchange(frame, request_id, 1, op, wait)[0]
+
+    def _exchange(
+        self, data: bytes, first: int, count: int, op: str, wait: float
+    ) -> list[tuple[bool, Any]]:
+        """Send ``data`` (the frames of requests ``first`` to ``first + count - 1``) and
+        read until each has its reply."""
+        sock = self._sock
+        assert sock is not None
+        answers: list[tuple[bool, Any] | None] = [None] * count
+        missing = count
         limit = self.timeout + wait
         deadline = time.monotonic() + limit if wait else None
         try:
             if not self._kernel_timeouts:
                 sock.settimeout(limit)
-            sock.sendall(frames[0] if missing == 1 else b"".join(frames))
+            sock.sendall(data)
             while missing:
                 reply_id, ok, value = self._read_reply(sock, deadline)
                 if reply_id is None:
                     self.close()  # an unaddressed error: the broker is closing on us
                     return [answer or (ok, value) for answer in answers]
                 index = reply_id - first
-                if 0 <= index < len(answers) and answers[index] is None:
+                if 0 <= index < count and answers[index] is None:
                     answers[index] = (ok, value)
                     missing -= 1
             return answers  # type: ignore[return-value]
@@ -252,7 +268,7 @@ class Client:
             subscription = Subscription(self, request_id)
             self._subscriptions[request_id] = subscription
             try:
-                ((ok, value),) = self._round_trips([call], 0)
+                ok, value = self._round_trip(call.op, call.args, 0)
             except BaseException:
                 self._subscriptions.pop(request_id, None)
                 raise
@@ -276,7 +292,8 @@ class Client:
             while (event := subscription.inbox.take()) is None:
                 if subscription.overflowed:
                     subscription.overflowed = False
-                    self._round_trips([_calls.unsubscribe(subscription.id)], 0)
+                    unsubscribe = _calls.unsubscribe(subscription.id)
+                    self._round_trip(unsubscribe.op, unsubscribe.args, 0)
                     continue
                 sock = self._sock
                 if sock is None:

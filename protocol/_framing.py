@@ -17,6 +17,7 @@ from ._errors import BadFrame, TooLarge
 HEADER: Final = struct.Struct(">I")
 HEADER_SIZE: Final = HEADER.size
 DEFAULT_MAX_FRAME: Final = 16 * 1024 * 1024
+_COPY_UP_TO: Final = 16 * 1024  # payload bytes a decoder copies rather than views
 
 
 class _NeedData:
@@ -62,7 +63,7 @@ def encode_frame(obj: Any) -> bytes:
     return HEADER.pack(len(payload)) + payload
 
 
-def decode_payload(payload: bytes | memoryview) -> Any:
+def decode_payload(payload: bytes | bytearray | memoryview) -> Any:
     """Decode exactly one msgpack object; anything else is ``BadFrame``."""
     try:
         return msgpack.unpackb(payload, raw=False, strict_map_key=False)
@@ -84,7 +85,11 @@ class FrameDecoder:
     __slots__ = ("_broken", "_buffer", "_offset", "max_frame")
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
-        self._buffer = bytearray()
+        # What arrived and is not yet decoded starts at `_offset`. The bytes one `feed`
+        # brought are kept as they came while nothing else is buffered (a frame that
+        # arrives whole, the usual case, is decoded without a copy); a second feed
+        # before they are used up copies what is left into a bytearray and appends.
+        self._buffer: bytes | bytearray = b""
         self._offset = 0
         self._broken = False
         self.max_frame = max_frame
@@ -97,31 +102,41 @@ class FrameDecoder:
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         if self._broken:
             raise BadFrame("decoder is broken by an earlier framing error")
-        if self._offset:
-            del self._buffer[: self._offset]
+        buffer, offset = self._buffer, self._offset
+        if offset == len(buffer):  # everything before was used: start afresh
+            self._buffer = data if type(data) is bytes else bytes(data)
             self._offset = 0
-        self._buffer += data
+        elif type(buffer) is bytearray:
+            if offset:
+                del buffer[:offset]
+                self._offset = 0
+            buffer += data
+        else:
+            self._buffer = bytearray(memoryview(buffer)[offset:])
+            self._buffer += data
+            self._offset = 0
 
     def next_frame(self) -> Any:
         """Return the next decoded object, or ``NEED_DATA``."""
         if self._broken:
             raise BadFrame("decoder is broken by an earlier framing error")
-        start = self._offset
-        if len(self._buffer) - start < HEADER_SIZE:
+        buffer, start = self._buffer, self._offset
+        if len(buffer) - start < HEADER_SIZE:
             return NEED_DATA
-        (length,) = HEADER.unpack_from(self._buffer, start)
+        (length,) = HEADER.unpack_from(buffer, start)
         if length > self.max_frame:
             self._broken = True
             raise TooLarge(f"frame of {length} bytes exceeds the maximum of {self.max_frame}")
         end = start + HEADER_SIZE + length
-        if len(self._buffer) < end:
+        if len(buffer) < end:
             return NEED_DATA
         self._offset = end
-        payload = memoryview(self._buffer)[start + HEADER_SIZE : end]
+        start += HEADER_SIZE
         try:
-            return decode_payload(payload)
+            if length <= _COPY_UP_TO:  # a small copy costs less than a memoryview
+                return decode_payload(buffer[start:end])
+            with memoryview(buffer) as view:  # released: a bytearray may grow again
+                return decode_payload(view[start:end])
         except BadFrame:
             self._broken = True
             raise
-        finally:
-            payload.release()

@@ -324,6 +324,25 @@ def test_split_single_frame_at_every_pair_of_points() -> None:
             assert got == [obj]
 
 
+@given(
+    sizes=st.lists(st.sampled_from([0, 1, 100, 16 * 1024, 16 * 1024 + 1, 70_000]), max_size=8),
+    cuts=st.lists(st.integers(min_value=0, max_value=200_000), max_size=12),
+    kinds=st.lists(st.sampled_from([bytes, bytearray, memoryview]), min_size=1),
+)
+def test_frames_small_and_large_in_any_pieces_of_any_kind(
+    sizes: list[int], cuts: list[int], kinds: list[Any]
+) -> None:
+    # Small payloads are decoded from a copy, large ones from a view of the buffer; a
+    # feed may land on an empty buffer (kept as it came) or on leftover bytes.
+    objs = [[n, "put", {"body": bytes([n % 251]) * size}] for n, size in enumerate(sizes)]
+    data = b"".join(encode_frame(o) for o in objs)
+    pieces = split_at(data, [cut % (len(data) + 1) for cut in cuts])
+    d = FrameDecoder()
+    got = feed_chunks(d, [kinds[n % len(kinds)](p) for n, p in enumerate(pieces)])
+    assert got == objs
+    assert d.buffered == 0
+
+
 # --------------------------------------------------------------------------- round trips
 
 
