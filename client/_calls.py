@@ -129,6 +129,8 @@ def _priority(value: int) -> int:
 
 
 def _body(body: Body) -> bytes:
+    if type(body) is bytes:
+        return body
     if isinstance(body, str):
         return body.encode()
     if isinstance(body, bytes | bytearray | memoryview):
@@ -190,6 +192,14 @@ class MessageId(int):
         return message_id
 
 
+def _first_id(result: Any) -> MessageId:
+    return _ids(result)[0]
+
+
+def _messages(result: Any) -> list[Message]:
+    return [Message.from_wire(wire) for wire in result["messages"]]
+
+
 def _ids(result: Any) -> list[MessageId]:
     duplicates = result.get("duplicates")
     if not duplicates:
@@ -236,7 +246,7 @@ def put(
     spec = _spec(body, priority, delay, max_attempts, visibility_timeout, headers)
     if key is not None:
         spec["key"] = key
-    return Call("put", {"queue": _queue(queue), "messages": [spec]}, lambda r: _ids(r)[0])
+    return Call("put", {"queue": _queue(queue), "messages": [spec]}, _first_id)
 
 
 def put_many(
@@ -313,12 +323,7 @@ def reserve(
         args["wait"] = wait
     if visibility_timeout is not None:
         args["visibility_timeout"] = visibility_timeout
-    return Call(
-        "reserve",
-        args,
-        lambda r: [Message.from_wire(m) for m in r["messages"]],
-        wait=float(wait),
-    )
+    return Call("reserve", args, _messages, float(wait))
 
 
 class _NoResult:
@@ -336,7 +341,7 @@ def ack(deliveries: Delivery | Iterable[Delivery], *, result: Any = _NO_RESULT) 
 
     ``result`` (bytes or anything msgpack can carry) is kept with each acked message for
     its queue's ``result_ttl``, for ``result()``, ``status()`` and ``put_and_wait``."""
-    items: list[list[Any]] = list(_pairs(deliveries))
+    items: list[list[Any]] = _pairs(deliveries)
     if result is not _NO_RESULT:
         items = [[*item, result] for item in items]
     known = 0 if not items else UNKNOWN
