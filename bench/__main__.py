@@ -61,12 +61,15 @@ examples:
   python -m bench --scenario latency --rate 5000 --duration 20
   python -m bench --against beanstalkd,redis --json results.json
   python -m bench --against redis:always,beanstalkd:fsync
+  python -m bench --producers 32 --workers 32 --against sluice:memory
   python -m bench --client sync --against beanstalkd,redis   # blocking clients in threads
   python -m bench --scenario limited --limit-rate 50 --limit-burst 5 --max-in-flight 4
 
 peers (--against): beanstalkd (modes off, binlog, fsync) and redis (off, everysec,
-always); a bare name runs every mode. They need the servers (apt-get install beanstalkd
-redis-server) and the clients (pip install -e '.[bench]'); a missing one is skipped.
+always); a bare name runs every mode. sluice:MODE runs Sluice again with --fsync MODE
+(sluice:memory beside the default: what durability costs, measured in one run). The
+peers need the servers (apt-get install beanstalkd redis-server) and the clients (pip
+install -e '.[bench]'); a missing one is skipped.
 
 client forms (--client): async drives every server through an asyncio client: Sluice's
 AsyncClient, a pipelining beanstalkd client in the bench, redis.asyncio. sync gives each

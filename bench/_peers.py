@@ -44,6 +44,7 @@ from ._servers import (
     free_port,
     wait_for_port,
 )
+from ._sluice import FSYNC_MODES, SluiceServer
 
 INSTALL_CLIENTS = "pip install -e '.[bench]'"
 BEANSTALKD_MODES = {"off": "binlog off", "binlog": "binlog on", "fsync": "binlog, fsync each write"}
@@ -265,23 +266,31 @@ class RedisServer(_PeerServer):
         ]
 
 
-PEERS: dict[str, dict[str, str]] = {"beanstalkd": BEANSTALKD_MODES, "redis": REDIS_MODES}
+PEERS: dict[str, dict[str, str]] = {
+    "beanstalkd": BEANSTALKD_MODES,
+    "redis": REDIS_MODES,
+    "sluice": {mode: mode for mode in FSYNC_MODES},  # Sluice in another mode, same run
+}
 
 
-def parse_peers(spec: str, max_job_size: int) -> list[_PeerServer]:
-    """``beanstalkd,redis`` (every mode of each) or ``beanstalkd:off,redis:always``.
-    Raises ValueError naming the choices for an unknown peer or mode."""
-    servers: list[_PeerServer] = []
+def parse_peers(spec: str, max_job_size: int) -> list[_PeerServer | SluiceServer]:
+    """``beanstalkd,redis`` (every mode of each) or ``beanstalkd:off,redis:always``;
+    ``sluice:MODE`` is Sluice again in another ``--fsync`` mode (``sluice:memory`` beside
+    a durable run: the cost of durability, in one run). Raises ValueError naming the
+    choices for an unknown peer or mode, or for a bare ``sluice``."""
+    servers: list[_PeerServer | SluiceServer] = []
     for item in filter(None, (part.strip() for part in spec.split(","))):
         name, _, mode = item.partition(":")
         if name not in PEERS:
             raise ValueError(f"unknown peer {name!r}: choose from {', '.join(PEERS)}")
         modes = PEERS[name]
-        if mode and mode not in modes:
+        if (mode and mode not in modes) or (name == "sluice" and not mode):
             raise ValueError(f"unknown {name} mode {mode!r}: choose from {', '.join(modes)}")
         for each in [mode] if mode else list(modes):
             if name == "beanstalkd":
                 servers.append(BeanstalkdServer(each, max_job_size))
+            elif name == "sluice":
+                servers.append(SluiceServer(each))
             else:
                 servers.append(RedisServer(each))
     return servers

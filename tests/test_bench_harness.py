@@ -393,8 +393,15 @@ def test_peer_list_parses_names_and_modes() -> None:
         "aof always",
         "binlog, fsync each write",
     ]
-    with pytest.raises(ValueError, match="choose from beanstalkd, redis"):
+    again = parse_peers("sluice:memory,sluice:never", 100)
+    assert [(s.name, s.mode, s.durable) for s in again] == [
+        ("sluice", "memory", False),
+        ("sluice", "fsync never", True),
+    ]
+    with pytest.raises(ValueError, match="choose from beanstalkd, redis, sluice"):
         parse_peers("rabbitmq", 100)
+    with pytest.raises(ValueError, match="unknown sluice mode '': choose from always"):
+        parse_peers("sluice", 100)  # Sluice in the mode it already runs in: say which
     with pytest.raises(ValueError, match="choose from off, everysec, always"):
         parse_peers("redis:sometimes", 100)
 

@@ -109,6 +109,16 @@ def test_throughput_reports_every_figure(tmp_path: Path, args: list[str], client
     assert figures["put_to_deliver_ms"]["count"] == 300
 
 
+def test_sluice_in_another_mode_runs_beside_it(tmp_path: Path) -> None:
+    done, document = _bench(tmp_path, "--messages", "200", "--against", "sluice:memory")
+    durable, in_memory = document["runs"]
+    assert (durable["server"], durable["mode"]) == ("sluice", "fsync always")
+    assert (in_memory["server"], in_memory["mode"]) == ("sluice", "memory")
+    for run in (durable, in_memory):
+        _assert_exactly_once(run, 200)
+    assert "sluice/this" in done.stdout  # the comparison table, one row each
+
+
 @pytest.mark.parametrize("client", list(CLIENT_FORMS))
 def test_latency_runs_open_loop(tmp_path: Path, client: str) -> None:
     done, document = _bench(
