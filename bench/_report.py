@@ -18,6 +18,17 @@ def report_medians(title: str, run: Callable[[], dict[str, float]], repeat: int)
         print(f"  {key:<{width}} {shown:>12}")
 
 
+def job_rates(jobs: int, elapsed: float, step: str, steps_per_job: int = 3) -> dict[str, float]:
+    """The figures of a run of ``jobs`` jobs of ``steps_per_job`` ``step``s each (a call,
+    a request) in ``elapsed`` seconds: jobs/s, steps/s and µs per step."""
+    steps = steps_per_job * jobs
+    return {
+        "jobs/s": jobs / elapsed,
+        f"{step}s/s": steps / elapsed,
+        f"µs/{step}": elapsed / steps * 1e6,
+    }
+
+
 def jobs_main(doc: str, title: str, run: Callable[[int], dict[str, float]]) -> None:
     """The command line of a micro-benchmark that runs ``--jobs`` jobs ``--repeat``
     times: ``doc`` is its help, ``title`` names what one run measures (the count

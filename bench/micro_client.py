@@ -18,7 +18,7 @@ from typing import Any
 
 import uvloop
 
-from bench._report import jobs_main
+from bench._report import job_rates, jobs_main
 from client import AsyncClient
 from client._async import _ReplyReader
 from protocol import NEED_DATA, FrameDecoder, encode_frame
@@ -80,11 +80,7 @@ async def one_run(jobs: int) -> dict[str, float]:
         (message,) = await client.reserve("bench", wait=1)
         await client.ack(message)
     elapsed = time.perf_counter() - started
-    return {
-        "jobs/s": jobs / elapsed,
-        "calls/s": 3 * jobs / elapsed,
-        "µs/call": elapsed / (3 * jobs) * 1e6,
-    }
+    return job_rates(jobs, elapsed, "call")
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ import asyncio
 import time
 from typing import Any
 
-from bench._report import jobs_main
+from bench._report import job_rates, jobs_main
 from broker import Core
 from broker._server import BrokerServer, Connection, ServerLimits
 from protocol import NEED_DATA, FrameDecoder, encode_frame
@@ -90,11 +90,7 @@ async def one_run(jobs: int) -> dict[str, float]:
             raise SystemExit(f"bench bug: ack replied {acked!r}")
     if server.core.messages:
         raise SystemExit(f"bench bug: {len(server.core.messages)} messages left after acking all")
-    return {
-        "jobs/s": jobs / elapsed,
-        "requests/s": 3 * jobs / elapsed,
-        "µs/request": elapsed / (3 * jobs) * 1e6,
-    }
+    return job_rates(jobs, elapsed, "request")
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from bench._report import jobs_main
+from bench._report import job_rates, jobs_main
 from bench.micro_client import RESULTS
 from client import Client
 from protocol import NEED_DATA, FrameDecoder, encode_frame
@@ -57,11 +57,7 @@ def one_run(jobs: int) -> dict[str, float]:
         (message,) = client.reserve("bench", wait=1)
         client.ack(message)
     elapsed = time.perf_counter() - started
-    return {
-        "jobs/s": jobs / elapsed,
-        "calls/s": 3 * jobs / elapsed,
-        "µs/call": elapsed / (3 * jobs) * 1e6,
-    }
+    return job_rates(jobs, elapsed, "call")
 
 
 def main() -> None:
