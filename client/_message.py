@@ -29,8 +29,9 @@ class Message:
     def from_wire(cls, wire: dict[str, Any]) -> Message:
         # Every field set here, as __init__ would: half the cost of its keyword call,
         # paid for each message delivered. A missing id, queue, body or lease: KeyError.
-        message = _new(cls)
+        # (A subclass may have fields of its own: its __init__ sets their defaults.)
         get = wire.get
+        message = _new(cls) if cls is Message else cls(id=0, queue="", body=b"")
         message.id, message.queue, message.body = wire["id"], wire["queue"], wire["body"]
         message.priority = get("priority", 0)
         message.attempts = get("attempts", 0)
