@@ -166,11 +166,9 @@ class Client:
         return sock
 
     def _round_trips(self, calls: list[Call[Any]], wait: float) -> list[tuple[bool, Any]]:
-        """Send the requests of ``calls`` in one write (pipelined) and read replies until
-        each has its own: their ``(ok, result or error)`` in order. No reply within
-        ``timeout + wait`` seconds is ``Timeout``."""
-        if len(calls) == 1:
-            return [self._round_trip(calls[0].op, calls[0].args, wait)]
+        """Send the requests of ``calls`` (the frames of one split call) in one write
+        (pipelined) and read replies until each has its own: their ``(ok, result or
+        error)`` in order. No reply within ``timeout + wait`` seconds is ``Timeout``."""
         first = next(self._ids)  # the requests' ids are first, first + 1, ...
         for _ in range(len(calls) - 1):
             next(self._ids)
@@ -181,7 +179,7 @@ class Client:
         return self._exchange(b"".join(frames), first, len(calls), calls[0].op, wait)
 
     def _round_trip(self, op: str, args: dict[str, Any], wait: float) -> tuple[bool, Any]:
-        """``_round_trips`` of one request (the usual case, without its lists)."""
+        """``_round_trips`` of one request, the usual case, without its lists."""
         request_id = next(self._ids)
         frame = encode_frame([request_id, op, args])
         if len(frame) > self._limits.frame_bytes:

@@ -926,12 +926,9 @@ def test_error_from_wire_never_raises(wire: Any) -> None:
 # --------------------------------------------------------------------------- isolation
 
 
-def _imported_after(prelude: str) -> list[str]:
-    script = (
-        f"{prelude}import protocol, sys; "
-        "print(' '.join(str(m in sys.modules) for m in ('asyncio', 'socket')))"
-    )
-    out = subprocess.run(
+def _printed_by(script: str) -> str:
+    """What ``script`` prints, run in a fresh interpreter from the repository root."""
+    done = subprocess.run(
         [sys.executable, "-c", script],
         cwd=REPO_ROOT,
         capture_output=True,
@@ -939,7 +936,15 @@ def _imported_after(prelude: str) -> list[str]:
         check=True,
         timeout=60,
     )
-    return out.stdout.split()
+    return done.stdout
+
+
+def _imported_after(prelude: str) -> list[str]:
+    script = (
+        f"{prelude}import protocol, sys; "
+        "print(' '.join(str(m in sys.modules) for m in ('asyncio', 'socket')))"
+    )
+    return _printed_by(script).split()
 
 
 def test_protocol_imports_neither_asyncio_nor_socket() -> None:
@@ -973,12 +978,4 @@ def test_packing_a_large_frame_keeps_no_buffer_of_its_size() -> None:
     """The shared Packer grows its buffer to the largest object it packs and keeps it:
     after a 64 MiB frame it is replaced, so the process holds none of that (about 64 MiB
     stayed with the one Packer kept)."""
-    out = subprocess.run(
-        [sys.executable, "-c", _RETAINED_AFTER_PACKING],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
-    assert int(out.stdout) < 8 << 10  # KiB
+    assert int(_printed_by(_RETAINED_AFTER_PACKING)) < 8 << 10  # KiB
