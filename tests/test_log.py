@@ -147,6 +147,15 @@ def commit(store: Store, core: Core) -> int:
     return store._segment.end
 
 
+def commit_when_idle(store: Store, core: Core) -> int:
+    """``commit`` once the last checkpoint is done and the next segment is made, as on
+    an idle disk: how many checkpoints start then does not hang on the checkpoint
+    thread's speed (a commit while one runs starts none; the next takes both's changes)."""
+    deadline = time.monotonic() + 10
+    assert store._wait_for_checkpoint(deadline) and store._wait_for_spare(deadline)
+    return commit(store, core)
+
+
 def bodies_of(core: Core) -> dict[bytes, str]:
     return {message.body: message.state.value for message in core.messages.values()}
 
@@ -281,12 +290,7 @@ def test_checkpoints_bound_the_log_and_keep_everything(tmp_path: Path) -> None:
         if n % 3 == 0:
             (leased,) = core.reserve(T0, ["q"], 1, visibility_timeout=1000.0)
             core.ack(T0, [(leased.id, leased.lease_token)])
-        # Each commit finds the last checkpoint done and the next segment made, as on an
-        # idle disk: how many checkpoints start then does not hang on the thread's speed
-        # (a commit while one runs starts none; the next one takes both segments' changes).
-        deadline = time.monotonic() + 10
-        assert store._wait_for_checkpoint(deadline) and store._wait_for_spare(deadline)
-        commit(store, core)
+        commit_when_idle(store, core)
     assert store._wait_for_checkpoint(time.monotonic() + 10)
     expected = bodies_of(core)
     assert store.checkpoints >= 10
@@ -314,10 +318,10 @@ def checkpoint_and_drain(tmp_path: Path) -> int:
     store, core = open_store(tmp_path, checkpoint_bytes=1 << 20)
     for _ in range(40):
         core.put(T0, "q", [PutSpec(body=bytes(500)) for _ in range(1000)])
-        commit(store, core)
+        commit_when_idle(store, core)
     while leased := core.reserve(T0, ["q"], 1000, visibility_timeout=1000.0):
         core.ack(T0, [(message.id, message.lease_token) for message in leased])
-        commit(store, core)
+        commit_when_idle(store, core)
     assert store.checkpoint_now()
     assert store.checkpoints >= 10
     resident = resident_kib(tmp_path / "data.mdb")
