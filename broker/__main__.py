@@ -119,6 +119,7 @@ async def serve(config: Config) -> None:
         max_frame=config.max_frame,
         auth_token=config.auth_token,
         fsync_interval=config.fsync_interval,
+        background_sync=config.background_sync,
         max_connections=config.max_connections,
         hello_timeout=config.hello_timeout,
         event_linger=config.event_linger,

@@ -73,10 +73,11 @@ class EventFeed:
         subscription.cursor = max(from_seq, first)
         self.replaying[subscription] = gap
 
-    def publish(self, now: float) -> None:
-        """Hand the events made since the last call to the live subscriptions."""
-        last = self.ring.next_seq - 1
-        if last == self.published:
+    def publish(self, now: float, upto: int | None = None) -> None:
+        """Hand the events made since the last call, up to seq ``upto`` (None: all), to
+        the live subscriptions."""
+        last = self.ring.next_seq - 1 if upto is None else min(upto, self.ring.next_seq - 1)
+        if last <= self.published:
             return
         start, self.published = self.published + 1, last
         if self.channels.event_subscriptions == 0:

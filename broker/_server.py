@@ -42,6 +42,7 @@ import collections
 import heapq
 import itertools
 import logging
+import os
 import ssl
 import time
 from collections.abc import Callable, Hashable
@@ -71,6 +72,7 @@ from protocol import (
 )
 
 from . import __version__
+from ._aio import Aio, open_aio
 from ._args import MAX_BATCH, MAX_WAITS_PER_CONNECTION
 from ._audit import ADMIN_OPS, NOBODY, refused, run_admin
 from ._auth import Authority, Principal, authorize, token_digest, visible
@@ -90,6 +92,8 @@ Clock = Callable[[], float]
 Frames = list[bytes | None]  # queued replies; None: close the connection after them
 
 _CLOSE: Final = None
+# Background syncs ("auto") from this many replies waiting for commits (see `_busy`).
+_BUSY_HELD: Final = 4
 _RETRY_COMMIT_AFTER: Final = 1.0
 _SLOW_COMMIT: Final = 0.2  # seconds: a commit slower than this is logged
 MAX_UNCONFIRMED: Final = 1024  # replies one connection may have waiting for a commit
@@ -107,6 +111,10 @@ class ServerLimits:
     # Seconds job events are still recorded after the last subscription to them ended
     # (None: always recorded; see _feed).
     event_linger: float | None = None
+    # With fsync "always": "on", sync the log in the kernel's background (native AIO,
+    # where the system has it), the loop serving on meanwhile; "off", sync on the loop;
+    # "auto", in the background only when the loop is busy (`BrokerServer._busy`).
+    background_sync: str = "auto"
 
 
 class Connection(asyncio.Protocol):
@@ -444,6 +452,12 @@ class BrokerServer:
         self._stalled = False
         self._held: collections.deque[tuple[int, Connection, Frames]] = collections.deque()
         self._commit_event = asyncio.Event()
+        # A batch whose sync runs in the background (with `_aio`): the batch, when its
+        # commit started, and the last event seq made before it was encoded. One at most.
+        self._aio: Aio | None = None
+        self._syncing: tuple[Batch, float, int] | None = None
+        self._events_durable = 0  # the last event seq whose changes are all durable
+        self._always_background = limits.background_sync == "on"
         self._sync_timer: asyncio.TimerHandle | None = None
         self._turn_scheduled = False
         self.connections: dict[int, Connection] = {}
@@ -485,6 +499,17 @@ class BrokerServer:
         # Arm the timer (schedules fire with nobody connected) and commit what recovery
         # changed (leases that expired, slots that fired while the broker was down).
         loop.call_soon(self.end_turn)
+        background = self.limits.background_sync
+        if self.store is not None and self.store.fsync == "always" and background != "off":
+            self._aio = open_aio()
+            if self._aio is not None:
+                loop.add_reader(self._aio.eventfd, self._on_synced)
+            elif background == "on":
+                log.warning(
+                    "--background-sync on: this system has no native AIO, so every sync "
+                    "is on the broker's thread",
+                    extra=event("background_sync_unavailable"),
+                )
         if self.store is not None and self.store.fsync == "interval":
             self._sync_timer = loop.call_later(self.limits.fsync_interval, self._sync)
         return bound[0], bound[1]
@@ -684,7 +709,7 @@ class BrokerServer:
         fail), and replay on to those catching up."""
         feed = self.feed
         if not self._stalled:
-            feed.publish(self.clock())
+            feed.publish(self.clock(), self._events_publishable())
         if feed.replaying and feed.go_on() and not self._turn_scheduled:
             # Some peer took all it was given: give it more in a turn of its own.
             self._turn_scheduled = True
@@ -710,23 +735,77 @@ class BrokerServer:
 
     # group commit
 
-    def _start_commit(self) -> None:
-        if self._stalled or self.store is None or not self.core.has_changes:
-            return
-        self._commit(self.store.encode(self.core.take_changes()))
+    def _events_publishable(self) -> int | None:
+        """The last event seq subscribers may hear of: all (None) once every change is
+        durable, else those made before the last durable batch was encoded."""
+        if self._syncing is None and not self.core.has_changes:
+            return None
+        return self._events_durable
 
-    def _commit(self, batch: Batch) -> None:
+    def _start_commit(self) -> None:
+        if (
+            self._stalled
+            or self._syncing is not None
+            or self.store is None
+            or not self.core.has_changes
+        ):
+            return
+        events = self.core.events.next_seq - 1  # (before encoding: the batch holds them)
+        self._commit(self.store.encode(self.core.take_changes()), events)
+
+    def _commit(self, batch: Batch, events: int) -> None:
+        """Append ``batch`` and sync it: on the loop, or in the background with ``_aio``
+        (``_on_synced`` goes on from there)."""
         assert self.store is not None
         self._stalled = False
         started = time.perf_counter()
         try:
-            self.store.commit(batch)
+            to_sync = self.store.append(batch)
+            if to_sync is not None:
+                if self._aio is not None and self._busy():
+                    self._aio.submit(to_sync, batch.number)
+                    self._syncing = (batch, started, events)
+                    return
+                os.fdatasync(to_sync)
+            self.store.appended(batch)
         except Exception as error:
-            self._committed_or_failed(error, time.perf_counter() - started, batch)
+            self._committed_or_failed(error, time.perf_counter() - started, batch, events)
         else:
-            self._committed_or_failed(None, time.perf_counter() - started, batch)
+            self._committed_or_failed(None, time.perf_counter() - started, batch, events)
 
-    def _committed_or_failed(self, error: Exception | None, seconds: float, batch: Batch) -> None:
+    def _busy(self) -> bool:
+        """Whether requests are likely to arrive while a batch syncs: then the loop serves
+        them meanwhile (a background sync), else it waits in the sync, which comes back
+        sooner (by about 40 us here: the kernel worker's and the eventfd's wake-ups). Many
+        replies waiting for commits is a busy broker; a few (one producer and its workers,
+        each waiting for the last one's commit) is a chain of requests that nothing can
+        overlap. Measured: 32 x 32 +11%, one producer and 8 workers slower when every
+        sync is in the background."""
+        return self._always_background or len(self._held) >= _BUSY_HELD
+
+    def _on_synced(self) -> None:
+        """The background sync finished (the AIO eventfd is readable)."""
+        assert self._aio is not None and self.store is not None
+        done = self._aio.reap()
+        if not done or self._syncing is None:
+            return
+        batch, started, events = self._syncing
+        self._syncing = None
+        result = done[-1][1]  # one sync in flight at a time
+        error: Exception | None = None
+        if result != 0:
+            error = OSError(-result, os.strerror(-result))
+        if error is None:
+            try:
+                self.store.appended(batch)
+            except Exception as failure:
+                error = failure
+        self._committed_or_failed(error, time.perf_counter() - started, batch, events)
+        self._publish_events()
+
+    def _committed_or_failed(
+        self, error: Exception | None, seconds: float, batch: Batch, events: int
+    ) -> None:
         assert self.store is not None
         if error is not None:
             # Nothing in this batch is confirmed to anyone yet: keep its replies held and
@@ -741,7 +820,7 @@ class BrokerServer:
                     extra=event("commit_failed", failures=failures, error=str(error)),
                 )
             self._stalled = True
-            self.loop.call_later(_RETRY_COMMIT_AFTER, self._retry_commit, batch)
+            self.loop.call_later(_RETRY_COMMIT_AFTER, self._retry_commit, batch, events)
             return
         if failures := self.metrics.failing_commits:  # commit_done (below) resets it
             log.warning(
@@ -751,6 +830,7 @@ class BrokerServer:
             )
         self._note_commit(len(batch), seconds)
         self.store.committed(batch)
+        self._events_durable = events
         durable = batch.number
         while self._held and self._held[0][0] <= durable:
             _, connection, frames = self._held.popleft()
@@ -760,8 +840,8 @@ class BrokerServer:
         self._commit_event.set()
         self._start_commit()
 
-    def _retry_commit(self, batch: Batch) -> None:
-        self._commit(batch)
+    def _retry_commit(self, batch: Batch, events: int) -> None:
+        self._commit(batch, events)
         self._publish_events()  # (held while the commit failed)
 
     def _note_commit(self, records: int, seconds: float) -> None:
@@ -789,7 +869,9 @@ class BrokerServer:
 
     async def _drain(self) -> None:
         """Wait until every change is committed and every held reply written."""
-        while self.store is not None and (self._stalled or self.core.has_changes or self._held):
+        while self.store is not None and (
+            self._stalled or self._syncing is not None or self.core.has_changes or self._held
+        ):
             self._commit_event.clear()
             self._start_commit()
             await self._commit_event.wait()
@@ -881,6 +963,10 @@ class BrokerServer:
             self._timer.cancel()  # end_turn re-armed it
             self._timer = None
         await self._drain()
+        if self._aio is not None:
+            self.loop.remove_reader(self._aio.eventfd)
+            self._aio.close()
+            self._aio = None
         if self._sync_timer is not None:
             self._sync_timer.cancel()
             self._sync_timer = None

@@ -326,6 +326,7 @@ class Store:
         self.pending = 0
         self.in_flight = 0
         self.commits = 0
+        self._appended_bytes = 0  # the log bytes of the batch `append` wrote last
         # Puts were refused for size: they stay refused until the estimate is a margin
         # below the capacity (``_refusal``).
         self._refusing = False
@@ -723,6 +724,16 @@ class Store:
         """Append ``batch`` to the log (synced with ``fsync always``); start a checkpoint
         when one is due. Raises ``OSError`` if the log cannot be written: nothing of the
         batch then counts as committed, and the same batch may be committed again."""
+        to_sync = self.append(batch)
+        if to_sync is not None:
+            os.fdatasync(to_sync)
+        self.appended(batch)
+
+    def append(self, batch: Batch) -> int | None:
+        """The first half of ``commit``: write ``batch`` to the log and return the file
+        descriptor to fdatasync before the batch counts (None: nothing to sync, as with
+        ``fsync interval`` or ``never``). Then ``appended(batch)``, once that sync is done,
+        before the next ``append``. Raises ``OSError`` as ``commit`` does."""
         segment = self._segment
         assert segment is not None, "recover() first"
         payload = batch.pack()
@@ -730,10 +741,14 @@ class Store:
         if size > segment.room:
             segment = self._next_segment(size)
         _log.append(segment, payload)
-        if self.fsync == "always":
-            _log.sync(segment)
+        self._appended_bytes = size
+        return segment.fd if self.fsync == "always" else None
+
+    def appended(self, batch: Batch) -> None:
+        """The second half of ``commit``: ``batch``, the last one appended, is in the log
+        to stay; its changes wait for the next checkpoint."""
         self.commits += 1
-        self._coalesced.add(batch, size)
+        self._coalesced.add(batch, self._appended_bytes)
         if not self._checkpoint_running.is_set() and self._checkpoint_due():
             self._start_checkpoint()
         if time.monotonic() >= self._measure_due:

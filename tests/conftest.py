@@ -117,6 +117,9 @@ def start_broker(log_path: Path, *extra_args: str, http: bool = False) -> Broker
     HTTP is off unless ``http`` (then on a free port, read from the log's listening line)
     or ``extra_args`` pick an HTTP port (brokers run side by side)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
+    # Flags for every broker of a run (the Makefile runs some suites again with them);
+    # a test's own flags come after, so they win.
+    extra_args = (*os.environ.get("SLUICE_TEST_BROKER_FLAGS", "").split(), *extra_args)
     if "--data-dir" not in extra_args and "--in-memory" not in extra_args:
         extra_args = ("--data-dir", str(log_path.parent / "data"), *extra_args)
     if not http and not {"--metrics-port", "--http-port"} & set(extra_args):

@@ -768,17 +768,22 @@ def crash_seed() -> int:
     return int(text) if text else random.SystemRandom().randrange(2**32)
 
 
-@pytest.mark.parametrize("fsync", ["always", "interval"])
+# (fsync, background sync): "on" puts every sync of "always" on the kernel's worker,
+# replies released when its completion is read, as a busy broker's are with "auto".
+@pytest.mark.parametrize(
+    ("fsync", "background"), [("always", "auto"), ("always", "on"), ("interval", "auto")]
+)
 def test_confirmed_work_survives_repeated_kill_9(
-    fsync: str, tmp_path: Path, brokers: list[BrokerProcess]
+    fsync: str, background: str, tmp_path: Path, brokers: list[BrokerProcess]
 ) -> None:
     seed = crash_seed()
     ledger = Ledger()
     try:
-        run_scenario(fsync, tmp_path, brokers, ledger, random.Random(seed))
+        run_scenario(fsync, tmp_path, brokers, ledger, random.Random(seed), background)
     except AssertionError as error:
         raise AssertionError(
-            f"{error}\n[fsync={fsync} seed={seed} after {ledger.epoch} restarts; "
+            f"{error}\n[fsync={fsync} background={background} seed={seed} after "
+            f"{ledger.epoch} restarts; "
             f"replay the choices with CRASH_TEST_SEED={seed}]"
         ) from error
 
@@ -789,12 +794,14 @@ def run_scenario(
     brokers: list[BrokerProcess],
     ledger: Ledger,
     rng: random.Random,
+    background: str = "auto",
 ) -> None:
     data_dir = tmp_path / "data"
+    flags = ("--data-dir", str(data_dir), "--fsync", fsync, "--background-sync", background)
 
     def start(epoch: int) -> BrokerProcess:
         log_path = tmp_path / f"broker-{epoch}.log"
-        brokers.append(start_broker(log_path, "--data-dir", str(data_dir), "--fsync", fsync))
+        brokers.append(start_broker(log_path, *flags))
         return brokers[-1]
 
     broker = start(0)

@@ -160,15 +160,29 @@ def test_environment_variable_sets_a_flag_and_the_command_line_wins(
     assert parse_config(["--port", "7812"]).port == 7812
 
 
-def test_bad_flag_value_is_a_usage_error_that_says_why() -> None:
+def usage_error(*flags: str) -> str:
+    """The broker's stderr for ``flags`` it must refuse as a usage error (exit 2)."""
     done = subprocess.run(
-        [sys.executable, "-m", "broker", "--port", "70000"],
-        capture_output=True,
-        text=True,
-        timeout=30,
+        [sys.executable, "-m", "broker", *flags], capture_output=True, text=True, timeout=30
     )
     assert done.returncode == 2
-    assert "port must be 0-65535" in done.stderr
+    return done.stderr
+
+
+def test_bad_flag_value_is_a_usage_error_that_says_why() -> None:
+    assert "port must be 0-65535" in usage_error("--port", "70000")
+
+
+def test_background_sync_takes_three_choices_from_the_flag_or_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert parse_config([]).background_sync == "auto"
+    monkeypatch.setenv("SLUICE_BACKGROUND_SYNC", "off")
+    assert parse_config([]).background_sync == "off"
+    assert parse_config(["--background-sync", "on"]).background_sync == "on"
+    refused = usage_error("--background-sync", "sometimes")
+    assert "argument --background-sync: invalid choice: 'sometimes'" in refused
+    assert "'auto', 'on', 'off'" in refused
 
 
 def readme_api_examples() -> tuple[str, str]:

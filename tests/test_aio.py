@@ -1,0 +1,178 @@
+"""The background sync: Linux native AIO fdatasync on a real file, and the broker's commit
+with it (a real store in a temporary dir, the real kernel's completions): replies and job
+events wait for the batch's sync, the next batch waits for the one in flight, a failed
+submit is a failed commit that is tried again."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import select
+from pathlib import Path
+
+import pytest
+import uvloop
+
+from broker import Core
+from broker._aio import Aio, open_aio
+from broker._server import BrokerServer, ServerLimits
+from broker._store import Store
+
+T0 = 1_000_000.0
+WAIT = 5.0
+
+aio_or_skip = pytest.mark.skipif(
+    open_aio() is None, reason="this system has no native AIO (io_setup refused)"
+)
+
+
+def reaped(aio: Aio) -> list[tuple[int, int]]:
+    """The completions, once the eventfd says there are some (bounded)."""
+    readable, _, _ = select.select([aio.eventfd], [], [], WAIT)
+    assert readable, f"no completion within {WAIT} s"
+    return aio.reap()
+
+
+@aio_or_skip
+def test_a_sync_completes_with_its_tag_and_an_empty_eventfd_reaps_nothing(
+    tmp_path: Path,
+) -> None:
+    aio = open_aio()
+    assert aio is not None
+    fd = os.open(tmp_path / "file", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        assert aio.reap() == []  # nothing submitted: nothing to read
+        os.write(fd, b"x" * 4096)
+        aio.submit(fd, 41)
+        assert reaped(aio) == [(41, 0)]
+        assert aio.reap() == []
+        aio.submit(fd, 42)
+        assert reaped(aio) == [(42, 0)]
+    finally:
+        os.close(fd)
+        aio.close()
+        aio.close()  # a second close does nothing
+
+
+@aio_or_skip
+def test_a_bad_descriptor_is_refused_at_submit(tmp_path: Path) -> None:
+    aio = open_aio()
+    assert aio is not None
+    fd = os.open(tmp_path / "file", os.O_RDWR | os.O_CREAT, 0o644)
+    os.close(fd)
+    try:
+        with pytest.raises(OSError) as refused:
+            aio.submit(fd, 1)
+        assert refused.value.errno == 9  # EBADF
+        assert aio.reap() == []
+    finally:
+        aio.close()
+
+
+# ------------------------------------------------------------------ the broker's commit
+
+
+def durable_server(path: Path, background: str) -> tuple[BrokerServer, Store]:
+    store = Store(str(path), fsync="always")
+    core = Core(track_changes=True)
+    store.recover(core, T0)
+    limits = ServerLimits(max_frame=1 << 20, background_sync=background)
+    return BrokerServer(core, limits, clock=lambda: T0, store=store), store
+
+
+def put(server: BrokerServer, body: bytes) -> int:
+    """A put through the server's one path, ended as a turn ends; its batch number."""
+    args = {"queue": "aio", "messages": [{"body": body}]}
+    _, need, _ = server.run("put", args, ("local", 0), 0)
+    server.end_turn()
+    return need
+
+
+def recovered_bodies(path: Path) -> list[bytes]:
+    """The bodies a store opened again on ``path`` recovers, sorted."""
+    store = Store(str(path), fsync="always")
+    core = Core(track_changes=True)
+    store.recover(core, T0)
+    store.close()
+    return sorted(message.body for message in core.messages.values())
+
+
+async def until_durable(server: BrokerServer, need: int) -> None:
+    async with asyncio.timeout(WAIT):
+        while server.durable < need:
+            await asyncio.sleep(0.001)
+
+
+@aio_or_skip
+def test_with_background_sync_on_the_put_is_durable_only_after_the_kernel_says_so(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        server, store = durable_server(tmp_path, "on")
+        await server.start("127.0.0.1", 0)
+        await until_durable(server, store.encoded)  # what starting committed
+        first = put(server, b"one")
+        first_events = server.core.events.next_seq - 1
+        # The sync is in flight: the batch is not durable, its event not published, and
+        # the next put's changes wait for a batch of their own.
+        assert server.durable < first
+        assert server.feed.published < server.core.events.next_seq - 1
+        second = put(server, b"two")
+        assert second == first + 1 and store.encoded == first
+        await until_durable(server, first)  # its completion starts the second's commit
+        assert server.feed.published >= first_events  # (also while the second syncs)
+        await until_durable(server, second)
+        assert store.commits >= 2
+        assert server.feed.published == server.core.events.next_seq - 1
+        await server.shutdown(grace=0.1)
+        store.close()
+
+    uvloop.run(scenario())
+    assert recovered_bodies(tmp_path) == [b"one", b"two"]
+
+
+def test_with_background_sync_off_the_put_is_durable_when_the_turn_ends(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        server, store = durable_server(tmp_path, "off")
+        await server.start("127.0.0.1", 0)
+        await asyncio.sleep(0)  # the start's own turn
+        need = put(server, b"one")
+        assert server.durable == need  # synced on the loop, inside the turn
+        assert server.feed.published == server.core.events.next_seq - 1
+        await server.shutdown(grace=0.1)
+        store.close()
+
+    uvloop.run(scenario())
+
+
+@aio_or_skip
+def test_a_sync_the_kernel_refuses_is_a_failed_commit_tried_again(tmp_path: Path) -> None:
+    """For the first commit the log's descriptor is /dev/null's: the write goes through,
+    the kernel refuses to sync it (EINVAL: no fsync there). Nothing is confirmed; the
+    retry a second later, on the real descriptor at the same offset, makes it durable,
+    and it recovers."""
+
+    async def scenario() -> None:
+        server, store = durable_server(tmp_path, "on")
+        await server.start("127.0.0.1", 0)
+        await until_durable(server, store.encoded)
+        segment = store._segment
+        assert segment is not None
+        real_fd, end = segment.fd, segment.end
+        segment.fd = os.open(os.devnull, os.O_RDWR)
+        try:
+            need = put(server, b"one")
+            assert server.durable < need
+            assert server.metrics.failing_commits == 1
+        finally:
+            os.close(segment.fd)
+            segment.fd, segment.end = real_fd, end
+        await until_durable(server, need)
+        assert server.metrics.failing_commits == 0
+        await server.shutdown(grace=0.1)
+        store.close()
+
+    uvloop.run(scenario())
+    assert recovered_bodies(tmp_path) == [b"one"]
