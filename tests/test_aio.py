@@ -21,8 +21,17 @@ from broker._store import Store
 T0 = 1_000_000.0
 WAIT = 5.0
 
+
+def aio_available() -> bool:
+    aio = open_aio()
+    if aio is None:
+        return False
+    aio.close()
+    return True
+
+
 aio_or_skip = pytest.mark.skipif(
-    open_aio() is None, reason="this system has no native AIO (io_setup refused)"
+    not aio_available(), reason="this system has no native AIO (io_setup refused)"
 )
 
 
