@@ -38,7 +38,6 @@ replies (peek, stats, big reserves) and reads none makes the broker hold at most
 from __future__ import annotations
 
 import asyncio
-import collections
 import heapq
 import itertools
 import logging
@@ -134,6 +133,7 @@ class Connection(asyncio.Protocol):
         self.held: Frames = []  # replies of this turn that wait for batch `held_need`
         self.held_need = 0
         self.last_need = 0  # the latest batch any reply queued so far needs
+        self.held_upto = 0  # the latest batch its replies in the server's held queue need
         self.unconfirmed = 0  # replies handed to the server's held queue, not yet written
         self.queued = 0  # bytes of replies queued, held or unconfirmed: not yet written
         self.write_paused = False
@@ -450,7 +450,10 @@ class BrokerServer:
         # for the batch number they need. `_stalled`: a batch failed and waits to be tried
         # again; nothing after it may commit first.
         self._stalled = False
-        self._held: collections.deque[tuple[int, Connection, Frames]] = collections.deque()
+        # `_held` is a heap of (need, order, connection, frames): with a sync in the
+        # background, one connection may need batch N+1 before another needs N.
+        self._held: list[tuple[int, int, Connection, Frames]] = []
+        self._held_order = itertools.count()
         self._commit_event = asyncio.Event()
         # A batch whose sync runs in the background (with `_aio`): the batch, when its
         # commit started, and the last event seq made before it was encoded. One at most.
@@ -726,12 +729,17 @@ class BrokerServer:
                 connection.write(connection.take_outbox())
             if connection.held:
                 need, frames = connection.take_held()
+                # Behind its replies held before (a connection's replies that wait keep
+                # their order), even if these need an earlier batch.
+                need = max(need, connection.held_upto)
                 if need <= durable:  # committed since they were queued
                     connection.write(frames)
                     connection.confirmed(0)
                 else:
                     connection.unconfirmed += len(frames)
-                    self._held.append((need, connection, frames))
+                    connection.held_upto = need
+                    entry = (need, next(self._held_order), connection, frames)
+                    heapq.heappush(self._held, entry)
 
     # group commit
 
@@ -832,8 +840,9 @@ class BrokerServer:
         self.store.committed(batch)
         self._events_durable = events
         durable = batch.number
-        while self._held and self._held[0][0] <= durable:
-            _, connection, frames = self._held.popleft()
+        held = self._held
+        while held and held[0][0] <= durable:
+            _, _, connection, frames = heapq.heappop(held)
             connection.write(frames)
             connection.confirmed(len(frames))
         self._wake_durable_waits()

@@ -9,14 +9,17 @@ import asyncio
 import os
 import select
 from pathlib import Path
+from typing import cast
 
 import pytest
 import uvloop
 
+from bench.micro_server import CollectingTransport
 from broker import Core
 from broker._aio import Aio, open_aio
-from broker._server import BrokerServer, ServerLimits
+from broker._server import BrokerServer, Connection, ServerLimits
 from broker._store import Store
+from protocol import NEED_DATA, FrameDecoder, encode_frame
 
 T0 = 1_000_000.0
 WAIT = 5.0
@@ -185,3 +188,64 @@ def test_a_sync_the_kernel_refuses_is_a_failed_commit_tried_again(tmp_path: Path
 
     uvloop.run(scenario())
     assert recovered_bodies(tmp_path) == [b"one"]
+
+
+@aio_or_skip
+@pytest.mark.parametrize("reaped_mid_turn", [False, True])
+def test_a_connections_waiting_replies_keep_their_order_across_batches(
+    tmp_path: Path, reaped_mid_turn: bool
+) -> None:
+    """With a sync in flight (batch N), connection W's put needs N+1; W's next reserve,
+    in a later turn, delivers the message put in batch N and so needs only N. It still
+    comes after the put's reply: among replies that wait, request order holds. Also when
+    batch N's completion is read after the reserve was handled and before its turn ends
+    (``reaped_mid_turn``): its reply then needs a batch already durable."""
+
+    async def scenario() -> list[int]:
+        server, store = durable_server(tmp_path, "on")
+        await server.start("127.0.0.1", 0)
+        await until_durable(server, store.encoded)
+        producer, worker = connect(server, 1), connect(server, 2)
+        producer.data_received(request(1, "put", {"queue": "aio", "messages": [{"body": b"a"}]}))
+        server.end_turn()  # batch N, in flight: nothing below lets the loop reap it
+        in_flight = store.encoded
+        worker.data_received(request(2, "put", {"queue": "aio", "messages": [{"body": b"b"}]}))
+        server.end_turn()
+        worker.data_received(request(3, "reserve", {"queues": ["aio"], "max": 1}))
+        if reaped_mid_turn:
+            assert server._aio is not None
+            select.select([server._aio.eventfd], [], [], WAIT)
+            server._on_synced()  # as the loop would, were the eventfd's callback first
+            assert server.durable == in_flight
+        server.end_turn()
+        await until_durable(server, in_flight + 1)
+        replies = answers(worker)
+        await server.shutdown(grace=0.1)
+        store.close()
+        return replies
+
+    assert uvloop.run(scenario()) == [2, 3]
+
+
+def connect(server: BrokerServer, number: int) -> Connection:
+    connection = Connection(server, number)
+    connection.connection_made(CollectingTransport())  # type: ignore[arg-type]
+    connection.data_received(request(0, "hello", {"version": 1, "client": "test"}))
+    server.end_turn()
+    return connection
+
+
+def request(request_id: int, op: str, args: dict[str, object]) -> bytes:
+    return encode_frame([request_id, op, args])
+
+
+def answers(connection: Connection) -> list[int]:
+    """The request ids of the replies written to ``connection`` since hello, in order."""
+    transport = cast(CollectingTransport, connection.transport)
+    decoder = FrameDecoder()
+    for chunk in transport.written:
+        decoder.feed(chunk)
+    ids = []
+    while (frame := decoder.next_frame()) is not NEED_DATA:
+        ids.append(frame[0])
+    return [request_id for request_id in ids if request_id != 0]
