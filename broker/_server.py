@@ -7,11 +7,14 @@ writes every queued reply (one write per connection) or holds them, and re-arms 
 timer at the core's next deadline.
 
 Group commit (with a store): at the end of a turn the core's changes since the last commit
-are one batch, appended to the log as one record and synced, on the loop itself: what
-arrives during the sync is read in the next turn and shares the next batch. (A writer
-thread measured slower here: the hand-off and the GIL cost more than the loop is blocked;
-the LMDB checkpoints do run on a thread of the store's.) Batches are numbered. Each reply
-carries the number of the batch it needs to be durable before it goes out (``need``):
+are one batch, appended to the log as one record and synced: on the loop itself, so that
+what arrives during the sync is read in the next turn and shares the next batch; or, when
+the broker is busy (``_busy``) and the kernel has native AIO (``_aio``), in the kernel's
+background while the loop serves on, one batch in flight, its completion read from an
+eventfd (``_on_synced``) and acted on as an on-loop commit is. (A writer thread measured
+slower here: the hand-off and the GIL cost more than the loop is blocked; the LMDB
+checkpoints do run on a thread of the store's.) Batches are numbered. Each reply carries
+the number of the batch it needs to be durable before it goes out (``need``):
 
 - a reply that confirms something (put, ack, nack, bury, cancel, touch, progress,
   configure, admin, results) may depend on any change made so far: it needs the batch
@@ -21,8 +24,10 @@ carries the number of the batch it needs to be durable before it goes out (``nee
   the latest of those (usually none);
 - reads, pings, hello and errors of ops that changed nothing need none.
 
-A reply whose batch is durable goes out at the end of the turn; the others are held, in
-turn order, until their batch commits. A connection's close waits for all its replies.
+A reply whose batch is durable goes out at the end of the turn; the others are held until
+their batch commits, a connection's in the order they were queued (a held reply needs at
+least what that connection's held replies before it need). A connection's close waits
+for all its replies. Job events go out once the batch holding their changes is durable.
 
 Fairness: one connection's requests are answered at most ``MAX_FRAMES_PER_TURN`` in one
 go, and a connection with ``MAX_UNCONFIRMED`` replies held is not read until they go

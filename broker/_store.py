@@ -3,12 +3,13 @@
 The event loop turns the core's changes into a ``Batch`` of encoded records
 (``Store.encode``: it reads live ``Message`` objects) and appends the batch to the log as
 one CRC-framed record, synced with ``fsync always`` (``Store.commit``): one ``fdatasync``
-per group commit, on the loop thread. Batches since the last checkpoint are coalesced in
-memory, per segment (a message put and acked between two checkpoints leaves nothing);
-every ``checkpoint_seconds`` or ``checkpoint_bytes`` of log the loop closes the current
-segment and the checkpoint thread writes the closed segments' changes to LMDB in one
-synced transaction, after which those segments are recycled. The same thread prepares
-the next segment ahead of need.
+per group commit, made by the loop thread (or, split into ``append`` and ``appended``,
+by the kernel's background sync between the two: see ``_server``). Batches since the
+last checkpoint are coalesced in memory, per segment (a message put and acked between
+two checkpoints leaves nothing); every ``checkpoint_seconds`` or ``checkpoint_bytes`` of
+log the loop closes the current segment and the checkpoint thread writes the closed
+segments' changes to LMDB in one synced transaction, after which those segments are
+recycled. The same thread prepares the next segment ahead of need.
 
 Recovery: apply the log's committed prefix (``_log.read_segment``) to LMDB in one synced
 transaction (records are blind writes, so applying one twice is harmless), then load LMDB
