@@ -92,6 +92,19 @@ def durable_server(path: Path, background: str) -> tuple[BrokerServer, Store]:
     return BrokerServer(core, limits, clock=lambda: T0, store=store), store
 
 
+async def started(path: Path, background: str) -> tuple[BrokerServer, Store]:
+    """A durable server listening, once what its start committed is durable."""
+    server, store = durable_server(path, background)
+    await server.start("127.0.0.1", 0)
+    await until_durable(server, store.encoded)
+    return server, store
+
+
+async def stopped(server: BrokerServer, store: Store) -> None:
+    await server.shutdown(grace=0.1)
+    store.close()
+
+
 def put(server: BrokerServer, body: bytes) -> int:
     """A put through the server's one path, ended as a turn ends; its batch number."""
     args = {"queue": "aio", "messages": [{"body": body}]}
@@ -120,9 +133,7 @@ def test_with_background_sync_on_the_put_is_durable_only_after_the_kernel_says_s
     tmp_path: Path,
 ) -> None:
     async def scenario() -> None:
-        server, store = durable_server(tmp_path, "on")
-        await server.start("127.0.0.1", 0)
-        await until_durable(server, store.encoded)  # what starting committed
+        server, store = await started(tmp_path, "on")
         first = put(server, b"one")
         first_events = server.core.events.next_seq - 1
         # The sync is in flight: the batch is not durable, its event not published, and
@@ -136,8 +147,7 @@ def test_with_background_sync_on_the_put_is_durable_only_after_the_kernel_says_s
         await until_durable(server, second)
         assert store.commits >= 2
         assert server.feed.published == server.core.events.next_seq - 1
-        await server.shutdown(grace=0.1)
-        store.close()
+        await stopped(server, store)
 
     uvloop.run(scenario())
     assert recovered_bodies(tmp_path) == [b"one", b"two"]
@@ -147,14 +157,11 @@ def test_with_background_sync_off_the_put_is_durable_when_the_turn_ends(
     tmp_path: Path,
 ) -> None:
     async def scenario() -> None:
-        server, store = durable_server(tmp_path, "off")
-        await server.start("127.0.0.1", 0)
-        await asyncio.sleep(0)  # the start's own turn
+        server, store = await started(tmp_path, "off")
         need = put(server, b"one")
         assert server.durable == need  # synced on the loop, inside the turn
         assert server.feed.published == server.core.events.next_seq - 1
-        await server.shutdown(grace=0.1)
-        store.close()
+        await stopped(server, store)
 
     uvloop.run(scenario())
 
@@ -167,9 +174,7 @@ def test_a_sync_the_kernel_refuses_is_a_failed_commit_tried_again(tmp_path: Path
     and it recovers."""
 
     async def scenario() -> None:
-        server, store = durable_server(tmp_path, "on")
-        await server.start("127.0.0.1", 0)
-        await until_durable(server, store.encoded)
+        server, store = await started(tmp_path, "on")
         segment = store._segment
         assert segment is not None
         real_fd, end = segment.fd, segment.end
@@ -183,8 +188,7 @@ def test_a_sync_the_kernel_refuses_is_a_failed_commit_tried_again(tmp_path: Path
             segment.fd, segment.end = real_fd, end
         await until_durable(server, need)
         assert server.metrics.failing_commits == 0
-        await server.shutdown(grace=0.1)
-        store.close()
+        await stopped(server, store)
 
     uvloop.run(scenario())
     assert recovered_bodies(tmp_path) == [b"one"]
@@ -202,9 +206,7 @@ def test_a_connections_waiting_replies_keep_their_order_across_batches(
     (``reaped_mid_turn``): its reply then needs a batch already durable."""
 
     async def scenario() -> list[int]:
-        server, store = durable_server(tmp_path, "on")
-        await server.start("127.0.0.1", 0)
-        await until_durable(server, store.encoded)
+        server, store = await started(tmp_path, "on")
         producer, worker = connect(server, 1), connect(server, 2)
         producer.data_received(request(1, "put", {"queue": "aio", "messages": [{"body": b"a"}]}))
         server.end_turn()  # batch N, in flight: nothing below lets the loop reap it
@@ -220,8 +222,7 @@ def test_a_connections_waiting_replies_keep_their_order_across_batches(
         server.end_turn()
         await until_durable(server, in_flight + 1)
         replies = answers(worker)
-        await server.shutdown(grace=0.1)
-        store.close()
+        await stopped(server, store)
         return replies
 
     assert uvloop.run(scenario()) == [2, 3]
