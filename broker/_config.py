@@ -379,8 +379,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _refuse_bad_choices(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A flag with choices that took its value from the environment: argparse checks
+    only command-line values against the choices, so check every one here."""
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        if action.choices is not None and value not in action.choices:
+            flag = action.option_strings[-1]
+            variable = f"SLUICE_{flag.removeprefix('--').replace('-', '_').upper()}"
+            choices = ", ".join(repr(choice) for choice in action.choices)
+            parser.error(f"{variable}: invalid choice: {value!r} (choose from {choices})")
+
+
 def parse_config(argv: Sequence[str] | None = None) -> Config:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _refuse_bad_choices(parser, args)
     return Config(
         host=args.host,
         port=int(args.port),

@@ -4,6 +4,7 @@ every flag with its environment variable."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -160,10 +161,15 @@ def test_environment_variable_sets_a_flag_and_the_command_line_wins(
     assert parse_config(["--port", "7812"]).port == 7812
 
 
-def usage_error(*flags: str) -> str:
-    """The broker's stderr for ``flags`` it must refuse as a usage error (exit 2)."""
+def usage_error(*flags: str, env: dict[str, str] | None = None) -> str:
+    """The broker's stderr for ``flags`` (and ``env``) it must refuse as a usage error
+    (exit 2)."""
     done = subprocess.run(
-        [sys.executable, "-m", "broker", *flags], capture_output=True, text=True, timeout=30
+        [sys.executable, "-m", "broker", *flags],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, **(env or {})},
     )
     assert done.returncode == 2
     return done.stderr
@@ -183,6 +189,18 @@ def test_background_sync_takes_three_choices_from_the_flag_or_the_environment(
     refused = usage_error("--background-sync", "sometimes")
     assert "argument --background-sync: invalid choice: 'sometimes'" in refused
     assert "'auto', 'on', 'off'" in refused
+
+
+@pytest.mark.parametrize(
+    ("variable", "choices"),
+    [("SLUICE_BACKGROUND_SYNC", "'auto', 'on', 'off'"), ("SLUICE_FSYNC", "'always', 'interval'")],
+)
+def test_a_choice_from_the_environment_is_checked_as_the_flag_is(
+    variable: str, choices: str
+) -> None:
+    refused = usage_error("--in-memory", "--port", "0", env={variable: "sometimes"})
+    assert f"{variable}: invalid choice: 'sometimes'" in refused
+    assert choices in refused
 
 
 def readme_api_examples() -> tuple[str, str]:
