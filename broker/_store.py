@@ -328,6 +328,9 @@ class Store:
         self.in_flight = 0
         self.commits = 0
         self._appended_bytes = 0  # the log bytes of the batch `append` wrote last
+        # (batch number, segment number, offset) of the record `append` wrote last, until
+        # `appended`: a retry of the same batch goes there again.
+        self._unsynced: tuple[int, int, int] | None = None
         # Puts were refused for size: they stay refused until the estimate is a margin
         # below the capacity (``_refusal``).
         self._refusing = False
@@ -737,10 +740,16 @@ class Store:
         before the next ``append``. Raises ``OSError`` as ``commit`` does."""
         segment = self._segment
         assert segment is not None, "recover() first"
+        unsynced = self._unsynced
+        if unsynced is not None and unsynced[:2] == (batch.number, segment.number):
+            # Its sync failed: the kernel may have dropped those pages and will not say so
+            # again. Overwrite them, so no gap lies between the records before and after.
+            segment.end = unsynced[2]
         payload = batch.pack()
         size = len(payload) + _log.RECORD_OVERHEAD
         if size > segment.room:
             segment = self._next_segment(size)
+        self._unsynced = (batch.number, segment.number, segment.end)
         _log.append(segment, payload)
         self._appended_bytes = size
         return segment.fd if self.fsync == "always" else None
@@ -749,6 +758,7 @@ class Store:
         """The second half of ``commit``: ``batch``, the last one appended, is in the log
         to stay; its changes wait for the next checkpoint."""
         self.commits += 1
+        self._unsynced = None
         self._coalesced.add(batch, self._appended_bytes)
         if not self._checkpoint_running.is_set() and self._checkpoint_due():
             self._start_checkpoint()

@@ -221,6 +221,40 @@ def test_a_power_cut_in_the_last_records_recovers_exactly_a_committed_prefix(
         assert recovered_bodies(copy) == expected, (cut, offset)
 
 
+def test_a_batch_whose_sync_failed_is_written_again_where_it_was(tmp_path: Path) -> None:
+    """A failed fdatasync may leave the batch's pages nowhere (Linux marks them clean and
+    reports the error once). The retry of the same batch overwrites it in place, so the
+    records stay one after the other: here the first attempt goes to /dev/null (the write
+    is taken, the sync refused with EINVAL, nothing reaches the segment), and everything
+    committed, before and after, recovers."""
+    store, core = open_store(tmp_path)
+    core.put(T0, "q", [PutSpec(body=b"before")])
+    end = commit(store, core)
+    core.put(T0, "q", [PutSpec(body=b"retried")])
+    batch = store.encode(core.take_changes())
+    segment = store._segment
+    assert segment is not None
+    real_fd = segment.fd
+    segment.fd = os.open(os.devnull, os.O_RDWR)
+    try:
+        with pytest.raises(OSError):
+            store.commit(batch)
+    finally:
+        os.close(segment.fd)
+        segment.fd = real_fd
+    store.commit(batch)  # as the server retries: the same batch, nothing else between
+    store.committed(batch)
+    assert segment.end == end + len(_log.frame_record(segment.number, batch.pack()))
+    core.put(T0, "q", [PutSpec(body=b"after")])
+    commit(store, core)
+    store.close()  # no checkpoint: as if killed
+    assert recovered_bodies(tmp_path) == {
+        b"before": "ready",
+        b"retried": "ready",
+        b"after": "ready",
+    }
+
+
 def test_recovery_applies_the_log_once_and_twice_alike(tmp_path: Path) -> None:
     """A crash right after recovery applied the log (before it was recycled) applies it
     again on the next start: records are blind writes, so the result is the same."""
