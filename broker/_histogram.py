@@ -7,6 +7,7 @@ the pure core can keep one per queue.
 
 from __future__ import annotations
 
+import functools
 from bisect import bisect_left
 from collections.abc import Sequence
 from typing import Final
@@ -35,9 +36,7 @@ class Histogram:
     __slots__ = ("bounds", "counts", "sum")
 
     def __init__(self, bounds: Sequence[float]) -> None:
-        if list(bounds) != sorted(set(bounds)) or not bounds:
-            raise ValueError(f"bounds must be distinct and ascending, got {bounds!r}")
-        self.bounds = tuple(bounds)
+        self.bounds = _checked(tuple(bounds))
         self.counts = [0] * (len(self.bounds) + 1)
         self.sum = 0.0
 
@@ -58,3 +57,12 @@ class Histogram:
             running += count
             pairs.append((float(bound), running))
         return pairs
+
+
+@functools.cache
+def _checked(bounds: tuple[float, ...]) -> tuple[float, ...]:
+    """``bounds``, if distinct and ascending; checked once per set of bounds, as a queue
+    makes a histogram each time it is made (for a lone worker, after each ack)."""
+    if list(bounds) != sorted(set(bounds)) or not bounds:
+        raise ValueError(f"bounds must be distinct and ascending, got {bounds!r}")
+    return bounds
