@@ -1449,23 +1449,15 @@ class Core:
         """Hand ready messages of ``queues`` to the waiters on them, in the order the
         waiters started waiting, across all of ``queues``."""
         serving = tuple(queues)
-        while True:
-            heads = [
-                next(iter(queue.waiters.values()))
-                for queue in serving
-                if queue.waiters and queue.can_deliver(now)
-            ]
-            if not heads:
-                for queue in serving:
-                    if queue.limits is not None:
-                        self._note_held_back(queue, now)
-                return
-            waiter = min(heads, key=lambda head: head.seq)
+        while (waiter := _first_waiter(serving, now)) is not None:
             self.cancel_wait(waiter.key)
             messages = self._take_best(
                 waiter.queues, waiter.max_messages, now, waiter.visibility_timeout
             )
             self._completions.append((waiter.key, messages))
+        for queue in serving:
+            if queue.limits is not None:
+                self._note_held_back(queue, now)
 
     def _outcome(
         self, message_id: int, now: float, dedup_key: tuple[str, str] | None = None
@@ -1517,6 +1509,18 @@ class Core:
             queue.waiters.pop(waiter.seq, None)
             if not queue.waiters:
                 self._drop_if_unused(queue)
+
+
+def _first_waiter(queues: tuple[Queue, ...], now: float) -> Waiter | None:
+    """The waiter that began waiting first among the heads of ``queues`` that can deliver
+    now, or None."""
+    first = None
+    for queue in queues:
+        if queue.waiters and queue.can_deliver(now):
+            head = next(iter(queue.waiters.values()))
+            if first is None or head.seq < first.seq:
+                first = head
+    return first
 
 
 def _quotas(queues: list[Queue], now: float) -> dict[Queue, int] | None:
