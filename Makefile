@@ -8,10 +8,10 @@ STAMP  := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -29,15 +29,18 @@ typecheck: $(STAMP)
 # disks again with every sync of the log in the background (about 20 s more), as a busy
 # broker does them: "auto" takes that path only with many connections at once.
 BACKGROUND_SUITES := tests/test_integration.py tests/test_events.py tests/test_full_disk.py
+# SLUICE_TEST_PEERS=required: the bench's peer tests fail instead of skipping a peer,
+# since this installs them all.
 pytest: $(STAMP) debian-packages
-	$(BIN)/pytest -q -n 2 --dist loadfile
+	SLUICE_TEST_PEERS=required $(BIN)/pytest -q -n 2 --dist loadfile
 	SLUICE_TEST_BROKER_FLAGS="--background-sync on" $(BIN)/pytest -q -n 2 --dist loadfile \
 	  $(BACKGROUND_SUITES)
 
 # Debian packages the suite runs for real, installed when missing and this runs as root
 # (as CI does): chromium for the dashboard's browser tests (Playwright drives it; it
-# downloads no browser), beanstalkd for the bench harness's peer test.
-DEBIAN_PACKAGES := chromium beanstalkd
+# downloads no browser), beanstalkd and redis-server for the bench harness's peer tests
+# (their Python clients come with the bench extra).
+DEBIAN_PACKAGES := chromium beanstalkd redis-server
 debian-packages:
 	@missing=""; for package in $(DEBIAN_PACKAGES); do \
 	  command -v $$package >/dev/null 2>&1 || missing="$$missing $$package"; done; \
