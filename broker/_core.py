@@ -1057,7 +1057,7 @@ class Core:
                 budget -= len(message.body)
                 if budget < 0 and taken:
                     break  # the rest waits for the next reserve
-            best_queue.ready.pop()
+            best_queue.ready.take(message)
             self._lease(message, now, visibility_timeout)
             taken.append(message)
             if quotas is not None and best_queue in quotas:

@@ -84,9 +84,14 @@ class ReadyIndex:
         """Take the next message to deliver out (the caller reserves it)."""
         message = self.peek()
         if message is not None:
-            self._fifos[message.priority].popleft()
-            self._slots -= 1
+            self.take(message)
         return message
+
+    def take(self, message: Message) -> None:
+        """Take out ``message``, the one ``peek`` has just returned (the caller reserves
+        it): no second look for it."""
+        self._fifos[message.priority].popleft()
+        self._slots -= 1
 
     def discard(self) -> None:
         """Note that a ready message left for good (its slot is stale now); compact when
