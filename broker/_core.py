@@ -31,7 +31,31 @@ from protocol import BadRequest, LeaseLost, NotFound, Quota, TooLarge, pack, sho
 from ._bindings import Binding, Bindings
 from ._events import EventRing, cut
 from ._lazyheap import Entry, LazyHeap
-from ._lifecycle import Event, State, advance_state
+from ._lifecycle import (
+    ACK,
+    BURY,
+    CANCEL,
+    DEAD,
+    DELAYED,
+    DELETE,
+    DUE,
+    EXHAUST,
+    EXPIRE_DEAD,
+    PURGE,
+    PURGE_DEAD,
+    PUT_DELAYED,
+    PUT_READY,
+    READY,
+    RELEASE,
+    REPLAY,
+    RESERVE,
+    RESERVED,
+    RETRY_LATER,
+    RETRY_NOW,
+    Event,
+    State,
+    advance_state,
+)
 from ._message import Message, PutSpec
 from ._outcomes import NO_RESULT, DedupEntry, DedupKeys, Results, StoredResult
 from ._position import ReadyRanks, delivery_key
@@ -78,7 +102,7 @@ class Changes:
 
 LEASE_EXPIRED = "lease expired"
 # The job event of a ready or delayed message removed by each lifecycle event.
-_REMOVED_WAITING = {Event.CANCEL: "cancelled", Event.PURGE: "purged", Event.DELETE: "deleted"}
+_REMOVED_WAITING = {CANCEL: "cancelled", PURGE: "purged", DELETE: "deleted"}
 
 
 class Core:
@@ -121,9 +145,9 @@ class Core:
         self._next_id = 1
         self._next_token = 1
         self._seq = 0
-        self._delayed = LazyHeap(self._live_checker(State.DELAYED))  # (due_at, seq, id)
-        self._leases = LazyHeap(self._live_checker(State.RESERVED))  # (deadline, seq, id)
-        self._dead_expiry = LazyHeap(self._live_checker(State.DEAD))  # (expires_at, seq, id)
+        self._delayed = LazyHeap(self._live_checker(DELAYED))  # (due_at, seq, id)
+        self._leases = LazyHeap(self._live_checker(RESERVED))  # (deadline, seq, id)
+        self._dead_expiry = LazyHeap(self._live_checker(DEAD))  # (expires_at, seq, id)
         self._waiters: dict[Hashable, Waiter] = {}
         self._waiter_deadlines = LazyHeap(self._waiter_live)  # (deadline, seq, key)
         # When a rate-limited queue with waiters gets its next token: (time, seq, queue).
@@ -272,7 +296,7 @@ class Core:
         highest_seq = highest_token = 0
         by_name = self.queues
         known = self.messages
-        ready_state = State.READY
+        ready_state = READY
         for queue_name, message in messages:
             queue = by_name.get(queue_name) or self._queue(queue_name)
             message.queue = queue
@@ -286,7 +310,7 @@ class Core:
                 ready.append(message)
             else:
                 heap, entry = self._index_of(message)
-                if message.state is State.DEAD:
+                if message.state is DEAD:
                     queue.add_dead(message)
                 if message.lease_token is not None and message.lease_token > highest_token:
                     highest_token = message.lease_token
@@ -307,7 +331,7 @@ class Core:
             self.dedup.restore(queue_name, dedup_key, ended)
         for message in self.messages.values():
             rare = message.rare  # (read directly: this runs once per message)
-            if rare is not None and rare.key is not None and message.state is not State.DEAD:
+            if rare is not None and rare.key is not None and message.state is not DEAD:
                 self.dedup.live(message.queue.name, rare.key, message.id)
         self.results.changed = {} if self._changed is not None else None
         self.dedup.changed = {} if self._changed is not None else None
@@ -334,11 +358,11 @@ class Core:
         """The heap a recovered message that is not ready belongs in, and its entry."""
         state = message.state
         deadline = message.deadline
-        if state is State.DELAYED and deadline is not None:
+        if state is DELAYED and deadline is not None:
             return self._delayed, (deadline, message.seq, message.id)
-        if state is State.RESERVED and deadline is not None:
+        if state is RESERVED and deadline is not None:
             return self._leases, (deadline, message.seq, message.id)
-        if state is State.DEAD:
+        if state is DEAD:
             expires_at = message.dead_expires_at
             return self._dead_expiry, (
                 math.inf if expires_at is None else expires_at,
@@ -388,9 +412,9 @@ class Core:
         self._next_id += 1
         self.messages[message.id] = message
         if spec.delay > 0:
-            self._make_delayed(message, Event.PUT_DELAYED, now + spec.delay, seq)
+            self._make_delayed(message, PUT_DELAYED, now + spec.delay, seq)
         else:
-            self._make_ready(message, Event.PUT_READY, now, seq)
+            self._make_ready(message, PUT_READY, now, seq)
         queue.totals["put"] += 1
         plain = not spec.priority and not spec.delay  # (its fields are the defaults)
         fields = None if plain else {"priority": spec.priority, "delay": spec.delay}
@@ -401,9 +425,9 @@ class Core:
         """Remove a ready or delayed message. False if it is reserved, dead or unknown."""
         self.tick(now)
         message = self.messages.get(message_id)
-        if message is None or message.state not in (State.READY, State.DELAYED):
+        if message is None or message.state not in (READY, DELAYED):
             return False
-        self._discard_waiting(message, Event.CANCEL, now)
+        self._discard_waiting(message, CANCEL, now)
         return True
 
     # ----------------------------------------------------------- consuming
@@ -431,7 +455,7 @@ class Core:
         if not messages and wait > 0:
             self._add_waiter(waiter_key, queues, max_messages, visibility_timeout, now + wait)
             for queue in queues:
-                if queue.limits is not None and queue.counts[State.READY] > 0:
+                if queue.limits is not None and queue.counts[READY] > 0:
                     queue.limits.parked += 1  # (a paused queue holds nothing back here)
                     self._note_held_back(queue, now)
         elif not messages or len(queues) > 1:  # a queue it found empty may be one it made
@@ -466,12 +490,12 @@ class Core:
         self.tick(now)
         touched: dict[str, Queue] = {}
         for message in messages:
-            if message.state is not State.RESERVED or message.lease_token is None:
+            if message.state is not RESERVED or message.lease_token is None:
                 continue
             self._end_lease(message)
             message.attempts -= 1
             message.queue.totals["delivered"] -= 1
-            self._make_ready(message, Event.RELEASE, now)
+            self._make_ready(message, RELEASE, now)
             self._emit(now, "released", message)
             touched[message.queue.name] = message.queue
         self._serve_waiters_of(touched.values(), now)
@@ -564,7 +588,7 @@ class Core:
         self.tick(now)
         message = self._require_lease(message_id, lease)
         self._end_lease(message)
-        self._kill(message, Event.BURY, now, reason)
+        self._kill(message, BURY, now, reason)
         self._serve_capped((message,), now)
 
     # ------------------------------------------------------------ inspecting
@@ -573,7 +597,7 @@ class Core:
         self.tick(now)
         message = self.messages.get(message_id)
         if message is not None:
-            if message.state is State.READY:
+            if message.state is READY:
                 return message.status() | self._place(message, now)
             return message.status()
         result = self.results.get(message_id, now)
@@ -632,7 +656,7 @@ class Core:
         broker's delayed or reserved ones: an admin look, not a hot path."""
         self.tick(now)
         queue = self._existing(queue_name)
-        if state is State.DEAD:
+        if state is DEAD:
             ids = queue.dead.irange(minimum=after, inclusive=(False, True))
             return [queue.dead[message_id] for message_id in itertools.islice(ids, limit)]
         cursor = None
@@ -643,13 +667,13 @@ class Core:
                     f"peek: message {after} is no longer {state.value} in {queue_name}; "
                     "start again from the first page"
                 )
-        if state is State.READY:
+        if state is READY:
             ordered: Iterable[Message] = queue.ready.in_order()
             if cursor is not None:
                 start = delivery_order(cursor)
                 ordered = (m for m in ordered if delivery_order(m) > start)
             return list(itertools.islice(ordered, limit))
-        heap = self._delayed if state is State.DELAYED else self._leases
+        heap = self._delayed if state is DELAYED else self._leases
         entries = [e for e in heap.live_entries() if self.messages[e[-1]].queue is queue]
         if cursor is not None:
             start_entry = self._index_of(cursor)[1]
@@ -705,7 +729,7 @@ class Core:
             if (message := self.messages[entry[-1]]).queue is queue
         ]
         for message in doomed:
-            self._discard_waiting(message, Event.PURGE, now)
+            self._discard_waiting(message, PURGE, now)
         return len(doomed)
 
     def replay(self, now: float, queue_name: str, ids: list[int] | None = None) -> int:
@@ -726,7 +750,7 @@ class Core:
                     self.dedup.live(queue.name, message.key, message.id)
                 else:  # another message holds the key now: this one gives it up for good
                     message.key = None
-            self._make_ready(message, Event.REPLAY, now)
+            self._make_ready(message, REPLAY, now)
             self._dead_expiry.discard()
             self._emit(now, "replayed", message)
         self._serve_waiters(queue, now)
@@ -785,12 +809,12 @@ class Core:
             ]
         dead = list(queue.dead.values())
         for message in doomed:
-            if message.state is State.RESERVED:
+            if message.state is RESERVED:
                 self._drop_leased(message, now)
             else:
-                self._discard_waiting(message, Event.DELETE, now)
+                self._discard_waiting(message, DELETE, now)
         for message in dead:
-            self._drop_dead(message, Event.DELETE, now)
+            self._drop_dead(message, DELETE, now)
         return len(doomed) + len(dead)
 
     def _drop_leased(self, message: Message, now: float) -> None:
@@ -798,7 +822,7 @@ class Core:
         waits for its outcome hear ``gone``."""
         self._end_lease(message)
         self._ended(message, now, lambda: {"id": message.id, "state": "gone"})
-        self._forget(message, Event.DELETE)
+        self._forget(message, DELETE)
         self._emit(now, "deleted", message)
 
     def purge_dead(self, now: float, queue_name: str) -> int:
@@ -806,7 +830,7 @@ class Core:
         queue = self._existing(queue_name)
         doomed = list(queue.dead.values())
         for message in doomed:
-            self._drop_dead(message, Event.PURGE_DEAD, now)
+            self._drop_dead(message, PURGE_DEAD, now)
         return len(doomed)
 
     # ------------------------------------------------------------ internals
@@ -942,7 +966,7 @@ class Core:
         ranks = message.queue.ranks
         if ranks is not None:  # (before the lease gives it a new seq)
             ranks.remove(message.priority, message.seq, message.id)
-        self._move(message, Event.RESERVE)
+        self._move(message, RESERVE)
         message.since = now
         message.attempts += 1
         message.lease_token = self._next_token
@@ -991,7 +1015,7 @@ class Core:
         self._ended(
             message, now, lambda: _done(message.id, StoredResult(queue.name, value, now, now))
         )
-        self._forget(message, Event.ACK)
+        self._forget(message, ACK)
         fields = None if result is NO_RESULT else {"result_size": len(pack(result))}
         self.events.emit(now, "acked", queue.name, message.id, message.attempts, fields)
 
@@ -1016,7 +1040,7 @@ class Core:
 
     def _leased(self, message_id: int, lease: int) -> Message | None:
         message = self.messages.get(message_id)
-        if message is None or message.state is not State.RESERVED:
+        if message is None or message.state is not RESERVED:
             return None
         return message if message.lease_token == lease else None
 
@@ -1076,7 +1100,7 @@ class Core:
         limit = message.effective_max_attempts
         if limit is not None and message.attempts >= limit:
             self._emit(now, event, message, {"error": cut(error)} if error else None)
-            self._kill(message, Event.EXHAUST, now, f"max_attempts ({limit}) used up")
+            self._kill(message, EXHAUST, now, f"max_attempts ({limit}) used up")
             return
         if delay is None:
             delay = message.queue.settings.backoff.delay(message.attempts, self._random())
@@ -1085,9 +1109,9 @@ class Core:
             fields["error"] = cut(error)
         self._emit(now, event, message, fields)
         if delay > 0:
-            self._make_delayed(message, Event.RETRY_LATER, now + delay)
+            self._make_delayed(message, RETRY_LATER, now + delay)
         else:
-            self._make_ready(message, Event.RETRY_NOW, now)
+            self._make_ready(message, RETRY_NOW, now)
 
     def _kill(self, message: Message, event: Event, now: float, reason: str) -> None:
         self._move(message, event)
@@ -1113,12 +1137,12 @@ class Core:
         self._move(message, event)
         del self.messages[message.id]
         counts = message.queue.counts
-        if not counts[State.READY] and not counts[State.RESERVED]:  # (unused()'s first tests)
+        if not counts[READY] and not counts[RESERVED]:  # (unused()'s first tests)
             self._drop_if_unused(message.queue)
 
     def _discard_waiting(self, message: Message, event: Event, now: float) -> None:
         """Remove a ready or delayed message (cancel, purge)."""
-        ready = message.state is State.READY
+        ready = message.state is READY
         if ready and message.queue.ranks is not None:
             message.queue.ranks.remove(message.priority, message.seq, message.id)
         self._ended(message, now, lambda: {"id": message.id, "state": "gone"})
@@ -1130,7 +1154,7 @@ class Core:
         del message.queue.dead[message.id]
         self._forget(message, event)
         self._dead_expiry.discard()
-        if event is Event.DELETE:
+        if event is DELETE:
             self._emit(now, "deleted", message)
         else:
             self._emit(now, "removed", message, {"reason": "purge_dead"})
@@ -1173,7 +1197,7 @@ class Core:
                     self._time_out_result_wait(key)
 
     def _come_due(self, message: Message, now: float) -> None:
-        self._make_ready(message, Event.DUE, now)
+        self._make_ready(message, DUE, now)
         self._emit(now, "ready", message)
         self._serve_waiters(message.queue, now)
 
@@ -1189,7 +1213,7 @@ class Core:
             self._dead_expiry.pop()
             message = self.messages[top[-1]]
             del message.queue.dead[message.id]
-            self._forget(message, Event.EXPIRE_DEAD)
+            self._forget(message, EXPIRE_DEAD)
             self._emit(now, "removed", message, {"reason": "dead_letter_ttl"})
 
     # ----------------------------------------------------------- schedules
@@ -1298,7 +1322,7 @@ class Core:
         if schedule.spec.overlap != "skip" or schedule.last_message_id is None:
             return False
         message = self.messages.get(schedule.last_message_id)
-        return message is not None and message.state is not State.DEAD
+        return message is not None and message.state is not DEAD
 
     def _fire(self, schedule: Schedule, spec: PutSpec, now: float) -> int:
         """Put the schedule's message for a slot (``spec``, whose dedup key makes a slot
@@ -1361,10 +1385,10 @@ class Core:
         limits = queue.limits
         if limits is None or limits.bucket is None or not queue.waiters:
             return False
-        if queue.counts[State.READY] == 0 or queue.settings.paused:
+        if queue.counts[READY] == 0 or queue.settings.paused:
             return False
         cap = limits.max_in_flight
-        return cap is None or queue.counts[State.RESERVED] < cap
+        return cap is None or queue.counts[RESERVED] < cap
 
     def _arm_throttle(self, queue: Queue, now: float) -> None:
         """If waiters of ``queue`` wait for its next token, make sure the timer wakes
@@ -1385,7 +1409,7 @@ class Core:
         """After serving: waiters still there with ready messages mean a limit holds
         them back (the time counts as throttled); wake them at the next token."""
         assert queue.limits is not None
-        if queue.waiters and queue.counts[State.READY] > 0 and not queue.settings.paused:
+        if queue.waiters and queue.counts[READY] > 0 and not queue.settings.paused:
             queue.limits.blocked(now)
             self._arm_throttle(queue, now)
 
@@ -1464,7 +1488,7 @@ class Core:
     ) -> dict[str, Any]:
         message = self.messages.get(message_id)
         if message is not None:
-            if message.state is State.DEAD:
+            if message.state is DEAD:
                 return _dead(message)
             return {"id": message_id, "state": message.state.value}
         result = self.results.get(message_id, now)
@@ -1530,7 +1554,7 @@ def _quotas(queues: list[Queue], now: float) -> dict[Queue, int] | None:
         if queue.limits is not None:
             if quotas is None:
                 quotas = {}
-            quotas[queue] = queue.limits.quota(now, queue.counts[State.RESERVED])
+            quotas[queue] = queue.limits.quota(now, queue.counts[RESERVED])
     return quotas
 
 
@@ -1546,7 +1570,7 @@ def _charge(quotas: dict[Queue, int], taken: list[Message], wanted_more: bool, n
         assert limits is not None
         if queue in sent:
             limits.delivered(sent[queue], now)
-        held_back = quotas[queue] <= 0 and queue.counts[State.READY] > 0
+        held_back = quotas[queue] <= 0 and queue.counts[READY] > 0
         if wanted_more and held_back and not queue.settings.paused:
             limits.blocked(now)
 

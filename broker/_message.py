@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Final, Generic, NamedTuple, TypeVar, overload
 
-from ._lifecycle import State
+from ._lifecycle import DELAYED, NEW, RESERVED
 
 if TYPE_CHECKING:
     from ._queue import Queue
@@ -146,7 +146,7 @@ class Message:
             rare.max_attempts, rare.visibility_timeout = spec.max_attempts, spec.visibility_timeout
             rare.headers, rare.key = spec.headers, spec.key
         self.enqueued_at = now
-        self.state = State.NEW
+        self.state = NEW
         self.seq = 0
         self.attempts = 0
         # When it falls due (delayed) or its lease runs out (reserved); None otherwise.
@@ -163,12 +163,12 @@ class Message:
     @property
     def due_at(self) -> float | None:
         """When a delayed message becomes ready (None in other states)."""
-        return self.deadline if self.state is State.DELAYED else None
+        return self.deadline if self.state is DELAYED else None
 
     @property
     def lease_deadline(self) -> float | None:
         """When a reserved message's lease runs out (None in other states)."""
-        return self.deadline if self.state is State.RESERVED else None
+        return self.deadline if self.state is RESERVED else None
 
     @property
     def effective_max_attempts(self) -> int | None:

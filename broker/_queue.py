@@ -9,7 +9,7 @@ from typing import Any
 from sortedcontainers import SortedDict
 
 from ._histogram import PROCESSING_SECONDS, Histogram
-from ._lifecycle import State
+from ._lifecycle import DEAD, DELAYED, READY, RESERVED
 from ._limits import Limits
 from ._message import Message
 from ._position import ReadyRanks
@@ -77,7 +77,7 @@ class Queue:
         self.settings = DEFAULT_SETTINGS
         self.anchors = 0
         self.ready = ReadyIndex()
-        self.counts = {State.READY: 0, State.DELAYED: 0, State.RESERVED: 0, State.DEAD: 0}
+        self.counts = {READY: 0, DELAYED: 0, RESERVED: 0, DEAD: 0}
         self.totals = dict.fromkeys(TOTALS, 0)
         self.dead: SortedDict = _NO_DEAD  # message id -> Message
         self.waiters: OrderedDict[int, Waiter] = OrderedDict()  # waiter seq -> Waiter
@@ -105,19 +105,19 @@ class Queue:
         fails the first or second."""
         counts = self.counts
         return (
-            not counts[State.READY]
-            and not counts[State.RESERVED]
-            and not counts[State.DELAYED]
-            and not counts[State.DEAD]
+            not counts[READY]
+            and not counts[RESERVED]
+            and not counts[DELAYED]
+            and not counts[DEAD]
             and not self.waiters
             and not self.anchors
             and (self.settings is DEFAULT_SETTINGS or self.settings == DEFAULT_SETTINGS)
         )
 
     def can_deliver(self, now: float) -> bool:
-        if self.counts[State.READY] == 0 or self.settings.paused:
+        if self.counts[READY] == 0 or self.settings.paused:
             return False
-        return self.limits is None or self.limits.quota(now, self.counts[State.RESERVED]) > 0
+        return self.limits is None or self.limits.quota(now, self.counts[RESERVED]) > 0
 
     def best_ready(self) -> Message | None:
         """The next message this queue would deliver, or None."""
@@ -128,25 +128,25 @@ class Queue:
     def stats(self, now: float) -> dict[str, Any]:
         stats = {
             "queue": self.name,
-            "ready": self.counts[State.READY],
-            "delayed": self.counts[State.DELAYED],
-            "reserved": self.counts[State.RESERVED],
-            "dead": self.counts[State.DEAD],
+            "ready": self.counts[READY],
+            "delayed": self.counts[DELAYED],
+            "reserved": self.counts[RESERVED],
+            "dead": self.counts[DEAD],
             "paused": self.settings.paused,
             "waiting": len(self.waiters),
             "totals": dict(self.totals),
         }
         if self.limits is not None:
-            stats["limits"] = self.limits.stats(now, self.counts[State.RESERVED])
+            stats["limits"] = self.limits.stats(now, self.counts[RESERVED])
         return stats
 
     def summary(self) -> dict[str, Any]:
         return {
             "name": self.name,
-            "ready": self.counts[State.READY],
-            "delayed": self.counts[State.DELAYED],
-            "reserved": self.counts[State.RESERVED],
-            "dead": self.counts[State.DEAD],
+            "ready": self.counts[READY],
+            "delayed": self.counts[DELAYED],
+            "reserved": self.counts[RESERVED],
+            "dead": self.counts[DEAD],
             "paused": self.settings.paused,
         }
 

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator
 from operator import attrgetter
 from typing import Final
 
-from ._lifecycle import State
+from ._lifecycle import READY
 from ._message import Message
 
 COMPACT_MIN: Final = 1024  # stale slots tolerated before compacting is considered
@@ -72,7 +72,7 @@ class ReadyIndex:
             fifo = self._fifos[-priorities[0]]
             while fifo:
                 message = fifo[0]
-                if message.state is State.READY:
+                if message.state is READY:
                     return message
                 fifo.popleft()
                 self._slots -= 1
@@ -130,5 +130,5 @@ class ReadyIndex:
         the hot path."""
         for priority in sorted(self._fifos, reverse=True):
             for message in self._fifos[priority]:
-                if message.state is State.READY:
+                if message.state is READY:
                     yield message

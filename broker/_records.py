@@ -43,7 +43,7 @@ import msgpack
 
 from protocol import pack as _pack  # one shared Packer: a packb builds one per call
 
-from ._lifecycle import State
+from ._lifecycle import DELAYED, RESERVED, State
 from ._message import RECOVERED, Headers, Message, Rare
 from ._outcomes import DedupEntry, StoredResult
 from ._schedules import FIELDS as SCHEDULE_FIELDS
@@ -199,9 +199,9 @@ def encode_message(message: Message) -> bytes:
         message.seq,
         message.attempts,
         message.enqueued_at,
-        deadline if state is State.DELAYED else None,  # due_at
+        deadline if state is DELAYED else None,  # due_at
         message.lease_token,
-        deadline if state is State.RESERVED else None,  # lease_deadline
+        deadline if state is RESERVED else None,  # lease_deadline
         message.lease_duration or None,
     ]
     rare = message.rare

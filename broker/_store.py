@@ -75,7 +75,7 @@ from protocol import StorageFull
 
 from . import _log
 from ._core import Changes, Core
-from ._lifecycle import State
+from ._lifecycle import GONE, State
 from ._logging import event
 from ._message import NOT_STORED, Message, PutSpec
 from ._records import (
@@ -668,7 +668,7 @@ class Store:
         self.pending = 0
         for message in changes.messages:
             key = message_key(message.id)
-            if message.state is State.GONE:
+            if message.state is GONE:
                 if message.stored != NOT_STORED:
                     batch.deletes.append(key)
                     batch.freed += estimate_size(message.body, message.headers)
