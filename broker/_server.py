@@ -425,7 +425,8 @@ class Connection(asyncio.Protocol):
             transport.write(data)
             transport.close()
         else:
-            data = b"".join(cast(list[bytes], frames))
+            # (No None among them, as just checked; a typing.cast costs ~130 ns a call.)
+            data = b"".join(frames)  # type: ignore[arg-type]
             transport.write(data)
         self.queued -= len(data)
         if self.read_paused:
@@ -691,7 +692,8 @@ class BrokerServer:
         self._turn_scheduled = False
         while completions := self.core.take_completions():
             for key, answer in completions:
-                connection_id, request_id = cast(tuple[int, int], key)
+                waiter: tuple[int, int] = key  # type: ignore[assignment]  # (made by handle)
+                connection_id, request_id = waiter
                 connection = self.connections.get(connection_id)
                 if isinstance(answer, dict):  # the outcome a result wait was waiting for
                     if connection is not None:
