@@ -821,7 +821,8 @@ class Core:
         """Remove a reserved message (its queue is deleted): its lease is lost, and the
         waits for its outcome hear ``gone``."""
         self._end_lease(message)
-        self._ended(message, now, lambda: {"id": message.id, "state": "gone"})
+        if self._end_matters(message):
+            self._ended(message, now, {"id": message.id, "state": "gone"})
         self._forget(message, DELETE)
         self._emit(now, "deleted", message)
 
@@ -1012,22 +1013,21 @@ class Core:
         if result is not NO_RESULT and queue.settings.result_ttl > 0:
             kept = StoredResult(queue.name, value, now, now + queue.settings.result_ttl)
             self.results.keep(message.id, kept)
-        self._ended(
-            message, now, lambda: _done(message.id, StoredResult(queue.name, value, now, now))
-        )
+        if self._end_matters(message):
+            self._ended(message, now, _done(message.id, StoredResult(queue.name, value, now, now)))
         self._forget(message, ACK)
         fields = None if result is NO_RESULT else {"result_size": len(pack(result))}
         self.events.emit(now, "acked", queue.name, message.id, message.attempts, fields)
 
-    def _ended(
-        self, message: Message, now: float, outcome_of: Callable[[], dict[str, Any]]
-    ) -> None:
-        """The message is done, dead or removed: answer the waits for its outcome, and
-        start its dedup key's window. ``outcome_of`` is only called if either exists, so
-        plain messages cost no outcome map on the hot path."""
-        if message.rare is None and message.id not in self._result_waiters:
-            return  # no dedup key (nor any other rare field) and nobody waiting
-        outcome = outcome_of()
+    def _end_matters(self, message: Message) -> bool:
+        """Whether the end of ``message`` has more to do than forget it (``_ended``): a
+        rare field is set (a dedup key's window may start) or someone waits for its
+        outcome. Asked first, so plain messages build no outcome map on the hot path."""
+        return message.rare is not None or message.id in self._result_waiters
+
+    def _ended(self, message: Message, now: float, outcome: dict[str, Any]) -> None:
+        """The message is done, dead or removed (and ``_end_matters``): answer the waits
+        for its ``outcome``, and start its dedup key's window."""
         if message.key is not None:
             window = message.queue.settings.dedup_window
             self.dedup.ended(
@@ -1128,7 +1128,8 @@ class Core:
         expires_at = math.inf if ttl is None else now + ttl
         message.dead_expires_at = None if ttl is None else expires_at
         self._schedule(self._dead_expiry, (expires_at, message.seq, message.id))
-        self._ended(message, now, lambda: _dead(message))
+        if self._end_matters(message):
+            self._ended(message, now, _dead(message))
         self._emit(now, "dead", message, {"reason": cut(reason)})
         if self.on_dead is not None:
             self.on_dead(message, reason)
@@ -1145,7 +1146,8 @@ class Core:
         ready = message.state is READY
         if ready and message.queue.ranks is not None:
             message.queue.ranks.remove(message.priority, message.seq, message.id)
-        self._ended(message, now, lambda: {"id": message.id, "state": "gone"})
+        if self._end_matters(message):
+            self._ended(message, now, {"id": message.id, "state": "gone"})
         self._forget(message, event)
         (message.queue.ready if ready else self._delayed).discard()
         self._emit(now, _REMOVED_WAITING[event], message)

@@ -752,8 +752,9 @@ class BrokerServer:
 
     def _events_publishable(self) -> int | None:
         """The last event seq subscribers may hear of: all (None) once every change is
-        durable, else those made before the last durable batch was encoded."""
-        if self._syncing is None and not self.core.has_changes:
+        durable, else those made before the last durable batch was encoded. (In memory
+        nothing waits: the core tracks no changes.)"""
+        if self.store is None or (self._syncing is None and not self.core.has_changes):
             return None
         return self._events_durable
 
