@@ -671,7 +671,9 @@ class Store:
             if message.state is GONE:
                 if message.stored != NOT_STORED:
                     batch.deletes.append(key)
-                    batch.freed += estimate_size(message.body, message.headers)
+                    rare = message.rare  # (read directly: message.headers is a descriptor)
+                    headers = rare.headers if rare is not None else None
+                    batch.freed += estimate_size(message.body, headers)
                 continue
             if message.stored == NOT_STORED:
                 batch.bodies.append((key, BODY_PREFIX + message.body))
