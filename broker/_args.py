@@ -15,7 +15,7 @@ from protocol import (
     shown,
 )
 
-from ._message import Headers, PutSpec
+from ._message import Headers, PutSpec, plain_spec
 from ._outcomes import NO_RESULT
 from ._schedules import FIELDS as SCHEDULE_FIELDS
 from ._schedules import FIRE_HEADERS, ScheduleSpec, parse_spec
@@ -228,7 +228,7 @@ def put_spec(item: Any, index: int | str | None = None) -> PutSpec:
             raise BadRequest(f"{_message_name(index)}: argument 'body' is required")
         raise BadRequest(f"{_message_name(index)}: body must be bytes (msgpack bin)")
     if len(item) == 1:  # the common case: a body and every option left to the queue
-        return PutSpec(body=body)
+        return plain_spec(body)
     args = Args(_message_name(index), item, _PUT_FIELDS)
     return PutSpec(
         body=body,

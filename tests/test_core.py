@@ -12,8 +12,10 @@ from typing import Any
 import pytest
 
 from broker import TRANSITIONS, Core, Event, IllegalTransition, PutSpec, State
+from broker._args import put_spec
 from broker._lazyheap import _COMPACT_MIN, LazyHeap
 from broker._lifecycle import advance_state
+from broker._message import plain_spec
 from broker._ready import COMPACT_MIN as READY_COMPACT_MIN
 from protocol import BadRequest, LeaseLost, NotFound, TooLarge
 
@@ -68,6 +70,15 @@ def snapshot(core: Core, now: float) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ ordering
+
+
+def test_a_body_only_put_spec_is_the_named_tuple_with_its_defaults() -> None:
+    """``plain_spec`` builds the tuple without ``PutSpec``'s own ``__new__``: it must be
+    ``PutSpec(body=...)`` field for field (a field added, dropped or moved breaks this)."""
+    for spec in (plain_spec(b"x"), put_spec({"body": b"x"}, 0)):
+        assert type(spec) is PutSpec
+        assert spec._asdict() == PutSpec(body=b"x")._asdict()
+        assert spec == PutSpec(body=b"x")
 
 
 def test_higher_priority_first_then_fifo_among_equals() -> None:
