@@ -361,12 +361,14 @@ class Connection(asyncio.Protocol):
     def _queue(self, frame: bytes | None, need: int) -> None:
         if frame is not None:
             self.queued += len(frame)
-        if need > self.server.durable:
+        if need and need > self.server.durable:  # (0: nothing to wait for, in any mode)
             self.held.append(frame)
-            self.held_need = max(self.held_need, need)
+            if need > self.held_need:
+                self.held_need = need
         else:
             self.outbox.append(frame)
-        self.last_need = max(self.last_need, need)
+        if need > self.last_need:
+            self.last_need = need
         self.server.mark_dirty(self)
 
     def push(self, frame: bytes, limit: int | None) -> bool:
