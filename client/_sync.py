@@ -19,7 +19,6 @@ from ._common import (
     DEFAULT_TIMEOUT,
     MAX_REPLY_FRAME,
     Limits,
-    ReplyParts,
     Tls,
     as_method,
     broker_address,
@@ -118,18 +117,17 @@ class Client:
         if self._sealer is not None:
             call = self._sealer.seal(call)
         with self._lock:
-            self._ensure_connected()
-            split, limits = call.split, self._limits
-            parts = None
-            if split is not None and len(call.args[split.key]) > limits.max_batch:
-                parts = split_call(call, limits.max_batch)
-            if parts is None:
+            if self._sock is None:
+                self._ensure_connected()
+            split = call.split
+            if split is None or len(call.args[split.key]) <= self._limits.max_batch:
                 ok, value = self._round_trip(call.op, call.args, call.wait)
             else:
+                parts = split_call(call, self._limits.max_batch)
+                assert parts is not None
                 answers = self._round_trips(parts, call.wait)
-        if parts is None:
-            return result_of(call, ok, value)
-        return merge_answers(call, parts, answers)
+                return merge_answers(call, parts, answers)
+        return result_of(call, ok, value)
 
     def _ensure_connected(self) -> None:
         if self._sock is not None:
@@ -197,12 +195,24 @@ class Client:
         missing = count
         limit = self.timeout + wait
         deadline = time.monotonic() + limit if wait else None
+        decoder = self._decoder
         try:
             if not self._kernel_timeouts:
                 sock.settimeout(limit)
             sock.sendall(data)
             while missing:
-                reply_id, ok, value = self._read_reply(sock, deadline)
+                frame = decoder.next_frame()
+                if frame is NEED_DATA:
+                    received = self._receive(sock, deadline)
+                    if not received:
+                        self.close()
+                        raise ConnectionClosed("the broker closed the connection")
+                    decoder.feed(received)
+                    continue
+                if is_push(frame):
+                    self._pushed(frame)
+                    continue
+                reply_id, ok, value = split_reply_frame(frame)
                 if reply_id is None:
                     self.close()  # an unaddressed error: the broker is closing on us
                     return [answer or (ok, value) for answer in answers]
@@ -222,13 +232,6 @@ class Client:
             # and the next call connects afresh.
             self.close()
             raise
-
-    def _read_reply(self, sock: socket.socket, deadline: float | None) -> ReplyParts:
-        while True:
-            frame = self._read_frame(sock, deadline)
-            if not is_push(frame):
-                return split_reply_frame(frame)
-            self._pushed(frame)
 
     def _read_frame(self, sock: socket.socket, deadline: float | None) -> Any:
         while (frame := self._decoder.next_frame()) is NEED_DATA:
