@@ -75,14 +75,15 @@ class _ReplyReader(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         try:
-            self.decoder.feed(data)
-            while (frame := self.decoder.next_frame()) is not NEED_DATA:
+            frame = self.decoder.feed_and_next(data)
+            while frame is not NEED_DATA:
                 if is_push(frame):
                     subscription = self.subscriptions.get(frame[0])
                     if subscription is not None:
                         subscription.feed(frame[1], frame[2])
                 else:
                     self._route(*split_reply_frame(frame))
+                frame = self.decoder.next_frame()
         except SluiceError as error:
             self._fail_all(error)
             if self.transport is not None:

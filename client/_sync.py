@@ -207,8 +207,9 @@ class Client:
                     if not received:
                         self.close()
                         raise ConnectionClosed("the broker closed the connection")
-                    decoder.feed(received)
-                    continue
+                    frame = decoder.feed_and_next(received)
+                    if frame is NEED_DATA:
+                        continue
                 if is_push(frame):
                     self._pushed(frame)
                     continue

@@ -710,6 +710,48 @@ def _run_stream(parts: list[bytes], max_frame: int, cut_seeds: list[int]) -> Non
     assert 0 <= d.buffered <= len(stream)
 
 
+def _outcomes(d: FrameDecoder, chunks: list[bytes], shortcut: bool) -> list[Any]:
+    """What a reader sees feeding ``chunks``: each frame, each ``NEED_DATA`` and the
+    decoder's ``buffered`` after it, and the type of the error that ends the stream. With
+    ``shortcut``, each chunk goes in through ``feed_and_next``."""
+    seen: list[Any] = []
+    try:
+        for chunk in chunks:
+            if shortcut:
+                seen.append(d.feed_and_next(chunk))
+            else:
+                d.feed(chunk)
+                seen.append(d.next_frame())
+            while seen[-1] is not NEED_DATA:
+                seen.append(d.next_frame())
+            seen.append(d.buffered)
+    except (BadFrame, TooLarge) as error:
+        seen.append(type(error))
+        assert_broken(d)
+    return seen
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(
+    parts=st.lists(segments, max_size=6),
+    max_frame=st.sampled_from([0, 5, 40, DEFAULT_MAX_FRAME]),
+    cut_seeds=st.lists(st.integers(min_value=0, max_value=2**20), max_size=8),
+)
+@example(parts=[encode_frame([1, True, {"acked": 1}])], max_frame=40, cut_seeds=[])
+@example(parts=[encode_frame([1, True, {"acked": 1}])], max_frame=5, cut_seeds=[])
+@example(parts=[raw_frame(b"\xc1")], max_frame=DEFAULT_MAX_FRAME, cut_seeds=[])
+@example(parts=[encode_frame(b"x" * 20_000)], max_frame=DEFAULT_MAX_FRAME, cut_seeds=[])
+def test_feed_and_next_is_feed_then_next_frame(
+    parts: list[bytes], max_frame: int, cut_seeds: list[int]
+) -> None:
+    # The shortcut for one whole frame must not differ from the long way in any result,
+    # error or state, whatever the bytes and however they are cut.
+    stream = b"".join(parts)
+    chunks = split_at(stream, [c % (len(stream) + 1) for c in cut_seeds])
+    shortcut = _outcomes(FrameDecoder(max_frame), chunks, shortcut=True)
+    assert shortcut == _outcomes(FrameDecoder(max_frame), chunks, shortcut=False)
+
+
 @given(stream=st.binary(max_size=200), data=st.data())
 def test_fuzz_random_bytes_default_decoder(stream: bytes, data: st.DataObject) -> None:
     cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=8), label="cuts")
