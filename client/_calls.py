@@ -101,6 +101,9 @@ def _all_ids(parts: list[list[MessageId]]) -> list[MessageId]:
 
 PUT_SPLIT: Final = Split("messages", _all_ids, _ids_stored)
 SETTLE_SPLIT: Final = Split("items", sum, _settled)
+# `Call(...)` runs a Python-level `__new__`: the builders called once per job (put,
+# put_many, reserve, ack) make the same tuple in C, every field given in order.
+_new_call: Final = tuple.__new__
 
 
 def _queue(name: str) -> str:
@@ -179,6 +182,9 @@ def _field(name: str) -> Callable[[Any], Any]:
     return lambda result: result[name]
 
 
+_acked: Final = _field("acked")  # (made once: an ack's reader is the same every time)
+
+
 class MessageId(int):
     """A message id (an ``int``) that also says whether the put that returned it found a
     live message with the same dedup ``key`` and so added nothing (``duplicate``)."""
@@ -246,7 +252,8 @@ def put(
     spec = _spec(body, priority, delay, max_attempts, visibility_timeout, headers)
     if key is not None:
         spec["key"] = key
-    return Call("put", {"queue": _queue(queue), "messages": [spec]}, _first_id)
+    args = {"queue": _queue(queue), "messages": [spec]}
+    return _new_call(Call, ("put", args, _first_id, 0.0, UNKNOWN, None))
 
 
 def put_many(
@@ -268,7 +275,7 @@ def put_many(
     specs = [_spec(b, priority, delay, max_attempts, visibility_timeout, headers) for b in bodies]
     known = [] if not specs else UNKNOWN  # nothing to put: no round trip
     args = {"queue": _queue(queue), "messages": specs}
-    return Call("put", args, _ids, 0.0, known, PUT_SPLIT)  # positional: built faster
+    return _new_call(Call, ("put", args, _ids, 0.0, known, PUT_SPLIT))
 
 
 def put_and_wait(
@@ -323,7 +330,7 @@ def reserve(
         args["wait"] = wait
     if visibility_timeout is not None:
         args["visibility_timeout"] = visibility_timeout
-    return Call("reserve", args, _messages, float(wait))
+    return _new_call(Call, ("reserve", args, _messages, float(wait), UNKNOWN, None))
 
 
 class _NoResult:
@@ -345,7 +352,7 @@ def ack(deliveries: Delivery | Iterable[Delivery], *, result: Any = _NO_RESULT) 
     if result is not _NO_RESULT:
         items = [[*item, result] for item in items]
     known = 0 if not items else UNKNOWN
-    return Call("ack", {"items": items}, _field("acked"), 0.0, known, SETTLE_SPLIT)
+    return _new_call(Call, ("ack", {"items": items}, _acked, 0.0, known, SETTLE_SPLIT))
 
 
 def nack(
