@@ -7,12 +7,12 @@ import itertools
 import math
 import socket
 from collections.abc import Callable, Coroutine
-from typing import Any, Concatenate, Final, NamedTuple, ParamSpec, TypeVar, cast
+from typing import Any, Concatenate, NamedTuple, ParamSpec, TypeVar, cast
 
 from protocol import NEED_DATA, FrameDecoder, SluiceError, encode_frame
 
 from . import _calls
-from ._calls import UNKNOWN, Call, merge_answers, split_call
+from ._calls import UNKNOWN, Call, merge_answers, new_tuple, split_call
 from ._channels import Event, Inbox, is_push
 from ._common import (
     DEFAULT_TIMEOUT,
@@ -55,10 +55,6 @@ class _Pending(NamedTuple):
     deadline: float  # loop time after which the call times out
     op: str
     limit: float  # its timeout in seconds, for the error
-
-
-# `_Pending(...)` runs a Python-level `__new__`; this makes the same tuple in C (one per call).
-_new_pending: Final = tuple.__new__
 
 
 class _ReplyReader(asyncio.Protocol):
@@ -270,7 +266,7 @@ class AsyncClient:
         future: asyncio.Future[Answer] = loop.create_future()
         limit = self.timeout + wait
         deadline = loop.time() + limit
-        self._pending[request_id] = _new_pending(_Pending, (future, deadline, op, limit))
+        self._pending[request_id] = new_tuple(_Pending, (future, deadline, op, limit))
         reader.transport.write(frame)
         # Not a timer per call (nor asyncio.wait_for, a task per call): one timer, at the
         # earliest deadline of the calls in flight.

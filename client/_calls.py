@@ -101,9 +101,10 @@ def _all_ids(parts: list[list[MessageId]]) -> list[MessageId]:
 
 PUT_SPLIT: Final = Split("messages", _all_ids, _ids_stored)
 SETTLE_SPLIT: Final = Split("items", sum, _settled)
-# `Call(...)` runs a Python-level `__new__`: the builders called once per job (put,
-# put_many, reserve, ack) make the same tuple in C, every field given in order.
-_new_call: Final = tuple.__new__
+# A named tuple's own `__new__` is a Python function: the builders called once per job
+# (put, put_many, reserve, ack; and the asyncio client's pending entry) make the same
+# tuple in C, every field given in order (a test checks each against the constructor).
+new_tuple: Final = tuple.__new__
 
 
 def _queue(name: str) -> str:
@@ -253,7 +254,7 @@ def put(
     if key is not None:
         spec["key"] = key
     args = {"queue": _queue(queue), "messages": [spec]}
-    return _new_call(Call, ("put", args, _first_id, 0.0, UNKNOWN, None))
+    return new_tuple(Call, ("put", args, _first_id, 0.0, UNKNOWN, None))
 
 
 def put_many(
@@ -275,7 +276,7 @@ def put_many(
     specs = [_spec(b, priority, delay, max_attempts, visibility_timeout, headers) for b in bodies]
     known = [] if not specs else UNKNOWN  # nothing to put: no round trip
     args = {"queue": _queue(queue), "messages": specs}
-    return _new_call(Call, ("put", args, _ids, 0.0, known, PUT_SPLIT))
+    return new_tuple(Call, ("put", args, _ids, 0.0, known, PUT_SPLIT))
 
 
 def put_and_wait(
@@ -330,7 +331,7 @@ def reserve(
         args["wait"] = wait
     if visibility_timeout is not None:
         args["visibility_timeout"] = visibility_timeout
-    return _new_call(Call, ("reserve", args, _messages, float(wait), UNKNOWN, None))
+    return new_tuple(Call, ("reserve", args, _messages, float(wait), UNKNOWN, None))
 
 
 class _NoResult:
@@ -352,7 +353,7 @@ def ack(deliveries: Delivery | Iterable[Delivery], *, result: Any = _NO_RESULT) 
     if result is not _NO_RESULT:
         items = [[*item, result] for item in items]
     known = 0 if not items else UNKNOWN
-    return _new_call(Call, ("ack", {"items": items}, _acked, 0.0, known, SETTLE_SPLIT))
+    return new_tuple(Call, ("ack", {"items": items}, _acked, 0.0, known, SETTLE_SPLIT))
 
 
 def nack(

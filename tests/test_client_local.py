@@ -69,3 +69,29 @@ def test_a_subclass_from_the_wire_keeps_its_own_fields_defaults() -> None:
     message = TaggedMessage.from_wire(WIRE_DELIVERY)
     assert type(message) is TaggedMessage
     assert (message.tag, message.id, message.lease) == ("untagged", 7, 9)
+
+
+def test_the_calls_built_in_c_are_the_named_tuples_field_for_field() -> None:
+    """put, put_many, reserve and ack build their ``Call`` without its own ``__new__``:
+    each must equal the constructor's result with the same fields and the defaults (a
+    field added, dropped or moved breaks this), and so must the asyncio client's pending
+    entry's fields stay the four it builds."""
+    from client import _calls
+    from client._async import _Pending
+    from client._calls import PUT_SPLIT, SETTLE_SPLIT, UNKNOWN, Call
+
+    put = _calls.put("q", b"x")
+    assert put == Call("put", put.args, put.parse)
+    assert put.known is UNKNOWN and put.split is None and put.wait == 0.0
+    many = _calls.put_many("q", [b"x", b"y"])
+    assert many == Call("put", many.args, many.parse, split=PUT_SPLIT)
+    assert _calls.put_many("q", []).known == []
+    reserve = _calls.reserve(["a", "b"], max_messages=3, wait=2)
+    assert reserve == Call("reserve", reserve.args, reserve.parse, wait=2.0)
+    ack = _calls.ack((7, 9))
+    assert ack == Call("ack", {"items": [[7, 9]]}, ack.parse, split=SETTLE_SPLIT)
+    assert ack.parse({"acked": 1}) == 1
+    assert _calls.ack([]).known == 0
+    for call in (put, many, reserve, ack):
+        assert type(call) is Call and len(call) == len(Call._fields)
+    assert _Pending._fields == ("future", "deadline", "op", "limit")
