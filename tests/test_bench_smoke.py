@@ -37,6 +37,30 @@ def test_benchmark_runs(module: str, args: list[str], expected: str) -> None:
     assert expected in done.stdout
 
 
+def test_sync_micro_benchmark_measures_each_way_and_leaves_nothing(tmp_path: Path) -> None:
+    done = _run("-m", "bench.micro_sync", "--dir", str(tmp_path), "--syncs", "20", "--repeat", "1")
+    assert done.returncode == 0, done.stderr
+    for way in ("on the thread", "RWF_DSYNC", "a thread"):
+        assert f"{way}: µs per sync" in done.stdout
+        assert f"{way}: µs CPU per sync" in done.stdout
+    assert "a thread: µs of hand-off" in done.stdout
+    assert list(tmp_path.iterdir()) == []  # its file is gone
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["--dir", "/nonexistent-sluice-dir"], "--dir /nonexistent-sluice-dir: not a directory"),
+        (["--syncs", "0"], "must be at least 1"),
+        (["--syncs", "100000", "--record-size", "4096"], "must be at most 16 MiB"),
+    ],
+)
+def test_sync_micro_benchmark_refuses_bad_options(args: list[str], error: str) -> None:
+    done = _run("-m", "bench.micro_sync", *args)
+    assert done.returncode == 2
+    assert error in done.stderr
+
+
 def _run(*argv: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120
