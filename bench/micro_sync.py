@@ -34,18 +34,26 @@ from typing import Protocol
 from bench._report import report_medians
 from broker._aio import open_aio
 
-_REGION = 16 << 20  # each way appends in a fresh region of its own, as to a new segment
+_MAX_REGION = 16 << 20  # each way appends in a fresh region of its own, as to a new segment
 _WAYS = 4
+_MIB = 1 << 20
 
 
 def one_run(directory: str, syncs: int, record_size: int) -> dict[str, float]:
     record = b"r" * record_size
     figures: dict[str, float] = {}
+    region = -(-syncs * record_size // _MIB) * _MIB  # whole MiB
     fd, path = tempfile.mkstemp(prefix="sluice-sync-", dir=directory)
     try:
-        os.posix_fallocate(fd, 0, _WAYS * _REGION)  # as the log allocates a segment
+        try:
+            os.posix_fallocate(fd, 0, _WAYS * region)  # as the log allocates a segment
+        except OSError as error:
+            raise SystemExit(
+                f"cannot allocate {_WAYS * region >> 20} MiB under {directory} ({error}): "
+                "free some space, or pass fewer --syncs"
+            ) from None
         os.fsync(fd)
-        regions = iter(range(0, _WAYS * _REGION, _REGION))
+        regions = iter(range(0, _WAYS * region, region))
 
         def measure(name: str, way: Way) -> None:
             figures.update(_measure(name, syncs, len(record), next(regions), way))
@@ -187,8 +195,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.syncs < 1 or args.record_size < 1 or args.repeat < 1:
         parser.error("--syncs, --record-size and --repeat must be at least 1")
-    if args.syncs * args.record_size > _REGION:
-        parser.error(f"--syncs x --record-size must be at most {_REGION >> 20} MiB")
+    if args.syncs * args.record_size > _MAX_REGION:
+        parser.error(f"--syncs x --record-size must be at most {_MAX_REGION >> 20} MiB")
     if not os.path.isdir(args.dir):
         parser.error(f"--dir {args.dir}: not a directory")
     report_medians(
