@@ -15,8 +15,8 @@ as the log appends (see broker/_log.py):
 
 Prints, median of R runs: µs per sync from the start of the sync to the caller knowing it
 is done; for the two handed-off ways, how long the hand-off itself keeps the caller (the
-time its thread cannot serve anything else); and the process's CPU per sync (user +
-system, both threads).
+time its thread cannot serve anything else); and the process's CPU per append and sync
+(user + system, both threads).
 """
 
 from __future__ import annotations
@@ -115,8 +115,11 @@ def _handed_off(fd: int, record: bytes, syncer: _Syncer) -> Way:
         started = time.perf_counter()
         syncer.submit(fd, offset)
         handed = time.perf_counter() - started
-        while not syncer.reap():
+        while not (done := syncer.reap()):
             poller.poll(1.0)
+        for _, result in done:
+            if result:  # a negative errno, as the sync's system call would have failed
+                raise OSError(-result, os.strerror(-result))
         return handed
 
     return sync
@@ -161,8 +164,12 @@ class _SyncThread:
             fd = self._fds.pop()
             if fd < 0:
                 return
-            os.fdatasync(fd)
-            self._done.append((self._tag, 0))
+            try:
+                os.fdatasync(fd)
+                result = 0
+            except OSError as error:
+                result = -(error.errno or 1)
+            self._done.append((self._tag, result))
             os.eventfd_write(self.eventfd, 1)
 
 
