@@ -33,6 +33,7 @@ from typing import Protocol
 
 from bench._report import report_medians
 from broker._aio import open_aio
+from broker._log import allocate
 
 _MAX_REGION = 16 << 20  # each way appends in a fresh region of its own, as to a new segment
 _WAYS = 4
@@ -43,10 +44,13 @@ def one_run(directory: str, syncs: int, record_size: int) -> dict[str, float]:
     record = b"r" * record_size
     figures: dict[str, float] = {}
     region = -(-syncs * record_size // _MIB) * _MIB  # whole MiB
-    fd, path = tempfile.mkstemp(prefix="sluice-sync-", dir=directory)
+    try:
+        fd, path = tempfile.mkstemp(prefix="sluice-sync-", dir=directory)
+    except OSError as error:
+        raise SystemExit(f"cannot make a file under {directory}: {error}") from None
     try:
         try:
-            os.posix_fallocate(fd, 0, _WAYS * region)  # as the log allocates a segment
+            allocate(fd, _WAYS * region)  # as the log allocates a segment
         except OSError as error:
             raise SystemExit(
                 f"cannot allocate {_WAYS * region >> 20} MiB under {directory} ({error}): "
@@ -131,7 +135,7 @@ class _SyncThread:
     def __init__(self) -> None:
         self.eventfd = os.eventfd(0, os.EFD_NONBLOCK)
         self._work = threading.Semaphore(0)
-        self._fds: list[int] = []
+        self._jobs: list[tuple[int, int] | None] = []  # (fd, tag); None: stop
         self._done: list[tuple[int, int]] = []
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -140,14 +144,13 @@ class _SyncThread:
         return self
 
     def __exit__(self, *_: object) -> None:
-        self._fds.append(-1)
+        self._jobs.append(None)
         self._work.release()
         self._thread.join()
         os.close(self.eventfd)
 
     def submit(self, fd: int, tag: int) -> None:
-        self._fds.append(fd)
-        self._tag = tag
+        self._jobs.append((fd, tag))
         self._work.release()
 
     def reap(self) -> list[tuple[int, int]]:
@@ -161,15 +164,16 @@ class _SyncThread:
     def _run(self) -> None:
         while True:
             self._work.acquire()
-            fd = self._fds.pop()
-            if fd < 0:
+            job = self._jobs.pop(0)
+            if job is None:
                 return
+            fd, tag = job
             try:
                 os.fdatasync(fd)
                 result = 0
             except OSError as error:
                 result = -(error.errno or 1)
-            self._done.append((self._tag, result))
+            self._done.append((tag, result))
             os.eventfd_write(self.eventfd, 1)
 
 

@@ -293,3 +293,20 @@ def test_acks_and_nacks_on_a_full_ext4_disk_are_answered_without_end(
         assert client.stats(QUEUE)["ready"] == 0
         assert client.stats(RETRIED)["ready"] == 200
     stop_broker(brokers[-1])
+
+
+def test_the_sync_benchmark_on_a_disk_without_room_says_so(small_disk: Path) -> None:
+    """bench.micro_sync needs four regions of whole MiB: 4 x 16 MiB does not fit the
+    small disk, so it must stop with the reason and the fix, and leave no file."""
+    run = ["--dir", str(small_disk), "--syncs", "16384", "--record-size", "1024", "--repeat", "1"]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.micro_sync", *run],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert "cannot allocate 64 MiB" in done.stderr
+    assert "free some space, or pass fewer --syncs" in done.stderr
+    assert list(small_disk.iterdir()) == []
