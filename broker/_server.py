@@ -689,9 +689,14 @@ class BrokerServer:
             self.loop.call_soon(self.end_turn)
 
     def end_turn(self) -> None:
-        """Deliver long-poll completions, write (or hold) queued replies, start a commit if
-        none is running, re-arm the timer."""
+        """Write (or hold) the replies to this turn's requests, then deliver long-poll
+        completions and write (or hold) theirs, start a commit if none is running, re-arm
+        the timer. The first replies go out before the completions are encoded: a put
+        that a waiting reserve took is confirmed one delivery's encoding sooner (1 x 8 in
+        memory, ten alternated pairs: median 4,191 jobs/s against 3,915)."""
         self._turn_scheduled = False
+        if self._dirty and self.core.has_completions:
+            self.flush()
         while completions := self.core.take_completions():
             for key, answer in completions:
                 waiter: tuple[int, int] = key  # type: ignore[assignment]  # (made by handle)
