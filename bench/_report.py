@@ -29,14 +29,27 @@ def job_rates(jobs: int, elapsed: float, step: str, steps_per_job: int = 3) -> d
     }
 
 
-def jobs_main(doc: str, title: str, run: Callable[[int], dict[str, float]]) -> None:
+def jobs_main(
+    doc: str,
+    title: str,
+    run: Callable[..., dict[str, float]],
+    switches: dict[str, str] | None = None,
+) -> None:
     """The command line of a micro-benchmark that runs ``--jobs`` jobs ``--repeat``
     times: ``doc`` is its help, ``title`` names what one run measures (the count
-    follows), ``run(jobs)`` does one run."""
+    follows), ``run(jobs, **switched)`` does one run. ``switches``: flags of its own, a
+    name (``long_poll`` is ``--long-poll``) and its help each, passed to ``run`` as
+    keyword arguments, True when given."""
     parser = argparse.ArgumentParser(
         description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--jobs", type=int, default=50_000)
     parser.add_argument("--repeat", type=int, default=5)
+    for name, help_text in (switches or {}).items():
+        parser.add_argument("--" + name.replace("_", "-"), action="store_true", help=help_text)
     args = parser.parse_args()
-    report_medians(f"{title}, {args.jobs} jobs", lambda: run(args.jobs), args.repeat)
+    switched = {name: getattr(args, name) for name in switches or {}}
+    shown = "".join(f", --{name.replace('_', '-')}" for name, on in switched.items() if on)
+    report_medians(
+        f"{title}{shown}, {args.jobs} jobs", lambda: run(args.jobs, **switched), args.repeat
+    )

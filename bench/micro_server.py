@@ -1,12 +1,16 @@
 """Micro-benchmark of the broker's request path: frame in, reply bytes out (no sockets).
 
-    python -m bench.micro_server [--jobs N] [--repeat R]
+    python -m bench.micro_server [--jobs N] [--repeat R] [--long-poll]
 
 A real ``BrokerServer`` in memory and a real ``Connection`` whose transport only collects
 what is written. Each job is three requests, each fed to ``data_received`` as its own
 frame, as a client unbatched sends them: put one message, reserve it, ack it. Prints jobs
 and requests per second and microseconds per request (median of R runs): the broker's own
 Python cost per request, without the socket calls or the event loop's polling.
+
+With ``--long-poll`` the put and the reserve come from two connections and the reserve
+comes first and waits, as a worker's does when it is faster than its producer: the put
+then serves the waiting reserve, whose reply is a long-poll completion.
 """
 
 from __future__ import annotations
@@ -57,35 +61,51 @@ def _replies(transport: CollectingTransport, decoder: FrameDecoder) -> list[Any]
     return replies
 
 
-async def one_run(jobs: int) -> dict[str, float]:
+class _Peer:
+    """One connection of a run, and a decoder for the replies written to it."""
+
+    def __init__(self, server: BrokerServer, number: int) -> None:
+        self.connection = Connection(server, number)
+        self.transport = CollectingTransport()
+        self.connection.connection_made(self.transport)  # type: ignore[arg-type]
+        self.decoder = FrameDecoder()
+        self.connection.data_received(encode_frame([0, "hello", {"version": 1}]))
+        self.replies()
+
+    def replies(self) -> list[Any]:
+        return _replies(self.transport, self.decoder)
+
+
+async def one_run(jobs: int, long_poll: bool = False) -> dict[str, float]:
     server = BrokerServer(Core(), ServerLimits(max_frame=16 * 1024 * 1024))
-    connection = Connection(server, 1)
-    transport = CollectingTransport()
-    connection.connection_made(transport)  # type: ignore[arg-type]
-    decoder = FrameDecoder()
-    connection.data_received(encode_frame([0, "hello", {"version": 1, "client": "micro"}]))
-    _replies(transport, decoder)
+    producer = _Peer(server, 1)
+    worker = _Peer(server, 2) if long_poll else producer
     body = b"x" * 100
     put = {"queue": "bench", "messages": [{"body": body}]}
-    reserve = {"queues": ["bench"], "max": 1}
+    reserve: dict[str, Any] = {"queues": ["bench"], "max": 1}
+    if long_poll:
+        reserve["wait"] = 5.0
     elapsed = 0.0
     for job in range(jobs):
         request_id = 3 * job + 1
-        frames = [
-            encode_frame([request_id, "put", put]),
-            encode_frame([request_id + 1, "reserve", reserve]),
+        sends = [
+            (producer, encode_frame([request_id, "put", put])),
+            (worker, encode_frame([request_id + 1, "reserve", reserve])),
         ]
+        if long_poll:
+            sends.reverse()  # the reserve waits; the put serves it
         started = time.perf_counter()
-        for frame in frames:
-            connection.data_received(frame)
+        for peer, frame in sends:
+            peer.connection.data_received(frame)
         elapsed += time.perf_counter() - started
-        _, reserved = _replies(transport, decoder)
+        replies = producer.replies() + (worker.replies() if long_poll else [])
+        (reserved,) = [reply for reply in replies if reply[0] == request_id + 1]
         (message,) = reserved[2]["messages"]
         ack = encode_frame([request_id + 2, "ack", {"items": [[message["id"], message["lease"]]]}])
         started = time.perf_counter()
-        connection.data_received(ack)
+        worker.connection.data_received(ack)
         elapsed += time.perf_counter() - started
-        (acked,) = _replies(transport, decoder)
+        (acked,) = worker.replies()
         if acked[2] != {"acked": 1}:
             raise SystemExit(f"bench bug: ack replied {acked!r}")
     if server.core.messages:
@@ -97,7 +117,8 @@ def main() -> None:
     jobs_main(
         __doc__ or "",
         "server request path (put, reserve, ack: 3 requests per job)",
-        lambda jobs: asyncio.run(one_run(jobs)),
+        lambda jobs, long_poll: asyncio.run(one_run(jobs, long_poll)),
+        switches={"long_poll": "the reserve waits before the put comes (two connections)"},
     )
 
 
