@@ -204,11 +204,6 @@ class Core:
         self._due_hint = earliest
         return None if earliest == math.inf else earliest
 
-    @property
-    def has_completions(self) -> bool:
-        """True if long-polls were answered since the last ``take_completions()``."""
-        return bool(self._completions)
-
     def take_completions(self) -> list[Completion]:
         """Long-polls answered since the last call: ``(waiter key, messages)``, where an
         empty list means the wait timed out."""

@@ -62,3 +62,28 @@ def test_a_put_is_confirmed_before_the_waiting_reserve_it_served_is_encoded() ->
     assert [m["id"] for m in delivery[2]["messages"]] == confirmation[2]["ids"]
     # When the confirmation was written, nothing for the worker was queued yet.
     assert log[0][2] == 0
+
+
+async def _put_serving_its_own_wait() -> list[tuple[str, bytes, int]]:
+    """One connection long-polls, another sits idle, then the first puts: its own put
+    serves its own wait."""
+    server = BrokerServer(Core(), ServerLimits(max_frame=1 << 20))
+    log: list[tuple[str, bytes, int]] = []
+    both, idle = Connection(server, 1), Connection(server, 2)
+    transport = RecordingTransport("both", log)
+    transport.other = idle
+    both.connection_made(transport)  # type: ignore[arg-type]
+    both.data_received(encode_frame([0, "hello", {"version": 1}]))
+    both.data_received(encode_frame([1, "reserve", {"queues": ["q"], "wait": 5}]))
+    log.clear()
+    both.data_received(encode_frame([2, "put", {"queue": "q", "messages": [{"body": b"x"}]}]))
+    return log
+
+
+def test_a_connection_whose_put_serves_its_own_wait_gets_both_replies_in_one_write() -> None:
+    log = asyncio.run(_put_serving_its_own_wait())
+    assert len(log) == 1  # not one write for the put and another for the delivery
+    confirmation, delivery = _frames(log[0][1])
+    assert confirmation[:2] == [2, True]
+    assert delivery[:2] == [1, True]
+    assert [m["id"] for m in delivery[2]["messages"]] == confirmation[2]["ids"]
