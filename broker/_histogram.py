@@ -40,6 +40,15 @@ class Histogram:
         self.counts = [0] * (len(self.bounds) + 1)
         self.sum = 0.0
 
+    def empty(self) -> Histogram:
+        """A new histogram with these bounds and nothing observed (the bounds are not
+        checked again: a queue makes one each time it is made)."""
+        fresh = Histogram.__new__(Histogram)
+        fresh.bounds = self.bounds
+        fresh.counts = [0] * len(self.counts)
+        fresh.sum = 0.0
+        return fresh
+
     def observe(self, value: float) -> None:
         self.counts[bisect_left(self.bounds, value)] += 1
         self.sum += value
