@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from bench._report import job_rates, jobs_main
@@ -51,13 +52,20 @@ class CollectingTransport:
         pass
 
 
-def _replies(transport: CollectingTransport, decoder: FrameDecoder) -> list[Any]:
-    for chunk in transport.written:
+def decoded(decoder: FrameDecoder, chunks: Iterable[bytes]) -> list[Any]:
+    """Every whole frame in ``chunks``, fed to ``decoder`` in order (the start of a frame
+    not yet whole stays in the decoder)."""
+    for chunk in chunks:
         decoder.feed(chunk)
-    transport.written.clear()
-    replies = []
+    frames = []
     while (frame := decoder.next_frame()) is not NEED_DATA:
-        replies.append(frame)
+        frames.append(frame)
+    return frames
+
+
+def _replies(transport: CollectingTransport, decoder: FrameDecoder) -> list[Any]:
+    replies = decoded(decoder, transport.written)
+    transport.written.clear()
     return replies
 
 
@@ -94,10 +102,12 @@ async def one_run(jobs: int, long_poll: bool = False) -> dict[str, float]:
         ]
         if long_poll:
             sends.reverse()  # the reserve waits; the put serves it
-        started = time.perf_counter()
         for peer, frame in sends:
+            started = time.perf_counter()
             peer.connection.data_received(frame)
-        elapsed += time.perf_counter() - started
+            elapsed += time.perf_counter() - started
+            if long_poll and peer is worker and worker.transport.written:
+                raise SystemExit("bench bug: the reserve was answered before any put")
         replies = producer.replies() + (worker.replies() if long_poll else [])
         (reserved,) = [reply for reply in replies if reply[0] == request_id + 1]
         (message,) = reserved[2]["messages"]

@@ -14,12 +14,12 @@ from typing import cast
 import pytest
 import uvloop
 
-from bench.micro_server import CollectingTransport
+from bench.micro_server import CollectingTransport, decoded
 from broker import Core
 from broker._aio import Aio, open_aio
 from broker._server import BrokerServer, Connection, ServerLimits
 from broker._store import Store
-from protocol import NEED_DATA, FrameDecoder, encode_frame
+from protocol import FrameDecoder, encode_frame
 
 T0 = 1_000_000.0
 WAIT = 5.0
@@ -243,10 +243,5 @@ def request(request_id: int, op: str, args: dict[str, object]) -> bytes:
 def answers(connection: Connection) -> list[int]:
     """The request ids of the replies written to ``connection`` since hello, in order."""
     transport = cast(CollectingTransport, connection.transport)
-    decoder = FrameDecoder()
-    for chunk in transport.written:
-        decoder.feed(chunk)
-    ids = []
-    while (frame := decoder.next_frame()) is not NEED_DATA:
-        ids.append(frame[0])
-    return [request_id for request_id in ids if request_id != 0]
+    frames = decoded(FrameDecoder(), transport.written)
+    return [frame[0] for frame in frames if frame[0] != 0]

@@ -6,15 +6,15 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from bench.micro_server import CollectingTransport
+from bench.micro_server import CollectingTransport, decoded
 from broker import Core
 from broker._server import BrokerServer, Connection, ServerLimits
-from protocol import NEED_DATA, FrameDecoder, encode_frame
+from protocol import FrameDecoder, encode_frame
 
 
 class RecordingTransport(CollectingTransport):
     """Each write goes to a log shared by the connections, with how many replies the
-    other connection had queued but not written at that moment."""
+    ``other`` connection (if any) had queued but not written at that moment."""
 
     def __init__(self, name: str, log: list[tuple[str, bytes, int]]) -> None:
         super().__init__()
@@ -22,17 +22,12 @@ class RecordingTransport(CollectingTransport):
         self.other: Connection | None = None
 
     def write(self, data: bytes) -> None:
-        assert self.other is not None
-        self.log.append((self.name, data, len(self.other.outbox)))
+        queued = 0 if self.other is None else len(self.other.outbox)
+        self.log.append((self.name, data, queued))
 
 
 def _frames(data: bytes) -> list[Any]:
-    decoder = FrameDecoder()
-    decoder.feed(data)
-    frames = []
-    while (frame := decoder.next_frame()) is not NEED_DATA:
-        frames.append(frame)
-    return frames
+    return decoded(FrameDecoder(), [data])
 
 
 async def _put_while_a_reserve_waits() -> list[tuple[str, bytes, int]]:
@@ -65,14 +60,11 @@ def test_a_put_is_confirmed_before_the_waiting_reserve_it_served_is_encoded() ->
 
 
 async def _put_serving_its_own_wait() -> list[tuple[str, bytes, int]]:
-    """One connection long-polls, another sits idle, then the first puts: its own put
-    serves its own wait."""
+    """One connection long-polls, then puts: its own put serves its own wait."""
     server = BrokerServer(Core(), ServerLimits(max_frame=1 << 20))
     log: list[tuple[str, bytes, int]] = []
-    both, idle = Connection(server, 1), Connection(server, 2)
-    transport = RecordingTransport("both", log)
-    transport.other = idle
-    both.connection_made(transport)  # type: ignore[arg-type]
+    both = Connection(server, 1)
+    both.connection_made(RecordingTransport("both", log))  # type: ignore[arg-type]
     both.data_received(encode_frame([0, "hello", {"version": 1}]))
     both.data_received(encode_frame([1, "reserve", {"queues": ["q"], "wait": 5}]))
     log.clear()
