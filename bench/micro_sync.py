@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import queue
 import select
 import statistics
 import tempfile
@@ -111,8 +112,7 @@ class _Syncer(Protocol):
 
 
 def _handed_off(fd: int, record: bytes, syncer: _Syncer) -> Way:
-    poller = select.epoll()
-    poller.register(syncer.eventfd, select.EPOLLIN)
+    done_fd = [syncer.eventfd]
 
     def sync(offset: int) -> float:
         os.pwrite(fd, record, offset)
@@ -120,7 +120,7 @@ def _handed_off(fd: int, record: bytes, syncer: _Syncer) -> Way:
         syncer.submit(fd, offset)
         handed = time.perf_counter() - started
         while not (done := syncer.reap()):
-            poller.poll(1.0)
+            select.select(done_fd, [], [], 1.0)
         for _, result in done:
             if result:  # a negative errno, as the sync's system call would have failed
                 raise OSError(-result, os.strerror(-result))
@@ -134,9 +134,8 @@ class _SyncThread:
 
     def __init__(self) -> None:
         self.eventfd = os.eventfd(0, os.EFD_NONBLOCK)
-        self._work = threading.Semaphore(0)
-        self._jobs: list[tuple[int, int] | None] = []  # (fd, tag); None: stop
-        self._done: list[tuple[int, int]] = []
+        self._jobs: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
+        self._done: list[tuple[int, int]] = []  # (tag, 0 or -errno), read after the eventfd
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self) -> _SyncThread:
@@ -144,14 +143,12 @@ class _SyncThread:
         return self
 
     def __exit__(self, *_: object) -> None:
-        self._jobs.append(None)
-        self._work.release()
+        self._jobs.put(None)  # stop
         self._thread.join()
         os.close(self.eventfd)
 
     def submit(self, fd: int, tag: int) -> None:
-        self._jobs.append((fd, tag))
-        self._work.release()
+        self._jobs.put((fd, tag))
 
     def reap(self) -> list[tuple[int, int]]:
         try:
@@ -162,11 +159,7 @@ class _SyncThread:
         return done
 
     def _run(self) -> None:
-        while True:
-            self._work.acquire()
-            job = self._jobs.pop(0)
-            if job is None:
-                return
+        while (job := self._jobs.get()) is not None:
             fd, tag = job
             try:
                 os.fdatasync(fd)
