@@ -1,6 +1,6 @@
 """Micro-benchmark of the broker's request path: frame in, reply bytes out (no sockets).
 
-    python -m bench.micro_server [--jobs N] [--repeat R] [--long-poll]
+    python -m bench.micro_server [--jobs N] [--repeat R] [--long-poll] [--log]
 
 A real ``BrokerServer`` in memory and a real ``Connection`` whose transport only collects
 what is written. Each job is three requests, each fed to ``data_received`` as its own
@@ -11,18 +11,28 @@ Python cost per request, without the socket calls or the event loop's polling.
 With ``--long-poll`` the put and the reserve come from two connections and the reserve
 comes first and waits, as a worker's does when it is faster than its producer: the put
 then serves the waiting reserve, whose reply is a long-poll completion.
+
+With ``--log`` the broker has a real store in a temporary directory whose log is never
+synced (``fsync never``): the write-ahead path's own Python (encoding each turn's changes,
+appending them, holding and releasing the replies that wait for them) without the disk's
+wait. Each request is then answered in the loop turn after it arrives, as in the broker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
+
+import uvloop
 
 from bench._report import job_rates, jobs_main
 from broker import Core
 from broker._server import BrokerServer, Connection, ServerLimits
+from broker._store import Store
 from protocol import NEED_DATA, FrameDecoder, encode_frame
 
 
@@ -77,17 +87,53 @@ class _Peer:
         self.transport = CollectingTransport()
         self.connection.connection_made(self.transport)  # type: ignore[arg-type]
         self.decoder = FrameDecoder()
-        self.connection.data_received(encode_frame([0, "hello", {"version": 1}]))
+
+    async def greet(self) -> _Peer:
+        await _send(self, encode_frame([0, "hello", {"version": 1}]))
         self.replies()
+        return self
 
     def replies(self) -> list[Any]:
         return _replies(self.transport, self.decoder)
 
 
-async def one_run(jobs: int, long_poll: bool = False) -> dict[str, float]:
-    server = BrokerServer(Core(), ServerLimits(max_frame=16 * 1024 * 1024))
-    producer = _Peer(server, 1)
-    worker = _Peer(server, 2) if long_poll else producer
+@contextlib.contextmanager
+def _broker(log: bool) -> Iterator[BrokerServer]:
+    """A broker in memory, or with a store whose log is never synced (``log``)."""
+    limits = ServerLimits(max_frame=16 * 1024 * 1024)
+    if not log:
+        yield BrokerServer(Core(), limits)
+        return
+    with tempfile.TemporaryDirectory(prefix="sluice-micro-") as directory:
+        store = Store(directory, fsync="never")
+        core = Core(track_changes=True)
+        store.recover(core, time.time())
+        try:
+            yield BrokerServer(core, limits, store=store)
+            if store.commits == 0:
+                raise SystemExit("bench bug: the store committed nothing")
+        finally:
+            store.close()
+
+
+async def one_run(jobs: int, long_poll: bool = False, log: bool = False) -> dict[str, float]:
+    with _broker(log) as server:
+        return await _jobs(server, jobs, long_poll)
+
+
+async def _send(peer: _Peer, frame: bytes) -> float:
+    """Feed one request to ``peer``'s connection and end the loop turn it started (a
+    broker with a store ends it in a callback of its own): the seconds that took."""
+    started = time.perf_counter()
+    peer.connection.data_received(frame)
+    if peer.connection.server.store is not None:
+        await asyncio.sleep(0)  # runs the end_turn it scheduled
+    return time.perf_counter() - started
+
+
+async def _jobs(server: BrokerServer, jobs: int, long_poll: bool) -> dict[str, float]:
+    producer = await _Peer(server, 1).greet()
+    worker = await _Peer(server, 2).greet() if long_poll else producer
     body = b"x" * 100
     put = {"queue": "bench", "messages": [{"body": body}]}
     reserve: dict[str, Any] = {"queues": ["bench"], "max": 1}
@@ -103,18 +149,14 @@ async def one_run(jobs: int, long_poll: bool = False) -> dict[str, float]:
         if long_poll:
             sends.reverse()  # the reserve waits; the put serves it
         for peer, frame in sends:
-            started = time.perf_counter()
-            peer.connection.data_received(frame)
-            elapsed += time.perf_counter() - started
+            elapsed += await _send(peer, frame)
             if long_poll and peer is worker and worker.transport.written:
                 raise SystemExit("bench bug: the reserve was answered before any put")
         replies = producer.replies() + (worker.replies() if long_poll else [])
         (reserved,) = [reply for reply in replies if reply[0] == request_id + 1]
         (message,) = reserved[2]["messages"]
         ack = encode_frame([request_id + 2, "ack", {"items": [[message["id"], message["lease"]]]}])
-        started = time.perf_counter()
-        worker.connection.data_received(ack)
-        elapsed += time.perf_counter() - started
+        elapsed += await _send(worker, ack)
         (acked,) = worker.replies()
         if acked[2] != {"acked": 1}:
             raise SystemExit(f"bench bug: ack replied {acked!r}")
@@ -127,8 +169,11 @@ def main() -> None:
     jobs_main(
         __doc__ or "",
         "server request path (put, reserve, ack: 3 requests per job)",
-        lambda jobs, long_poll: asyncio.run(one_run(jobs, long_poll)),
-        switches={"long_poll": "the reserve waits before the put comes (two connections)"},
+        lambda jobs, long_poll, log: uvloop.run(one_run(jobs, long_poll, log)),
+        switches={
+            "long_poll": "the reserve waits before the put comes (two connections)",
+            "log": "a real store whose log is never synced (fsync never)",
+        },
     )
 
 

@@ -27,6 +27,8 @@ EXACTLY_ONCE = "every message delivered and acked exactly once"
         ("bench.micro_codec", ["--frames", "1000", "--repeat", "1"], "decode whole/s"),
         ("bench.micro_server", ["--jobs", "500", "--repeat", "1"], "µs/request"),
         ("bench.micro_server", ["--jobs", "500", "--repeat", "1", "--long-poll"], "--long-poll"),
+        ("bench.micro_server", ["--jobs", "300", "--repeat", "1", "--log"], "--log"),
+        ("bench.micro_server", ["--jobs", "300", "--repeat", "1", "--long-poll", "--log"], "--log"),
         ("bench.micro_client", ["--jobs", "500", "--repeat", "1"], "µs/call"),
         ("bench.micro_sync_client", ["--jobs", "500", "--repeat", "1"], "µs/call"),
         ("bench.roundtrip", ["--messages", "300", "--workers", "4"], "acked exactly once"),
