@@ -1,5 +1,5 @@
 """Micro-benchmark of the log's sync: what making one small append durable costs on the
-disk under --dir, four ways.
+disk under --dir, five ways.
 
     python -m bench.micro_sync [--dir DIR] [--syncs N] [--record-size BYTES] [--repeat R]
 
@@ -12,6 +12,11 @@ as the log appends (see broker/_log.py):
   native AIO      ``io_submit`` of an fdatasync, its end read from an eventfd (the
                   broker's background sync, broker/_aio.py), where the kernel has it
   a thread        a Python thread that waits for work, syncs, and signals an eventfd
+  two at once     two appends, each with a sync of its own: the thread above syncs the
+                  first, and once it is inside that sync the caller appends the second
+                  and syncs it too, as the broker would if a put came during an ack's
+                  sync and did not wait for it (the figure is per sync, half of the
+                  pair's time): two syncs in flight against one after another
 
 Prints, median of R runs: µs per sync from the start of the sync to the caller knowing it
 is done; for the two handed-off ways, how long the hand-off itself keeps the caller (the
@@ -37,7 +42,7 @@ from broker._aio import open_aio
 from broker._log import allocate
 
 _MAX_REGION = 16 << 20  # each way appends in a fresh region of its own, as to a new segment
-_WAYS = 4
+_WAYS = 5
 _MIB = 1 << 20
 
 
@@ -60,8 +65,8 @@ def one_run(directory: str, syncs: int, record_size: int) -> dict[str, float]:
         os.fsync(fd)
         regions = iter(range(0, _WAYS * region, region))
 
-        def measure(name: str, way: Way) -> None:
-            figures.update(_measure(name, syncs, len(record), next(regions), way))
+        def measure(name: str, way: Way, records: int = 1) -> None:
+            figures.update(_measure(name, syncs, len(record), next(regions), way, records))
 
         measure("on the thread", _on_thread(fd, record))
         measure("RWF_DSYNC", _rwf_dsync(fd, record))
@@ -73,6 +78,7 @@ def one_run(directory: str, syncs: int, record_size: int) -> dict[str, float]:
                 aio.close()
         with _SyncThread() as syncer:
             measure("a thread", _handed_off(fd, record, syncer))
+            measure("two at once", _two_at_once(fd, record, syncer), records=2)
     finally:
         os.close(fd)
         os.unlink(path)
@@ -129,6 +135,27 @@ def _handed_off(fd: int, record: bytes, syncer: _Syncer) -> Way:
     return sync
 
 
+def _two_at_once(fd: int, record: bytes, syncer: _SyncThread) -> Way:
+    done_fd = [syncer.eventfd]
+
+    def sync(offset: int) -> float:
+        os.pwrite(fd, record, offset)
+        started = time.perf_counter()
+        syncer.submit(fd, offset)
+        handed = time.perf_counter() - started
+        syncer.wait_syncing()
+        os.pwrite(fd, record, offset + len(record))
+        os.fdatasync(fd)
+        while not (done := syncer.reap()):
+            select.select(done_fd, [], [], 1.0)
+        for _, result in done:
+            if result:
+                raise OSError(-result, os.strerror(-result))
+        return handed
+
+    return sync
+
+
 class _SyncThread:
     """A Python thread that runs one fdatasync per ``submit`` and then writes the eventfd."""
 
@@ -137,6 +164,7 @@ class _SyncThread:
         self._jobs: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
         self._done: list[tuple[int, int]] = []  # (tag, 0 or -errno), read after the eventfd
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self._syncing = threading.Event()  # set while the thread is in a sync
 
     def __enter__(self) -> _SyncThread:
         self._thread.start()
@@ -150,6 +178,10 @@ class _SyncThread:
     def submit(self, fd: int, tag: int) -> None:
         self._jobs.put((fd, tag))
 
+    def wait_syncing(self) -> None:
+        """Return once the thread is inside the sync submitted last (or past it)."""
+        self._syncing.wait(1.0)
+
     def reap(self) -> list[tuple[int, int]]:
         try:
             os.eventfd_read(self.eventfd)
@@ -162,25 +194,32 @@ class _SyncThread:
         while (job := self._jobs.get()) is not None:
             fd, tag = job
             try:
+                self._syncing.set()
                 os.fdatasync(fd)
                 result = 0
             except OSError as error:
                 result = -(error.errno or 1)
+            self._syncing.clear()
             self._done.append((tag, result))
             os.eventfd_write(self.eventfd, 1)
 
 
-def _measure(name: str, syncs: int, size: int, offset: int, way: Way) -> dict[str, float]:
-    """Run ``syncs`` appends of ``size`` bytes one after another from ``offset``."""
+def _measure(
+    name: str, syncs: int, size: int, offset: int, way: Way, records: int = 1
+) -> dict[str, float]:
+    """Run ``syncs`` appends of ``size`` bytes one after another from ``offset``,
+    ``records`` of them (each with its sync) per call of ``way``."""
     took: list[float] = []
     handing: list[float] = []
+    calls = max(1, syncs // records)
     cpu_before = sum(os.times()[:2])
-    for _ in range(syncs):
+    for _ in range(calls):
         started = time.perf_counter()
         handing.append(way(offset))
-        took.append(time.perf_counter() - started)
-        offset += size
+        took.append((time.perf_counter() - started) / records)
+        offset += size * records
     cpu = sum(os.times()[:2]) - cpu_before
+    syncs = calls * records
     figures = {f"{name}: µs per sync": statistics.median(took) * 1e6}
     if any(handing):
         figures[f"{name}: µs of hand-off"] = statistics.median(handing) * 1e6

@@ -43,7 +43,7 @@ def test_benchmark_runs(module: str, args: list[str], expected: str) -> None:
 def test_sync_micro_benchmark_measures_each_way_and_leaves_nothing(tmp_path: Path) -> None:
     done = _run("-m", "bench.micro_sync", "--dir", str(tmp_path), "--syncs", "20", "--repeat", "1")
     assert done.returncode == 0, done.stderr
-    for way in ("on the thread", "RWF_DSYNC", "a thread"):
+    for way in ("on the thread", "RWF_DSYNC", "a thread", "two at once"):
         assert f"{way}: µs per sync" in done.stdout
         assert f"{way}: µs CPU per sync" in done.stdout
     assert "a thread: µs of hand-off" in done.stdout
