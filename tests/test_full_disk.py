@@ -296,8 +296,8 @@ def test_acks_and_nacks_on_a_full_ext4_disk_are_answered_without_end(
 
 
 def test_the_sync_benchmark_on_a_disk_without_room_says_so(small_disk: Path) -> None:
-    """bench.micro_sync needs four regions of whole MiB: 4 x 16 MiB does not fit the
-    small disk, so it must stop with the reason and the fix, and leave no file."""
+    """bench.micro_sync needs five regions of whole MiB (one per way): 5 x 16 MiB does
+    not fit the small disk, so it must stop with the reason and the fix, and leave no file."""
     run = ["--dir", str(small_disk), "--syncs", "16384", "--record-size", "1024", "--repeat", "1"]
     done = subprocess.run(
         [sys.executable, "-m", "bench.micro_sync", *run],
@@ -307,6 +307,6 @@ def test_the_sync_benchmark_on_a_disk_without_room_says_so(small_disk: Path) -> 
         timeout=60,
     )
     assert done.returncode == 1
-    assert "cannot allocate 64 MiB" in done.stderr
+    assert "cannot allocate 80 MiB" in done.stderr
     assert "free some space, or pass fewer --syncs" in done.stderr
     assert list(small_disk.iterdir()) == []
