@@ -118,26 +118,18 @@ class _Syncer(Protocol):
 
 
 def _handed_off(fd: int, record: bytes, syncer: _Syncer) -> Way:
-    done_fd = [syncer.eventfd]
-
     def sync(offset: int) -> float:
         os.pwrite(fd, record, offset)
         started = time.perf_counter()
         syncer.submit(fd, offset)
         handed = time.perf_counter() - started
-        while not (done := syncer.reap()):
-            select.select(done_fd, [], [], 1.0)
-        for _, result in done:
-            if result:  # a negative errno, as the sync's system call would have failed
-                raise OSError(-result, os.strerror(-result))
+        _wait_done(syncer)
         return handed
 
     return sync
 
 
 def _two_at_once(fd: int, record: bytes, syncer: _SyncThread) -> Way:
-    done_fd = [syncer.eventfd]
-
     def sync(offset: int) -> float:
         os.pwrite(fd, record, offset)
         started = time.perf_counter()
@@ -146,14 +138,19 @@ def _two_at_once(fd: int, record: bytes, syncer: _SyncThread) -> Way:
         syncer.wait_syncing()
         os.pwrite(fd, record, offset + len(record))
         os.fdatasync(fd)
-        while not (done := syncer.reap()):
-            select.select(done_fd, [], [], 1.0)
-        for _, result in done:
-            if result:
-                raise OSError(-result, os.strerror(-result))
+        _wait_done(syncer)
         return handed
 
     return sync
+
+
+def _wait_done(syncer: _Syncer) -> None:
+    """Wait for the sync handed to ``syncer``; raise ``OSError`` if it failed."""
+    while not (done := syncer.reap()):
+        select.select([syncer.eventfd], [], [], 1.0)
+    for _, result in done:
+        if result:  # a negative errno, as the sync's system call would have failed
+            raise OSError(-result, os.strerror(-result))
 
 
 class _SyncThread:
