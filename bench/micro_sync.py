@@ -44,6 +44,7 @@ from broker._log import allocate
 _MAX_REGION = 16 << 20  # each way appends in a fresh region of its own, as to a new segment
 _WAYS = 5
 _MIB = 1 << 20
+_STARTS_WITHIN = 5.0  # seconds the sync thread may take to start a submitted sync
 
 
 def one_run(directory: str, syncs: int, record_size: int) -> dict[str, float]:
@@ -78,6 +79,7 @@ def one_run(directory: str, syncs: int, record_size: int) -> dict[str, float]:
                 aio.close()
         with _SyncThread() as syncer:
             measure("a thread", _handed_off(fd, record, syncer))
+        with _SyncThread(announce=True) as syncer:
             measure("two at once", _two_at_once(fd, record, syncer), records=2)
     finally:
         os.close(fd)
@@ -135,7 +137,7 @@ def _two_at_once(fd: int, record: bytes, syncer: _SyncThread) -> Way:
         started = time.perf_counter()
         syncer.submit(fd, offset)
         handed = time.perf_counter() - started
-        syncer.wait_syncing()
+        syncer.wait_entered()
         os.pwrite(fd, record, offset + len(record))
         os.fdatasync(fd)
         _wait_done(syncer)
@@ -154,14 +156,17 @@ def _wait_done(syncer: _Syncer) -> None:
 
 
 class _SyncThread:
-    """A Python thread that runs one fdatasync per ``submit`` and then writes the eventfd."""
+    """A Python thread that runs one fdatasync per ``submit`` and then writes the eventfd.
+    With ``announce``, it also says when it starts each sync: each ``submit`` is then to
+    be followed by one ``wait_entered``."""
 
-    def __init__(self) -> None:
+    def __init__(self, announce: bool = False) -> None:
         self.eventfd = os.eventfd(0, os.EFD_NONBLOCK)
         self._jobs: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
         self._done: list[tuple[int, int]] = []  # (tag, 0 or -errno), read after the eventfd
         self._thread = threading.Thread(target=self._run, daemon=True)
-        self._syncing = threading.Event()  # set while the thread is in a sync
+        # Released once per sync as the thread starts it (counted: none is missed).
+        self._entered = threading.Semaphore(0) if announce else None
 
     def __enter__(self) -> _SyncThread:
         self._thread.start()
@@ -175,9 +180,11 @@ class _SyncThread:
     def submit(self, fd: int, tag: int) -> None:
         self._jobs.put((fd, tag))
 
-    def wait_syncing(self) -> None:
-        """Return once the thread is inside the sync submitted last (or past it)."""
-        self._syncing.wait(1.0)
+    def wait_entered(self) -> None:
+        """Return once the thread starts the sync submitted last (or has done it)."""
+        assert self._entered is not None, "made without announce"
+        if not self._entered.acquire(timeout=_STARTS_WITHIN):
+            raise RuntimeError(f"the sync thread did not start a sync within {_STARTS_WITHIN} s")
 
     def reap(self) -> list[tuple[int, int]]:
         try:
@@ -190,13 +197,13 @@ class _SyncThread:
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
             fd, tag = job
+            if self._entered is not None:
+                self._entered.release()
             try:
-                self._syncing.set()
                 os.fdatasync(fd)
                 result = 0
             except OSError as error:
                 result = -(error.errno or 1)
-            self._syncing.clear()
             self._done.append((tag, result))
             os.eventfd_write(self.eventfd, 1)
 
