@@ -3,6 +3,7 @@ clients beside the bench's clients of its peers, each call over a real socket to
 server, one call at a time as the bench's closed loop makes them.
 
     python -m bench.client_instructions [--calls N] [--client async|sync|both]
+                                        [--shape put|work|both]
                                         [--against beanstalkd,redis | none]
 
 The side-by-side bench's ``client µs/job`` is the CPU time of the load processes, and on
@@ -202,6 +203,9 @@ def main() -> None:
         "--client", choices=(*FORMS, "both"), default="both", help="client forms (default both)"
     )
     parser.add_argument(
+        "--shape", choices=(*SHAPES, "both"), default="both", help="call shapes (default both)"
+    )
+    parser.add_argument(
         "--against",
         default="beanstalkd",
         help="peers beside Sluice: beanstalkd, redis or both comma-separated, or none "
@@ -229,6 +233,8 @@ def main() -> None:
         with running(servers) as ports:
             for form in forms:
                 for shape, what in SHAPES.items():
+                    if args.shape not in (shape, "both"):
+                        continue
                     ours = None
                     for name, port in ports.items():
                         figure = count(name, form, shape, port, args.calls)
