@@ -192,6 +192,25 @@ def peers_of(spec: str) -> list[str]:
     return names
 
 
+def _child_args(
+    parser: argparse.ArgumentParser, words: list[str]
+) -> tuple[str, str, str, int, int, int]:
+    """``--child KIND FORM SHAPE PORT CALLS FILL``, checked (the parent makes it, but a
+    hand-typed one gets a usage error, not a traceback)."""
+    kind, form, shape, *numbers = words
+    if kind not in ("sluice", *PEER_SERVERS):
+        parser.error(f"--child: unknown server {kind!r}: sluice, {', '.join(PEER_SERVERS)}")
+    if form not in FORMS or shape not in SHAPES:
+        parser.error(f"--child: the form is one of {FORMS}, the shape one of {tuple(SHAPES)}")
+    try:
+        port, calls, fill = (int(number) for number in numbers)
+    except ValueError:
+        parser.error(f"--child: PORT, CALLS and FILL are whole numbers, got {numbers}")
+    if not 0 < port < 65536 or calls < 1 or fill < 0:
+        parser.error("--child: PORT is 1-65535, CALLS at least 1, FILL at least 0")
+    return kind, form, shape, port, calls, fill
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -216,9 +235,9 @@ def main() -> None:
     if args.calls < 1:
         parser.error("--calls must be at least 1")
     if args.child:
-        kind, form, shape, port, calls, fill = args.child
-        user = run_client(kind, form, shape, int(port), int(calls), int(fill))
-        print(f"{kind} {form} {shape}: {user / int(calls) * 1e6:.1f} µs user CPU per call")
+        kind, form, shape, port, calls, fill = _child_args(parser, args.child)
+        user = run_client(kind, form, shape, port, calls, fill)
+        print(f"{kind} {form} {shape}: {user / calls * 1e6:.1f} µs user CPU per call")
         return
     peers = peers_of(args.against)
     if shutil.which("valgrind") is None:
@@ -235,15 +254,16 @@ def main() -> None:
                 for shape, what in SHAPES.items():
                     if args.shape not in (shape, "both"):
                         continue
-                    ours = None
-                    for name, port in ports.items():
-                        figure = count(name, form, shape, port, args.calls)
-                        ours = figure if ours is None else ours
-                        ratio = "" if name == "sluice" else f"   sluice/{name} {ours / figure:.2f}x"
+                    ours = count("sluice", form, shape, ports["sluice"], args.calls)
+                    print(f"  {form:<5} {what:<38} {'sluice':<10} {ours:>9,.0f}", flush=True)
+                    for name in peers:
+                        figure = count(name, form, shape, ports[name], args.calls)
+                        ratio = f"sluice/{name} {ours / figure:.2f}x"
                         print(
-                            f"  {form:<5} {what:<38} {name:<10} {figure:>9,.0f}{ratio}", flush=True
+                            f"  {form:<5} {what:<38} {name:<10} {figure:>9,.0f}   {ratio}",
+                            flush=True,
                         )
-    except Unsupported as error:
+    except (Unsupported, RuntimeError, ValueError) as error:  # a peer missing, a run failed
         raise SystemExit(str(error)) from None
 
 

@@ -86,6 +86,26 @@ def test_bad_options_are_refused_before_anything_starts(args: list[str], error: 
     assert error in done.stderr
 
 
+@pytest.mark.parametrize(
+    ("child", "error"),
+    [
+        (["rabbitmq", "sync", "put", "7700", "10", "0"], "unknown server 'rabbitmq'"),
+        (["sluice", "threads", "put", "7700", "10", "0"], "the form is one of"),
+        (["sluice", "sync", "ping", "7700", "10", "0"], "the shape one of"),
+        (["sluice", "sync", "put", "port", "10", "0"], "are whole numbers, got ['port'"),
+        (["sluice", "sync", "put", "70000", "10", "0"], "PORT is 1-65535"),
+        (["sluice", "sync", "put", "7700", "0", "0"], "CALLS at least 1"),
+    ],
+)
+def test_a_hand_typed_child_run_with_bad_words_is_a_usage_error(
+    child: list[str], error: str
+) -> None:
+    done = _run("--child", *child)
+    assert done.returncode == 2
+    assert error in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
 def test_it_counts_the_blocking_clients_put_under_valgrind() -> None:
