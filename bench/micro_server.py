@@ -1,6 +1,6 @@
 """Micro-benchmark of the broker's request path: frame in, reply bytes out (no sockets).
 
-    python -m bench.micro_server [--jobs N] [--repeat R] [--long-poll] [--log]
+    python -m bench.micro_server [--jobs N] [--repeat R] [--long-poll] [--log] [--batch B]
 
 A real ``BrokerServer`` in memory and a real ``Connection`` whose transport only collects
 what is written. Each job is three requests, each fed to ``data_received`` as its own
@@ -16,6 +16,10 @@ With ``--log`` the broker has a real store in a temporary directory whose log is
 synced (``fsync never``): the write-ahead path's own Python (encoding each turn's changes,
 appending them, holding and releasing the replies that wait for them) without the disk's
 wait. Each request is then answered in the loop turn after it arrives, as in the broker.
+
+With ``--batch B`` each request carries B messages, as the bench's ``--batch`` load sends
+them: one put of B, one reserve of up to B, one ack of B; a job is still one message, so
+µs per job is the path's cost per message, and --jobs is rounded up to whole batches.
 """
 
 from __future__ import annotations
@@ -116,9 +120,11 @@ def _broker(log: bool) -> Iterator[BrokerServer]:
             store.close()
 
 
-async def one_run(jobs: int, long_poll: bool = False, log: bool = False) -> dict[str, float]:
+async def one_run(
+    jobs: int, long_poll: bool = False, log: bool = False, batch: int = 1
+) -> dict[str, float]:
     with _broker(log) as server:
-        return await _jobs(server, jobs, long_poll)
+        return await _jobs(server, jobs, long_poll, batch)
 
 
 async def _send(peer: _Peer, frame: bytes) -> float:
@@ -131,16 +137,19 @@ async def _send(peer: _Peer, frame: bytes) -> float:
     return time.perf_counter() - started
 
 
-async def _jobs(server: BrokerServer, jobs: int, long_poll: bool) -> dict[str, float]:
+async def _jobs(
+    server: BrokerServer, jobs: int, long_poll: bool, batch: int
+) -> dict[str, float]:
     producer = await _Peer(server, 1).greet()
     worker = await _Peer(server, 2).greet() if long_poll else producer
     body = b"x" * 100
-    put = {"queue": "bench", "messages": [{"body": body}]}
-    reserve: dict[str, Any] = {"queues": ["bench"], "max": 1}
+    put = {"queue": "bench", "messages": [{"body": body}] * batch}
+    reserve: dict[str, Any] = {"queues": ["bench"], "max": batch}
     if long_poll:
         reserve["wait"] = 5.0
     elapsed = 0.0
-    for job in range(jobs):
+    batches = -(-jobs // batch)
+    for job in range(batches):
         request_id = 3 * job + 1
         sends = [
             (producer, encode_frame([request_id, "put", put])),
@@ -154,26 +163,28 @@ async def _jobs(server: BrokerServer, jobs: int, long_poll: bool) -> dict[str, f
                 raise SystemExit("bench bug: the reserve was answered before any put")
         replies = producer.replies() + (worker.replies() if long_poll else [])
         (reserved,) = [reply for reply in replies if reply[0] == request_id + 1]
-        (message,) = reserved[2]["messages"]
-        ack = encode_frame([request_id + 2, "ack", {"items": [[message["id"], message["lease"]]]}])
-        elapsed += await _send(worker, ack)
+        items = [[message["id"], message["lease"]] for message in reserved[2]["messages"]]
+        if len(items) != batch:
+            raise SystemExit(f"bench bug: reserved {len(items)} of a batch of {batch}")
+        elapsed += await _send(worker, encode_frame([request_id + 2, "ack", {"items": items}]))
         (acked,) = worker.replies()
-        if acked[2] != {"acked": 1}:
+        if acked[2] != {"acked": batch}:
             raise SystemExit(f"bench bug: ack replied {acked!r}")
     if server.core.messages:
         raise SystemExit(f"bench bug: {len(server.core.messages)} messages left after acking all")
-    return job_rates(jobs, elapsed, "request")
+    return job_rates(batches * batch, elapsed, "request", 3 / batch)
 
 
 def main() -> None:
     jobs_main(
         __doc__ or "",
         "server request path (put, reserve, ack: 3 requests per job)",
-        lambda jobs, long_poll, log: uvloop.run(one_run(jobs, long_poll, log)),
+        lambda jobs, long_poll, log, batch: uvloop.run(one_run(jobs, long_poll, log, batch)),
         switches={
             "long_poll": "the reserve waits before the put comes (two connections)",
             "log": "a real store whose log is never synced (fsync never)",
         },
+        numbers={"batch": (1, "messages per put, reserve and ack (default 1)")},
     )
 
 
