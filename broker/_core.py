@@ -81,12 +81,13 @@ class PutIds(list[int]):
         self.duplicates: list[int] = []
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Changes:
     """What changed since the last ``take_changes()``, for the store to write: messages whose
     record changed (a message in state GONE is to be deleted), queues whose settings or
     totals changed, queues forgotten (their records are to be deleted), and the id and
-    lease counters (never reused, so persisted too)."""
+    lease counters (never reused, so persisted too). (Not frozen: a frozen dataclass sets
+    each field through ``object.__setattr__``, and the core makes one per commit.)"""
 
     messages: list[Message]
     queues: list[Queue]
@@ -215,13 +216,13 @@ class Core:
     @property
     def has_changes(self) -> bool:
         """True if something changed since the last ``take_changes()`` (when tracking)."""
-        return (
-            bool(self._changed)
-            or bool(self._changed_queues)
-            or bool(self.results.changed)
-            or bool(self.dedup.changed)
-            or bool(self._changed_schedules)
-            or bool(self.bindings.changed)
+        return bool(
+            self._changed
+            or self._changed_queues
+            or self.results.changed
+            or self.dedup.changed
+            or self._changed_schedules
+            or self.bindings.changed
         )
 
     def take_changes(self) -> Changes:
@@ -238,18 +239,28 @@ class Core:
         self._changed, self._changed_queues = {}, {}
         kept = [queue for queue in queues.values() if queue is not None]
         forgotten = [name for name, queue in queues.items() if queue is None]
-        results, self.results.changed = self.results.changed or {}, {}
-        dedup, self.dedup.changed = self.dedup.changed or {}, {}
-        schedules, self._changed_schedules = self._changed_schedules, {}
+        # Each rarely changed kind is handed over, and replaced, only when it changed.
+        results = self.results.changed
+        if results:
+            self.results.changed = {}
+        dedup = self.dedup.changed
+        if dedup:
+            self.dedup.changed = {}
+        schedules = self._changed_schedules
+        if schedules:
+            self._changed_schedules = {}
+        bindings = self.bindings.changed
+        if bindings:
+            bindings = self.bindings.take_changes()
         return Changes(
             messages,
             kept,
             self._next_id,
             self._next_token,
-            results,
-            dedup,
-            schedules,
-            self.bindings.take_changes(),
+            results or {},
+            dedup or {},
+            schedules or {},
+            bindings or {},
             forgotten,
             self.events.next_seq,
         )

@@ -32,18 +32,25 @@ Message ids are 8-byte big-endian keys, so the message databases are in id order
 
 Every record starts with its format version. A new format bumps ``RECORD_FORMAT`` and keeps
 a reader for the old one.
+
+A log record (``Batch.pack``) names messages by id and carries their bodies without the
+prefix byte and their records as unpacked fields: the loop thread packs a batch in one
+call, and the LMDB keys and values are made at the checkpoint, for the messages still
+there (most are put and acked between two checkpoints, and never need them). Log formats
+before 5 had them as LMDB keys and values; they are still read.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Final
 
 import msgpack
 
 from protocol import pack as _pack  # one shared Packer: a packb builds one per call
 
-from ._lifecycle import DELAYED, RESERVED, State
+from ._lifecycle import DELAYED, READY, RESERVED, State
 from ._message import RECOVERED, Headers, Message, Rare
 from ._outcomes import DedupEntry, StoredResult
 from ._schedules import FIELDS as SCHEDULE_FIELDS
@@ -53,10 +60,12 @@ from ._settings import QueueSettings
 RECORD_FORMAT: Final = 2
 MESSAGE_FORMAT: Final = 3  # of ``messages`` records alone (see the module's docstring)
 READABLE: Final = (1, 2, 3)  # message record formats this version reads
-BATCH_FORMAT: Final = 4  # the layout of a log record (``Batch.pack``)
+BATCH_FORMAT: Final = 5  # the layout of a log record (``Batch.pack``)
 # Fields per format: 1 had no schedules, 2 no bindings; 4 is 3 where a queue's value may be
-# nil (delete it), so a version that cannot delete one refuses the log instead.
-_BATCH_FIELDS: Final = {1: 8, 2: 9, 3: 10, 4: 10}
+# nil (delete it), so a version that cannot delete one refuses the log instead; 5 is 4
+# with messages by id, their records unpacked (see the module's docstring).
+_BATCH_FIELDS: Final = {1: 8, 2: 9, 3: 10, 4: 10, 5: 10}
+_BY_KEY: Final = 4  # the last log format whose messages are LMDB keys and values
 BODY_PREFIX: Final = bytes([RECORD_FORMAT])
 _STATES: Final = {state.value: state for state in State}
 
@@ -69,8 +78,10 @@ class StoreCorrupt(StoreError):
     """A record the store cannot read: written by a newer version, or damaged."""
 
 
-Pairs = list[tuple[bytes, bytes]]
-Optional = list[tuple[bytes, bytes | None]]  # None: delete
+Pairs = Sequence[tuple[bytes, bytes]]
+Optional = Sequence[tuple[bytes, bytes | None]]  # None: delete
+Bodies = Sequence[tuple[int, bytes]]  # message id, body
+States = Sequence[tuple[int, Any]]  # message id, its record's fields (``message_record``)
 
 
 @dataclass(slots=True)
@@ -78,21 +89,24 @@ class Batch:
     """The records of one group commit: written to the log as one record, and later, with
     the other batches since the last checkpoint, to LMDB. ``number`` counts batches from 1
     in the order they were encoded; ``admitted`` is the space put admission counted for
-    the puts in it; ``ceilings`` the id, token and event ceilings it raises (None: unchanged)."""
+    the puts in it; ``ceilings`` the id, token and event ceilings it raises (None: unchanged).
+    Messages are by id (``deletes`` too); ``lmdb_bodies`` and ``lmdb_states`` give their
+    LMDB keys and values. A batch is built whole and not changed after (a commit makes
+    one: its fields default to a shared empty tuple, not a new list each)."""
 
     number: int = 0
-    bodies: Pairs = field(default_factory=list)
-    states: Pairs = field(default_factory=list)
-    deletes: list[bytes] = field(default_factory=list)
-    queues: Optional = field(default_factory=list)
-    results: Optional = field(default_factory=list)
-    dedup: Optional = field(default_factory=list)
+    bodies: Bodies = ()
+    states: States = ()
+    deletes: Sequence[int] = ()
+    queues: Optional = ()
+    results: Optional = ()
+    dedup: Optional = ()
     counters: bytes | None = None
     admitted: int = 0
     freed: int = 0  # the estimated size of the stored messages it deletes
     ceilings: tuple[int, int, int] | None = None
-    schedules: Optional = field(default_factory=list)
-    bindings: Optional = field(default_factory=list)
+    schedules: Optional = ()
+    bindings: Optional = ()
 
     def __len__(self) -> int:
         return (
@@ -121,12 +135,29 @@ class Batch:
         return packed
 
 
+def lmdb_bodies(bodies: Bodies) -> Pairs:
+    """``bodies`` as LMDB keys and values. Runs on the checkpoint thread (or in recovery),
+    so it packs nothing with the loop's shared packer."""
+    return [(message_key(message_id), BODY_PREFIX + body) for message_id, body in bodies]
+
+
+def lmdb_states(states: States) -> Pairs:
+    """``states`` as LMDB keys and values (see ``lmdb_bodies``)."""
+    pack = _checkpoint_packer.pack
+    return [(message_key(message_id), pack(record)) for message_id, record in states]
+
+
+_checkpoint_packer: Final = msgpack.Packer(use_bin_type=True, autoreset=True)
+
+
 def unpack_batch(payload: bytes) -> Batch:
     fields = msgpack.unpackb(payload, use_list=False)
     if not fields or _BATCH_FIELDS.get(fields[0]) != len(fields):
         raise StoreCorrupt(f"log record format {fields[:1]} unknown")
     fields = (*fields, (), ())[:10]  # formats 1 and 2: no schedules, no bindings
     _, bodies, states, deletes, queues, results, dedup, counters, schedules, bindings = fields
+    if fields[0] <= _BY_KEY:
+        bodies, states, deletes = _by_id(bodies, states, deletes)
     return Batch(
         0,
         bodies,
@@ -138,6 +169,19 @@ def unpack_batch(payload: bytes) -> Batch:
         counters,
         schedules=schedules,
         bindings=bindings,
+    )
+
+
+def _by_id(bodies: Pairs, states: Pairs, deletes: list[bytes]) -> tuple[Bodies, States, list[int]]:
+    """The messages of a log record of format 4 or before (LMDB keys and values) as a
+    format 5 record has them."""
+    for key, body in bodies:
+        if body[:1] != BODY_PREFIX:
+            raise StoreCorrupt(f"message {key_id(key)}: body format {body[:1]!r} unknown")
+    return (
+        [(key_id(key), body[1:]) for key, body in bodies],
+        [(key_id(key), msgpack.unpackb(value, use_list=False)) for key, value in states],
+        [key_id(key) for key in deletes],
     )
 
 
@@ -181,6 +225,8 @@ def estimate_size(body: bytes, headers: Headers | None) -> int:
 # Format 3 names a state by its number here: a small int decodes without a new object.
 _STATE_CODES: Final = (State.READY, State.DELAYED, State.RESERVED, State.DEAD)
 _CODE_OF: Final = {state: code for code, state in enumerate(_STATE_CODES)}
+_READY_CODE: Final = _CODE_OF[State.READY]
+_RESERVED_CODE: Final = _CODE_OF[State.RESERVED]
 _FULL: Final = 20  # fields of a format 3 record with none left off
 _LEAST: Final = 7  # ... with everything after ``enqueued_at`` left off
 _NO_LEASE: Final = 11  # ... with nothing from ``due_at`` on: no deadline, lease or rare field
@@ -188,9 +234,41 @@ _PADDING: Final = tuple((None,) * (_FULL - length) for length in range(_FULL + 1
 
 
 def encode_message(message: Message) -> bytes:
+    """The message's record in LMDB (see ``message_record``)."""
+    packed: bytes = _pack(message_record(message))
+    return packed
+
+
+def message_record(message: Message) -> list[Any]:
     """Format 3: the fields every message has, then the rest in the order below, with the
-    unset ones at the end left off (a ready message with no options: 7 fields)."""
-    state, deadline = message.state, message.deadline
+    unset ones at the end left off (a ready message with no options: 7 fields). The two
+    commonest records, a plain message ready or leased, take a short way."""
+    state, deadline, rare = message.state, message.deadline, message.rare
+    if rare is None:
+        if state is READY and message.lease_token is None and not message.lease_duration:
+            return [
+                MESSAGE_FORMAT,
+                message.queue.name,
+                _READY_CODE,
+                message.priority,
+                message.seq,
+                message.attempts,
+                message.enqueued_at,
+            ]
+        if state is RESERVED and message.lease_duration:
+            return [
+                MESSAGE_FORMAT,
+                message.queue.name,
+                _RESERVED_CODE,
+                message.priority,
+                message.seq,
+                message.attempts,
+                message.enqueued_at,
+                None,
+                message.lease_token,
+                deadline,
+                message.lease_duration,
+            ]
     record = [
         MESSAGE_FORMAT,
         message.queue.name,
@@ -204,7 +282,6 @@ def encode_message(message: Message) -> bytes:
         deadline if state is RESERVED else None,  # lease_deadline
         message.lease_duration or None,
     ]
-    rare = message.rare
     if rare is not None:
         record += (
             rare.max_attempts,
@@ -219,8 +296,7 @@ def encode_message(message: Message) -> bytes:
         )
     while record[-1] is None:
         record.pop()
-    packed: bytes = _pack(record)
-    return packed
+    return record
 
 
 def decode_message(message_id: int, body: bytes, value: bytes) -> tuple[str, Message]:

@@ -19,9 +19,11 @@ only recycled once the transaction is durable.
 
 Layout of the data dir: ``data.mdb`` (LMDB, the databases and records of ``_records``),
 ``log-*.wal`` (``_log``), ``sluice.lock``. ``meta/format`` holds ``STORE_FORMAT``; a data
-dir of format 1 or 2 (LMDB alone, no log) or 3 (the same, but message records of
-format 2 alone) is upgraded in place on open: only the format is written, as the older
-records are still read and each is rewritten in the new format when it next changes.
+dir of format 1 or 2 (LMDB alone, no log), 3 (the same, but message records of
+format 2 alone) or 4 (log records of format 4) is upgraded in place on open: only the
+format is written, as the older records are still read and each is rewritten in the new
+format when it next changes (a log's older records are read as they are, and new ones
+follow them in the new format).
 
 Ids, lease tokens and job event seqs: the counters record holds ceilings, raised
 ``COUNTER_BLOCK`` ahead of what the core has handed out, so a lease token may go out
@@ -80,7 +82,6 @@ from ._logging import event
 from ._message import NOT_STORED, Message, PutSpec
 from ._records import (
     BINDING_RECORD,
-    BODY_PREFIX,
     READABLE,
     RECORD_FORMAT,
     Batch,
@@ -96,13 +97,15 @@ from ._records import (
     decode_schedule,
     encode_counters,
     encode_dedup,
-    encode_message,
     encode_queue,
     encode_result,
     encode_schedule,
     estimate_size,
     key_id,
+    lmdb_bodies,
+    lmdb_states,
     message_key,
+    message_record,
     named_key,
     unpack_batch,
 )
@@ -112,8 +115,10 @@ __all__ = ["Batch", "Recovered", "Store", "StoreCorrupt", "StoreError", "StoreLo
 
 log = logging.getLogger("sluice.store")
 
-STORE_FORMAT: Final = 4  # LMDB + log; 1 and 2 were LMDB alone, 3 had message records of format 2
-_UPGRADABLE: Final = (1, 2, 3)
+# LMDB + log; 1 and 2 were LMDB alone, 3 had message records of format 2, 4 log records of
+# format 4 (messages by LMDB key and value)
+STORE_FORMAT: Final = 5
+_UPGRADABLE: Final = (1, 2, 3, 4)
 COUNTER_BLOCK: Final = 1 << 16  # ids and tokens reserved ahead of use
 _MIN_MAP: Final = 64 * 1024 * 1024
 _NO_LIMIT: Final = 1 << 46  # 64 TiB: the map never needs to be bigger than the disk
@@ -155,9 +160,9 @@ class Coalesced:
     """The batches since the last checkpoint, folded into the net change per key (the
     last write wins; a body written and deleted since leaves nothing)."""
 
-    bodies: dict[bytes, bytes] = field(default_factory=dict)
-    states: dict[bytes, bytes] = field(default_factory=dict)
-    deletes: set[bytes] = field(default_factory=set)
+    bodies: dict[int, bytes] = field(default_factory=dict)  # by message id, as in a Batch
+    states: dict[int, Any] = field(default_factory=dict)
+    deletes: set[int] = field(default_factory=set)
     queues: dict[bytes, bytes | None] = field(default_factory=dict)  # None: delete
     results: dict[bytes, bytes | None] = field(default_factory=dict)
     dedup: dict[bytes, bytes | None] = field(default_factory=dict)
@@ -169,12 +174,17 @@ class Coalesced:
     batches: int = 0
 
     def add(self, batch: Batch, log_bytes: int) -> None:
-        """Fold in the next batch."""
+        """Fold in the next batch (once per commit: the rarely changed kinds are tested
+        first)."""
         self._fold(batch.deletes, batch.bodies, batch.states, batch.queues, batch)
-        self.results.update(batch.results)
-        self.dedup.update(batch.dedup)
-        self.schedules.update(batch.schedules)
-        self.bindings.update(batch.bindings)
+        if batch.results:
+            self.results.update(batch.results)
+        if batch.dedup:
+            self.dedup.update(batch.dedup)
+        if batch.schedules:
+            self.schedules.update(batch.schedules)
+        if batch.bindings:
+            self.bindings.update(batch.bindings)
         self.log_bytes += log_bytes
         self.admitted += batch.admitted - batch.freed
         self.batches += 1
@@ -193,9 +203,9 @@ class Coalesced:
 
     def _fold(
         self,
-        deletes: Iterable[bytes],
-        bodies: Iterable[tuple[bytes, bytes]],
-        states: Iterable[tuple[bytes, bytes]],
+        deletes: Iterable[int],
+        bodies: Iterable[tuple[int, bytes]],
+        states: Iterable[tuple[int, Any]],
         queues: Iterable[tuple[bytes, bytes | None]],
         later: Batch | Coalesced,
     ) -> None:
@@ -214,7 +224,7 @@ class Coalesced:
             0,
             list(self.bodies.items()),
             list(self.states.items()),
-            sorted(self.deletes),  # in key order: each leaf read once, in one stretch
+            sorted(self.deletes),  # in id (key) order: each leaf read once, in one stretch
             list(self.queues.items()),
             list(self.results.items()),
             list(self.dedup.items()),
@@ -661,48 +671,80 @@ class Store:
     # ------------------------------------------------------ encoding (loop thread)
 
     def encode(self, changes: Changes) -> Batch:
-        """Records for ``changes``. Runs on the loop thread: it reads live messages."""
+        """Records for ``changes``. Runs on the loop thread: it reads live messages. Once
+        per commit, so the rarely changed kinds cost one test each when unchanged."""
         self.encoded += 1
-        batch = Batch(self.encoded, admitted=self.pending)
-        self.in_flight += self.pending
-        self.pending = 0
+        number = self.encoded
+        bodies: list[tuple[int, bytes]] = []
+        states: list[tuple[int, Any]] = []
+        deletes: list[int] = []
+        freed = 0
         for message in changes.messages:
-            key = message_key(message.id)
+            message_id = message.id
             if message.state is GONE:
                 if message.stored != NOT_STORED:
-                    batch.deletes.append(key)
+                    deletes.append(message_id)
                     rare = message.rare  # (read directly: message.headers is a descriptor)
-                    headers = rare.headers if rare is not None else None
-                    batch.freed += estimate_size(message.body, headers)
+                    freed += estimate_size(message.body, rare.headers if rare is not None else None)
                 continue
             if message.stored == NOT_STORED:
-                batch.bodies.append((key, BODY_PREFIX + message.body))
-                message.stored = batch.number
-            batch.states.append((key, encode_message(message)))
-        for queue_ in changes.queues:  # every batch: the totals change with each op
+                bodies.append((message_id, message.body))
+                message.stored = number
+            states.append((message_id, message_record(message)))
+        batch = Batch(
+            number,
+            bodies,
+            states,
+            deletes,
+            self._encode_queues(changes),
+            admitted=self.pending,
+            freed=freed,
+        )
+        self.in_flight += self.pending
+        self.pending = 0
+        if changes.results:
+            batch.results = [
+                (message_key(message_id), None if result is None else encode_result(result))
+                for message_id, result in changes.results.items()
+            ]
+        if changes.dedup:
+            batch.dedup = [
+                (named_key(queue_name, name), None if entry is None else encode_dedup(entry))
+                for (queue_name, name), entry in changes.dedup.items()
+            ]
+        if changes.schedules:
+            batch.schedules = [
+                (named_key(queue_name, name), None if plan is None else encode_schedule(plan))
+                for (queue_name, name), plan in changes.schedules.items()
+            ]
+        if changes.bindings:
+            batch.bindings = [
+                (binding_key(pattern, queue_name), BINDING_RECORD if bound else None)
+                for (pattern, queue_name), bound in changes.bindings.items()
+            ]
+        self._raise_ceilings(changes, batch)
+        return batch
+
+    def _encode_queues(self, changes: Changes) -> list[tuple[bytes, bytes | None]]:
+        """The records of the queues in ``changes`` (every batch has one: the totals change
+        with each op), and the deletes of those forgotten."""
+        records: list[tuple[bytes, bytes | None]] = []
+        for queue_ in changes.queues:
             cached = self._settings_wire.get(queue_.name)
             if cached is None or cached[0] is not queue_.settings:
                 cached = self._settings_wire[queue_.name] = (
                     queue_.settings,
                     queue_.settings.to_wire(),
                 )
-            batch.queues.append(encode_queue(queue_.name, cached[1], queue_.totals))
+            records.append(encode_queue(queue_.name, cached[1], queue_.totals))
         for name in changes.forgotten:
             self._settings_wire.pop(name, None)
-            batch.queues.append((name.encode(), None))
-        for message_id, result in changes.results.items():
-            stored = None if result is None else encode_result(result)
-            batch.results.append((message_key(message_id), stored))
-        for (queue_name, name), entry in changes.dedup.items():
-            stored = None if entry is None else encode_dedup(entry)
-            batch.dedup.append((named_key(queue_name, name), stored))
-        for (queue_name, name), schedule in changes.schedules.items():
-            stored = None if schedule is None else encode_schedule(schedule)
-            batch.schedules.append((named_key(queue_name, name), stored))
-        for (pattern, queue_name), bound in changes.bindings.items():
-            batch.bindings.append(
-                (binding_key(pattern, queue_name), BINDING_RECORD if bound else None)
-            )
+            records.append((name.encode(), None))
+        return records
+
+    def _raise_ceilings(self, changes: Changes, batch: Batch) -> None:
+        """Raise the id, token and event ceilings by a block in ``batch`` when the counters
+        come within half a block of them."""
         half = COUNTER_BLOCK // 2
         if (
             changes.next_id + half > self._id_ceiling
@@ -714,7 +756,6 @@ class Store:
             self._event_ceiling = changes.next_event + COUNTER_BLOCK
             batch.ceilings = (self._id_ceiling, self._token_ceiling, self._event_ceiling)
             batch.counters = encode_counters(*batch.ceilings)
-        return batch
 
     def committed(self, batch: Batch) -> None:
         """The loop thread's note that ``batch`` is durable (batches are noted in order)."""
@@ -976,15 +1017,19 @@ class Store:
         deletes = batch.deletes
         for start in range(0, len(deletes), _PUT_CHUNK):
             chunk = deletes[start : start + _PUT_CHUNK]
-            for key in chunk:
+            for message_id in chunk:
+                key = message_key(message_id)
                 txn.delete(key, db=self._bodies)
                 txn.delete(key, db=self._states)
             self._count_written(len(chunk))
-        for db, pairs in ((self._bodies, batch.bodies), (self._states, batch.states)):
-            cursor = txn.cursor(db)
-            for start in range(0, len(pairs), _PUT_CHUNK):
-                cursor.putmulti(pairs[start : start + _PUT_CHUNK])
-                self._count_written(min(_PUT_CHUNK, len(pairs) - start))
+        cursor = txn.cursor(self._bodies)
+        for start in range(0, len(batch.bodies), _PUT_CHUNK):
+            cursor.putmulti(lmdb_bodies(batch.bodies[start : start + _PUT_CHUNK]))
+            self._count_written(min(_PUT_CHUNK, len(batch.bodies) - start))
+        cursor = txn.cursor(self._states)
+        for start in range(0, len(batch.states), _PUT_CHUNK):
+            cursor.putmulti(lmdb_states(batch.states[start : start + _PUT_CHUNK]))
+            self._count_written(min(_PUT_CHUNK, len(batch.states) - start))
         for db, records in (
             (self._queues, batch.queues),
             (self._results, batch.results),

@@ -6,9 +6,10 @@
 - The store: the same cuts on a real data dir recover exactly the batches committed
   before the cut; a crash at each step of a checkpoint (before, during and after its
   LMDB transaction, before and after the log is recycled) loses nothing committed.
-- An existing data dir of format 2 (LMDB alone, made by the broker before the log), or of
-  format 3 (message records of format 2, in LMDB and in the log), is upgraded on open,
-  with everything in it; a newer format is refused with advice.
+- An existing data dir of format 2 (LMDB alone, made by the broker before the log), of
+  format 3 (message records of format 2, in LMDB and in the log), or of format 4 (log
+  records of format 4, messages by LMDB key and value), is upgraded on open, with
+  everything in it; a newer format is refused with advice.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import pytest
 
 from broker import Core, _log, _store
 from broker._message import PutSpec
-from broker._records import Batch, message_key
+from broker._records import Batch
 from broker._store import STORE_FORMAT, Coalesced, Store, StoreCorrupt, _Checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -398,9 +399,9 @@ def test_a_checkpoint_deletes_in_key_order() -> None:
     ``_RELEASE_MAP_EVERY`` deletes would read leaves all over the tree (17 MiB of the map
     resident during a 300,000-message drain, against 3.5 MiB in key order)."""
     changes = Coalesced()
-    keys = [message_key(message_id) for message_id in range(1, 5000)]
-    changes.add(Batch(1, deletes=keys[::-1][:2500] + keys[:2499]), 0)
-    assert changes.as_batch().deletes == keys
+    ids = list(range(1, 5000))
+    changes.add(Batch(1, deletes=ids[::-1][:2500] + ids[:2499]), 0)
+    assert changes.as_batch().deletes == ids
 
 
 def test_a_format_2_data_dir_is_upgraded_with_everything_in_it(tmp_path: Path) -> None:
@@ -464,6 +465,43 @@ def test_a_format_3_data_dir_is_upgraded_with_everything_in_it(tmp_path: Path) -
     reopened.recover(again, T0 + 1)
     assert {m.id: m.status() for m in again.messages.values()} == expected
     assert again.messages[5].state.value == "reserved"
+    reopened.close()
+
+
+def test_a_format_4_data_dir_is_upgraded_with_everything_in_it(tmp_path: Path) -> None:
+    """Made by the broker before log records of format 5, killed with its first batch
+    checkpointed into LMDB and the rest only in its log, as records of format 4."""
+    store, core = recover_fixture(tmp_path, 4)
+    messages = sorted(core.messages.values(), key=lambda message: message.id)
+    assert [(m.id, m.queue.name, m.state.value, m.attempts) for m in messages] == [
+        (1, "emails", "delayed", 1),
+        (2, "emails", "reserved", 1),
+        (3, "emails", "ready", 0),
+        (4, "emails", "ready", 0),
+        (5, "other", "delayed", 0),
+    ]
+    nacked, urgent, keyed, big, later = messages
+    assert (nacked.body, nacked.last_error, nacked.due_at) == (b"plain", "try later", T0 + 100)
+    assert (urgent.priority, urgent.progress, urgent.lease_deadline) == (
+        5,
+        (40.0, "halfway"),
+        T0 + 30,
+    )
+    assert (keyed.key, keyed.headers) == ("k-1", {"trace": "abc"})
+    assert (big.body, big.max_attempts, big.visibility_timeout) == (b"x" * 5000, 9, 30.0)
+    assert (later.body, later.due_at) == (b"later", T0 + 500)
+    assert 6 not in core.messages  # acked in the log
+    assert core.queues["emails"].settings.max_attempts == 2
+    core.ack(T0 + 1, [(urgent.id, urgent.lease_token)])  # now in a record of format 5
+    commit(store, core)
+    expected = {m.id: m.status() for m in core.messages.values()}
+    store.close()
+    reopened = Store(str(tmp_path))
+    assert reopened.upgraded_from is None
+    again = Core(track_changes=True)
+    reopened.recover(again, T0 + 1)
+    assert {m.id: m.status() for m in again.messages.values()} == expected
+    assert sorted(again.messages) == [1, 3, 4, 5]
     reopened.close()
 
 

@@ -26,15 +26,16 @@ from broker._records import (
     unpack_batch,
 )
 
-BODIES = [(b"\x00" * 8, b"\x02body")]
+BODIES = [(b"\x00" * 7 + b"\x01", b"\x02body")]  # formats 1 to 4: LMDB keys and values
 SCHEDULES = [(b"q\x00nightly", b"record")]
 
 
 def test_the_current_format_round_trips_bindings() -> None:
-    batch = Batch(bodies=BODIES, schedules=SCHEDULES)
+    batch = Batch(bodies=[(1, b"body")], schedules=SCHEDULES)
     batch.bindings = [(binding_key("orders.*", "audit"), BINDING_RECORD), (b"x\x00q", None)]
     again = unpack_batch(batch.pack())
-    assert BATCH_FORMAT == 4
+    assert BATCH_FORMAT == 5
+    assert [list(pair) for pair in again.bodies] == [[1, b"body"]]
     assert [list(pair) for pair in again.bindings] == [list(pair) for pair in batch.bindings]
     assert decode_binding(again.bindings[0][0], again.bindings[0][1]) == ("orders.*", "audit")
 
@@ -45,6 +46,7 @@ def test_a_queue_deleted_in_a_batch_round_trips_and_format_3_is_read() -> None:
     assert [list(pair) for pair in again.queues] == [[b"gone", None], [b"kept", b"record"]]
     older = unpack_batch(msgpack.packb([3, BODIES, [], [], [(b"q", b"r")], [], [], None, [], []]))
     assert [list(pair) for pair in older.queues] == [[b"q", b"r"]]
+    assert [list(pair) for pair in older.bodies] == [[1, b"body"]]
 
 
 @pytest.mark.parametrize("version", [1, 2])
@@ -53,13 +55,13 @@ def test_older_formats_are_read_without_bindings(version: int) -> None:
     if version == 2:
         fields.append(SCHEDULES)
     batch = unpack_batch(msgpack.packb(fields))
-    assert [list(pair) for pair in batch.bodies] == [list(pair) for pair in BODIES]
+    assert [list(pair) for pair in batch.bodies] == [[1, b"body"]]
     assert len(batch.schedules) == (1 if version == 2 else 0)
     assert list(batch.bindings) == []
 
 
 @pytest.mark.parametrize(
-    "fields", [[5, [], [], [], [], [], [], None, [], []], [4, [], [], [], [], [], [], None, []]]
+    "fields", [[6, [], [], [], [], [], [], None, [], []], [5, [], [], [], [], [], [], None, []]]
 )
 def test_unknown_formats_are_refused(fields: list[object]) -> None:
     with pytest.raises(StoreCorrupt):
@@ -98,7 +100,10 @@ def messages(draw: st.DrawFn) -> Message:
     delayed, leased = message.state is State.DELAYED, message.state is State.RESERVED
     message.deadline = draw(times) if delayed or leased else None
     message.lease_token = draw(st.integers(1, 2**62)) if leased else None
-    message.lease_duration = draw(st.floats(0.001, 1e6)) if leased else 0.0
+    # (a message given back keeps its last lease's duration)
+    message.lease_duration = (
+        draw(st.floats(0.001, 1e6)) if leased else draw(st.sampled_from([0.0, 30.0]))
+    )
     message.stored = RECOVERED
     message.rare = None
     if draw(st.booleans()):
@@ -136,6 +141,7 @@ def format_2(message: Message) -> bytes:
 
 @given(messages())
 def test_a_message_record_round_trips_and_format_2_reads_the_same(message: Message) -> None:
+    assert msgpack.unpackb(encode_message(message))[-1] is not None, "unset fields left off"
     for record in (encode_message(message), format_2(message)):
         queue_name, again = decode_message(message.id, message.body, record)
         assert queue_name == message.queue.name
