@@ -28,9 +28,7 @@ def _positive(text: str) -> int:
     return value
 
 
-def job_rates(
-    jobs: int, elapsed: float, step: str, steps_per_job: float = 3
-) -> dict[str, float]:
+def job_rates(jobs: int, elapsed: float, step: str, steps_per_job: float = 3) -> dict[str, float]:
     """The figures of a run of ``jobs`` jobs of ``steps_per_job`` ``step``s each (a call,
     a request) in ``elapsed`` seconds: jobs/s, steps/s and µs per step."""
     steps = steps_per_job * jobs  # (a fraction where one step serves several jobs)

@@ -137,9 +137,7 @@ async def _send(peer: _Peer, frame: bytes) -> float:
     return time.perf_counter() - started
 
 
-async def _jobs(
-    server: BrokerServer, jobs: int, long_poll: bool, batch: int
-) -> dict[str, float]:
+async def _jobs(server: BrokerServer, jobs: int, long_poll: bool, batch: int) -> dict[str, float]:
     producer = await _Peer(server, 1).greet()
     worker = await _Peer(server, 2).greet() if long_poll else producer
     body = b"x" * 100

@@ -29,6 +29,12 @@ EXACTLY_ONCE = "every message delivered and acked exactly once"
         ("bench.micro_server", ["--jobs", "500", "--repeat", "1", "--long-poll"], "--long-poll"),
         ("bench.micro_server", ["--jobs", "300", "--repeat", "1", "--log"], "--log"),
         ("bench.micro_server", ["--jobs", "300", "--repeat", "1", "--long-poll", "--log"], "--log"),
+        ("bench.micro_server", ["--jobs", "300", "--repeat", "1", "--batch", "7"], "--batch 7"),
+        (
+            "bench.micro_server",
+            ["--jobs", "300", "--log", "--repeat", "1", "--batch", "9"],
+            "--log",
+        ),
         ("bench.micro_client", ["--jobs", "500", "--repeat", "1"], "µs/call"),
         ("bench.micro_sync_client", ["--jobs", "500", "--repeat", "1"], "µs/call"),
         ("bench.roundtrip", ["--messages", "300", "--workers", "4"], "acked exactly once"),
@@ -62,6 +68,14 @@ def test_sync_micro_benchmark_refuses_bad_options(args: list[str], error: str) -
     done = _run("-m", "bench.micro_sync", *args)
     assert done.returncode == 2
     assert error in done.stderr
+
+
+@pytest.mark.parametrize("batch", ["0", "-3", "many", "1.5"])
+def test_server_micro_benchmark_refuses_a_batch_that_is_not_a_positive_number(batch: str) -> None:
+    done = _run("-m", "bench.micro_server", "--jobs", "10", "--batch", batch)
+    assert done.returncode == 2
+    assert f"--batch: expected a positive whole number, got {batch!r}" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def _run(*argv: str) -> subprocess.CompletedProcess[str]:

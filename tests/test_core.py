@@ -838,6 +838,16 @@ def test_illegal_transitions_raise() -> None:
             advance_state(source, event)
     assert advance_state(State.READY, Event.RESERVE) is State.RESERVED
     assert advance_state(State.DEAD, Event.REPLAY) is State.READY
+
+
+def test_the_core_refuses_an_illegal_move_and_changes_nothing() -> None:
+    core = Core()
+    (message_id,) = core.put(T0, "q", [PutSpec(body=b"x")])
+    message = core.messages[message_id]
+    with pytest.raises(IllegalTransition):
+        core._move(message, Event.ACK)  # a ready message cannot be acked
+    assert message.state is State.READY
+    assert core.queues["q"].counts[State.READY] == 1
     assert all(advance_state(s, e) is target for (s, e), target in TRANSITIONS.items())
     assert not any(source is State.GONE for source, _ in TRANSITIONS)
 
