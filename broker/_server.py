@@ -99,6 +99,8 @@ _CLOSE: Final = None
 # Background syncs ("auto") from this many replies waiting for commits (see `_busy`).
 _BUSY_HELD: Final = 4
 _RETRY_COMMIT_AFTER: Final = 1.0
+# Seconds between checks for a checkpoint that came due while no commit ran.
+_CHECKPOINT_TICK: Final = 0.5
 _SLOW_COMMIT: Final = 0.2  # seconds: a commit slower than this is logged
 MAX_UNCONFIRMED: Final = 1024  # replies one connection may have waiting for a commit
 MAX_FRAMES_PER_TURN: Final = 32  # requests of one connection answered in one go
@@ -470,6 +472,7 @@ class BrokerServer:
         self._events_durable = 0  # the last event seq whose changes are all durable
         self._always_background = limits.background_sync == "on"
         self._sync_timer: asyncio.TimerHandle | None = None
+        self._checkpoint_timer: asyncio.TimerHandle | None = None
         self._turn_scheduled = False
         self.connections: dict[int, Connection] = {}
         self.shutting_down = False
@@ -523,6 +526,8 @@ class BrokerServer:
                 )
         if self.store is not None and self.store.fsync == "interval":
             self._sync_timer = loop.call_later(self.limits.fsync_interval, self._sync)
+        if self.store is not None:
+            self._checkpoint_timer = loop.call_later(_CHECKPOINT_TICK, self._checkpoint_tick)
         return bound[0], bound[1]
 
     def hello_result(self, connection: Connection) -> dict[str, Any]:
@@ -906,6 +911,16 @@ class BrokerServer:
             loop = asyncio.get_running_loop()
             self._sync_timer = loop.call_later(self.limits.fsync_interval, self._sync)
 
+    def _checkpoint_tick(self) -> None:
+        """Start a checkpoint that came due while no commit ran. A commit starts one when
+        due; what was committed while the last one ran would otherwise wait, only in the
+        log, for the next commit (an idle broker's log is then neither checkpointed nor
+        recycled). Not while a sync is in flight: starting one may close the segment."""
+        assert self.store is not None
+        self._checkpoint_timer = self.loop.call_later(_CHECKPOINT_TICK, self._checkpoint_tick)
+        if self._syncing is None and not self._stalled:
+            self.store.checkpoint_if_due()
+
     async def _drain(self) -> None:
         """Wait until every change is committed and every held reply written."""
         while self.store is not None and (
@@ -1006,9 +1021,10 @@ class BrokerServer:
             self.loop.remove_reader(self._aio.eventfd)
             self._aio.close()
             self._aio = None
-        if self._sync_timer is not None:
-            self._sync_timer.cancel()
-            self._sync_timer = None
+        for timer in (self._sync_timer, self._checkpoint_timer):
+            if timer is not None:
+                timer.cancel()
+        self._sync_timer = self._checkpoint_timer = None
         for connection in list(self.connections.values()):
             if connection.transport is not None:
                 connection.transport.close()

@@ -803,10 +803,15 @@ class Store:
         self.commits += 1
         self._unsynced = None
         self._coalesced.add(batch, self._appended_bytes)
-        if not self._checkpoint_running.is_set() and self._checkpoint_due():
-            self._start_checkpoint()
+        self.checkpoint_if_due()
         if time.monotonic() >= self._measure_due:
             self.capacity = self._measure_capacity(self.used)
+
+    def checkpoint_if_due(self) -> None:
+        """Start a checkpoint if one is due (a second since the last, or enough log) and
+        none runs. Loop thread, between commits (not while a batch's sync is in flight)."""
+        if not self._checkpoint_running.is_set() and self._checkpoint_due():
+            self._start_checkpoint()
 
     def _checkpoint_due(self) -> bool:
         batches = self._coalesced.batches + self._closed.batches
