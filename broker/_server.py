@@ -473,6 +473,7 @@ class BrokerServer:
         self._always_background = limits.background_sync == "on"
         self._sync_timer: asyncio.TimerHandle | None = None
         self._checkpoint_timer: asyncio.TimerHandle | None = None
+        self._checkpoint_start_failing = False
         self._turn_scheduled = False
         self.connections: dict[int, Connection] = {}
         self.shutting_down = False
@@ -919,7 +920,18 @@ class BrokerServer:
         assert self.store is not None
         self._checkpoint_timer = self.loop.call_later(_CHECKPOINT_TICK, self._checkpoint_tick)
         if self._syncing is None and not self._stalled:
-            self.store.checkpoint_if_due()
+            try:
+                self.store.checkpoint_if_due()
+            except OSError as error:  # the next segment could not be opened: try again
+                if not self._checkpoint_start_failing:  # (once a streak, not every tick)
+                    log.warning(
+                        "could not start a checkpoint, retrying: %s",
+                        error,
+                        extra=event("checkpoint_start_failed", error=str(error)),
+                    )
+                self._checkpoint_start_failing = True
+            else:
+                self._checkpoint_start_failing = False
 
     async def _drain(self) -> None:
         """Wait until every change is committed and every held reply written."""

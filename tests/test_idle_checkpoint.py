@@ -4,11 +4,14 @@ A commit starts a checkpoint when one is due, but not while the last one is stil
 running: what is committed meanwhile waits for the next. On a broker that then goes idle
 there is no next commit, so the server starts it on a timer of its own. Here the broker
 runs in this process (a real store, a real socket, a real client), with its checkpoint
-thread held at the start of the first checkpoint while a second put commits."""
+thread held at the start of the first checkpoint while a second put commits. A start
+that fails (an I/O error opening the log's next segment, injected here as no real disk
+gives one on demand) is tried again on the next tick and logged once."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from pathlib import Path
@@ -67,3 +70,37 @@ async def _put_while_a_checkpoint_runs(directory: str) -> None:
 
 def test_an_idle_broker_checkpoints_what_came_during_the_last_checkpoint(tmp_path: Path) -> None:
     asyncio.run(_put_while_a_checkpoint_runs(str(tmp_path / "data")))
+
+
+async def _ticks_that_fail(directory: str) -> list[str]:
+    """Two checkpoint ticks whose start fails, then one that works: what each logs."""
+    store = Store(directory, fsync="always")
+    core = Core(track_changes=True)
+    store.recover(core, time.time())
+    server = BrokerServer(core, ServerLimits(max_frame=1 << 20), store=store)
+    await server.start("127.0.0.1", 0)
+    failures = [OSError(5, "Input/output error")] * 2
+
+    def start_or_fail() -> None:
+        if failures:
+            raise failures.pop()
+
+    store.checkpoint_if_due = start_or_fail  # type: ignore[method-assign]
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("sluice.server").addHandler(handler)
+    try:
+        for _ in range(3):
+            server._checkpoint_tick()  # as its timer would, each re-arming it
+        assert server._checkpoint_timer is not None
+    finally:
+        logging.getLogger("sluice.server").removeHandler(handler)
+        await server.shutdown(grace=1.0)
+        store.close()
+    return records
+
+
+def test_a_checkpoint_that_cannot_start_is_tried_again_and_logged_once(tmp_path: Path) -> None:
+    records = asyncio.run(_ticks_that_fail(str(tmp_path / "data")))
+    assert records == ["could not start a checkpoint, retrying: [Errno 5] Input/output error"]
