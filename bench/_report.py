@@ -18,14 +18,21 @@ def report_medians(title: str, run: Callable[[], dict[str, float]], repeat: int)
         print(f"  {key:<{width}} {shown:>12}")
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
-    return value
+def _whole_number_up_to(highest: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from 1 to ``highest``, else a usage error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if not 1 <= value <= highest:
+            raise argparse.ArgumentTypeError(
+                f"expected a whole number from 1 to {highest}, got {text!r}"
+            )
+        return value
+
+    return parse
 
 
 def job_rates(jobs: int, elapsed: float, step: str, steps_per_job: float = 3) -> dict[str, float]:
@@ -44,15 +51,15 @@ def jobs_main(
     title: str,
     run: Callable[..., dict[str, float]],
     switches: dict[str, str] | None = None,
-    numbers: dict[str, tuple[int, str]] | None = None,
+    numbers: dict[str, tuple[int, int, str]] | None = None,
 ) -> None:
     """The command line of a micro-benchmark that runs ``--jobs`` jobs ``--repeat``
     times: ``doc`` is its help, ``title`` names what one run measures (the count
     follows), ``run(jobs, **switched)`` does one run. ``switches``: flags of its own, a
     name (``long_poll`` is ``--long-poll``) and its help each, passed to ``run`` as
     keyword arguments, True when given. ``numbers``: options of its own that take a
-    positive integer, a name and its default and help each, passed the same way (shown in
-    the title when not the default)."""
+    whole number, a name and its default, highest value and help each, passed the same
+    way (shown in the title when not the default)."""
     parser = argparse.ArgumentParser(
         description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -60,14 +67,17 @@ def jobs_main(
     parser.add_argument("--repeat", type=int, default=5)
     for name, help_text in (switches or {}).items():
         parser.add_argument("--" + name.replace("_", "-"), action="store_true", help=help_text)
-    for name, (default, help_text) in (numbers or {}).items():
+    for name, (default, highest, help_text) in (numbers or {}).items():
         parser.add_argument(
-            "--" + name.replace("_", "-"), type=_positive, default=default, help=help_text
+            "--" + name.replace("_", "-"),
+            type=_whole_number_up_to(highest),
+            default=default,
+            help=help_text,
         )
     args = parser.parse_args()
     switched: dict[str, bool | int] = {name: getattr(args, name) for name in switches or {}}
     shown = "".join(f", --{name.replace('_', '-')}" for name, on in switched.items() if on)
-    for name, (default, _) in (numbers or {}).items():
+    for name, (default, _, _) in (numbers or {}).items():
         switched[name] = getattr(args, name)
         if switched[name] != default:
             shown += f", --{name.replace('_', '-')} {switched[name]}"

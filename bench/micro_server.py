@@ -35,6 +35,7 @@ import uvloop
 
 from bench._report import job_rates, jobs_main
 from broker import Core
+from broker._args import MAX_BATCH
 from broker._server import BrokerServer, Connection, ServerLimits
 from broker._store import Store
 from protocol import NEED_DATA, FrameDecoder, encode_frame
@@ -182,7 +183,9 @@ def main() -> None:
             "long_poll": "the reserve waits before the put comes (two connections)",
             "log": "a real store whose log is never synced (fsync never)",
         },
-        numbers={"batch": (1, "messages per put, reserve and ack (default 1)")},
+        numbers={
+            "batch": (1, MAX_BATCH, f"messages per put, reserve and ack, 1-{MAX_BATCH} (default 1)")
+        },
     )
 
 
