@@ -136,13 +136,13 @@ class Batch:
 
 
 def lmdb_bodies(bodies: Bodies) -> Pairs:
-    """``bodies`` as LMDB keys and values. Runs on the checkpoint thread (or in recovery),
-    so it packs nothing with the loop's shared packer."""
+    """``bodies`` as LMDB keys and values. Runs on the checkpoint thread (or in recovery)."""
     return [(message_key(message_id), BODY_PREFIX + body) for message_id, body in bodies]
 
 
 def lmdb_states(states: States) -> Pairs:
-    """``states`` as LMDB keys and values (see ``lmdb_bodies``)."""
+    """``states`` as LMDB keys and values, on the checkpoint thread (or in recovery): with
+    a packer of its own, not the loop's shared one."""
     pack = _checkpoint_packer.pack
     return [(message_key(message_id), pack(record)) for message_id, record in states]
 
@@ -225,8 +225,6 @@ def estimate_size(body: bytes, headers: Headers | None) -> int:
 # Format 3 names a state by its number here: a small int decodes without a new object.
 _STATE_CODES: Final = (State.READY, State.DELAYED, State.RESERVED, State.DEAD)
 _CODE_OF: Final = {state: code for code, state in enumerate(_STATE_CODES)}
-_READY_CODE: Final = _CODE_OF[State.READY]
-_RESERVED_CODE: Final = _CODE_OF[State.RESERVED]
 _FULL: Final = 20  # fields of a format 3 record with none left off
 _LEAST: Final = 7  # ... with everything after ``enqueued_at`` left off
 _NO_LEASE: Final = 11  # ... with nothing from ``due_at`` on: no deadline, lease or rare field
@@ -244,31 +242,6 @@ def message_record(message: Message) -> list[Any]:
     unset ones at the end left off (a ready message with no options: 7 fields). The two
     commonest records, a plain message ready or leased, take a short way."""
     state, deadline, rare = message.state, message.deadline, message.rare
-    if rare is None:
-        if state is READY and message.lease_token is None and not message.lease_duration:
-            return [
-                MESSAGE_FORMAT,
-                message.queue.name,
-                _READY_CODE,
-                message.priority,
-                message.seq,
-                message.attempts,
-                message.enqueued_at,
-            ]
-        if state is RESERVED and message.lease_duration:
-            return [
-                MESSAGE_FORMAT,
-                message.queue.name,
-                _RESERVED_CODE,
-                message.priority,
-                message.seq,
-                message.attempts,
-                message.enqueued_at,
-                None,
-                message.lease_token,
-                deadline,
-                message.lease_duration,
-            ]
     record = [
         MESSAGE_FORMAT,
         message.queue.name,
@@ -277,11 +250,19 @@ def message_record(message: Message) -> list[Any]:
         message.seq,
         message.attempts,
         message.enqueued_at,
+    ]
+    if rare is None:
+        if state is READY and message.lease_token is None and not message.lease_duration:
+            return record
+        if state is RESERVED and message.lease_duration:
+            record += (None, message.lease_token, deadline, message.lease_duration)
+            return record
+    record += (
         deadline if state is DELAYED else None,  # due_at
         message.lease_token,
         deadline if state is RESERVED else None,  # lease_deadline
         message.lease_duration or None,
-    ]
+    )
     if rare is not None:
         record += (
             rare.max_attempts,

@@ -66,7 +66,7 @@ import queue
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, Final, TypeVar
 
@@ -157,8 +157,8 @@ class Recovered:
 
 @dataclass(slots=True)
 class Coalesced:
-    """The batches since the last checkpoint, folded into the net change per key (the
-    last write wins; a body written and deleted since leaves nothing)."""
+    """The batches since the last checkpoint, folded into the net change per key, messages
+    by id (the last write wins; a body written and deleted since leaves nothing)."""
 
     bodies: dict[int, bytes] = field(default_factory=dict)  # by message id, as in a Batch
     states: dict[int, Any] = field(default_factory=dict)
@@ -1027,14 +1027,15 @@ class Store:
                 txn.delete(key, db=self._bodies)
                 txn.delete(key, db=self._states)
             self._count_written(len(chunk))
-        cursor = txn.cursor(self._bodies)
-        for start in range(0, len(batch.bodies), _PUT_CHUNK):
-            cursor.putmulti(lmdb_bodies(batch.bodies[start : start + _PUT_CHUNK]))
-            self._count_written(min(_PUT_CHUNK, len(batch.bodies) - start))
-        cursor = txn.cursor(self._states)
-        for start in range(0, len(batch.states), _PUT_CHUNK):
-            cursor.putmulti(lmdb_states(batch.states[start : start + _PUT_CHUNK]))
-            self._count_written(min(_PUT_CHUNK, len(batch.states) - start))
+        writes: tuple[tuple[Any, Sequence[Any], Callable[[Any], Any]], ...] = (
+            (self._bodies, batch.bodies, lmdb_bodies),
+            (self._states, batch.states, lmdb_states),
+        )
+        for db, records, as_pairs in writes:
+            cursor = txn.cursor(db)
+            for start in range(0, len(records), _PUT_CHUNK):
+                cursor.putmulti(as_pairs(records[start : start + _PUT_CHUNK]))
+                self._count_written(min(_PUT_CHUNK, len(records) - start))
         for db, records in (
             (self._queues, batch.queues),
             (self._results, batch.results),
