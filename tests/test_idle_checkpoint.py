@@ -14,6 +14,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from broker import Core
@@ -28,10 +29,11 @@ def _in_lmdb(store: Store, message_id: int) -> bool:
         return txn.get(message_key(message_id), db=store._states) is not None
 
 
-async def _wait_until(check: object, message: str, timeout: float = 10.0) -> None:
-    """Let the loop run until ``check()`` holds (each round yields to it once)."""
+async def _wait_until(check: Callable[[], bool], message: str, timeout: float = 10.0) -> None:
+    """Let the in-process broker's loop run until ``check()`` holds: each round yields to
+    it for 10 ms (its checkpoint thread and timer run meanwhile), up to ``timeout``."""
     deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
+    while not check():
         assert time.monotonic() < deadline, message
         await asyncio.sleep(0.01)
 

@@ -394,6 +394,23 @@ def recover_fixture(tmp_path: Path, version: int) -> tuple[Store, Core]:
     return store, core
 
 
+def commit_and_reopen(path: Path, store: Store, core: Core) -> Core:
+    """Commit an upgraded store's last changes, close it, and recover it again: it opens
+    as the current format (no upgrade) with every message as it was. The recovered core."""
+    commit(store, core)
+    expected = {m.id: m.status() for m in core.messages.values()}
+    store.close()
+    reopened = Store(str(path))
+    try:
+        assert reopened.upgraded_from is None
+        again = Core(track_changes=True)
+        reopened.recover(again, T0 + 1)
+        assert {m.id: m.status() for m in again.messages.values()} == expected
+        return again
+    finally:
+        reopened.close()
+
+
 def test_a_checkpoint_deletes_in_key_order() -> None:
     """The acks since the last checkpoint are a set; written in its hash order, each run of
     ``_RELEASE_MAP_EVERY`` deletes would read leaves all over the tree (17 MiB of the map
@@ -456,16 +473,8 @@ def test_a_format_3_data_dir_is_upgraded_with_everything_in_it(tmp_path: Path) -
     assert core.results.get(6, T0 + 1) is not None  # acked in the log, with a result
     (leased,) = core.reserve(T0 + 1, ["emails"], 1)  # big: its record now in format 3
     assert leased is big
-    commit(store, core)
-    expected = {m.id: m.status() for m in core.messages.values()}
-    store.close()
-    reopened = Store(str(tmp_path))
-    assert reopened.upgraded_from is None
-    again = Core(track_changes=True)
-    reopened.recover(again, T0 + 1)
-    assert {m.id: m.status() for m in again.messages.values()} == expected
+    again = commit_and_reopen(tmp_path, store, core)
     assert again.messages[5].state.value == "reserved"
-    reopened.close()
 
 
 def test_a_format_4_data_dir_is_upgraded_with_everything_in_it(tmp_path: Path) -> None:
@@ -493,16 +502,8 @@ def test_a_format_4_data_dir_is_upgraded_with_everything_in_it(tmp_path: Path) -
     assert 6 not in core.messages  # acked in the log
     assert core.queues["emails"].settings.max_attempts == 2
     core.ack(T0 + 1, [(urgent.id, urgent.lease_token)])  # now in a record of format 5
-    commit(store, core)
-    expected = {m.id: m.status() for m in core.messages.values()}
-    store.close()
-    reopened = Store(str(tmp_path))
-    assert reopened.upgraded_from is None
-    again = Core(track_changes=True)
-    reopened.recover(again, T0 + 1)
-    assert {m.id: m.status() for m in again.messages.values()} == expected
+    again = commit_and_reopen(tmp_path, store, core)
     assert sorted(again.messages) == [1, 3, 4, 5]
-    reopened.close()
 
 
 def test_a_newer_format_is_refused_with_what_to_do(tmp_path: Path) -> None:
